@@ -1,0 +1,252 @@
+"""One config system: YAML files mapped onto dataclasses, `key.sub=value` overrides, unknown keys rejected.
+
+`load_config(path, overrides)` builds a `RunConfig`; `fpa_megatron.config_checks.check_config` validates it
+before any process group starts; `save_config` writes the resolved config next to a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and the value."""
+
+
+@dataclass
+class ModelConfig:
+    """GPT shape and options (Megatron-core GPTModel with the penalized attention spec)."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA: key/value heads; None = num_attention_heads
+    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None  # None = seq_length
+    vocab_size: Optional[int] = None  # None = the tokenizer's vocabulary size
+    position_embedding: str = "rope"  # rope | learned
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    activation: str = "gelu"  # gelu | swiglu
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    recompute: str = "none"  # none | selective | full
+    dtype: str = "fp32"  # fp32 | bf16
+    attention_impl: str = "eager"  # eager | blockwise
+    attention_block_size: int = 128  # key/query tile size of the blockwise attention
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout; data parallel = world_size / (tensor * pipeline)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+
+
+@dataclass
+class FPAConfig:
+    """The attention penalty lambda_t * sum ||A||_F^2 with lambda_t = lambda0 * gamma^t."""
+
+    enabled: bool = True
+    lambda0: float = 1e-3
+    gamma: float = 0.999
+    min_lambda: float = 0.0  # below this lambda the penalty is not computed at all
+    target: str = "probs"  # probs | logits
+    normalize: str = "sum"  # sum | mean (mean divides by layers * heads * seq_length)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through DeepSpeed ZeRO, warmup then cosine decay to min_lr, global-norm clipping."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    decay_steps: Optional[int] = None  # None = train.steps
+    grad_clip: float = 1.0  # 0 disables clipping
+    zero_stage: int = 1  # 0 | 1 | 2
+
+
+@dataclass
+class DataConfig:
+    """Megatron indexed datasets blended by weight and split train/valid/test."""
+
+    prefixes: list = field(default_factory=list)  # paths to <prefix>.bin/.idx
+    weights: Optional[list] = None  # None = proportional to nothing: equal weights
+    split: str = "98,1,1"
+    tokenizer: Optional[str] = None  # sentencepiece .model file
+    cache_dir: Optional[str] = None  # where GPTDataset keeps its index caches
+    mock: bool = False  # synthetic data (tests, benchmarks): no prefixes needed
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 1234
+    eval_interval: int = 50  # 0 disables validation
+    eval_iters: int = 4
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None = <logging.dir>/<run name>/checkpoints
+    interval: int = 0  # save every N steps; 0 = only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | <path of a checkpoint directory>
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs"
+    run_name: Optional[str] = None  # None = the config file's stem
+    interval: int = 10
+    tensorboard: bool = True
+    heatmap_interval: int = 0  # [layers x heads] penalty image every N steps; 0 = every eval
+    peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fpa: FPAConfig = field(default_factory=FPAConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the key."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        hint = args[0]
+    if hint in ("list", list) or typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set dataclass fields from a nested dict; unknown keys are an error naming the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"{key}: unknown key (known keys: {', '.join(sorted(names))})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def config_from_dict(values: dict, overrides: Optional[list[str]] = None) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, values or {})
+    _apply(cfg, parse_overrides(overrides or []))
+    return cfg
+
+
+def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML file (or nothing: the defaults) and apply `key.sub=value` overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    cfg = config_from_dict(values, overrides)
+    if cfg.logging.run_name is None and path is not None:
+        cfg.logging.run_name = Path(path).stem
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config; `load_config` of the file gives back an equal RunConfig."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,182 @@
+"""The FPA attention penalty inside Megatron-core's core attention.
+
+`PenalizedDotProductAttention` replaces `DotProductAttention` in the local GPT layer spec. Per local head it
+computes ||A||_F^2 (A = post-softmax probabilities before dropout, or the pre-softmax scaled logits with the
+masked entries excluded), mean over the sequences of the micro-batch, and hands lambda_t times that to the
+optimizer through `PenaltyGradInjector`: identity on the attention output in forward, and in backward it
+feeds `grad_scale` as the gradient of the penalty, on whatever pipeline stage the layer lives (Megatron's
+MoE aux-loss auto-scaler pattern). `AttentionPenalty` is the run-time state shared by all layers of one
+model replica: the current lambda, whether to compute at all, the gradient scale and the [L, H] record.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from torch import Tensor
+
+TARGETS = ("probs", "logits")
+NORMALIZATIONS = ("sum", "mean")
+
+
+class AttentionPenalty:
+    """Run-time state of the FPA penalty for one model replica (all its local layers and heads).
+
+    The trainer sets `lambda_value` and `active` once per optimizer step (from the lambda schedule) and
+    `grad_scale` once per step (1 / num_microbatches: the schedule averages the LM loss the same way).
+    Layers add their per-head values to `record` [num_layers, num_heads] at global indices; `calls`
+    counts penalty computations (zero once `min_lambda` is reached).
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, target: str = "probs", normalize: str = "sum",
+                 impl: str = "eager", block_size: int = 128):
+        if target not in TARGETS:
+            raise ValueError(f"fpa.target={target!r}: expected one of {TARGETS}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"fpa.normalize={normalize!r}: expected one of {NORMALIZATIONS}")
+        if impl not in ("eager", "blockwise"):
+            raise ValueError(f"model.attention_impl={impl!r}: expected eager or blockwise")
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.target, self.normalize, self.impl, self.block_size = target, normalize, impl, block_size
+        self.lambda_value = 0.0
+        self.active = False
+        self.grad_scale = 1.0
+        self.calls = 0
+        self.record = torch.zeros(num_layers, num_heads, dtype=torch.float64)
+
+    def set_step(self, lambda_value: float, active: bool, grad_scale: float) -> None:
+        """Called once per optimizer step, before the forward-backward schedule."""
+        self.lambda_value, self.active, self.grad_scale = float(lambda_value), bool(active), float(grad_scale)
+
+    def reset_record(self) -> None:
+        self.record.zero_()
+
+    def add(self, layer_index: int, head_offset: int, per_head: Tensor, seq_length: int) -> Tensor:
+        """Record one layer's per-head penalty [np] (mean over the micro-batch); return lambda * its sum."""
+        if self.normalize == "mean":
+            per_head = per_head / (self.num_layers * self.num_heads * seq_length)
+        self.calls += 1
+        if not _inside_backward():  # activation recomputation reruns the forward inside backward
+            heads = slice(head_offset, head_offset + per_head.numel())
+            self.record[layer_index, heads] += per_head.detach().to(self.record.dtype).cpu()
+        return per_head.sum() * self.lambda_value
+
+
+def _inside_backward() -> bool:
+    """True while the autograd engine runs a backward pass (e.g. recomputing a checkpointed forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class PenaltyGradInjector(torch.autograd.Function):
+    """Identity on `output`; in backward, gives `penalty` the gradient `grad_scale` (the aux-loss auto-scaler)."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, penalty: Tensor, grad_scale: float) -> Tensor:
+        ctx.save_for_backward(penalty)
+        ctx.grad_scale = grad_scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (penalty,) = ctx.saved_tensors
+        return grad_output, torch.full_like(penalty, ctx.grad_scale), None
+
+
+def causal_mask(sq: int, sk: int, device) -> Tensor:
+    """[sq, sk] bool, True where key j is in the future of query i (masked)."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1 + sk - sq)
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, target: str = "probs",
+                    compute_penalty: bool = True, attention_mask: Optional[Tensor] = None,
+                    dropout=None) -> tuple[Tensor, Optional[Tensor]]:
+    """Causal attention with its per-row penalty, materializing the [b, h, s, s] scores.
+
+    q: [b, hq, s, d]; k, v: [b, hkv, s, d] (GQA: hq % hkv == 0). attention_mask: optional bool, True = masked,
+    broadcastable to [b, hq, s, s]. Returns (out [b, hq, s, d], row_penalty [b, hq, s] float32 or None):
+    probs: sum_j p_ij^2 (before dropout); logits: sum over unmasked j of s_ij^2.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale  # [b, h, sq, sk]
+    mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    if attention_mask is not None:
+        mask = mask | attention_mask
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = scores.to(acc_dtype).masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    row_penalty = None
+    if compute_penalty:
+        if target == "probs":
+            row_penalty = probs.square().sum(-1)
+        else:
+            row_penalty = scores.masked_fill(mask, 0.0).square().sum(-1)
+    probs = probs.to(q.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    return torch.matmul(probs, v), row_penalty
+
+
+class PenalizedDotProductAttention(DotProductAttention):
+    """Megatron-core's core attention with the FPA penalty of its local heads (causal self-attention)."""
+
+    def __init__(self, *args, penalty: AttentionPenalty, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.penalty = penalty
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
+        assert packed_seq_params is None and attention_bias is None, "not supported by the FPA attention"
+        sq, b, np_, hn = query.shape
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        compute = self.penalty.active and self.penalty.lambda_value > 0.0
+        if self.penalty.impl == "blockwise":
+            from fpa_megatron.model.blockwise_attention import blockwise_attention
+
+            if attention_mask is not None:
+                raise ValueError("the blockwise attention is causal only: pass attention_mask=None")
+            out, row_penalty = blockwise_attention(
+                q, k, v, self.softmax_scale, target=self.penalty.target, compute_penalty=compute,
+                block_size=self.penalty.block_size,
+            )
+        else:
+            dropout = self._dropout if self.attention_dropout.p > 0 and self.training else None
+            out, row_penalty = eager_attention(
+                q, k, v, self.softmax_scale, target=self.penalty.target, compute_penalty=compute,
+                attention_mask=attention_mask, dropout=dropout,
+            )
+        if row_penalty is not None:
+            per_head = row_penalty.sum(-1).mean(0)  # [b, np, s] -> [np]
+            head_offset = self.pg_collection.tp.rank() * np_
+            weighted = self.penalty.add(self.layer_number - 1, head_offset, per_head, sq)
+            if torch.is_grad_enabled():
+                out = PenaltyGradInjector.apply(out, weighted, self.penalty.grad_scale)
+        # [b, np, s, hn] -> [s, b, np * hn]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    def _dropout(self, probs: Tensor) -> Tensor:
+        if self.config.sequence_parallel:
+            return self.attention_dropout(probs)
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return self.attention_dropout(probs)
+
+
+def reduce_penalty_record(penalty: AttentionPenalty, num_microbatches: int) -> Tensor:
+    """The [L, H] penalty of the last step, complete on every rank.
+
+    SUM over tensor-parallel ranks (heads) and pipeline stages (layers) -- each rank filled only its own
+    cells -- then MEAN over data-parallel ranks (batches) and micro-batches. float64.
+    """
+    record = penalty.record.clone() / max(num_microbatches, 1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(record, group=parallel_state.get_model_parallel_group())
+        dp_group = parallel_state.get_data_parallel_group()
+        torch.distributed.all_reduce(record, group=dp_group)
+        record /= torch.distributed.get_world_size(dp_group)
+    return record

@@ -1,0 +1,94 @@
+"""Megatron-core GPTModel with the FPA core attention substituted in the local (non-TransformerEngine) spec."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from fpa_megatron.config import ModelConfig
+from fpa_megatron.model.attention_penalty import AttentionPenalty, PenalizedDotProductAttention
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def penalized_layer_spec(model_cfg: ModelConfig, penalty: AttentionPenalty) -> ModuleSpec:
+    """The local GPT layer spec with `core_attention` replaced by the penalized attention (no patching)."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model_cfg.normalization))
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=PenalizedDotProductAttention, params={"penalty": penalty}
+    )
+    return spec
+
+
+def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                       ffn_hidden_size: int | None = None) -> TransformerConfig:
+    """Megatron's TransformerConfig for our model options; fused CUDA kernels off so CPU and GPU agree."""
+    dtype = DTYPES[model_cfg.dtype]
+    swiglu = model_cfg.activation == "swiglu"
+    recompute = {"none": None, "selective": "selective", "full": "full"}[model_cfg.recompute]
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        ffn_hidden_size=ffn_hidden_size or model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
+        init_method_std=model_cfg.init_std,
+        normalization=model_cfg.normalization,
+        activation_func=F.silu if swiglu else F.gelu,
+        gated_linear_unit=swiglu,
+        add_bias_linear=not swiglu,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+    )
+
+
+def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: AttentionPenalty,
+                    ffn_hidden_size: int | None = None) -> GPTModel:
+    """This rank's stage of the GPT (parallel_state must be initialized)."""
+    config = transformer_config(
+        model_cfg,
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        ffn_hidden_size,
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=penalized_layer_spec(model_cfg, penalty),
+        vocab_size=padded_vocab_size,
+        max_sequence_length=model_cfg.max_position_embeddings or model_cfg.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+        position_embedding_type="rope" if model_cfg.position_embedding == "rope" else "learned_absolute",
+    )
+
+
+def make_penalty(model_cfg: ModelConfig, fpa_cfg) -> AttentionPenalty:
+    return AttentionPenalty(
+        num_layers=model_cfg.num_layers, num_heads=model_cfg.num_attention_heads, target=fpa_cfg.target,
+        normalize=fpa_cfg.normalize, impl=model_cfg.attention_impl, block_size=model_cfg.attention_block_size,
+    )

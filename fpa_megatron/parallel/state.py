@@ -1,0 +1,86 @@
+"""Process groups: Megatron's tensor/pipeline/data-parallel groups, the CPU bridge and the seeds."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from fpa_megatron.parallel import cpu_bridge
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Join the torchrun world (env://): NCCL with CUDA, gloo without."""
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def init_model_parallel(tensor: int, pipeline: int, seed: int) -> None:
+    """Megatron's groups (TP innermost, then DP, then PP) and the per-TP-rank seeds.
+
+    The same `seed` on every rank: weights drawn in full then split (use_cpu_initialization) are then
+    identical for every layout; dropout inside tensor-parallel regions forks a per-TP-rank stream.
+    """
+    cpu_bridge.install()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+class MegatronMPU:
+    """What `deepspeed.initialize(mpu=...)` asks of a model-parallel unit, answered by Megatron's groups.
+
+    DeepSpeed names checkpoint files by the model-parallel rank, so that rank is unique across TP x PP.
+    """
+
+    def get_model_parallel_rank(self):
+        return torch.distributed.get_rank(parallel_state.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self):
+        return torch.distributed.get_world_size(parallel_state.get_model_parallel_group())
+
+    def get_model_parallel_group(self):
+        return parallel_state.get_model_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return parallel_state.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return parallel_state.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return parallel_state.get_data_parallel_group()
+
+    def get_tensor_model_parallel_rank(self):
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self):
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return parallel_state.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return parallel_state.get_pipeline_model_parallel_group()

@@ -1,0 +1,100 @@
+"""Map parameters between this rank's shard and the global (single-process) model.
+
+Global names are those of a TP=1, PP=1 GPTModel. Locally, layer i of pipeline stage p is global layer
+i + offset(p); tensor-parallel parameters (`tensor_model_parallel` attribute) are split along their
+`partition_dim` into contiguous chunks, except SwiGLU's fc1, whose local shard is [gate_r; up_r].
+Used to load the same weights into every layout and to gather gradients for comparison or export.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def global_name(local_name: str, layer_offset: int) -> str:
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
+
+
+def _layer_offset(model) -> int:
+    return get_transformer_layer_offset(model.config)
+
+
+def _split(name: str, param, full: torch.Tensor, model) -> torch.Tensor:
+    """This TP rank's piece of the full tensor `full` for local parameter `param`."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    dim = param.partition_dim
+    if model.config.gated_linear_unit and "mlp.linear_fc1" in name:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def _join(name: str, param, pieces: list[torch.Tensor], model) -> torch.Tensor:
+    """The full tensor from the TP ranks' pieces (inverse of `_split`)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return pieces[0]
+    dim = param.partition_dim
+    if model.config.gated_linear_unit and "mlp.linear_fc1" in name:
+        halves = [p.chunk(2, dim=dim) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(pieces, dim=dim)
+
+
+def _global_source(name: str, global_state: dict) -> str:
+    # With tied embeddings and PP > 1, the last stage keeps its own copy of the word embeddings.
+    if name == "output_layer.weight" and name not in global_state:
+        return "embedding.word_embeddings.weight"
+    return name
+
+
+@torch.no_grad()
+def load_global_state(model, global_state: dict) -> None:
+    """Copy the matching piece of each global tensor into this rank's parameters."""
+    offset = _layer_offset(model)
+    for name, param in model.named_parameters():
+        full = global_state[_global_source(global_name(name, offset), global_state)]
+        param.copy_(_split(name, param, full, model))
+
+
+def gather_global(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{local name: tensor shaped like the local parameter} -> {global name: full tensor}, on every rank.
+
+    The last stage's tied output weight is left out (its gradient equals the embedding's after
+    `finalize_grads`).
+    """
+    params = dict(model.named_parameters())
+    offset = _layer_offset(model)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    local_full = {}
+    for name, tensor in tensors.items():
+        param = params[name]
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            pieces = [torch.empty_like(tensor) for _ in range(tp)]
+            torch.distributed.all_gather(pieces, tensor.contiguous(), group=tp_group)
+            full = _join(name, param, pieces, model)
+        else:
+            full = tensor
+        gname = global_name(name, offset)
+        if gname == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            continue
+        local_full[gname] = full.detach().clone()
+    # Every pipeline stage contributes its layers.
+    gathered: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    torch.distributed.all_gather_object(
+        gathered, local_full, group=parallel_state.get_pipeline_model_parallel_group()
+    )
+    merged: dict = {}
+    for part in gathered:
+        for key, value in part.items():
+            merged.setdefault(key, value)
+    return merged

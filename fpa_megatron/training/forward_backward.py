@@ -1,0 +1,91 @@
+"""One optimizer step's forward and backward on Megatron-core's pipeline schedules, with the FPA penalty.
+
+`forward_backward(...)` runs the schedule that fits the layout (no pipelining, or 1F1B), then makes the
+gradients complete on every stage (tied embedding grads summed between the first and last stage) and
+returns the step's LM loss and the [L, H] penalty matrix, both reduced across all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from fpa_megatron.model.attention_penalty import AttentionPenalty, reduce_penalty_record
+
+
+@dataclass
+class StepResult:
+    lm_loss: float  # mean over micro-batches and data-parallel ranks
+    penalty_matrix: torch.Tensor  # [L, H] float64: mean over sequences, summed over nothing
+    tokens: int  # tokens processed by this step on all data-parallel ranks together
+
+    @property
+    def penalty(self) -> float:
+        """F = sum over layers and heads (already normalized when fpa.normalize = mean)."""
+        return float(self.penalty_matrix.sum())
+
+
+def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean cross-entropy over the unmasked tokens of one micro-batch (the schedule divides by #micro-batches)."""
+    mask = loss_mask.reshape(-1).float()
+    loss = (per_token_loss.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, {"lm_loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator: Iterator, model):
+    batch = next(data_iterator)
+    # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(_lm_loss, batch["loss_mask"])
+
+
+def finalize_grads(model) -> None:
+    """Sum the tied word-embedding gradient between the first and last pipeline stage."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    if not getattr(model, "share_embeddings_and_output_weights", False):
+        return
+    if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+        return
+    weight = model.shared_embedding_or_output_weight()
+    if weight is not None and weight.grad is not None:
+        torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+
+
+def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, *, num_microbatches: int,
+                     micro_batch_size: int, seq_length: int, forward_only: bool = False) -> StepResult:
+    """Forward (and backward unless forward_only) of num_microbatches micro-batches on this rank's stage."""
+    penalty.reset_record()
+    penalty.grad_scale = 1.0 / num_microbatches
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    if not forward_only:
+        finalize_grads(model)
+
+    # LM loss: computed on the last stage; share it with the other stages, then average over DP.
+    loss = torch.zeros(1, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
+        loss += torch.stack([d["lm_loss"].double() for d in losses]).mean()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
+        dp_group = parallel_state.get_data_parallel_group()
+        torch.distributed.all_reduce(loss, group=dp_group)
+        loss /= torch.distributed.get_world_size(dp_group)
+    dp = parallel_state.get_data_parallel_world_size()
+    return StepResult(
+        lm_loss=float(loss),
+        penalty_matrix=reduce_penalty_record(penalty, num_microbatches),
+        tokens=num_microbatches * micro_batch_size * seq_length * dp,
+    )
