@@ -75,7 +75,7 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         parallel_state.get_pipeline_model_parallel_world_size(),
         ffn_hidden_size,
     )
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=penalized_layer_spec(model_cfg, penalty),
         vocab_size=padded_vocab_size,
@@ -85,6 +85,8 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         share_embeddings_and_output_weights=model_cfg.tie_embeddings,
         position_embedding_type="rope" if model_cfg.position_embedding == "rope" else "learned_absolute",
     )
+    # Megatron's local norms are created in float32; cast everything, as Megatron-LM's Float16Module does.
+    return model.to(config.params_dtype)
 
 
 def make_penalty(model_cfg: ModelConfig, fpa_cfg) -> AttentionPenalty:

@@ -32,8 +32,9 @@ class StepResult:
 
 def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Mean cross-entropy over the unmasked tokens of one micro-batch (the schedule divides by #micro-batches)."""
-    mask = loss_mask.reshape(-1).float()
-    loss = (per_token_loss.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
+    dtype = torch.promote_types(per_token_loss.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+    mask = loss_mask.reshape(-1).to(dtype)
+    loss = (per_token_loss.to(dtype).reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
     return loss, {"lm_loss": loss.detach().clone()}
 
 

@@ -1,0 +1,81 @@
+"""The CPU bridge: each CUDA-only spot it covers is still where megatron-core has it, and each is bridged.
+
+If a Megatron upgrade moves one of these spots, the first test fails and names it: re-check
+fpa_megatron/parallel/cpu_bridge.py against the new release before trusting CPU runs.
+"""
+
+import inspect
+
+import pytest
+import torch
+
+import megatron.core
+import megatron.core.pipeline_parallel.p2p_communication as p2p
+import megatron.core.pipeline_parallel.schedules as schedules
+import megatron.core.tensor_parallel.random as tp_random
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.utils import GlobalMemoryBuffer
+
+from fpa_megatron.parallel import cpu_bridge
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the bridge is inactive with CUDA")
+
+SPOTS = [
+    (schedules, 'device="cuda"', "schedules allocate total_num_tokens on cuda"),
+    (p2p, "torch.cuda.current_device()", "p2p receive buffers"),
+    (p2p, "torch.cuda.synchronize()", "p2p synchronize"),
+    (GlobalMemoryBuffer.get_tensor, "torch.cuda.current_device()", "attention score buffer"),
+    (LanguageModule.setup_embeddings_and_output_layer, ".cuda()", "tied embeddings moved to cuda"),
+    (tp_random.CudaRNGStatesTracker.add, "torch.cuda.get_rng_state()", "RNG tracker keeps CUDA states"),
+]
+
+
+@pytest.mark.parametrize("obj,needle,what", SPOTS, ids=[s[2] for s in SPOTS])
+def test_bridged_spot_is_still_in_megatron(obj, needle, what):
+    source = inspect.getsource(obj)
+    assert needle in source, (
+        f"megatron-core {megatron.core.__version__}: '{needle}' ({what}) is no longer in "
+        f"{getattr(obj, '__qualname__', obj.__name__)}; re-check fpa_megatron/parallel/cpu_bridge.py"
+    )
+    assert hasattr(tp_random, "_CUDA_RNG_STATE_TRACKER") and hasattr(tp_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED")
+
+
+def test_install_bridges_each_spot_and_uninstall_restores():
+    cpu_bridge.uninstall()
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()  # what Megatron would hit without the bridge
+    original_schedules_torch = schedules.torch
+    try:
+        assert cpu_bridge.install() and cpu_bridge.is_active()
+        assert torch.cuda.current_device() == torch.device("cpu")
+        torch.cuda.synchronize()  # no-op
+        assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
+        assert schedules.torch.float32 is torch.float32  # everything else is torch itself
+        buffer = GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "mpu")
+        assert buffer.shape == (2, 3) and buffer.device.type == "cpu"
+        t = torch.ones(2)
+        assert t.cuda() is t
+    finally:
+        cpu_bridge.uninstall()
+    assert schedules.torch is original_schedules_torch
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.ones(1).cuda()
+    cpu_bridge.install()
+
+
+def test_cpu_rng_tracker_forks_reproducible_streams():
+    cpu_bridge.install()
+    tracker = tp_random.get_cuda_rng_tracker()
+    assert type(tracker).__name__ == "CpuRNGStatesTracker"
+    tracker.reset()
+    tracker.add("model-parallel-rng", 1234)
+    torch.manual_seed(0)
+    outer_before = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), outer_before)  # the default stream did not move
+    with tracker.fork():
+        b = torch.rand(4)
+    torch.manual_seed(1234)
+    expected = torch.rand(8)
+    assert torch.equal(torch.cat([a, b]), expected)  # one continuing stream seeded 1234
