@@ -85,6 +85,31 @@ class PenaltyGradInjector(torch.autograd.Function):
         return grad_output, torch.full_like(penalty, ctx.grad_scale), None
 
 
+class SoftmaxWithCollision(torch.autograd.Function):
+    """p = softmax(s) along the last dim and c = sum_j p_j^2, with one fused backward.
+
+    The gradient of c with respect to p is 2 p, so the penalty folds into the softmax backward as
+    dP += 2 g p: dS = p (dP + 2 g p - D - 2 g c), the formula of DESIGN.md section 1, with no extra
+    [b, h, s, s] temporaries beyond one fused multiply-add.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor):
+        probs = torch.softmax(scores, dim=-1)
+        collision = torch.linalg.vecdot(probs, probs)  # [b, h, s]
+        ctx.save_for_backward(probs)
+        return probs, collision
+
+    @staticmethod
+    def backward(ctx, grad_probs: Tensor, grad_collision: Tensor):
+        (probs,) = ctx.saved_tensors
+        if grad_probs is None:
+            grad_probs = torch.zeros_like(probs)
+        if grad_collision is not None:
+            grad_probs = torch.addcmul(grad_probs, probs, (2.0 * grad_collision).unsqueeze(-1))
+        return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+
+
 def causal_mask(sq: int, sk: int, device) -> Tensor:
     """[sq, sk] bool, True where key j is in the future of query i (masked)."""
     return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1 + sk - sq)
@@ -109,13 +134,14 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, ta
         mask = mask | attention_mask
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = scores.to(acc_dtype).masked_fill(mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
     row_penalty = None
-    if compute_penalty:
-        if target == "probs":
-            row_penalty = probs.square().sum(-1)
-        else:
-            row_penalty = scores.masked_fill(mask, 0.0).square().sum(-1)
+    if compute_penalty and target == "probs":
+        probs, row_penalty = SoftmaxWithCollision.apply(scores)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+        if compute_penalty:  # logits: the masked entries are excluded
+            unmasked = scores.masked_fill(mask, 0.0)
+            row_penalty = torch.linalg.vecdot(unmasked, unmasked)
     probs = probs.to(q.dtype)
     if dropout is not None:
         probs = dropout(probs)
