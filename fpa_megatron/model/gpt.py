@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fpa_megatron.config import ModelConfig
 from fpa_megatron.model.attention_penalty import AttentionPenalty, PenalizedDotProductAttention
+from fpa_megatron.parallel.weights import init_global_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -67,8 +68,12 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
 
 
 def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: AttentionPenalty,
-                    ffn_hidden_size: int | None = None) -> GPTModel:
-    """This rank's stage of the GPT (parallel_state must be initialized)."""
+                    ffn_hidden_size: int | None = None, seed: int | None = None) -> GPTModel:
+    """This rank's stage of the GPT (parallel_state must be initialized).
+
+    With `seed`, every parameter is drawn from its global name (`init_global_weights`), so every
+    (TP, PP) layout starts from the same model; without it, Megatron's own initialization is kept.
+    """
     config = transformer_config(
         model_cfg,
         parallel_state.get_tensor_model_parallel_world_size(),
@@ -85,6 +90,8 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         share_embeddings_and_output_weights=model_cfg.tie_embeddings,
         position_embedding_type="rope" if model_cfg.position_embedding == "rope" else "learned_absolute",
     )
+    if seed is not None:
+        init_global_weights(model, seed, model_cfg.init_std)
     # Megatron's local norms are created in float32; cast everything, as Megatron-LM's Float16Module does.
     return model.to(config.params_dtype)
 

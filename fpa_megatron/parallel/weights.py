@@ -8,7 +8,9 @@ Used to load the same weights into every layout and to gather gradients for comp
 
 from __future__ import annotations
 
+import math
 import re
+import zlib
 
 import torch
 from megatron.core import parallel_state
@@ -98,3 +100,41 @@ def gather_global(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
         for key, value in part.items():
             merged.setdefault(key, value)
     return merged
+
+
+def _draw(global_param_name: str, shape: torch.Size, seed: int, init_std: float, num_layers: int) -> torch.Tensor:
+    """The full tensor of one parameter, from a generator keyed by (seed, global name): layout independent.
+
+    Same distributions as Megatron's defaults: normal(0, std) for weights and embeddings, normal(0,
+    std / sqrt(2 L)) for the output projections of attention and MLP, zeros for biases, ones for norm weights.
+    """
+    name = global_param_name
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if "layernorm" in name or "norm.weight" in name:
+        return torch.ones(shape)
+    key = zlib.crc32(name.encode())
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + key) % (2**63 - 1))
+    std = init_std
+    if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
+        std = init_std / math.sqrt(2.0 * num_layers)
+    return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+
+
+def _global_shape(name: str, param, model) -> torch.Size:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return torch.Size(shape)
+
+
+@torch.no_grad()
+def init_global_weights(model, seed: int, init_std: float) -> None:
+    """Initialize every parameter from its global name, so any (TP, PP) layout starts from the same model."""
+    offset = _layer_offset(model)
+    for name, param in model.named_parameters():
+        gname = global_name(name, offset)
+        if gname == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            gname = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embeddings
+        full = _draw(gname, _global_shape(name, param, model), seed, init_std, model.config.num_layers)
+        param.copy_(_split(name, param, full, model).to(param.dtype))

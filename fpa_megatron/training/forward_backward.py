@@ -38,8 +38,12 @@ def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss, {"lm_loss": loss.detach().clone()}
 
 
-def _forward_step(data_iterator: Iterator, model):
+def _forward_step(engine, data_iterator: Iterator, model):
+    """One micro-batch through this stage. With a DeepSpeed engine, its forward wraps the model so that
+    ZeRO's gradient hooks see the schedule's own backward calls."""
     batch = next(data_iterator)
+    if engine is not None:
+        model = engine
     # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(_lm_loss, batch["loss_mask"])
@@ -59,12 +63,17 @@ def finalize_grads(model) -> None:
 
 
 def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, *, num_microbatches: int,
-                     micro_batch_size: int, seq_length: int, forward_only: bool = False) -> StepResult:
-    """Forward (and backward unless forward_only) of num_microbatches micro-batches on this rank's stage."""
+                     micro_batch_size: int, seq_length: int, forward_only: bool = False,
+                     engine=None) -> StepResult:
+    """Forward (and backward unless forward_only) of num_microbatches micro-batches on this rank's stage.
+
+    `model` is the bare Megatron module (the schedule reads its config); `engine`, if given, is the
+    DeepSpeed engine wrapping it, used for the forward calls.
+    """
     penalty.reset_record()
     penalty.grad_scale = 1.0 / num_microbatches
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=partial(_forward_step, engine),
         data_iterator=data_iterator,
         model=model,
         num_microbatches=num_microbatches,

@@ -154,3 +154,30 @@ def test_layout_matches_single_process(reference, tp, pp, impl):
                 assert set(mine["grads"]) == set(want["grads"])
                 for pname, g in want["grads"].items():
                     assert _rel(mine["grads"][pname], g) <= 1e-5, (name, lam, pname)
+
+
+def init_rank(tp, pp, variant_names):
+    from fpa_megatron.config import FPAConfig, ModelConfig
+    from fpa_megatron.model.gpt import build_gpt_model, make_penalty
+    from fpa_megatron.parallel.state import init_model_parallel
+    from fpa_megatron.parallel.weights import gather_global
+
+    init_model_parallel(tp, pp, seed=tp * 10 + pp)  # Megatron's streams differ; the init must not care
+    out = {}
+    for name in variant_names:
+        mc = ModelConfig(seq_length=SEQ, **VARIANTS[name]["model"])
+        model = build_gpt_model(mc, VOCAB, make_penalty(mc, FPAConfig()), seed=42)
+        out[name] = gather_global(model, {n: p.detach() for n, p in model.named_parameters()})
+    return out
+
+
+def test_seeded_init_is_the_same_model_in_every_layout():
+    ref = run_distributed(init_rank, 1, 1, 1, list(VARIANTS))[0]
+    for tp, pp in [(2, 1), (2, 2)]:
+        got = run_distributed(init_rank, tp * pp, tp, pp, list(VARIANTS))[0]
+        for name in VARIANTS:
+            assert set(got[name]) == set(ref[name])
+            for pname, value in ref[name].items():
+                assert torch.equal(got[name][pname], value), (name, pname)
+            std = ref[name]["decoder.layers.0.self_attention.linear_qkv.weight"].std()
+            assert abs(float(std) - 0.02) < 0.002  # normal(0, init_std)

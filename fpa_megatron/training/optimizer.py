@@ -1,0 +1,110 @@
+"""AdamW under DeepSpeed ZeRO over the data-parallel group, fed by Megatron's schedules; the LR schedule.
+
+Megatron's schedule runs backward itself, so the engine runs with `managed_gradient_accumulation: false`:
+each `engine.step()` is the accumulation boundary (reduce over DP, clip, update) and the engine never
+divides the loss (the schedule already divides by the number of micro-batches).
+
+Gradient clipping uses DeepSpeed's global norm, which sums over DP partitions and the model-parallel
+group (TP x PP) and counts a parameter when it is model-parallel or lives on model-parallel rank 0.
+`mark_params_for_global_norm` makes that rule exact for Megatron's layout: every parameter counts on
+tensor-parallel rank 0 of its own pipeline stage (TP shards on every TP rank), and the last stage's
+copy of tied embeddings is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from megatron.core import parallel_state
+
+from fpa_megatron.config import OptimizerConfig
+from fpa_megatron.parallel.state import MegatronMPU
+
+
+def lr_at(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to min_lr at decay_steps."""
+    decay_steps = cfg.decay_steps or total_steps
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def mark_params_for_global_norm(model) -> None:
+    """Set DeepSpeed's attributes so each parameter enters the global grad norm exactly once."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    shared_copy = None
+    if (getattr(model, "share_embeddings_and_output_weights", False) and not model.pre_process
+            and model.post_process):
+        shared_copy = model.output_layer.weight
+    for param in model.parameters():
+        if param is shared_copy:
+            param.ds_pipe_replicated = True
+        elif not getattr(param, "tensor_model_parallel", False) and tp_rank == 0:
+            param.model_parallel = True
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases and norm weights (1-D) are not decayed (as Megatron-LM)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def deepspeed_config(cfg: OptimizerConfig, dtype: str, micro_batch_size: int, num_microbatches: int) -> dict:
+    return {
+        # One engine step per global batch: the schedule accumulates the micro-batches itself.
+        "train_micro_batch_size_per_gpu": micro_batch_size * num_microbatches,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+        },
+        "bf16": {"enabled": dtype == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def build_engine(model, cfg: OptimizerConfig, dtype: str, micro_batch_size: int, num_microbatches: int):
+    """Wrap the model and a torch AdamW in a DeepSpeed engine with ZeRO over the data-parallel group."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    mark_params_for_global_norm(model)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        foreach=False,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, mpu=MegatronMPU(),
+        config=deepspeed_config(cfg, dtype, micro_batch_size, num_microbatches),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def optimizer_step(engine, lr: float) -> float:
+    """Reduce gradients over DP, clip by the global norm, update with learning rate `lr`; return the norm."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    engine.zero_grad()
+    return float(norm) if norm is not None else float("nan")
