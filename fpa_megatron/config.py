@@ -100,6 +100,7 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 50  # 0 disables validation
     eval_iters: int = 4
+    exit_interval: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = never
 
 
 @dataclass
@@ -117,7 +118,7 @@ class LoggingConfig:
     run_name: Optional[str] = None  # None = the config file's stem
     interval: int = 10
     tensorboard: bool = True
-    heatmap_interval: int = 0  # [layers x heads] penalty image every N steps; 0 = every eval
+    heatmap_interval: int = 0  # per-layer penalty + [layers x heads] heatmap every N steps; 0 = logging.interval
     peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
 
 

@@ -59,9 +59,12 @@ class Checkpointer:
         self.root = Path(root)
         self.interval, self.keep_last, self.resume_mode, self.cfg = interval, keep_last, resume, cfg
 
-    def maybe_save(self, step: int, engine, trainer_state: dict, *, final: bool = False) -> Optional[Path]:
-        """`step` = optimizer steps done. Saves on the interval, and at the end if final."""
-        due = (self.interval > 0 and step % self.interval == 0) or (final and self.cfg.checkpoint.save_at_end)
+    def maybe_save(self, step: int, engine, trainer_state: dict, *, final: bool = False,
+                   exiting: bool = False) -> Optional[Path]:
+        """`step` = optimizer steps done. Saves on the interval, at the end (checkpoint.save_at_end), and
+        always before an early exit (train.exit_interval), so that a rerun resumes where this one stopped."""
+        due = ((self.interval > 0 and step % self.interval == 0) or (final and self.cfg.checkpoint.save_at_end)
+               or exiting)
         return self.save(step, engine, trainer_state) if due else None
 
     def save(self, step: int, engine, trainer_state: dict) -> Path:

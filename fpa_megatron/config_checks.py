@@ -1,0 +1,319 @@
+"""Validate a RunConfig against the world size before any process group starts.
+
+`check_config(cfg, world_size)` raises `ConfigError` naming the key and the bad value at the first problem
+(a bad layout, batch arithmetic, missing data or tokenizer, an unsupported ZeRO stage, ...), and otherwise
+returns the derived layout (`ResolvedLayout`): data-parallel size, micro-batches per step, vocabulary sizes.
+It does not modify the config.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from fpa_megatron.config import ConfigError, RunConfig
+
+POSITION_EMBEDDINGS = ("rope", "learned")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+ACTIVATIONS = ("gelu", "swiglu")
+RECOMPUTE = ("none", "selective", "full")
+DTYPES = ("fp32", "bf16")
+ATTENTION_IMPLS = ("eager", "blockwise")
+FPA_TARGETS = ("probs", "logits")
+FPA_NORMALIZE = ("sum", "mean")
+ZERO_STAGES = (1, 2)
+VOCAB_DIVISIBLE_BY = 128
+
+
+@dataclass(frozen=True)
+class ResolvedLayout:
+    """Values derived from a valid config and the world size; what the trainer builds from."""
+
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    num_microbatches: int  # per optimizer step and data-parallel rank
+    vocab_size: int  # model.vocab_size, or the tokenizer's vocabulary size
+    padded_vocab_size: int  # vocab_size padded up to a multiple of 128 * tensor_parallel
+    ffn_hidden_size: int
+    max_position_embeddings: int
+    num_query_groups: int
+    kv_channels: int  # hidden_size / num_attention_heads
+    tokenizer_vocab_size: Optional[int]  # None when no tokenizer is configured
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron-LM's padding: the vocabulary rounded up to a multiple of divisible_by * tensor_parallel.
+
+    Keeps the vocab-parallel embedding and output layer equally split and their GEMMs well shaped.
+    """
+    if vocab_size < 1 or tensor_parallel < 1 or divisible_by < 1:
+        raise ConfigError(
+            f"padded_vocab_size: vocab_size={vocab_size}, tensor_parallel={tensor_parallel} and "
+            f"divisible_by={divisible_by} must all be >= 1"
+        )
+    multiple = divisible_by * tensor_parallel
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    """Vocabulary size of a sentencepiece model file, or ConfigError naming data.tokenizer."""
+    if not Path(path).is_file():
+        raise ConfigError(f"data.tokenizer={path!r} does not exist")
+    import sentencepiece as spm
+
+    try:
+        processor = spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as err:  # noqa: BLE001 - sentencepiece raises plain RuntimeError/OSError
+        raise ConfigError(f"data.tokenizer={path!r} could not be loaded by sentencepiece: {err}") from None
+    return int(processor.get_piece_size())
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+
+
+def _fail(message: str) -> None:
+    raise ConfigError(message)
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        _fail(f"{key}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(key: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        _fail(f"{key}={value!r} must be an integer >= {minimum}")
+
+
+def _number_at_least(key: str, value: Any, minimum: float, strict: bool = False) -> None:
+    if not _is_number(value) or value < minimum or (strict and value == minimum):
+        _fail(f"{key}={value!r} must be a number {'>' if strict else '>='} {minimum}")
+
+
+def _probability(key: str, value: Any) -> None:
+    if not _is_number(value) or not 0.0 <= value < 1.0:
+        _fail(f"{key}={value!r} must be in [0, 1)")
+
+
+def parse_split(split: Any) -> tuple[float, float, float]:
+    """'98,1,1' -> (98.0, 1.0, 1.0): three non-negative numbers with a positive sum (train,valid,test)."""
+    parts = str(split).replace("/", ",").split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        _fail(f"data.split={split!r} must be three non-negative numbers 'train,valid,test' with a positive sum")
+    return values  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ the sections
+
+
+def _check_enums(cfg: RunConfig) -> None:
+    m = cfg.model
+    _one_of("model.position_embedding", m.position_embedding, POSITION_EMBEDDINGS)
+    _one_of("model.normalization", m.normalization, NORMALIZATIONS)
+    _one_of("model.activation", m.activation, ACTIVATIONS)
+    _one_of("model.recompute", m.recompute, RECOMPUTE)
+    _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+    _one_of("fpa.target", cfg.fpa.target, FPA_TARGETS)
+    _one_of("fpa.normalize", cfg.fpa.normalize, FPA_NORMALIZE)
+
+
+def _check_model(cfg: RunConfig) -> None:
+    m = cfg.model
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "attention_block_size"):
+        _int_at_least(f"model.{key}", getattr(m, key), 1)
+    for key in ("num_query_groups", "ffn_hidden_size", "max_position_embeddings", "vocab_size"):
+        if getattr(m, key) is not None:
+            _int_at_least(f"model.{key}", getattr(m, key), 1)
+    _probability("model.hidden_dropout", m.hidden_dropout)
+    _probability("model.attention_dropout", m.attention_dropout)
+    _number_at_least("model.init_std", m.init_std, 0.0, strict=True)
+    if m.hidden_size % m.num_attention_heads:
+        _fail(f"model.hidden_size={m.hidden_size} is not divisible by "
+              f"model.num_attention_heads={m.num_attention_heads}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups:
+        _fail(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+              f"model.num_query_groups={groups}")
+    if m.position_embedding == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
+        _fail(f"model.position_embedding='rope' needs an even head dimension, but model.hidden_size="
+              f"{m.hidden_size} / model.num_attention_heads={m.num_attention_heads} = "
+              f"{m.hidden_size // m.num_attention_heads}")
+    if m.position_embedding == "learned":
+        max_positions = m.max_position_embeddings or m.seq_length
+        if m.seq_length > max_positions:
+            _fail(f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings={max_positions} "
+                  f"(learned position embeddings)")
+    if m.attention_impl == "blockwise" and m.attention_dropout > 0:
+        _fail(f"model.attention_dropout={m.attention_dropout} is not supported by "
+              f"model.attention_impl='blockwise' (set it to 0 or use 'eager')")
+
+
+def _check_parallel(cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
+    m, p = cfg.model, cfg.parallel
+    _int_at_least("world_size", world_size, 1)
+    _int_at_least("parallel.tensor", p.tensor, 1)
+    _int_at_least("parallel.pipeline", p.pipeline, 1)
+    if m.num_attention_heads % p.tensor:
+        _fail(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_query_groups is not None and groups % p.tensor:
+        _fail(f"model.num_query_groups={groups} is not divisible by parallel.tensor={p.tensor}")
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    if ffn % p.tensor:
+        _fail(f"model.ffn_hidden_size={ffn} is not divisible by parallel.tensor={p.tensor}")
+    if m.num_layers % p.pipeline:
+        _fail(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
+    model_parallel = p.tensor * p.pipeline
+    if world_size % model_parallel:
+        _fail(f"world_size={world_size} is not divisible by parallel.tensor * parallel.pipeline = "
+              f"{p.tensor} * {p.pipeline} = {model_parallel}")
+    return p.tensor, p.pipeline, world_size // model_parallel
+
+
+def _check_batch(cfg: RunConfig, data_parallel: int) -> int:
+    t = cfg.train
+    _int_at_least("train.steps", t.steps, 1)
+    _int_at_least("train.micro_batch_size", t.micro_batch_size, 1)
+    _int_at_least("train.global_batch_size", t.global_batch_size, 1)
+    _int_at_least("train.seed", t.seed, 0)
+    _int_at_least("train.eval_interval", t.eval_interval, 0)
+    if hasattr(t, "exit_interval"):
+        _int_at_least("train.exit_interval", t.exit_interval, 0)
+    if t.eval_interval > 0:
+        _int_at_least("train.eval_iters", t.eval_iters, 1)
+    per_microbatch = t.micro_batch_size * data_parallel
+    if t.global_batch_size % per_microbatch:
+        _fail(f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size * "
+              f"data_parallel = {t.micro_batch_size} * {data_parallel} = {per_microbatch}")
+    return t.global_batch_size // per_microbatch
+
+
+def _check_optimizer(cfg: RunConfig, pipeline: int) -> None:
+    o = cfg.optimizer
+    _number_at_least("optimizer.lr", o.lr, 0.0, strict=True)
+    _number_at_least("optimizer.min_lr", o.min_lr, 0.0)
+    if o.min_lr > o.lr:
+        _fail(f"optimizer.min_lr={o.min_lr} is larger than optimizer.lr={o.lr}")
+    _number_at_least("optimizer.weight_decay", o.weight_decay, 0.0)
+    _probability("optimizer.beta1", o.beta1)
+    _probability("optimizer.beta2", o.beta2)
+    _number_at_least("optimizer.eps", o.eps, 0.0, strict=True)
+    _int_at_least("optimizer.warmup_steps", o.warmup_steps, 0)
+    if o.decay_steps is not None:
+        _int_at_least("optimizer.decay_steps", o.decay_steps, 1)
+    _number_at_least("optimizer.grad_clip", o.grad_clip, 0.0)
+    if o.zero_stage == 3:
+        _fail("optimizer.zero_stage=3: ZeRO-3 is not supported with Megatron's tensor-parallel layers and "
+              "pipeline schedules (it partitions the parameters those layers shard themselves); use 1 or 2")
+    if o.zero_stage == 0:
+        _fail("optimizer.zero_stage=0 is not supported: Megatron's schedules call backward themselves, which "
+              "DeepSpeed only accepts with a ZeRO optimizer; use 1 (optimizer states sharded over DP) or 2")
+    if o.zero_stage not in ZERO_STAGES:
+        _fail(f"optimizer.zero_stage={o.zero_stage!r} is not one of 1, 2")
+    if o.zero_stage == 2 and pipeline > 1:
+        _fail(f"optimizer.zero_stage=2 is not supported with parallel.pipeline={pipeline}: ZeRO-2 reduces "
+              f"gradients in hooks on every micro-batch, which breaks under the 1F1B pipeline schedule "
+              f"(use zero_stage 1, or parallel.pipeline=1)")
+
+
+def _check_fpa(cfg: RunConfig) -> None:
+    f = cfg.fpa
+    _number_at_least("fpa.lambda0", f.lambda0, 0.0)
+    if not _is_number(f.gamma) or not 0.0 < f.gamma <= 1.0:
+        _fail(f"fpa.gamma={f.gamma!r} must satisfy 0 < gamma <= 1")
+    _number_at_least("fpa.min_lambda", f.min_lambda, 0.0)
+
+
+def _check_data(cfg: RunConfig) -> None:
+    d = cfg.data
+    parse_split(d.split)
+    if d.weights is not None:
+        if len(d.weights) != len(d.prefixes):
+            _fail(f"data.weights={d.weights!r} has {len(d.weights)} entries but data.prefixes has "
+                  f"{len(d.prefixes)}")
+        if not all(_is_number(w) and w >= 0 for w in d.weights):
+            _fail(f"data.weights={d.weights!r} must all be non-negative numbers")
+        if d.weights and sum(d.weights) <= 0:
+            _fail(f"data.weights={d.weights!r} are all zero")
+    if d.mock:
+        return
+    if not d.prefixes:
+        _fail("data.prefixes=[] is empty: set data.prefixes=[path/prefix,...] (each with .bin and .idx) "
+              "or data.mock=true")
+    for i, prefix in enumerate(d.prefixes):
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(f"{prefix}{suffix}"):
+                _fail(f"data.prefixes[{i}]={str(prefix)!r}: {prefix}{suffix} does not exist")
+
+
+def _check_vocab(cfg: RunConfig) -> tuple[int, Optional[int]]:
+    tok_size = tokenizer_vocab_size(cfg.data.tokenizer) if cfg.data.tokenizer is not None else None
+    vocab = cfg.model.vocab_size
+    if vocab is None:
+        if tok_size is None:
+            _fail("model.vocab_size=None and data.tokenizer=None: set one of them")
+        return tok_size, tok_size
+    if tok_size is not None and vocab < tok_size:
+        _fail(f"model.vocab_size={vocab} is smaller than the vocabulary of data.tokenizer="
+              f"{cfg.data.tokenizer!r} ({tok_size} pieces)")
+    return vocab, tok_size
+
+
+def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
+    lg, ck = cfg.logging, cfg.checkpoint
+    _int_at_least("logging.interval", lg.interval, 1)
+    _int_at_least("logging.heatmap_interval", lg.heatmap_interval, 0)
+    _number_at_least("logging.peak_tflops", lg.peak_tflops, 0.0, strict=True)
+    _int_at_least("checkpoint.interval", ck.interval, 0)
+    _int_at_least("checkpoint.keep_last", ck.keep_last, 1)
+    if ck.resume not in ("auto", "none") and not Path(str(ck.resume)).is_dir():
+        _fail(f"checkpoint.resume={ck.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
+
+
+def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
+    """Check every value of cfg for a run on world_size ranks; return the derived layout.
+
+    Raises ConfigError (message names the key and its value) at the first problem. Touches no process group.
+    """
+    _check_enums(cfg)
+    _check_model(cfg)
+    tensor, pipeline, data_parallel = _check_parallel(cfg, world_size)
+    num_microbatches = _check_batch(cfg, data_parallel)
+    _check_optimizer(cfg, pipeline)
+    _check_fpa(cfg)
+    _check_logging_and_checkpoint(cfg)
+    _check_data(cfg)
+    vocab, tok_size = _check_vocab(cfg)
+    m = cfg.model
+    return ResolvedLayout(
+        world_size=world_size,
+        tensor_parallel=tensor,
+        pipeline_parallel=pipeline,
+        data_parallel=data_parallel,
+        num_microbatches=num_microbatches,
+        vocab_size=vocab,
+        padded_vocab_size=padded_vocab_size(vocab, tensor),
+        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        max_position_embeddings=m.max_position_embeddings or m.seq_length,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        tokenizer_vocab_size=tok_size,
+    )

@@ -1,0 +1,165 @@
+"""One-line stdout progress plus TensorBoard scalars and a [layers x heads] penalty heatmap.
+
+Only the logging rank constructs an enabled `MetricsLogger`; on every other rank it is a no-op, so the
+trainer can call it unconditionally. Tags are stable (see `TAGS`) so runs compare in one TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Mapping, Optional, TextIO
+
+import numpy as np
+
+# metric key passed to `log` -> (TensorBoard tag, stdout label, stdout format)
+TAGS: dict[str, tuple[str, str, str]] = {
+    "lm_loss": ("train/lm_loss", "lm_loss", "{:.4f}"),
+    "penalty": ("train/penalty", "penalty", "{:.4g}"),
+    "penalty_weighted": ("train/penalty_weighted", "lambda*penalty", "{:.2e}"),
+    "lambda": ("train/lambda", "lambda", "{:.1e}"),
+    "lr": ("train/lr", "lr", "{:.1e}"),
+    "grad_norm": ("train/grad_norm", "grad_norm", "{:.3f}"),
+    "tokens_per_s": ("perf/tokens_per_s", "tok/s", "{:.0f}"),
+    "tflops": ("perf/tflops", "TFLOP/s", "{:.2f}"),
+    "mfu": ("perf/mfu", "MFU", "{:.1%}"),
+    "iter_time_s": ("perf/iter_time_s", "iter", "{:.2f}s"),
+    "mem_gb": ("perf/mem_gb", "mem", "{:.1f}GB"),
+}
+
+# matplotlib's viridis at 0, 0.1, ..., 1 (perceptually uniform, brightness rises monotonically)
+_VIRIDIS = np.array([
+    (68, 1, 84), (72, 36, 117), (65, 68, 135), (53, 95, 141), (42, 120, 142), (33, 145, 140),
+    (34, 168, 132), (68, 191, 112), (122, 209, 81), (189, 223, 38), (253, 231, 37),
+], dtype=np.float64)
+_NAN_RGB = (128, 128, 128)
+
+
+def memory_gb() -> float:
+    """Peak device memory (GPU: torch.cuda.max_memory_allocated) or the process's resident memory (CPU), in GB."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 1e9
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).memory_info().rss / 1e9
+    except ImportError:  # peak RSS in KiB on Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """[R, C] floats -> [R, C, 3] uint8 viridis, min-max scaled; non-finite cells grey."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    if finite.any():
+        lo, hi = values[finite].min(), values[finite].max()
+        scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    else:
+        scaled = np.zeros_like(values)
+    scaled = np.clip(np.where(finite, scaled, 0.0), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    low = np.floor(scaled).astype(int).clip(0, len(_VIRIDIS) - 2)
+    frac = (scaled - low)[..., None]
+    rgb = _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac
+    rgb[~finite] = _NAN_RGB
+    return np.rint(rgb).astype(np.uint8)
+
+
+def heatmap_image(matrix: np.ndarray, cell_px: int = 16) -> np.ndarray:
+    """[L, H] matrix -> [L*cell_px, H*cell_px, 3] uint8 image; row i = layer i (top), column j = head j."""
+    rgb = colormap(matrix)
+    return np.repeat(np.repeat(rgb, cell_px, axis=0), cell_px, axis=1)
+
+
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().to("cpu").double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+class MetricsLogger:
+    """Training metrics to stdout (one line per call) and TensorBoard; a no-op unless enabled.
+
+    `log(step, metrics)` takes the keys of `TAGS` (others are written as `train/<key>`, or verbatim when they
+    contain a '/'); `mfu` is a fraction, `penalty` is the unweighted F, `penalty_weighted` is lambda_t * F.
+    """
+
+    def __init__(self, log_dir: Optional[str], enabled: bool = True, tensorboard: bool = True,
+                 total_steps: Optional[int] = None, cell_px: int = 16, stream: Optional[TextIO] = None):
+        self.enabled = bool(enabled)
+        self.total_steps = total_steps
+        self.cell_px = cell_px
+        self.stream = stream
+        self.writer = None
+        if self.enabled and tensorboard:
+            if log_dir is None:
+                raise ValueError("MetricsLogger: tensorboard=True needs a log_dir")
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream or sys.stdout, flush=True)
+
+    def _step_text(self, step: int) -> str:
+        return f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"
+
+    def format_line(self, step: int, metrics: Mapping[str, float]) -> str:
+        """The stdout line for `log`: known keys in `TAGS` order, then the others."""
+        parts = [self._step_text(step)]
+        for key, (_, label, fmt) in TAGS.items():
+            if key in metrics and metrics[key] is not None:
+                parts.append(f"{label} {fmt.format(float(metrics[key]))}")
+        for key, value in metrics.items():
+            if key not in TAGS and value is not None:
+                parts.append(f"{key} {float(value):.4g}")
+        return " | ".join(parts)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Print one line and write each metric as a scalar at `step`."""
+        if not self.enabled:
+            return
+        self._print(self.format_line(step, metrics))
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if value is None:
+                    continue
+                tag = TAGS[key][0] if key in TAGS else (key if "/" in key else f"train/{key}")
+                self.writer.add_scalar(tag, float(value), step)
+
+    def log_penalty(self, step: int, per_layer, per_head) -> None:
+        """Per-layer penalty scalars `penalty/layer_XX` and the [layers x heads] image `penalty/heads_heatmap`."""
+        if not self.enabled or self.writer is None:
+            return
+        layers = _as_numpy(per_layer).reshape(-1)
+        heads = _as_numpy(per_head)
+        if heads.ndim != 2:
+            raise ValueError(f"per_head must be [layers, heads], got shape {heads.shape}")
+        for i, value in enumerate(layers):
+            self.writer.add_scalar(f"penalty/layer_{i:02d}", float(value), step)
+        self.writer.add_image("penalty/heads_heatmap", heatmap_image(heads, self.cell_px), step, dataformats="HWC")
+
+    def log_eval(self, step: int, val_loss: float) -> None:
+        """Validation loss and perplexity: `val/loss`, `val/ppl` and one stdout line."""
+        if not self.enabled:
+            return
+        ppl = math.exp(val_loss) if val_loss < 700 else math.inf
+        self._print(f"eval {self._step_text(step)} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
+        if self.writer is not None:
+            self.writer.add_scalar("val/loss", float(val_loss), step)
+            self.writer.add_scalar("val/ppl", ppl, step)
+            self.writer.flush()
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Launch fpa_megatron training with torchrun on one node or on each node of several.
+#
+#   launch/torchrun.sh [options] CONFIG [key.sub=value ...]
+#
+# Options (each also read from the environment variable in brackets; defaults are for one node):
+#   --nnodes N           number of nodes                                  [NNODES, 1]
+#   --node-rank R        rank of this node, 0..N-1                        [NODE_RANK, 0]
+#   --master-addr HOST   address of node 0                                [MASTER_ADDR, 127.0.0.1]
+#   --master-port PORT   free TCP port on node 0                          [MASTER_PORT, 29500]
+#   --nproc-per-node P   processes on this node                           [NPROC_PER_NODE, #GPUs or 2]
+#   --rdzv-id ID         use c10d rendezvous at MASTER_ADDR:MASTER_PORT   [RDZV_ID, unset: static]
+#                        with this job id (node ranks are then assigned by torchrun; SLURM uses this)
+#   --config CONFIG      the YAML config (or give it as the first positional argument)
+#   --dry-run            print the torchrun command instead of running it
+# Everything after the config (or after --) is passed to the CLI as overrides.
+set -euo pipefail
+
+usage() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+}
+
+gpu_count() {
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+    else
+        echo 0
+    fi
+}
+
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+NPROC_PER_NODE="${NPROC_PER_NODE:-}"
+RDZV_ID="${RDZV_ID:-}"
+CONFIG=""
+DRY_RUN=0
+OVERRIDES=()
+
+need_value() {
+    if [[ $# -lt 2 || -z "$2" ]]; then
+        echo "torchrun.sh: $1 needs a value" >&2
+        exit 2
+    fi
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --nnodes) need_value "$@"; NNODES="$2"; shift 2 ;;
+        --node-rank|--node_rank) need_value "$@"; NODE_RANK="$2"; shift 2 ;;
+        --master-addr|--master_addr) need_value "$@"; MASTER_ADDR="$2"; shift 2 ;;
+        --master-port|--master_port) need_value "$@"; MASTER_PORT="$2"; shift 2 ;;
+        --nproc-per-node|--nproc_per_node) need_value "$@"; NPROC_PER_NODE="$2"; shift 2 ;;
+        --rdzv-id|--rdzv_id) need_value "$@"; RDZV_ID="$2"; shift 2 ;;
+        --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; OVERRIDES+=("$@"); break ;;
+        -*) echo "torchrun.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *)
+            if [[ -z "$CONFIG" ]]; then CONFIG="$1"; else OVERRIDES+=("$1"); fi
+            shift ;;
+    esac
+done
+
+if [[ -z "$CONFIG" ]]; then
+    echo "torchrun.sh: no config given (see --help)" >&2
+    exit 2
+fi
+if [[ -z "$NPROC_PER_NODE" ]]; then
+    NPROC_PER_NODE="$(gpu_count)"
+    if [[ "$NPROC_PER_NODE" -lt 1 ]]; then NPROC_PER_NODE=2; fi
+fi
+for pair in "nnodes:$NNODES" "node-rank:$NODE_RANK" "master-port:$MASTER_PORT" "nproc-per-node:$NPROC_PER_NODE"; do
+    if ! [[ "${pair#*:}" =~ ^[0-9]+$ ]]; then
+        echo "torchrun.sh: --${pair%%:*} must be a non-negative integer, got '${pair#*:}'" >&2
+        exit 2
+    fi
+done
+if [[ -z "$RDZV_ID" && "$NODE_RANK" -ge "$NNODES" ]]; then
+    echo "torchrun.sh: --node-rank $NODE_RANK must be smaller than --nnodes $NNODES" >&2
+    exit 2
+fi
+
+if command -v torchrun >/dev/null 2>&1; then
+    LAUNCHER=(torchrun)
+else
+    LAUNCHER=("${PYTHON:-python}" -m torch.distributed.run)
+fi
+CMD=("${LAUNCHER[@]}" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE")
+if [[ -n "$RDZV_ID" ]]; then
+    CMD+=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID")
+else
+    CMD+=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+fi
+CMD+=(-m fpa_megatron.cli --config "$CONFIG" "${OVERRIDES[@]}")
+
+if [[ "$DRY_RUN" == 1 ]]; then
+    printf '%q ' "${CMD[@]}"
+    echo
+    exit 0
+fi
+# One OpenMP thread per rank unless the user chose otherwise (torchrun would force 1 with a warning).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec "${CMD[@]}"

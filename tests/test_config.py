@@ -1,0 +1,370 @@
+"""The config system (YAML, overrides, unknown keys, round trip) and every check of `check_config`.
+
+Each bad config must raise ConfigError whose message names the key and the bad value; all of it runs
+before (and without) any process group.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
+from fpa_megatron.config_checks import ResolvedLayout, check_config, padded_vocab_size, parse_split
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TOKENIZER_VOCAB = 60
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group():
+    """Every check here must work before torch.distributed is initialised (and must not initialise it)."""
+    assert not torch.distributed.is_initialized()
+    yield
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> str:
+    """A real sentencepiece model with TOKENIZER_VOCAB pieces (trained in ~0.1 s)."""
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "tensor", "pipeline", "layer", "head", "token", "model"]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buffer,
+                                   vocab_size=TOKENIZER_VOCAB, model_type="bpe", minloglevel=2)
+    path = tmp_path_factory.mktemp("tok") / "spm.model"
+    path.write_bytes(buffer.getvalue())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    """Two prefixes with (empty) .bin/.idx files: check_config only checks that they exist."""
+    root = tmp_path_factory.mktemp("shards")
+    prefixes = [str(root / f"corpus_{i:05d}") for i in range(2)]
+    for p in prefixes:
+        Path(p + ".bin").write_bytes(b"")
+        Path(p + ".idx").write_bytes(b"")
+    return prefixes
+
+
+def base(tokenizer: str, shards: list[str]) -> dict:
+    """A valid config for world size 4."""
+    return {
+        "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32},
+        "parallel": {"tensor": 1, "pipeline": 1},
+        "data": {"prefixes": list(shards), "tokenizer": tokenizer, "split": "98,1,1"},
+        "train": {"steps": 10, "micro_batch_size": 2, "global_batch_size": 16},
+        "checkpoint": {"resume": "none"},
+    }
+
+
+def check(tokenizer, shards, overrides=(), world_size=4) -> ResolvedLayout:
+    return check_config(config_from_dict(base(tokenizer, shards), list(overrides)), world_size)
+
+
+# ------------------------------------------------------------------------------------------ config.py
+
+
+def test_yaml_load_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"num_layers": 6, "activation": "swiglu"}, "fpa": {"lambda0": 0.5}}))
+    cfg = load_config(path, ["model.num_layers=8", "fpa.gamma=0.5", "data.prefixes=[a/b,c/d]",
+                             "optimizer.decay_steps=null", "logging.tensorboard=false"])
+    assert cfg.model.num_layers == 8  # the override wins over the file
+    assert cfg.model.activation == "swiglu"  # from the file
+    assert cfg.fpa.lambda0 == 0.5 and cfg.fpa.gamma == 0.5
+    assert cfg.data.prefixes == ["a/b", "c/d"]
+    assert cfg.optimizer.decay_steps is None and cfg.logging.tensorboard is False
+    assert cfg.model.hidden_size == RunConfig().model.hidden_size  # untouched default
+    assert cfg.logging.run_name == "run"  # the file's stem
+
+
+@pytest.mark.parametrize("source", ["file", "override"])
+def test_unknown_keys_are_rejected(tmp_path, source):
+    path = tmp_path / "run.yaml"
+    if source == "file":
+        path.write_text(yaml.safe_dump({"model": {"num_layer": 6}}))
+        overrides = []
+    else:
+        path.write_text(yaml.safe_dump({}))
+        overrides = ["model.num_layer=6"]
+    with pytest.raises(ConfigError, match=r"model\.num_layer: unknown key"):
+        load_config(path, overrides)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, ["modle.num_layers=2"])
+
+
+def test_bad_types_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.num_layers: expected an integer, got 'four'"):
+        load_config(None, ["model.num_layers=four"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(CONFIGS / "gpt_7b.yaml", ["fpa.lambda0=0.25", "data.weights=[1,2]",
+                                                "data.prefixes=[x,y]"])
+    save_config(cfg, tmp_path / "saved" / "config.yaml")
+    again = load_config(tmp_path / "saved" / "config.yaml")
+    assert again == cfg
+
+
+# ------------------------------------------------------------------------------------------ valid configs
+
+
+def test_valid_config_layout(tokenizer, shards):
+    layout = check(tokenizer, shards, ["parallel.tensor=2", "model.num_query_groups=2"], world_size=8)
+    assert layout == ResolvedLayout(
+        world_size=8, tensor_parallel=2, pipeline_parallel=1, data_parallel=4, num_microbatches=2,
+        vocab_size=TOKENIZER_VOCAB, padded_vocab_size=256, ffn_hidden_size=256, max_position_embeddings=32,
+        num_query_groups=2, kv_channels=16, tokenizer_vocab_size=TOKENIZER_VOCAB,
+    )
+
+
+def test_check_config_does_not_modify_the_config(tokenizer, shards):
+    cfg = config_from_dict(base(tokenizer, shards))
+    before = copy.deepcopy(cfg)
+    check_config(cfg, 4)
+    assert cfg == before and cfg.model.vocab_size is None and cfg.model.ffn_hidden_size is None
+
+
+@pytest.mark.parametrize("vocab,tp,expected", [
+    (50257, 1, 50304), (50257, 2, 50432), (50257, 8, 51200), (32000, 1, 32000), (32000, 4, 32256),
+    (32000, 8, 32768), (60, 1, 128), (128, 1, 128), (129, 1, 256), (1, 4, 512),
+])
+def test_padded_vocab_size(vocab, tp, expected):
+    assert padded_vocab_size(vocab, tp) == expected
+    assert expected % (128 * tp) == 0 and expected >= vocab and expected - vocab < 128 * tp
+
+
+def test_padded_vocab_in_layout_follows_tensor_parallel(tokenizer, shards):
+    for tp in (1, 2, 4):
+        layout = check(tokenizer, shards, [f"parallel.tensor={tp}", "model.vocab_size=1000"], world_size=4)
+        assert layout.vocab_size == 1000 and layout.padded_vocab_size == padded_vocab_size(1000, tp)
+        assert layout.padded_vocab_size % (128 * tp) == 0
+
+
+def test_num_microbatches(tokenizer, shards):
+    layout = check(tokenizer, shards, ["train.micro_batch_size=1", "train.global_batch_size=24",
+                                       "parallel.pipeline=2"], world_size=4)
+    assert (layout.data_parallel, layout.num_microbatches) == (2, 12)
+
+
+@pytest.mark.parametrize("stage,pipeline", [(1, 1), (1, 2), (2, 1)])
+def test_supported_zero_stages(tokenizer, shards, stage, pipeline):
+    check(tokenizer, shards, [f"optimizer.zero_stage={stage}", f"parallel.pipeline={pipeline}",
+                              "parallel.tensor=2"], world_size=4)
+
+
+def test_mock_data_needs_no_prefixes(tokenizer, shards):
+    check(tokenizer, shards, ["data.mock=true", "data.prefixes=[]", "data.tokenizer=null",
+                              "model.vocab_size=512"])
+
+
+def test_rope_ignores_max_position_embeddings(tokenizer, shards):
+    check(tokenizer, shards, ["model.position_embedding=rope", "model.max_position_embeddings=16"])
+
+
+def test_resume_from_existing_directory(tokenizer, shards, tmp_path):
+    check(tokenizer, shards, [f"checkpoint.resume={tmp_path}"])
+
+
+def test_bf16_on_cpu_is_allowed(tokenizer, shards):
+    check(tokenizer, shards, ["model.dtype=bf16"])
+
+
+def test_split_parsing():
+    assert parse_split("98,1,1") == (98.0, 1.0, 1.0)
+    assert parse_split("0.9, 0.1, 0") == (0.9, 0.1, 0.0)
+
+
+# ------------------------------------------------------------------------------------------ each check
+
+BAD = {
+    # tensor / pipeline layout
+    "heads_by_tp": (["model.num_attention_heads=6", "model.hidden_size=48", "parallel.tensor=4"], 4,
+                    ["model.num_attention_heads=6", "parallel.tensor=4"]),
+    "groups_by_tp": (["model.num_query_groups=2", "parallel.tensor=4"], 4,
+                     ["model.num_query_groups=2", "parallel.tensor=4"]),
+    "heads_by_groups": (["model.num_query_groups=3"], 4, ["model.num_attention_heads=4", "model.num_query_groups=3"]),
+    "ffn_by_tp": (["model.ffn_hidden_size=130", "parallel.tensor=4"], 4,
+                  ["model.ffn_hidden_size=130", "parallel.tensor=4"]),
+    "layers_by_pp": (["model.num_layers=3", "parallel.pipeline=2"], 4, ["model.num_layers=3", "parallel.pipeline=2"]),
+    "world_by_tp_pp": (["parallel.tensor=2", "parallel.pipeline=2"], 6, ["world_size=6", "parallel.tensor",
+                                                                         "parallel.pipeline", "4"]),
+    "world_zero": ([], 0, ["world_size=0"]),
+    "tp_zero": (["parallel.tensor=0"], 4, ["parallel.tensor=0"]),
+    "pp_zero": (["parallel.pipeline=0"], 4, ["parallel.pipeline=0"]),
+    # batch arithmetic
+    "global_batch": (["train.global_batch_size=12", "train.micro_batch_size=4"], 2,
+                     ["train.global_batch_size=12", "train.micro_batch_size", "data_parallel", "8"]),
+    # model shape
+    "hidden_by_heads": (["model.hidden_size=66"], 4, ["model.hidden_size=66", "model.num_attention_heads=4"]),
+    "rope_odd_head_dim": (["model.hidden_size=12", "model.num_attention_heads=4",
+                           "model.position_embedding=rope"], 4, ["model.position_embedding='rope'", "3"]),
+    "seq_over_positions": (["model.position_embedding=learned", "model.max_position_embeddings=16"], 4,
+                           ["model.seq_length=32", "model.max_position_embeddings=16"]),
+    "seq_zero": (["model.seq_length=0"], 4, ["model.seq_length=0"]),
+    "layers_zero": (["model.num_layers=0"], 4, ["model.num_layers=0"]),
+    "hidden_zero": (["model.hidden_size=0"], 4, ["model.hidden_size=0"]),
+    "heads_zero": (["model.num_attention_heads=0"], 4, ["model.num_attention_heads=0"]),
+    "groups_zero": (["model.num_query_groups=0"], 4, ["model.num_query_groups=0"]),
+    "ffn_zero": (["model.ffn_hidden_size=0"], 4, ["model.ffn_hidden_size=0"]),
+    "block_zero": (["model.attention_block_size=0"], 4, ["model.attention_block_size=0"]),
+    "dropout_one": (["model.hidden_dropout=1.0"], 4, ["model.hidden_dropout=1.0"]),
+    "attn_dropout_negative": (["model.attention_dropout=-0.1"], 4, ["model.attention_dropout=-0.1"]),
+    "init_std_zero": (["model.init_std=0"], 4, ["model.init_std=0"]),
+    # enums
+    "position_embedding": (["model.position_embedding=alibi"], 4, ["model.position_embedding='alibi'"]),
+    "normalization": (["model.normalization=rmsnorm"], 4, ["model.normalization='rmsnorm'"]),
+    "activation": (["model.activation=relu"], 4, ["model.activation='relu'"]),
+    "recompute": (["model.recompute=some"], 4, ["model.recompute='some'"]),
+    "dtype": (["model.dtype=fp16"], 4, ["model.dtype='fp16'"]),
+    "attention_impl": (["model.attention_impl=flash"], 4, ["model.attention_impl='flash'"]),
+    "blockwise_dropout": (["model.attention_impl=blockwise", "model.attention_dropout=0.1"], 4,
+                          ["model.attention_dropout=0.1", "blockwise"]),
+    # ZeRO
+    "zero3": (["optimizer.zero_stage=3"], 4, ["optimizer.zero_stage=3", "ZeRO-3 is not supported",
+                                              "tensor-parallel", "pipeline"]),
+    "zero2_pp": (["optimizer.zero_stage=2", "parallel.pipeline=2"], 4,
+                 ["optimizer.zero_stage=2", "parallel.pipeline=2"]),
+    "zero_unknown": (["optimizer.zero_stage=5"], 4, ["optimizer.zero_stage=5"]),
+    "zero0": (["optimizer.zero_stage=0"], 4, ["optimizer.zero_stage=0", "not supported"]),
+    "zero_negative": (["optimizer.zero_stage=-1"], 4, ["optimizer.zero_stage=-1"]),
+    # optimizer
+    "lr_below_min_lr": (["optimizer.lr=1e-4", "optimizer.min_lr=1e-3"], 4,
+                        ["optimizer.min_lr=0.001", "optimizer.lr=0.0001"]),
+    "lr_zero": (["optimizer.lr=0", "optimizer.min_lr=0"], 4, ["optimizer.lr=0"]),
+    "min_lr_negative": (["optimizer.min_lr=-1e-5"], 4, ["optimizer.min_lr=-1e-05"]),
+    "warmup_negative": (["optimizer.warmup_steps=-1"], 4, ["optimizer.warmup_steps=-1"]),
+    "decay_zero": (["optimizer.decay_steps=0"], 4, ["optimizer.decay_steps=0"]),
+    "grad_clip_negative": (["optimizer.grad_clip=-1"], 4, ["optimizer.grad_clip=-1"]),
+    "weight_decay_negative": (["optimizer.weight_decay=-0.1"], 4, ["optimizer.weight_decay=-0.1"]),
+    "beta2_one": (["optimizer.beta2=1.0"], 4, ["optimizer.beta2=1.0"]),
+    "eps_zero": (["optimizer.eps=0"], 4, ["optimizer.eps=0"]),
+    # train
+    "steps_zero": (["train.steps=0"], 4, ["train.steps=0"]),
+    "micro_zero": (["train.micro_batch_size=0"], 4, ["train.micro_batch_size=0"]),
+    "global_zero": (["train.global_batch_size=0"], 4, ["train.global_batch_size=0"]),
+    "eval_interval_negative": (["train.eval_interval=-5"], 4, ["train.eval_interval=-5"]),
+    "eval_iters_zero": (["train.eval_interval=10", "train.eval_iters=0"], 4, ["train.eval_iters=0"]),
+    "seed_negative": (["train.seed=-1"], 4, ["train.seed=-1"]),
+    "exit_interval_negative": (["train.exit_interval=-1"], 4, ["train.exit_interval=-1"]),
+    # fpa
+    "lambda0_negative": (["fpa.lambda0=-0.1"], 4, ["fpa.lambda0=-0.1"]),
+    "gamma_zero": (["fpa.gamma=0"], 4, ["fpa.gamma=0"]),
+    "gamma_above_one": (["fpa.gamma=1.5"], 4, ["fpa.gamma=1.5"]),
+    "min_lambda_negative": (["fpa.min_lambda=-1"], 4, ["fpa.min_lambda=-1"]),
+    "target": (["fpa.target=scores"], 4, ["fpa.target='scores'"]),
+    "normalize": (["fpa.normalize=max"], 4, ["fpa.normalize='max'"]),
+    # logging / checkpoint
+    "log_interval_zero": (["logging.interval=0"], 4, ["logging.interval=0"]),
+    "heatmap_interval_negative": (["logging.heatmap_interval=-1"], 4, ["logging.heatmap_interval=-1"]),
+    "peak_tflops_zero": (["logging.peak_tflops=0"], 4, ["logging.peak_tflops=0"]),
+    "checkpoint_interval_negative": (["checkpoint.interval=-1"], 4, ["checkpoint.interval=-1"]),
+    "keep_last_zero": (["checkpoint.keep_last=0"], 4, ["checkpoint.keep_last=0"]),
+    "resume_missing": (["checkpoint.resume=/no/such/checkpoint"], 4, ["checkpoint.resume='/no/such/checkpoint'"]),
+    # data
+    "split_two": (["data.split=99,1"], 4, ["data.split='99,1'"]),
+    "split_negative": (["data.split='98,-1,3'"], 4, ["data.split='98,-1,3'"]),
+    "split_zero_sum": (["data.split='0,0,0'"], 4, ["data.split='0,0,0'"]),
+    "split_text": (["data.split=most,some,rest"], 4, ["data.split='most,some,rest'"]),
+    "weights_length": (["data.weights=[1]"], 4, ["data.weights=[1]", "1 entries", "data.prefixes has 2"]),
+    "weights_negative": (["data.weights=[1,-1]"], 4, ["data.weights=[1, -1]", "non-negative"]),
+    "weights_all_zero": (["data.weights=[0,0]"], 4, ["data.weights=[0, 0]", "all zero"]),
+    "weights_text": (["data.weights=[a,1]"], 4, ["data.weights=['a', 1]"]),
+    "prefixes_empty": (["data.prefixes=[]"], 4, ["data.prefixes=[]", "data.mock=true"]),
+    # vocabulary
+    "neither_vocab_nor_tokenizer": (["data.tokenizer=null"], 4, ["model.vocab_size=None", "data.tokenizer=None"]),
+    "vocab_below_tokenizer": (["model.vocab_size=50"], 4, ["model.vocab_size=50", "60 pieces", "data.tokenizer="]),
+    "vocab_zero": (["model.vocab_size=0"], 4, ["model.vocab_size=0"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_config_is_rejected(tokenizer, shards, name):
+    overrides, world_size, fragments = BAD[name]
+    with pytest.raises(ConfigError) as err:
+        check(tokenizer, shards, overrides, world_size)
+    message = str(err.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("missing", [".bin", ".idx"])
+def test_data_prefix_files_must_exist(tokenizer, shards, tmp_path, missing):
+    prefix = tmp_path / "partial_00000"
+    for suffix in {".bin", ".idx"} - {missing}:
+        Path(f"{prefix}{suffix}").write_bytes(b"")
+    with pytest.raises(ConfigError) as err:
+        check(tokenizer, shards, [f"data.prefixes=[{shards[0]},{prefix}]"])
+    assert f"data.prefixes[1]='{prefix}'" in str(err.value)
+    assert f"{prefix}{missing} does not exist" in str(err.value)
+
+
+def test_tokenizer_must_exist(tokenizer, shards, tmp_path):
+    missing = tmp_path / "missing.model"
+    with pytest.raises(ConfigError, match=rf"data\.tokenizer='{missing}' does not exist"):
+        check(tokenizer, shards, [f"data.tokenizer={missing}"])
+
+
+def test_tokenizer_must_load(tokenizer, shards, tmp_path):
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"this is not a sentencepiece model")
+    with pytest.raises(ConfigError) as err:
+        check(tokenizer, shards, [f"data.tokenizer={garbage}"])
+    assert f"data.tokenizer='{garbage}'" in str(err.value) and "sentencepiece" in str(err.value)
+
+
+def test_vocab_from_tokenizer_and_explicit_vocab(tokenizer, shards):
+    assert check(tokenizer, shards).vocab_size == TOKENIZER_VOCAB
+    layout = check(tokenizer, shards, ["model.vocab_size=200"])
+    assert (layout.vocab_size, layout.padded_vocab_size, layout.tokenizer_vocab_size) == (200, 256, TOKENIZER_VOCAB)
+
+
+# ------------------------------------------------------------------------------------------ the presets
+
+PRESETS = {"gpt_125m.yaml": 8, "gpt_1.3b.yaml": 8, "gpt_7b.yaml": 8}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_gpu_presets_pass_the_checks(name):
+    cfg = load_config(CONFIGS / name, ["data.mock=true", "data.tokenizer=null"])
+    assert cfg.model.dtype == "bf16" and cfg.fpa.normalize == "mean" and cfg.fpa.enabled
+    layout = check_config(cfg, PRESETS[name])
+    assert layout.num_microbatches >= 1
+    check_config(cfg, 4 * PRESETS[name])  # four nodes: more data parallelism
+    # the placeholder data paths are really checked without data.mock
+    with pytest.raises(ConfigError, match=r"data\.prefixes\[0\]"):
+        check_config(load_config(CONFIGS / name, ["data.tokenizer=null"]), PRESETS[name])
+
+
+def test_gpu_preset_layouts():
+    layouts = {}
+    for name, world in PRESETS.items():
+        cfg = load_config(CONFIGS / name, ["data.mock=true", "data.tokenizer=null"])
+        layouts[name] = (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.optimizer.zero_stage,
+                         check_config(cfg, world).data_parallel)
+    assert layouts == {"gpt_125m.yaml": (1, 1, 1, 8), "gpt_1.3b.yaml": (1, 1, 1, 8), "gpt_7b.yaml": (4, 1, 1, 2)}
+
+
+def test_demo_config_on_two_cpu_ranks(tokenizer):
+    cfg = load_config(CONFIGS / "demo_cpu.yaml", ["data.mock=true", f"data.tokenizer={tokenizer}"])
+    assert cfg.model.dtype == "fp32" and cfg.logging.run_name == "demo_cpu"
+    layout = check_config(cfg, 2)
+    assert (layout.data_parallel, layout.num_microbatches) == (2, 1)
+    assert layout.vocab_size == TOKENIZER_VOCAB  # taken from the tokenizer
+    assert cfg.data.tokenizer and cfg.data.prefixes  # placeholders present
+    raw = yaml.safe_load((CONFIGS / "demo_cpu.yaml").read_text())
+    assert raw["data"]["tokenizer"] == "data/demo/tokenizer/spm.model"
+    assert all(p.startswith("data/demo/") for p in raw["data"]["prefixes"])

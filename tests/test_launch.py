@@ -1,0 +1,146 @@
+"""launch/torchrun.sh and launch/slurm.sbatch: syntax, and the exact torchrun command they would run (dry run)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
+SLURM = ROOT / "launch" / "slurm.sbatch"
+CLEAN_ENV_KEYS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "RDZV_ID", "DRY_RUN",
+                  "GPUS_PER_NODE")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV_KEYS and not k.startswith("SLURM_")}
+    env.update(extra)
+    return env
+
+
+def _launcher_prefix(argv: list[str]) -> list[str]:
+    """Strip `torchrun` or `python -m torch.distributed.run` (whichever the script found)."""
+    if argv[0] == "torchrun" or argv[0].endswith("/torchrun"):
+        return argv[1:]
+    assert argv[1:3] == ["-m", "torch.distributed.run"], argv
+    return argv[3:]
+
+
+def _dry_run(*args, **env) -> list[str]:
+    proc = subprocess.run(["bash", str(TORCHRUN_SH), "--dry-run", *args], env=_env(**env),
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return _launcher_prefix(shlex.split(proc.stdout))
+
+
+@pytest.mark.parametrize("script", [TORCHRUN_SH, SLURM])
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.parametrize("script", [TORCHRUN_SH, SLURM])
+def test_shellcheck(script):
+    proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_torchrun_is_executable():
+    assert TORCHRUN_SH.stat().st_mode & stat.S_IXUSR
+
+
+def test_one_node_defaults():
+    # no GPUs here (or an explicit count): NPROC_PER_NODE decides
+    argv = _dry_run("configs/demo_cpu.yaml", "train.steps=20", "data.prefixes=[a/b_00000,a/b_00001]",
+                    NPROC_PER_NODE="2")
+    assert argv == ["--nnodes", "1", "--nproc-per-node", "2", "--node-rank", "0", "--master-addr", "127.0.0.1",
+                    "--master-port", "29500", "-m", "fpa_megatron.cli", "--config", "configs/demo_cpu.yaml",
+                    "train.steps=20", "data.prefixes=[a/b_00000,a/b_00001]"]
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="GPU machine: nproc defaults to the GPU count")
+def test_cpu_default_is_two_processes():
+    argv = _dry_run("--config", "configs/demo_cpu.yaml")
+    assert argv[argv.index("--nproc-per-node") + 1] == "2"
+
+
+def test_two_nodes_from_arguments():
+    argv = _dry_run("--nnodes", "2", "--node-rank", "1", "--master-addr", "10.1.2.3", "--master-port", "6001",
+                    "--nproc-per-node", "8", "--config", "configs/gpt_7b.yaml", "data.mock=true")
+    assert argv == ["--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1", "--master-addr", "10.1.2.3",
+                    "--master-port", "6001", "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml",
+                    "data.mock=true"]
+
+
+def test_two_nodes_from_environment_and_arguments_win():
+    env = dict(NNODES="2", NODE_RANK="0", MASTER_ADDR="head", MASTER_PORT="7000", NPROC_PER_NODE="4")
+    argv = _dry_run("configs/gpt_1.3b.yaml", **env)
+    assert argv[:10] == ["--nnodes", "2", "--nproc-per-node", "4", "--node-rank", "0", "--master-addr", "head",
+                         "--master-port", "7000"]
+    argv = _dry_run("--node-rank", "1", "configs/gpt_1.3b.yaml", **env)
+    assert argv[argv.index("--node-rank") + 1] == "1"
+
+
+def test_rendezvous_mode():
+    argv = _dry_run("--nnodes", "4", "--nproc-per-node", "8", "--master-addr", "node-a", "--rdzv-id", "4242",
+                    "configs/gpt_7b.yaml")
+    assert argv == ["--nnodes", "4", "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                    "node-a:29500", "--rdzv-id", "4242", "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml"]
+
+
+def test_overrides_with_spaces_survive_quoting():
+    argv = _dry_run("configs/demo_cpu.yaml", "logging.run_name=my run", "--", "--weird=1", NPROC_PER_NODE="2")
+    assert argv[-2:] == ["logging.run_name=my run", "--weird=1"]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "no config given"),
+    (["--nnodes", "2", "--node-rank", "2", "c.yaml"], "--node-rank 2 must be smaller than --nnodes 2"),
+    (["--nnodes", "two", "c.yaml"], "--nnodes must be a non-negative integer"),
+    (["--bogus", "c.yaml"], "unknown option --bogus"),
+    (["--nnodes"], "--nnodes needs a value"),
+])
+def test_bad_arguments(args, message):
+    proc = subprocess.run(["bash", str(TORCHRUN_SH), "--dry-run", *args], env=_env(), capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_slurm_dry_run(tmp_path):
+    """The sbatch script under a SLURM-like environment; `scontrol` is a stand-in that expands the node list."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/usr/bin/env bash\n[[ "$1 $2 $3" == "show hostnames gpu[07-09]" ]] || exit 1\n'
+                        'printf "gpu07\\ngpu08\\ngpu09\\n"\n')
+    scontrol.chmod(0o755)
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-09]",
+               SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(ROOT), DRY_RUN="1")
+    proc = subprocess.run(["bash", str(SLURM), "configs/gpt_7b.yaml", "data.prefixes=[/d/x_00000]"], env=env,
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert shlex.split(proc.stdout) == [
+        "srun", "--nodes", "3", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "--chdir", str(ROOT),
+        "torchrun", "--nnodes", "3", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "gpu07:29500", "--rdzv-id", "4242",
+        "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml", "data.prefixes=[/d/x_00000]",
+    ]
+
+
+def test_slurm_directives():
+    text = SLURM.read_text()
+    for directive in ("#SBATCH --nodes=", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node="):
+        assert directive in text
+    assert "scontrol show hostnames" in text and "head -n1" in text
+
+
+def test_slurm_needs_a_job():
+    proc = subprocess.run(["bash", str(SLURM), "configs/gpt_7b.yaml"], env=_env(DRY_RUN="1"),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "SLURM_JOB_ID" in proc.stderr
