@@ -34,8 +34,38 @@ def _run(tmp_path, world: int, overrides: list[str]):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("single"), 1, [])
+def single_run(tmp_path_factory):
+    """The single-process reference; it also writes TensorBoard events and validates at step 5."""
+    root = tmp_path_factory.mktemp("single")
+    history = _run(root, 1, ["logging.tensorboard=true", "train.eval_interval=5", "train.eval_iters=2"])
+    return history, root / "w1"
+
+
+@pytest.fixture(scope="module")
+def single(single_run):
+    return single_run[0]
+
+
+def test_tensorboard_has_every_scalar_and_the_heatmap(single_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history, log_dir = single_run
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/lm_loss", "train/penalty", "train/penalty_weighted", "train/lambda", "train/lr",
+                "train/grad_norm", "perf/tokens_per_s", "perf/tflops", "perf/mfu", "perf/iter_time_s",
+                "perf/mem_gb", "val/loss", "val/ppl", "penalty/layer_00", "penalty/layer_01"}
+    assert expected <= scalars, expected - scalars
+    logged = [e.value for e in events.Scalars("train/lm_loss")]
+    assert logged == pytest.approx([h["lm_loss"] for h in history], rel=1e-6)  # logging.interval = 1
+    assert [e.value for e in events.Scalars("train/lambda")] == pytest.approx([0.2 * 0.9**t for t in range(5)])
+    val = events.Scalars("val/loss")[-1].value
+    assert events.Scalars("val/ppl")[-1].value == pytest.approx(math.exp(val), rel=1e-5)
+    images = events.Images("penalty/heads_heatmap")
+    assert len(images) == 5
+    assert images[-1].width == 4 * 16 and images[-1].height == 2 * 16  # heads x layers cells of 16 px
+    assert (log_dir / "config.yaml").exists()
 
 
 @pytest.mark.parametrize("world,overrides", [
