@@ -13,6 +13,9 @@ megatron-core 0.16.x (tests/parallel/test_cpu_bridge.py checks that they are sti
    summing them between the first and last pipeline stage: `Tensor.cuda()` returns the tensor itself.
 5. The tensor-parallel RNG tracker keeps CUDA generator states; `CpuRNGStatesTracker` keeps CPU ones
    (forking it swaps `torch.get_rng_state()`), so dropout under tensor parallelism stays reproducible.
+6. Activation recomputation (`tensor_parallel.checkpoint`) saves and restores the CUDA RNG state through
+   `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state`: they read and write the CPU state
+   (which it also saves on its own, so both copies agree).
 
 No Megatron class is modified; everything is module-level and reversible (`uninstall()`).
 """
@@ -112,12 +115,15 @@ def install() -> bool:
     _installed["synchronize"] = torch.cuda.synchronize
     _installed["schedules_torch"] = schedules.torch
     _installed["tensor_cuda"] = torch.Tensor.cuda
+    _installed["rng_state_fns"] = (tp_random._get_cuda_rng_state, tp_random._set_cuda_rng_state)
     _installed["tracker"] = (tp_random._CUDA_RNG_STATE_TRACKER, tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED)
 
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda device=None: None
     schedules.torch = _TorchWithCudaOnCpu()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     tp_random._CUDA_RNG_STATE_TRACKER = _make_cpu_tracker_class()()
     tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     return True
@@ -134,5 +140,6 @@ def uninstall() -> None:
     torch.cuda.synchronize = _installed["synchronize"]
     schedules.torch = _installed["schedules_torch"]
     torch.Tensor.cuda = _installed["tensor_cuda"]
+    tp_random._get_cuda_rng_state, tp_random._set_cuda_rng_state = _installed["rng_state_fns"]
     tp_random._CUDA_RNG_STATE_TRACKER, tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = _installed["tracker"]
     _installed.clear()

@@ -27,6 +27,8 @@ SPOTS = [
     (GlobalMemoryBuffer.get_tensor, "torch.cuda.current_device()", "attention score buffer"),
     (LanguageModule.setup_embeddings_and_output_layer, ".cuda()", "tied embeddings moved to cuda"),
     (tp_random.CudaRNGStatesTracker.add, "torch.cuda.get_rng_state()", "RNG tracker keeps CUDA states"),
+    (tp_random._get_all_rng_states, "_get_cuda_rng_state(", "recompute saves the CUDA RNG state"),
+    (tp_random._set_all_rng_states, "_set_cuda_rng_state(", "recompute restores the CUDA RNG state"),
 ]
 
 
@@ -55,6 +57,11 @@ def test_install_bridges_each_spot_and_uninstall_restores():
         assert buffer.shape == (2, 3) and buffer.device.type == "cpu"
         t = torch.ones(2)
         assert t.cuda() is t
+        torch.manual_seed(3)
+        saved = tp_random._get_cuda_rng_state()
+        first = torch.rand(3)
+        tp_random._set_cuda_rng_state(saved)
+        assert torch.equal(torch.rand(3), first)
     finally:
         cpu_bridge.uninstall()
     assert schedules.torch is original_schedules_torch
