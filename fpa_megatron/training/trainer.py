@@ -92,6 +92,8 @@ def train(cfg: RunConfig) -> list[dict]:
 
     history = []
     first_step = step
+    if step == 0 and cfg.train.eval_interval > 0:  # the starting point of the validation curve
+        logger.log_eval(0, evaluate(model, engine, penalty, valid_ds, cfg, layout))
     while step < steps:
         t0 = time.perf_counter()
         lam, active = lambdas.value(), lambdas.active()
