@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fpa_megatron.config import ModelConfig
 from fpa_megatron.model.attention_penalty import AttentionPenalty, PenalizedDotProductAttention
+from fpa_megatron.parallel.state import compute_device
 from fpa_megatron.parallel.weights import init_global_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -93,7 +94,7 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
     if seed is not None:
         init_global_weights(model, seed, model_cfg.init_std)
     # Megatron's local norms are created in float32; cast everything, as Megatron-LM's Float16Module does.
-    return model.to(config.params_dtype)
+    return model.to(device=compute_device(), dtype=config.params_dtype)
 
 
 def make_penalty(model_cfg: ModelConfig, fpa_cfg) -> AttentionPenalty:

@@ -12,6 +12,13 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from fpa_megatron.parallel import cpu_bridge
 
 
+def compute_device() -> torch.device:
+    """Where this rank computes: its GPU with CUDA (set from LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(timeout_s: float = 600.0) -> None:
     """Join the torchrun world (env://): NCCL with CUDA, gloo without."""
     if torch.distributed.is_initialized():

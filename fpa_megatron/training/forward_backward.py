@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from fpa_megatron.model.attention_penalty import AttentionPenalty, reduce_penalty_record
+from fpa_megatron.parallel.state import compute_device
 
 
 @dataclass
@@ -41,7 +42,8 @@ def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 def _forward_step(engine, data_iterator: Iterator, model):
     """One micro-batch through this stage. With a DeepSpeed engine, its forward wraps the model so that
     ZeRO's gradient hooks see the schedule's own backward calls."""
-    batch = next(data_iterator)
+    device = compute_device()
+    batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
     if engine is not None:
         model = engine
     # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works
@@ -85,7 +87,7 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
         finalize_grads(model)
 
     # LM loss: computed on the last stage; share it with the other stages, then average over DP.
-    loss = torch.zeros(1, dtype=torch.float64)
+    loss = torch.zeros(1, dtype=torch.float64, device=compute_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
         loss += torch.stack([d["lm_loss"].double() for d in losses]).mean()
     if torch.distributed.is_initialized():
