@@ -102,3 +102,12 @@ def test_resume_continues_bitwise(tmp_path, world, overrides):
     for mine, ref in zip(first + second, straight):
         for key in KEYS:
             assert mine[key] == ref[key] or (math.isnan(mine[key]) and math.isnan(ref[key])), (key, mine, ref)
+
+
+def test_bf16_with_llama_options_trains(tmp_path, single):
+    """bf16 under DP2/ZeRO-1 with SwiGLU, RMSNorm, full recomputation and the blockwise attention."""
+    got = _run(tmp_path, 2, ["model.dtype=bf16", "model.activation=swiglu", "model.normalization=RMSNorm",
+                             "model.recompute=full", "model.attention_impl=blockwise", "train.steps=4"])
+    losses = [h["lm_loss"] for h in got]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert abs(got[0]["penalty"] - single[0]["penalty"]) <= 1e-2 * single[0]["penalty"]  # same init, bf16 noise
