@@ -119,9 +119,9 @@ def causal_mask(sq: int, sk: int, device) -> Tensor:
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, target: str = "probs",
-                    compute_penalty: bool = True, attention_mask: Optional[Tensor] = None,
+                    compute_penalty: bool = True, causal: bool = True, attention_mask: Optional[Tensor] = None,
                     dropout=None) -> tuple[Tensor, Optional[Tensor]]:
-    """Causal attention with its per-row penalty, materializing the [b, h, s, s] scores.
+    """Attention (causal by default) with its per-row penalty, materializing the [b, h, s, s] scores.
 
     q: [b, hq, s, d]; k, v: [b, hkv, s, d] (GQA: hq % hkv == 0). attention_mask: optional bool, True = masked,
     broadcastable to [b, hq, s, s]. Returns (out [b, hq, s, d], row_penalty [b, hq, s] float32 or None):
@@ -131,8 +131,12 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, ta
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}: expected one of {TARGETS}")
     scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale  # [b, h, sq, sk]
     mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    if not causal:
+        mask = torch.zeros_like(mask)
     if attention_mask is not None:
         mask = mask | attention_mask
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

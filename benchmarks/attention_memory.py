@@ -1,0 +1,175 @@
+"""Peak memory and time of one penalized attention layer: eager against blockwise (issue 5).
+
+Forward + backward of the core attention alone, batch 1, 8 heads, head dim 64, float32, causal, FPA penalty
+on the post-softmax probabilities (the loss is sum(out * dout) + sum(row_penalty), so both gradients flow),
+at S = 1024, 2048, 4096, 8192. Cases: `eager` (explicit [b, h, s, s] scores), `blockwise` (tiled, penalty on)
+and `blockwise_off` (tiled, compute_penalty=False).
+
+Peak memory (CPU, where torch has no max_memory_allocated): every (S, case) runs in a fresh subprocess that
+builds the inputs, warms the libraries up at a small S, then resets the kernel's resident-set high-water
+mark (`echo 5 > /proc/self/clear_refs`), runs one forward + backward and reads VmHWM from /proc/self/status.
+Reported: VmHWM minus the resident set just before the step, i.e. the extra memory the step made resident
+(activations, temporaries, gradients; not the inputs, the interpreter or the libraries). It is what the
+operating system charges for the step, including glibc's free-list slack, so it is an upper bound of the
+tensors' own peak; other processes on the machine do not affect it.
+
+Time: all cases run in this one process, interleaved round by round (alternating order), so machine noise
+hits them alike; the table shows medians and the ratios. Targets (issue 5): blockwise peak <= 1/4 of eager
+at S = 4096; blockwise peak S = 8192 over S = 4096 <= 2.2 (linear); blockwise time <= 1.0x eager at
+S >= 2048; penalty on / off within blockwise <= 1.10x.
+
+    python benchmarks/attention_memory.py [--seqs 1024 2048 4096 8192] [--block-size 256] [--rounds 5]
+        [--threads 2] [--skip-memory] [--skip-time]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from fpa_megatron.model.blockwise_attention import DEFAULT_BLOCK_SIZE, blockwise_attention, eager_attention
+
+BATCH, HEADS, HEAD_DIM = 1, 8, 64
+CASES = ("eager", "blockwise", "blockwise_off")
+
+
+def make_inputs(seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (BATCH, HEADS, seq, HEAD_DIM)
+    q, k, v = (torch.randn(shape, generator=g).requires_grad_() for _ in range(3))
+    dout = torch.randn(shape, generator=g)
+    return q, k, v, dout
+
+
+def step(case: str, q, k, v, dout, block_size: int) -> None:
+    """One forward + backward of the attention layer; gradients land in q.grad, k.grad, v.grad."""
+    scale = HEAD_DIM ** -0.5
+    if case == "eager":
+        out, row_penalty = eager_attention(q, k, v, scale)
+    else:
+        out, row_penalty = blockwise_attention(q, k, v, scale, block_size=block_size,
+                                               compute_penalty=case == "blockwise")
+    loss = (out * dout).sum()
+    if row_penalty is not None:
+        loss = loss + row_penalty.sum()
+    loss.backward()
+    q.grad = k.grad = v.grad = None
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child_peak(case: str, seq: int, block_size: int) -> None:
+    """Subprocess body: print the extra resident memory (MiB) of one step as JSON."""
+    step(case, *make_inputs(256, seed=1), block_size)  # load and initialize the libraries
+    inputs = make_inputs(seq)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _rss_kib("VmRSS")
+    step(case, *inputs, block_size)
+    print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - before) / 1024}))
+
+
+def measure_peak(case: str, seq: int, block_size: int, threads: int) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, "--child", case, str(seq), "--block-size", str(block_size)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def measure_times(seqs, rounds: int, block_size: int) -> dict:
+    """Median seconds per (seq, case); the cases of one seq alternate order round by round."""
+    times = {}
+    for seq in seqs:
+        inputs = make_inputs(seq)
+        for case in CASES:  # warm-up
+            step(case, *inputs, block_size)
+        samples = {case: [] for case in CASES}
+        n = max(2, rounds if seq <= 4096 else rounds // 2)  # S = 8192 eager takes seconds per step
+        for r in range(n):
+            for case in (CASES if r % 2 == 0 else reversed(CASES)):
+                t0 = time.perf_counter()
+                step(case, *inputs, block_size)
+                samples[case].append(time.perf_counter() - t0)
+        for case in CASES:
+            times[seq, case] = statistics.median(samples[case])
+        print(f"  timed S={seq}: " + ", ".join(f"{c} {times[seq, c]:.3f}s" for c in CASES), flush=True)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-time", action="store_true")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "SEQ"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child_peak(args.child[0], int(args.child[1]), args.block_size)
+        return
+
+    print(f"attention layer fwd+bwd: batch {BATCH}, {HEADS} heads, head dim {HEAD_DIM}, float32, causal, "
+          f"penalty on probs; blockwise block {args.block_size}; {args.threads} threads", flush=True)
+    peaks = {}
+    if not args.skip_memory:
+        for seq in args.seqs:
+            for case in ("eager", "blockwise"):
+                peaks[seq, case] = measure_peak(case, seq, args.block_size, args.threads)
+            print(f"  peak S={seq}: eager {peaks[seq, 'eager']:.1f} MiB, blockwise {peaks[seq, 'blockwise']:.1f} MiB",
+                  flush=True)
+    times = {} if args.skip_time else measure_times(args.seqs, args.rounds, args.block_size)
+
+    def fmt(x, spec):
+        width = int(spec.split(".")[0])
+        return format(x, spec) if x is not None else "-".rjust(width)
+
+    print()
+    print("|     S | eager peak MiB | blockwise peak MiB | peak bw/eager | eager s | blockwise s | time bw/eager "
+          "| bw penalty off s | bw on/off |")
+    print("|------:|---------------:|-------------------:|--------------:|--------:|------------:|--------------:"
+          "|-----------------:|----------:|")
+    for seq in args.seqs:
+        pe, pb = peaks.get((seq, "eager")), peaks.get((seq, "blockwise"))
+        te, tb, to = (times.get((seq, c)) for c in CASES)
+        print(f"| {seq:5d} | {fmt(pe, '14.1f')} | {fmt(pb, '18.1f')} | {fmt(pb / pe if pe else None, '13.3f')} "
+              f"| {fmt(te, '7.3f')} | {fmt(tb, '11.3f')} | {fmt(tb / te if te else None, '13.2f')} "
+              f"| {fmt(to, '16.3f')} | {fmt(tb / to if to else None, '9.2f')} |")
+
+    print("\ntargets:")
+    checks = []
+    if (4096, "eager") in peaks:
+        r = peaks[4096, "blockwise"] / peaks[4096, "eager"]
+        checks.append((f"peak blockwise/eager at S=4096 = {r:.3f} <= 0.25", r <= 0.25))
+    if (8192, "blockwise") in peaks and (4096, "blockwise") in peaks:
+        r = peaks[8192, "blockwise"] / peaks[4096, "blockwise"]
+        checks.append((f"blockwise peak S=8192 / S=4096 = {r:.2f} <= 2.2", r <= 2.2))
+    for seq in args.seqs:
+        if times and seq >= 2048:
+            r = times[seq, "blockwise"] / times[seq, "eager"]
+            checks.append((f"time blockwise/eager at S={seq} = {r:.2f} <= 1.0", r <= 1.0))
+    for seq in args.seqs:
+        if times:
+            r = times[seq, "blockwise"] / times[seq, "blockwise_off"]
+            checks.append((f"blockwise penalty on/off at S={seq} = {r:.2f} <= 1.10", r <= 1.10))
+    for text, ok in checks:
+        print(f"  [{'met' if ok else 'MISSED'}] {text}")
+
+
+if __name__ == "__main__":
+    main()
