@@ -1,0 +1,632 @@
+"""`fpa-prep encode`: tokenize inputs into Megatron indexed-dataset shards with N spawned workers, resumably.
+
+Sharding is a pure function of the inputs and --num-shards: the inputs are laid end to end in "units"
+(see readers.py) and shard k takes units [k*T//N, (k+1)*T//N), so shards do not depend on the worker
+count and `merge` of the shards in order equals a single-shard encode. Per shard and text key the worker
+writes `<name>_<NNNNN>.bin/.idx` (`<name>_<key>_<NNNNN>` with several keys) under temp names, renames them
+when complete, then writes `.state/shard_<NNNNN>.json` last: that file is the commit point. A re-run with
+the same arguments (same fingerprint) skips committed shards and redoes the others, so a killed run ends
+byte-identical to an uninterrupted one. `manifest.json` is rewritten after every shard.
+
+Every record that does not become a document is a reject written to `rejects.jsonl` (source, line or
+row, key, reason) and counted in the manifest and the summary. A document longer than --piece-chars is
+tokenized in pieces (bounded token memory) and still stored as one sequence; it is only rejected when
+it exceeds --max-doc-chars.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import re
+import sys
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Optional
+
+from data_prep.common import PrepError, atomic_write_json, ensure_writable_dir, fsync_close
+
+FORMAT_VERSION = 1
+STATE_DIR = ".state"
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+PROGRESS_INTERVAL_S = 0.25
+EXIT_STRICT_REJECTS = 3
+
+
+@dataclass
+class EncodeOptions:
+    """Arguments of `fpa-prep encode` (see cli.py for their help)."""
+
+    inputs: list
+    tokenizer: str
+    out_dir: str
+    name: str = "data"
+    text_keys: list = field(default_factory=lambda: ["text"])
+    num_shards: int = 0  # 0: automatic, from the input size only
+    workers: int = 0  # 0: every core
+    max_doc_chars: int = 0  # 0: no limit
+    piece_chars: int = 1_000_000
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    index_writer: str = "native"
+    hf_split: str = "train"
+    hf_cache_dir: Optional[str] = None
+    eod_piece: Optional[str] = None
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def auto_num_shards(total_units: int) -> int:
+    """About one shard per 64 MiB, at least min(16, one per MiB) so small corpora still use the cores."""
+    mib = 1 << 20
+    n = math.ceil(total_units / (64 * mib))
+    n = max(n, min(16, math.ceil(total_units / mib)))
+    return max(1, n)
+
+
+def safe_key(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", key) or "_"
+
+
+def shard_prefix_name(name: str, keys: list, key: str, index: int) -> str:
+    """File name prefix (no directory) of one shard's dataset for one key."""
+    if len(keys) == 1:
+        return f"{name}_{index:05d}"
+    return f"{name}_{safe_key(key)}_{index:05d}"
+
+
+def merged_prefix_name(name: str, keys: list, key: str) -> str:
+    """The default prefix `merge` writes for one key: `<name>` or `<name>_<key>`."""
+    return name if len(keys) == 1 else f"{name}_{safe_key(key)}"
+
+
+def plan_shards(units: list[int], num_shards: int) -> list[list[tuple[int, int, int]]]:
+    """For each shard, the (input index, local start, local end) unit ranges it covers."""
+    total = sum(units)
+    bases = [0]
+    for u in units:
+        bases.append(bases[-1] + u)
+    plan = []
+    for k in range(num_shards):
+        a, b = k * total // num_shards, (k + 1) * total // num_shards
+        segments = []
+        for i, u in enumerate(units):
+            lo, hi = max(a, bases[i]), min(b, bases[i] + u)
+            if lo < hi:
+                segments.append((i, lo - bases[i], hi - bases[i]))
+        plan.append(segments)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# worker side (spawned processes: numpy + sentencepiece only)
+
+_progress_queue = None
+_processors: dict = {}
+
+
+def _init_worker(progress_queue, tokenizer_path: str) -> None:
+    global _progress_queue
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _progress_queue = progress_queue
+    _processor(tokenizer_path)
+
+
+def _noop() -> None:
+    """Submitted once per worker at pool start: makes the pool spawn its processes right away."""
+
+
+def _processor(path: str):
+    if path not in _processors:
+        from data_prep.tokenizer import load_processor
+
+        sp = load_processor(path)
+        first = sp.encode("x", out_type=str)
+        _processors[path] = (sp, bool(first) and first[0].startswith("\u2581"))
+    return _processors[path]
+
+
+def split_points(text: str, piece_chars: int) -> list[tuple[int, int]]:
+    """Cut a long text into [start, end) pieces of at most piece_chars, preferably right before a space
+    that follows a non-space (a word boundary for sentencepiece), so pieces tokenize like the whole."""
+    out = []
+    pos, n = 0, len(text)
+    while n - pos > piece_chars:
+        hi = pos + piece_chars
+        lo = pos + piece_chars // 2
+        cut = text.rfind(" ", lo, hi)
+        while cut > lo and text[cut - 1] == " ":
+            cut = text.rfind(" ", lo, cut)
+        if cut <= pos:
+            cut = hi
+        out.append((pos, cut))
+        pos = cut
+    out.append((pos, n))
+    return out
+
+
+def _pieces(sp, text: str, piece_chars: int, dummy_prefix: bool, eod: int, dtype):
+    import numpy as np
+
+    for start, end in split_points(text, piece_chars):
+        piece = text[start:end]
+        if start > 0 and dummy_prefix and piece.startswith(" "):
+            piece = piece[1:]  # the model's dummy prefix stands for this space
+        yield np.array(sp.encode(piece), dtype=dtype)
+    yield np.array([eod], dtype=dtype)
+
+
+def _report(shard: int, records: int, tokens: int) -> None:
+    if _progress_queue is not None:
+        try:
+            _progress_queue.put_nowait((shard, records, tokens))
+        except Exception:  # noqa: BLE001 - progress is best effort
+            pass
+
+
+def encode_shard(job: dict) -> dict:
+    """Encode one shard (run in a worker). Writes its datasets, rejects and commit record; returns stats."""
+    import numpy as np
+
+    from data_prep.indexed import WRITERS, bin_path, idx_path
+    from data_prep.readers import InputInfo, check_text, iter_records
+
+    sp, dummy_prefix = _processor(job["tokenizer"])
+    encode = sp.EncodeAsIds
+    keys = job["keys"]
+    eod = job["eod_id"]
+    dtype = np.dtype(job["dtype"])
+    piece_chars = job["piece_chars"]
+    max_doc_chars = job["max_doc_chars"]
+    out_dir = job["out_dir"]
+    index = job["index"]
+    prefixes = {k: os.path.join(out_dir, p) for k, p in job["prefixes"].items()}
+    writer_cls = WRITERS[job["index_writer"]]
+    writers = {k: writer_cls(bin_path(p) + ".tmp", dtype.name) for k, p in prefixes.items()}
+    state_dir = os.path.join(out_dir, STATE_DIR)
+    rejects_path = os.path.join(state_dir, f"rejects_{index:05d}.jsonl")
+    rejects_file = open(rejects_path + ".tmp", "w", encoding="utf-8")
+    reasons: Counter = Counter()
+    documents = dict.fromkeys(keys, 0)
+    tokens = dict.fromkeys(keys, 0)
+    records = 0
+    long_docs = 0
+    longest = 0
+    last_report = time.monotonic()
+    rep_records = rep_tokens = 0
+
+    def reject(info, loc, key, reason, detail, excerpt=""):
+        reasons[reason] += 1
+        entry = {"source": info.spec.path, info.location_name: loc, "key": key, "reason": reason,
+                 "detail": detail, "excerpt": excerpt, "shard": index}
+        rejects_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    for input_dict, start, end in job["segments"]:
+        info = InputInfo.from_dict(input_dict)
+        for loc, fields, bad_record in iter_records(info, start, end, keys):
+            records += 1
+            rep_records += 1
+            if bad_record is not None:
+                reject(info, loc, None, *bad_record)
+                continue
+            for key in keys:
+                bad = check_text(fields, key, max_doc_chars)
+                if bad is not None:
+                    value = fields.get(key)
+                    reject(info, loc, key, *bad, excerpt=value[:200] if isinstance(value, str) else "")
+                    continue
+                text = fields[key]
+                try:
+                    if len(text) <= piece_chars:
+                        ids = encode(text)
+                        ids.append(eod)
+                        writers[key].add_document(np.array(ids, dtype=dtype))
+                        n = len(ids)
+                    else:
+                        n = writers[key].add_document_pieces(_pieces(sp, text, piece_chars, dummy_prefix, eod, dtype))
+                        long_docs += 1
+                        longest = max(longest, len(text))
+                except (RuntimeError, UnicodeError):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as err:
+                        reject(info, loc, key, "invalid_unicode", f"char {err.start}: {err.reason}",
+                               text[:200].encode("utf-8", "replace").decode("utf-8"))
+                        continue
+                    raise
+                documents[key] += 1
+                tokens[key] += n
+                rep_tokens += n
+            if rep_records >= 64:
+                now = time.monotonic()
+                if now - last_report >= PROGRESS_INTERVAL_S:
+                    _report(index, rep_records, rep_tokens)
+                    rep_records = rep_tokens = 0
+                    last_report = now
+    # commit: finish temp files, publish them by rename, then the state record (the commit point)
+    files = {}
+    published = {}
+    for key, w in writers.items():
+        p = prefixes[key]
+        if documents[key] == 0:  # Megatron cannot mmap an empty .bin: an empty shard has no files
+            w.abort()
+            os.unlink(bin_path(p) + ".tmp")
+            continue
+        w.finalize(idx_path(p) + ".tmp")
+        for final in (bin_path(p), idx_path(p)):
+            os.replace(final + ".tmp", final)
+            files[os.path.basename(final)] = os.path.getsize(final)
+        published[key] = job["prefixes"][key]
+    fsync_close(rejects_file)
+    os.replace(rejects_path + ".tmp", rejects_path)
+    stats = {
+        "index": index,
+        "fingerprint": job["fingerprint"],
+        "records": records,
+        "documents": documents,
+        "tokens": tokens,
+        "rejects": dict(sorted(reasons.items())),
+        "rejects_total": sum(reasons.values()),
+        "long_documents": long_docs,
+        "longest_long_document_chars": longest,
+        "files": files,
+        "prefixes": published,
+        "segments": [[s[0]["spec"]["path"], s[1], s[2]] for s in job["segments"]],  # input, unit range
+    }
+    atomic_write_json(os.path.join(state_dir, f"shard_{index:05d}.json"), stats)
+    _report(index, rep_records, rep_tokens)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parent side
+
+
+def _fingerprint(settings: dict, inputs: list[dict], tokenizer: dict) -> str:
+    ident = {"settings": settings, "inputs": inputs, "tokenizer_sha256": tokenizer["sha256"]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _load_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _shard_done(out_dir: str, index: int, fingerprint: str) -> Optional[dict]:
+    """The commit record of a shard if it belongs to this run and its files are all there, else None."""
+    state = _load_json(os.path.join(out_dir, STATE_DIR, f"shard_{index:05d}.json"))
+    if not state or state.get("fingerprint") != fingerprint:
+        return None
+    for name, size in state.get("files", {}).items():
+        path = os.path.join(out_dir, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            return None
+    if not os.path.isfile(os.path.join(out_dir, STATE_DIR, f"rejects_{index:05d}.jsonl")):
+        return None
+    return state
+
+
+def _clean_temps(out_dir: str) -> None:
+    for d in (out_dir, os.path.join(out_dir, STATE_DIR)):
+        for entry in os.listdir(d):
+            if entry.endswith(".tmp"):
+                os.unlink(os.path.join(d, entry))
+
+
+def _remove_previous(out_dir: str, old: dict) -> None:
+    """--overwrite: remove what an earlier, different encode left in out_dir."""
+    for shard in old.get("shards", []):
+        for name in shard.get("files", []):
+            path = os.path.join(out_dir, name)
+            if os.path.isfile(path):
+                os.unlink(path)
+    for d in old.get("datasets", {}).values():  # a merged prefix made from the old shards is stale too
+        for ext in (".bin", ".idx"):
+            path = os.path.join(out_dir, d.get("merged_prefix", "") + ext)
+            if d.get("merged_prefix") and os.path.isfile(path):
+                os.unlink(path)
+    state = os.path.join(out_dir, STATE_DIR)
+    if os.path.isdir(state):
+        for entry in os.listdir(state):
+            os.unlink(os.path.join(state, entry))
+    for name in (REJECTS, MANIFEST):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.unlink(path)
+
+
+def _diff(old: dict, new: dict) -> str:
+    parts = []
+    for k in sorted(set(old.get("settings", {})) | set(new["settings"])):
+        a, b = old.get("settings", {}).get(k), new["settings"].get(k)
+        if a != b:
+            parts.append(f"{k}: {a!r} -> {b!r}")
+    if [i.get("sha256") for i in old.get("inputs", [])] != [i["sha256"] for i in new["inputs"]]:
+        parts.append("inputs differ (paths or checksums)")
+    if old.get("tokenizer", {}).get("sha256") != new["tokenizer"]["sha256"]:
+        parts.append("tokenizer differs")
+    return "; ".join(parts) or "fingerprint differs"
+
+
+def _manifest(base: dict, states: dict, num_shards: int, keys: list) -> dict:
+    shards = []
+    reasons: Counter = Counter()
+    datasets = {k: {"documents": 0, "tokens": 0, "shards": []} for k in keys}
+    long_docs, longest, records = 0, 0, 0
+    for k in range(num_shards):
+        s = states.get(k)
+        if s is None:
+            shards.append({"index": k, "status": "pending"})
+            continue
+        shards.append({
+            "index": k,
+            "status": "done",
+            "records": s["records"],
+            "documents": s["documents"],
+            "tokens": s["tokens"],
+            "rejects": s["rejects_total"],
+            "files": s["files"],
+        })
+        reasons.update(s["rejects"])
+        records += s["records"]
+        long_docs += s["long_documents"]
+        longest = max(longest, s["longest_long_document_chars"])
+        for key in keys:
+            datasets[key]["documents"] += s["documents"][key]
+            datasets[key]["tokens"] += s["tokens"][key]
+    for key in keys:
+        # shards without a document for this key have no files (Megatron cannot read an empty dataset)
+        datasets[key]["shards"] = [states[k]["prefixes"][key] for k in sorted(states) if key in states[k]["prefixes"]]
+        datasets[key]["empty_shards"] = [k for k in sorted(states) if key not in states[k]["prefixes"]]
+        datasets[key]["merged_prefix"] = merged_prefix_name(base["settings"]["name"], keys, key)
+    done = len(states) == num_shards
+    return {
+        **base,
+        "status": "complete" if done else "incomplete",
+        "shards_done": len(states),
+        "records": records,
+        "datasets": datasets,
+        "rejects": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items())), "file": REJECTS},
+        "long_documents": {"count": long_docs, "longest_chars": longest,
+                           "piece_chars": base["settings"]["piece_chars"]},
+        "shards": shards,
+    }
+
+
+def _write_rejects(out_dir: str, num_shards: int) -> None:
+    final = os.path.join(out_dir, REJECTS)
+    with open(final + ".tmp", "wb") as out:
+        for k in range(num_shards):
+            with open(os.path.join(out_dir, STATE_DIR, f"rejects_{k:05d}.jsonl"), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
+        fsync_close(out)
+    os.replace(final + ".tmp", final)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_encode(opts: EncodeOptions) -> tuple[dict, int]:
+    """Run (or resume) an encode; returns (manifest, exit status). Raises PrepError on bad arguments."""
+    from data_prep.readers import resolve_inputs
+    from data_prep.tokenizer import tokenizer_info
+
+    if not opts.text_keys:
+        raise PrepError("at least one --text-key is needed")
+    if len(set(opts.text_keys)) != len(opts.text_keys):
+        raise PrepError("--text-key values must differ")
+    if opts.piece_chars < 1000:
+        raise PrepError("--piece-chars must be at least 1000")
+    if opts.index_writer not in ("native", "megatron"):
+        raise PrepError("--index-writer must be native or megatron")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", opts.name):
+        raise PrepError(f"--name {opts.name!r}: use letters, digits, '_', '.', '-'")
+    # checks that must fail before any work: inputs exist, tokenizer loads, output is writable
+    specs = resolve_inputs(opts.inputs, opts.hf_split, opts.hf_cache_dir)
+    tok = tokenizer_info(opts.tokenizer, opts.eod_piece)
+    out_dir = ensure_writable_dir(opts.out_dir)
+    os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
+
+    t0 = time.time()
+    # workers start (spawn, imports, tokenizer load) while the parent checksums and measures the inputs
+    pool = WorkerPool(max(1, opts.workers or available_cores()), tok.path)
+    try:
+        return _run_encode(opts, specs, tok, out_dir, pool, t0)
+    finally:
+        pool.close()
+
+
+class WorkerPool:
+    """A spawn-context process pool whose workers report progress through a queue."""
+
+    def __init__(self, workers: int, tokenizer_path: str):
+        ctx = mp.get_context("spawn")
+        self.workers = workers
+        self.queue = ctx.Queue()
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(self.queue, tokenizer_path))
+        for _ in range(workers):
+            self.executor.submit(_noop)
+
+    def close(self, cancel: bool = False) -> None:
+        self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool, t0: float) -> tuple[dict, int]:
+    from data_prep.readers import scan_input
+
+    infos = [scan_input(s) for s in specs]
+    units = [i.units for i in infos]
+    total_units = sum(units)
+    num_shards = opts.num_shards or auto_num_shards(total_units)
+    keys = list(opts.text_keys)
+    settings = {
+        "format": FORMAT_VERSION,
+        "name": opts.name,
+        "text_keys": keys,
+        "num_shards": num_shards,
+        "max_doc_chars": opts.max_doc_chars,
+        "piece_chars": opts.piece_chars,
+        "hf_split": opts.hf_split,
+        "eod_id": tok.eod_id,
+        "dtype": tok.dtype_name,
+    }
+    inputs = [i.describe() for i in infos]
+    tokenizer = tok.describe()
+    fingerprint = _fingerprint(settings, inputs, tokenizer)
+    base = {"tool": "fpa-prep encode", "fingerprint": fingerprint, "settings": settings,
+            "inputs": inputs, "tokenizer": tokenizer}
+
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    old = _load_json(manifest_path)
+    if old is not None and old.get("fingerprint") != fingerprint:
+        if not opts.overwrite:
+            raise PrepError(
+                f"{out_dir} holds an encode with other settings ({_diff(old, base)}); "
+                "pass --overwrite to replace it or choose another --out-dir"
+            )
+        _log(f"--overwrite: removing the previous encode in {out_dir}")
+        _remove_previous(out_dir, old)
+    _clean_temps(out_dir)
+
+    plan = plan_shards(units, num_shards)
+    states = {}
+    for k in range(num_shards):
+        s = _shard_done(out_dir, k, fingerprint)
+        if s is not None:
+            states[k] = s
+    pending = [k for k in range(num_shards) if k not in states]
+    atomic_write_json(manifest_path, _manifest(base, states, num_shards, keys))
+    workers = max(1, min(pool.workers, len(pending) or 1))
+    total_records = sum(i.records for i in infos)
+    _log(
+        f"encode: {len(infos)} input(s), {total_records:,} records, {num_shards} shard(s), "
+        f"{len(states)} already done, {len(pending)} to do, {workers} worker(s); tokenizer vocab "
+        f"{tok.vocab_size} -> {tok.dtype_name}, EOD {tok.eod_piece!r}={tok.eod_id}"
+    )
+    if states:
+        _log(f"resuming: skipping shards {sorted(states)}")
+
+    t_work = time.time()
+    new_tokens = 0
+    if pending:
+        jobs = []
+        for k in pending:
+            jobs.append({
+                "index": k,
+                "segments": [(infos[i].to_dict(), a, b) for i, a, b in plan[k]],
+                "keys": keys,
+                "tokenizer": tok.path,
+                "eod_id": tok.eod_id,
+                "dtype": tok.dtype_name,
+                "piece_chars": opts.piece_chars,
+                "max_doc_chars": opts.max_doc_chars,
+                "out_dir": out_dir,
+                "prefixes": {key: shard_prefix_name(opts.name, keys, key, k) for key in keys},
+                "index_writer": opts.index_writer,
+                "fingerprint": fingerprint,
+            })
+        new_tokens = _run_pool(jobs, pool, opts.progress, out_dir, states, base, num_shards, keys,
+                               done_records=sum(s["records"] for s in states.values()), total_records=total_records)
+    elapsed_work = time.time() - t_work
+
+    _write_rejects(out_dir, num_shards)
+    manifest = _manifest(base, states, num_shards, keys)
+    atomic_write_json(manifest_path, manifest)
+    _summary(manifest, out_dir, new_tokens, elapsed_work, time.time() - t0)
+    status = 0
+    if opts.strict and manifest["rejects"]["total"]:
+        _log(f"--strict: {manifest['rejects']['total']} reject(s): exit status {EXIT_STRICT_REJECTS}")
+        status = EXIT_STRICT_REJECTS
+    return manifest, status
+
+
+def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, done_records, total_records) -> int:
+    """Run shard jobs on the pool, aggregate worker progress into one tqdm bar; returns new tokens."""
+    from tqdm import tqdm
+
+    progress_queue = pool.queue
+    executor = pool.executor
+    bar = tqdm(total=total_records, initial=done_records, unit="doc", unit_scale=True, disable=not progress,
+               file=sys.stderr, mininterval=0.5, dynamic_ncols=True, desc="encode")
+    t0 = time.monotonic()
+    tokens = 0  # progress reports (for the bar)
+    new_tokens = 0  # committed shards (exact)
+    manifest_path = os.path.join(out_dir, MANIFEST)
+
+    def drain():
+        nonlocal tokens
+        changed = False
+        while True:
+            try:
+                _, n_records, n_tokens = progress_queue.get_nowait()
+            except queue_mod.Empty:
+                break
+            bar.update(n_records)
+            tokens += n_tokens
+            changed = True
+        if changed:
+            rate = tokens / max(time.monotonic() - t0, 1e-9)
+            bar.set_postfix_str(f"tokens={tokens:,} tok/s={rate:,.0f}", refresh=False)
+
+    try:
+        futures = {executor.submit(encode_shard, job): job["index"] for job in jobs}
+        remaining = set(futures)
+        while remaining:
+            done, remaining = wait(remaining, timeout=0.2, return_when=FIRST_COMPLETED)
+            drain()
+            for fut in done:
+                stats = fut.result()  # re-raises a worker's exception
+                states[stats["index"]] = stats
+                new_tokens += sum(stats["tokens"].values())
+                atomic_write_json(manifest_path, _manifest(base, states, num_shards, keys))
+        drain()
+    except BaseException:
+        pool.close(cancel=True)
+        bar.close()
+        raise
+    bar.close()
+    return new_tokens
+
+
+def _summary(manifest: dict, out_dir: str, new_tokens: int, work_s: float, total_s: float) -> None:
+    lines = []
+    for key, d in manifest["datasets"].items():
+        span = f" {d['shards'][0]} .. {d['shards'][-1]}" if d["shards"] else ""
+        lines.append(f"  key {key!r}: {d['documents']:,} documents, {d['tokens']:,} tokens "
+                     f"in {len(d['shards'])} shard(s){span}")
+        if d["empty_shards"]:
+            lines.append(f"    shards without a document for this key (no files written): {d['empty_shards']}")
+    rej = manifest["rejects"]
+    if rej["total"]:
+        reasons = ", ".join(f"{r} {n}" for r, n in rej["by_reason"].items())
+        lines.append(f"  rejects: {rej['total']:,} ({reasons}) -> {os.path.join(out_dir, REJECTS)}")
+    else:
+        lines.append("  rejects: 0")
+    ld = manifest["long_documents"]
+    if ld["count"]:
+        lines.append(f"  long documents encoded in pieces of <= {ld['piece_chars']:,} chars: {ld['count']} "
+                     f"(longest {ld['longest_chars']:,} chars)")
+    rate = new_tokens / work_s if work_s > 0 and new_tokens else 0.0
+    lines.append(f"  time: {total_s:.1f} s total, {work_s:.1f} s encoding"
+                 + (f", {rate:,.0f} tokens/s this run" if rate else ""))
+    lines.append(f"  manifest: {os.path.join(out_dir, MANIFEST)}")
+    print(f"encode {manifest['status']}: {out_dir}\n" + "\n".join(lines), flush=True)
