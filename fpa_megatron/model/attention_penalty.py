@@ -98,8 +98,8 @@ class SoftmaxWithCollision(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: Tensor):
         probs = torch.softmax(scores, dim=-1)
-        # [b, h, s, 1, s] @ [b, h, s, s, 1] -> [b, h, s]: a batched dot product, faster on CPU than mul + sum
-        collision = torch.matmul(probs.unsqueeze(-2), probs.unsqueeze(-1)).reshape(probs.shape[:-1])
+        # sum_j p_ij^2 as a squared norm: one fused reduction pass, the fastest of the forms we measured
+        collision = torch.linalg.vector_norm(probs, dim=-1).square()  # [b, h, s]
         ctx.save_for_backward(probs)
         return probs, collision
 
@@ -109,7 +109,8 @@ class SoftmaxWithCollision(torch.autograd.Function):
         if grad_probs is None:
             grad_probs = torch.zeros_like(probs)
         if grad_collision is not None:
-            grad_probs = torch.addcmul(grad_probs, probs, (2.0 * grad_collision).unsqueeze(-1))
+            # dP + 2 g P, in place: the incoming gradient buffer is this node's alone (one consumer of probs)
+            grad_probs = grad_probs.addcmul_(probs, (2.0 * grad_collision).unsqueeze(-1))
         return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
 
 
@@ -148,7 +149,7 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, ta
         probs = torch.softmax(scores, dim=-1)
         if compute_penalty:  # logits: the masked entries are excluded
             unmasked = scores.masked_fill(mask, 0.0)
-            row_penalty = torch.linalg.vecdot(unmasked, unmasked)
+            row_penalty = torch.linalg.vector_norm(unmasked, dim=-1).square()
     probs = probs.to(q.dtype)
     if dropout is not None:
         probs = dropout(probs)
