@@ -94,7 +94,13 @@ def test_first_steps_match_single_process(tmp_path, single, world, overrides):
 ], ids=["tp2dp2-zero1", "pp2"])
 def test_resume_continues_bitwise(tmp_path, world, overrides):
     common = overrides + ["train.steps=8", "checkpoint.interval=0"]
-    straight = _run(tmp_path / "straight", world, common)
+    # The straight run also saves every 2 steps (keeping 2): saving must not disturb training.
+    straight = _run(tmp_path / "straight", world, common + [
+        "checkpoint.interval=2", "checkpoint.keep_last=2", f"checkpoint.dir={tmp_path / 'every2'}"])
+    kept = sorted(p.name for p in (tmp_path / "every2").iterdir() if p.is_dir())
+    assert kept == ["iter_0000006", "iter_0000008"]
+    assert (tmp_path / "every2" / "latest").read_text().strip() == "iter_0000008"
+    assert all((tmp_path / "every2" / k / "complete").exists() for k in kept)
     ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.resume=auto"]
     first = _run(tmp_path / "resumed", world, common + ckpt + ["train.exit_interval=4"])
     second = _run(tmp_path / "resumed", world, common + ckpt)
