@@ -85,7 +85,7 @@ class DataConfig:
     """Megatron indexed datasets blended by weight and split train/valid/test."""
 
     prefixes: list = field(default_factory=list)  # paths to <prefix>.bin/.idx
-    weights: Optional[list] = None  # None = proportional to nothing: equal weights
+    weights: Optional[list] = None  # None = by size (Megatron blends prefixes in proportion to their samples)
     split: str = "98,1,1"
     tokenizer: Optional[str] = None  # sentencepiece .model file
     cache_dir: Optional[str] = None  # where GPTDataset keeps its index caches
