@@ -60,7 +60,7 @@ def bench_rank(rounds: int, micro_batch: int, threads: int, impl: str):
 
     def step(name):
         m, lam, active, b = settings[name]
-        penalty.set_step(lam, active, 1.0)
+        penalty.set_step(lam, active)
         m.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         forward_backward(m, iter([b]), penalty, num_microbatches=1, micro_batch_size=micro_batch, seq_length=SEQ)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fpa_megatron.config import ConfigError, RunConfig
+from fpa_megatron.training.lambda_schedule import LambdaSchedule
 
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
@@ -236,10 +237,10 @@ def _check_optimizer(cfg: RunConfig, pipeline: int) -> None:
 
 def _check_fpa(cfg: RunConfig) -> None:
     f = cfg.fpa
-    _number_at_least("fpa.lambda0", f.lambda0, 0.0)
-    if not _is_number(f.gamma) or not 0.0 < f.gamma <= 1.0:
-        _fail(f"fpa.gamma={f.gamma!r} must satisfy 0 < gamma <= 1")
-    _number_at_least("fpa.min_lambda", f.min_lambda, 0.0)
+    try:  # the schedule's own validation: one rule for the config check and the run
+        LambdaSchedule(f.lambda0, f.gamma, f.min_lambda, f.enabled)
+    except ValueError as err:
+        _fail(str(err))
 
 
 def _check_data(cfg: RunConfig) -> None:

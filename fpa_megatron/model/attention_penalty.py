@@ -18,6 +18,8 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import Tensor
 
+from fpa_megatron.parallel.state import compute_device
+
 TARGETS = ("probs", "logits")
 NORMALIZATIONS = ("sum", "mean")
 
@@ -25,8 +27,8 @@ NORMALIZATIONS = ("sum", "mean")
 class AttentionPenalty:
     """Run-time state of the FPA penalty for one model replica (all its local layers and heads).
 
-    The trainer sets `lambda_value` and `active` once per optimizer step (from the lambda schedule) and
-    `grad_scale` once per step (1 / num_microbatches: the schedule averages the LM loss the same way).
+    The trainer sets `lambda_value` and `active` once per optimizer step (from the lambda schedule);
+    `forward_backward` sets `grad_scale` (1 / num_microbatches: the schedule averages the LM loss the same way).
     Layers add their per-head values to `record` [num_layers, num_heads] at global indices; `calls`
     counts penalty computations (zero once `min_lambda` is reached).
     """
@@ -47,9 +49,9 @@ class AttentionPenalty:
         self.calls = 0
         self.record = torch.zeros(num_layers, num_heads, dtype=torch.float64)
 
-    def set_step(self, lambda_value: float, active: bool, grad_scale: float) -> None:
+    def set_step(self, lambda_value: float, active: bool) -> None:
         """Called once per optimizer step, before the forward-backward schedule."""
-        self.lambda_value, self.active, self.grad_scale = float(lambda_value), bool(active), float(grad_scale)
+        self.lambda_value, self.active = float(lambda_value), bool(active)
 
     def reset_record(self) -> None:
         self.record.zero_()
@@ -135,9 +137,10 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, ta
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {TARGETS}")
     scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale  # [b, h, sq, sk]
-    mask = causal_mask(q.shape[2], k.shape[2], q.device)
-    if not causal:
-        mask = torch.zeros_like(mask)
+    if causal:
+        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    else:
+        mask = torch.zeros(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
     if attention_mask is not None:
         mask = mask | attention_mask
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -207,8 +210,6 @@ def reduce_penalty_record(penalty: AttentionPenalty, num_microbatches: int) -> T
     SUM over tensor-parallel ranks (heads) and pipeline stages (layers) -- each rank filled only its own
     cells -- then MEAN over data-parallel ranks (batches) and micro-batches. float64, on the CPU.
     """
-    from fpa_megatron.parallel.state import compute_device
-
     record = penalty.record.to(compute_device()) / max(num_microbatches, 1)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(record, group=parallel_state.get_model_parallel_group())

@@ -21,7 +21,6 @@ The reference is `eager_attention` (attention_penalty.py): explicit [b, h, s, s]
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -121,7 +121,7 @@ def _draw(global_param_name: str, shape: torch.Size, seed: int, init_std: float,
     return torch.randn(shape, generator=gen, dtype=torch.float32) * std
 
 
-def _global_shape(name: str, param, model) -> torch.Size:
+def _global_shape(param) -> torch.Size:
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
         shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
@@ -136,5 +136,5 @@ def init_global_weights(model, seed: int, init_std: float) -> None:
         gname = global_name(name, offset)
         if gname == "output_layer.weight" and model.share_embeddings_and_output_weights:
             gname = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embeddings
-        full = _draw(gname, _global_shape(name, param, model), seed, init_std, model.config.num_layers)
+        full = _draw(gname, _global_shape(param), seed, init_std, model.config.num_layers)
         param.copy_(_split(name, param, full, model).to(param.dtype))

@@ -17,8 +17,8 @@ class LambdaSchedule:
             raise ValueError(f"fpa.lambda0={lambda0!r}: must be a finite number >= 0")
         if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
             raise ValueError(f"fpa.gamma={gamma!r}: must satisfy 0 < gamma <= 1")
-        if not (isinstance(min_lambda, (int, float)) and min_lambda >= 0):
-            raise ValueError(f"fpa.min_lambda={min_lambda!r}: must be >= 0")
+        if not (isinstance(min_lambda, (int, float)) and math.isfinite(min_lambda) and min_lambda >= 0):
+            raise ValueError(f"fpa.min_lambda={min_lambda!r}: must be a finite number >= 0")
         self.lambda0, self.gamma, self.min_lambda, self.enabled = float(lambda0), float(gamma), float(min_lambda), enabled
         self.step = 0
 

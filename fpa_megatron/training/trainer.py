@@ -37,8 +37,8 @@ def evaluate(model, engine, penalty, valid_ds, cfg: RunConfig, layout) -> float:
     """Mean LM loss over the first eval_iters global batches of the validation split (the same each time)."""
     batches = micro_batches(valid_ds, 0, cfg.train.micro_batch_size, parallel_state.get_data_parallel_rank(),
                             layout.data_parallel)
-    saved = (penalty.lambda_value, penalty.active, penalty.grad_scale)
-    penalty.set_step(0.0, False, 1.0)  # validation reports the LM loss; no penalty needed
+    saved = (penalty.lambda_value, penalty.active)
+    penalty.set_step(0.0, False)  # validation reports the LM loss; no penalty needed
     model.eval()
     losses = []
     with torch.no_grad():
@@ -97,7 +97,7 @@ def train(cfg: RunConfig) -> list[dict]:
     while step < steps:
         t0 = time.perf_counter()
         lam, active = lambdas.value(), lambdas.active()
-        penalty.set_step(lam, active, 1.0)
+        penalty.set_step(lam, active)
         result = forward_backward(model, batches, penalty, num_microbatches=layout.num_microbatches,
                                   micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
                                   engine=engine)

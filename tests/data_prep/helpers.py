@@ -70,3 +70,13 @@ def file_bytes(out_dir: str) -> dict:
 def expected_tokens(sp, text: str, eod: int) -> list[int]:
     """The reference: sentencepiece called directly, plus the end-of-document token."""
     return sp.encode(text) + [eod]
+
+
+def encode(out_dir, inputs, model, **kw) -> dict:
+    """Run `fpa-prep encode` in-process (no progress bar) and return its manifest; it must succeed."""
+    from data_prep.encode import EncodeOptions, run_encode
+
+    manifest, status = run_encode(EncodeOptions(inputs=inputs, tokenizer=model, out_dir=str(out_dir),
+                                                progress=False, **kw))
+    assert status == 0
+    return manifest

@@ -10,18 +10,11 @@ import pytest
 
 from data_prep import readers
 from data_prep.cli import main
-from data_prep.encode import EncodeOptions, plan_shards, run_encode, split_points
+from data_prep.encode import plan_shards, split_points
 from data_prep.merge import merge_encode_dir
-from tests.data_prep.helpers import expected_tokens, file_bytes, read_encode, write_jsonl
+from tests.data_prep.helpers import encode, expected_tokens, file_bytes, read_encode, write_jsonl
 
 EOD = 2
-
-
-def _encode(out_dir, inputs, model, **kw):
-    manifest, status = run_encode(EncodeOptions(inputs=inputs, tokenizer=model, out_dir=str(out_dir),
-                                                progress=False, **kw))
-    assert status == 0
-    return manifest
 
 
 def _corpus_with_rejects(tmp_path, stdlib_docs):
@@ -35,8 +28,8 @@ def _corpus_with_rejects(tmp_path, stdlib_docs):
 
 def test_shards_do_not_depend_on_the_worker_count(tmp_path, stdlib_docs, tokenizer_model):
     path = _corpus_with_rejects(tmp_path, stdlib_docs)
-    _encode(tmp_path / "w1", [path], tokenizer_model, num_shards=5, workers=1)
-    _encode(tmp_path / "w2", [path], tokenizer_model, num_shards=5, workers=2)
+    encode(tmp_path / "w1", [path], tokenizer_model, num_shards=5, workers=1)
+    encode(tmp_path / "w2", [path], tokenizer_model, num_shards=5, workers=2)
     a, b = file_bytes(str(tmp_path / "w1")), file_bytes(str(tmp_path / "w2"))
     assert sorted(a) == sorted(b)
     assert sum(name.endswith(".bin") for name in a) == 5
@@ -46,8 +39,8 @@ def test_shards_do_not_depend_on_the_worker_count(tmp_path, stdlib_docs, tokeniz
 
 def test_merge_equals_encoding_into_one_shard(tmp_path, stdlib_docs, tokenizer_model):
     path = _corpus_with_rejects(tmp_path, stdlib_docs)
-    _encode(tmp_path / "one", [path], tokenizer_model, num_shards=1, workers=1)
-    _encode(tmp_path / "many", [path], tokenizer_model, num_shards=6, workers=2)
+    encode(tmp_path / "one", [path], tokenizer_model, num_shards=1, workers=1)
+    encode(tmp_path / "many", [path], tokenizer_model, num_shards=6, workers=2)
     assert main(["merge", str(tmp_path / "many")]) == 0
     for ext in (".bin", ".idx"):
         with open(tmp_path / "one" / ("data_00000" + ext), "rb") as a, open(tmp_path / "many" / ("data" + ext), "rb") as b:
@@ -60,11 +53,11 @@ def test_merge_equals_encoding_into_one_shard(tmp_path, stdlib_docs, tokenizer_m
         assert a.read() == b.read()
 
 
-def test_merge_refuses_an_incomplete_encode(tmp_path, stdlib_docs, tokenizer_model):
+def test_merge_refuses_an_incompleteencode(tmp_path, stdlib_docs, tokenizer_model):
     from data_prep.common import PrepError
 
     path = write_jsonl(str(tmp_path / "in.jsonl"), stdlib_docs[:10])
-    _encode(tmp_path / "o", [path], tokenizer_model, num_shards=2, workers=1)
+    encode(tmp_path / "o", [path], tokenizer_model, num_shards=2, workers=1)
     os.unlink(tmp_path / "o" / ".state" / "shard_00001.json")
     with open(tmp_path / "o" / "manifest.json") as f:
         manifest = json.load(f)
@@ -126,7 +119,7 @@ def test_line_numbers_are_exact_across_checkpoints_and_shards(tmp_path, tokenize
         with open(path, "rb") as f, gzip.open(path + suffix, "wb") as g:
             g.write(f.read())
         path += suffix
-    manifest = _encode(tmp_path / "o", [path], tokenizer_model, num_shards=7, workers=2)
+    manifest = encode(tmp_path / "o", [path], tokenizer_model, num_shards=7, workers=2)
     with open(tmp_path / "o" / "rejects.jsonl") as f:
         assert [json.loads(line)["line"] for line in f] == bad_lines
     got = read_encode(str(tmp_path / "o"))["text"]

@@ -9,19 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from data_prep.encode import EncodeOptions, run_encode
 from data_prep.indexed import DTYPE_CODES
 from data_prep.tokenizer import token_dtype_name, train_tokenizer
-from tests.data_prep.helpers import expected_tokens, read_documents, read_encode, write_jsonl
+from tests.data_prep.helpers import encode, expected_tokens, read_documents, read_encode, write_jsonl
 
 EOD = 2
-
-
-def encode(out_dir, inputs, model, **kw):
-    manifest, status = run_encode(EncodeOptions(inputs=inputs, tokenizer=model, out_dir=str(out_dir),
-                                                progress=False, **kw))
-    assert status == 0
-    return manifest
 
 
 def test_roundtrip_jsonl(tmp_path, docs, tokenizer_model, sp):

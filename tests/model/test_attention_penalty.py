@@ -127,7 +127,7 @@ def gradient_path_rank(pp: int, normalize: str):
     lam = 0.7
 
     def run(lam_value, forward_only):
-        penalty.set_step(lam_value, lam_value > 0, 1.0)
+        penalty.set_step(lam_value, lam_value > 0)
         return forward_backward(model, iter(_batches()), penalty, num_microbatches=NUM_MICRO,
                                 micro_batch_size=MICRO, seq_length=SEQ, forward_only=forward_only)
 
@@ -163,7 +163,7 @@ def gradient_path_rank(pp: int, normalize: str):
     calls = []
     for _ in range(5):
         before = penalty.calls
-        penalty.set_step(sched.value(), sched.active(), 1.0)
+        penalty.set_step(sched.value(), sched.active())
         forward_backward(model, iter(_batches()), penalty, num_microbatches=NUM_MICRO,
                          micro_batch_size=MICRO, seq_length=SEQ)
         calls.append(penalty.calls - before)

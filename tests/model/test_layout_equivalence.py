@@ -54,7 +54,7 @@ def _run(model, penalty, lam: float):
     from fpa_megatron.training.forward_backward import forward_backward
 
     model.zero_grad(set_to_none=True)
-    penalty.set_step(lam, lam > 0, 1.0)
+    penalty.set_step(lam, lam > 0)
     result = forward_backward(model, iter(_batches()), penalty, num_microbatches=NUM_MICRO,
                               micro_batch_size=MICRO, seq_length=SEQ)
     grads = gather_global(model, {n: p.grad for n, p in model.named_parameters()})

@@ -24,7 +24,7 @@ def recompute_rank():
         mc = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ, recompute=mode)
         penalty = make_penalty(mc, FPAConfig())
         model = build_gpt_model(mc, VOCAB, penalty, seed=5)
-        penalty.set_step(0.5, True, 1.0)
+        penalty.set_step(0.5, True)
         r = forward_backward(model, iter(batches), penalty, num_microbatches=2, micro_batch_size=MICRO,
                              seq_length=SEQ)
         out[mode] = dict(loss=r.lm_loss, matrix=r.penalty_matrix, calls=penalty.calls,
