@@ -22,13 +22,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from fpa_megatron.config_checks import check_config
 
-        check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        layout = check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError) as err:
         print(f"fpa-train: config error: {err}", file=sys.stderr)
         return 2
     from fpa_megatron.training.trainer import train
 
-    train(cfg)
+    train(cfg, layout)
     return 0
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from fpa_megatron.config import RunConfig, save_config
-from fpa_megatron.config_checks import check_config
+from fpa_megatron.config_checks import ResolvedLayout, check_config
 from fpa_megatron.data.datasets import build_gpt_datasets, micro_batches
 from fpa_megatron.logging.flops import flops_per_token
 from fpa_megatron.logging.metrics_logger import MetricsLogger, memory_gb
@@ -52,10 +52,14 @@ def evaluate(model, engine, penalty, valid_ds, cfg: RunConfig, layout) -> float:
     return sum(losses) / len(losses)
 
 
-def train(cfg: RunConfig) -> list[dict]:
-    """Run (or resume) the pretraining described by cfg; return the per-step metrics of this process."""
+def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
+    """Run (or resume) the pretraining described by cfg; return the per-step metrics of this process.
+
+    `layout` is what `check_config` returned, if the caller already checked the config.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = check_config(cfg, world_size)  # every config error surfaces before any process group exists
+    if layout is None:
+        layout = check_config(cfg, world_size)  # every config error surfaces before any process group exists
     init_distributed()
     init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
     rank = dist.get_rank()
