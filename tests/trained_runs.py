@@ -65,7 +65,8 @@ def make_data(root: Path) -> dict:
 
 def family_values(family: str, data: dict, run_dir: Path) -> dict:
     return {
-        "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "seq_length": SEQ,
+        # init_std 0.2 (not 0.02): sharp attention, so a wrong head order or rotary would change the logits
+        "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "seq_length": SEQ, "init_std": 0.2,
                   **FAMILIES[family]},
         "parallel": {"tensor": 2, "pipeline": 2},
         "fpa": {"lambda0": 0.05, "gamma": 0.9},
@@ -175,3 +176,21 @@ def trained_runs(tmp_path_factory) -> dict:
     if "runs" not in _CACHE:
         _CACHE["runs"] = build(tmp_path_factory.mktemp("trained_runs"))
     return _CACHE["runs"]
+
+
+def exported(tmp_path_factory, family: str) -> tuple[Path, str, int]:
+    """`fpa-export hf` of a family's checkpoint (once per session): (directory, printed output, exit status)."""
+    import contextlib
+    import io
+
+    from fpa_megatron.export.cli import main
+
+    key = f"export_{family}"
+    if key not in _CACHE:
+        run = trained_runs(tmp_path_factory)["runs"][family]
+        out_dir = tmp_path_factory.mktemp(f"hf_{family}")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            status = main(["hf", "--checkpoint", run["checkpoint"], "--out", str(out_dir), "--overwrite"])
+        _CACHE[key] = (out_dir, printed.getvalue(), status)
+    return _CACHE[key]

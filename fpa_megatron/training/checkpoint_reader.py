@@ -70,8 +70,11 @@ class ModelCheckpoint:
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """An iter_XXXXXXX directory from itself, a checkpoint root (its newest complete one) or a run directory
-    (`<run>/checkpoints`). Only complete checkpoints (with the marker written after every rank) count."""
+    """An iter_XXXXXXX directory from itself, a checkpoint root or a run directory (`<run>/checkpoints`).
+
+    In a root, the checkpoint its `latest` file names, else the newest complete one. Only complete checkpoints
+    (with the marker written after every rank finished) count.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -81,6 +84,9 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no {MARKER!r} marker: a run stopped "
                               f"while saving it); use an earlier one")
     for root in (path, path / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file() and (root / latest.read_text().strip() / MARKER).exists():
+            return root / latest.read_text().strip()
         found = complete_checkpoints(root)
         if found:
             return found[-1]
@@ -199,8 +205,8 @@ def _check_complete(path: Path, cfg: RunConfig, state: dict) -> None:
     """Every global layer present once, plus the embeddings and final norm."""
     layers = {int(m.group(1)) for name in state if (m := _LAYER.match(name))}
     if layers != set(range(cfg.model.num_layers)):
-        raise CheckpointError(f"checkpoint {path}: found layers {sorted(layers)}, expected 0..{cfg.model.num_layers - 1} "
-                              f"(model.num_layers={cfg.model.num_layers})")
+        raise CheckpointError(f"checkpoint {path}: found layers {sorted(layers)}, expected "
+                              f"0..{cfg.model.num_layers - 1} (model.num_layers={cfg.model.num_layers})")
     required = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
     if not cfg.model.tie_embeddings:
         required.append("output_layer.weight")
