@@ -109,3 +109,13 @@ def test_refusals_happen_before_anything_is_written(runs, tmp_path):
     (tmp_path / "taken" / "file").write_text("x")
     assert main(["hf", "--checkpoint", runs["runs"]["gpt2"]["checkpoint"], "--out", str(tmp_path / "taken")]) == 2
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["file"]
+
+
+def test_missing_transformers_says_what_to_install(monkeypatch):
+    import sys
+
+    from fpa_megatron.export.hf import ExportError, require_transformers
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an environment without the extra looks like
+    with pytest.raises(ExportError, match=r"pip install -e \.\[hf\]"):
+        require_transformers()
