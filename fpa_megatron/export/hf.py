@@ -151,8 +151,8 @@ def _rotary_base() -> float:
     return float(inspect.signature(GPTModel.__init__).parameters["rotary_base"].default)
 
 
-def hf_config(ckpt: ModelCheckpoint, arch: str, tok: TokenizerSpec, vocab_size: int):
-    """The transformers config of the exported model (vocabulary `vocab_size`, EOD as its eos)."""
+def hf_config(ckpt: ModelCheckpoint, arch: str, tok: TokenizerSpec, vocab_size: int, dtype: torch.dtype):
+    """The transformers config of the exported model (vocabulary `vocab_size`, EOD as its eos, weights `dtype`)."""
     transformers = require_transformers()
     from fpa_megatron.model.gpt import transformer_config
 
@@ -160,9 +160,8 @@ def hf_config(ckpt: ModelCheckpoint, arch: str, tok: TokenizerSpec, vocab_size: 
     eps = transformer_config(m).layernorm_epsilon
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
     positions = m.max_position_embeddings or m.seq_length
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(m.dtype, "float32")
-    common = dict(vocab_size=vocab_size, eos_token_id=tok.eod_id, bos_token_id=tok.bos_id,
-                  pad_token_id=tok.pad_id, tie_word_embeddings=m.tie_embeddings, dtype=dtype)
+    common = dict(vocab_size=vocab_size, eos_token_id=tok.eod_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
+                  tie_word_embeddings=m.tie_embeddings, dtype=str(dtype).removeprefix("torch."))
     if arch == "gpt2":
         return transformers.GPT2Config(
             n_embd=m.hidden_size, n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=ffn,
@@ -309,9 +308,10 @@ def to_hf(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None, with_toke
     vocab = ckpt.config.model.vocab_size or tok.vocab_size
     if tok.vocab_size > vocab:
         raise ExportError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={vocab}")
-    config = hf_config(ckpt, arch, tok, vocab)
     state = hf_state_dict(ckpt, arch, vocab)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=state[_LAYOUT[arch][0]].dtype)
+    dtype = state[_LAYOUT[arch][0]].dtype  # as saved: the model's dtype (bf16 runs keep bf16 weights)
+    config = hf_config(ckpt, arch, tok, vocab, dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     result = model.load_state_dict(state, strict=False)
     tied = {HEAD} if ckpt.config.model.tie_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
