@@ -113,7 +113,7 @@ def _load(file: Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {str(file)!r} is missing")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # tensors and plain data only
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
         raise CheckpointError(f"cannot read checkpoint file {str(file)!r}: {err}") from None
 
@@ -154,22 +154,31 @@ def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no config.yaml (not written by fpa-train?)")
     cfg = load_config(path / "config.yaml")
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    coordinates = model_parallel_coordinates(tp, pp)
+    coordinates = model_parallel_coordinates(cfg.parallel.tensor, cfg.parallel.pipeline)
     files = {mp: _load(path / f"mp_rank_{mp:02d}_model_states.pt") for mp in coordinates}
     layout = _read_layout(path, cfg, files[0])
-    layers_per_stage = cfg.model.num_layers // pp
+    state = _join_stages(path, cfg, _stage_pieces(path, cfg, files, coordinates))
+    _check_complete(path, cfg, state)
+    return ModelCheckpoint(path=path, config=cfg, layout=layout, trainer_state=_trainer_state(path, files[0]),
+                           state_dict=state)
 
-    # stage_pieces[pp_rank][name] = [piece of TP rank 0, 1, ...]
-    stage_pieces: list[dict[str, list]] = [{} for _ in range(pp)]
-    for mp, (tp_rank, pp_rank) in sorted(coordinates.items(), key=lambda item: item[1]):
+
+def _stage_pieces(path: Path, cfg: RunConfig, files: dict, coordinates: dict) -> list[dict[str, list]]:
+    """[pipeline rank][global name] = [piece of tensor rank 0, 1, ...]."""
+    pieces: list[dict[str, list]] = [{} for _ in range(cfg.parallel.pipeline)]
+    layers_per_stage = cfg.model.num_layers // cfg.parallel.pipeline
+    for mp, (_, pp_rank) in sorted(coordinates.items(), key=lambda item: item[1]):  # tensor ranks in order
         module = files[mp].get("module")
         if not isinstance(module, dict):
             raise CheckpointError(f"{path}/mp_rank_{mp:02d}_model_states.pt has no 'module' state")
         for name, tensor in _stage_state(module, pp_rank, layers_per_stage).items():
-            stage_pieces[pp_rank].setdefault(name, []).append(tensor)
+            pieces[pp_rank].setdefault(name, []).append(tensor)
+    return pieces
 
-    gated = cfg.model.activation == "swiglu"
+
+def _join_stages(path: Path, cfg: RunConfig, stage_pieces: list[dict[str, list]]) -> dict[str, torch.Tensor]:
+    """Join each tensor's TP pieces; the last stage's copy of tied embeddings is checked, then left out."""
+    tp, gated = cfg.parallel.tensor, cfg.model.activation == "swiglu"
     state: dict[str, torch.Tensor] = {}
     tied_copy = None
     for pp_rank, pieces in enumerate(stage_pieces):
@@ -179,23 +188,21 @@ def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
                                       f"ranks of pipeline stage {pp_rank}")
             full = _join_tensor_parallel(name, shards, gated)
             if name == TIED_COPY and cfg.model.tie_embeddings:
-                tied_copy = full  # the last stage's copy of the embeddings (PP > 1)
-                continue
-            state[name] = full
-    _check_complete(path, cfg, state)
-    if tied_copy is not None and not torch.equal(tied_copy, state["embedding.word_embeddings.weight"]):
-        diff = (tied_copy.float() - state["embedding.word_embeddings.weight"].float()).abs().max().item()
+                tied_copy = full
+            else:
+                state[name] = full
+    embedding = state.get("embedding.word_embeddings.weight")
+    if tied_copy is not None and embedding is not None and not torch.equal(tied_copy, embedding):
+        diff = (tied_copy.float() - embedding.float()).abs().max().item()
         warnings.warn(f"checkpoint {path}: the last stage's copy of the tied embeddings differs from the first "
-                      f"stage's by up to {diff:.3g}; using the first stage's", stacklevel=2)
-
-    trainer_state = _trainer_state(path, files[0])
-    return ModelCheckpoint(path=path, config=cfg, layout=layout, trainer_state=trainer_state, state_dict=state)
+                      f"stage's by up to {diff:.3g}; using the first stage's", stacklevel=3)
+    return state
 
 
 def _trainer_state(path: Path, first: dict) -> dict:
     file = path / "trainer_state.pt"
     if file.is_file():
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return torch.load(file, map_location="cpu", weights_only=True)
     if "trainer" in first:  # the same dict, also stored as DeepSpeed client state
         return first["trainer"]
     raise CheckpointError(f"checkpoint {str(path)!r} has no trainer_state.pt")
