@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-writer", choices=["native", "megatron"], default="native",
                    help="native (numpy, fast worker start) or megatron (IndexedDatasetBuilder); same bytes")
 
-    p = sub.add_parser("merge", help="merge shards into one dataset prefix")
+    p = sub.add_parser("merge", help="merge shards into one dataset prefix (a file copy; no Megatron import)")
     p.add_argument("sources", nargs="+",
                    help="an encode output directory (merges its shards per text key) or dataset prefixes in order")
     p.add_argument("--output-prefix", "-o", default=None,
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "merge":
         import os
 
-        from data_prep.merge import merge_encode_dir, merge_prefixes
+        from data_prep.merge import describe_merge, merge_encode_dir, merge_prefixes
 
         if len(args.sources) == 1 and os.path.isdir(args.sources[0]):
             results = merge_encode_dir(args.sources[0], args.keys, args.output_prefix)
@@ -160,8 +160,7 @@ def run(args: argparse.Namespace) -> int:
                 raise PrepError("merging prefixes needs --output-prefix")
             results = [merge_prefixes(args.sources, args.output_prefix)]
         for r in results:
-            print(f"merged {r['sources']} dataset(s) -> {r['prefix']}: {r['documents']:,} documents, "
-                  f"{r['tokens']:,} tokens ({r['dtype']})")
+            print(describe_merge(r))
         return 0
 
     if args.command == "inspect":
