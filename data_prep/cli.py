@@ -11,6 +11,7 @@ import json
 import sys
 
 from data_prep.common import PrepError
+from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    quiet_optional_dependency_warnings()  # `inspect` and --index-writer megatron import megatron.core
     args = build_parser().parse_args(argv)
     try:
         return run(args)

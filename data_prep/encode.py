@@ -120,6 +120,9 @@ _processors: dict = {}
 
 def _init_worker(progress_queue, tokenizer_path: str) -> None:
     global _progress_queue
+    from fpa_megatron.quiet import quiet_optional_dependency_warnings
+
+    quiet_optional_dependency_warnings()  # --index-writer megatron imports megatron.core in the worker
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _progress_queue = progress_queue
     _processor(tokenizer_path)
