@@ -375,6 +375,8 @@ def _scan_jsonl(spec: InputSpec, plain_copy: Optional[str] = None) -> InputInfo:
                 if reader.truncated:
                     truncated = {"unit": TRUNCATED_UNIT[spec.compression], "decompressed_bytes": geometry.size,
                                  "complete_lines": geometry.newlines}
+    except PrepError:
+        raise
     except OSError as err:
         raise PrepError(f"cannot read input {spec.path}: {err}") from None
     except (zlib.error, ValueError) as err:
@@ -399,7 +401,10 @@ class _PlainCopy:
 
     def __enter__(self) -> "_PlainCopy":
         if self.path:
-            self._f = open(self.path, "wb", buffering=HASH_CHUNK)
+            try:
+                self._f = open(self.path, "wb", buffering=HASH_CHUNK)
+            except OSError as err:
+                self._fail(err)
         return self
 
     def write(self, chunk: bytes) -> None:
@@ -407,11 +412,17 @@ class _PlainCopy:
             try:
                 self._f.write(chunk)
             except OSError as err:
-                raise PrepError(f"cannot write the decompressed copy of {self.source} to {self.path}: {err}") from None
+                self._fail(err)
+
+    def _fail(self, err: OSError):
+        raise PrepError(f"cannot write the decompressed copy of {self.source} to {self.path}: {err}") from None
 
     def __exit__(self, *exc) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()  # flushes the last buffered bytes
+            except OSError as err:
+                self._fail(err)
 
 
 def truncation_report(described: dict) -> str:
@@ -453,7 +464,7 @@ def _read_line(stream, max_line_bytes: int) -> tuple[Optional[bytes], int, Optio
         if not line:
             break
         size += len(line)
-    length = size - line.endswith(b"\n")
+    length = size - (1 if line.endswith(b"\n") else 0)  # without its newline
     reject = ("line_too_long", f"line too long ({length:,} bytes > --max-line-bytes {max_line_bytes:,})",
               _excerpt(head.decode("utf-8", "replace")))
     return None, size, reject
