@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import tracemalloc
 import zlib
 
@@ -61,9 +62,13 @@ def test_truncated_input_is_reported_and_strict_exits_3(kind, tmp_path, docs, to
     partial = len(prefix) > prefix.rfind(b"\n") + 1  # the cut falls inside a line
 
     out = tmp_path / "out"
+    stale = out / ".decompressed-killed_run"  # what a killed run leaves behind: the next run removes it
+    stale.mkdir(parents=True)
+    (stale / "input_00000.jsonl").write_bytes(b"stale")
     status = main(["encode", "-i", str(path), "--tokenizer", tokenizer_model, "--out-dir", str(out),
                    "--num-shards", "3", "--workers", "1", "--no-progress", "--strict"])
     assert status == 3
+    assert not [n for n in os.listdir(out) if n.startswith(".decompressed")]
     summary = capsys.readouterr().out
     assert f"TRUNCATED INPUT: {path} is truncated" in summary
     # single pass: the bytes decompressed by the scan and every shard together equal one decompression
@@ -113,8 +118,8 @@ def test_line_over_the_limit_is_rejected_and_the_rest_encoded(tmp_path, tokenize
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_long_line_is_read_past_in_bounded_memory(tmp_path, suffix):
-    """A 64 MB line with a 1 MB limit: Python allocations while reading it stay at a few MB."""
-    big = b'{"text": "' + b"a" * (64 << 20) + b'"}\n'
+    """A 32 MB line with a 1 MB limit: Python allocations while reading it stay at a few MB."""
+    big = b'{"text": "' + b"a" * (32 << 20) + b'"}\n'
     data = b'{"text": "before"}\n' + big + b'{"text": "after"}\n'
     path = tmp_path / f"in.jsonl{suffix}"
     path.write_bytes(gzip.compress(data, compresslevel=1) if suffix else data)
