@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from fpa_megatron.quiet import quiet_optional_dependency_warnings
+
 
 def export_hf(checkpoint: str, out: str, tokenizer: Optional[str] = None, overwrite: bool = False) -> int:
     from fpa_megatron.export.hf import describe, save_hf, to_hf
@@ -35,6 +37,7 @@ def export_hf(checkpoint: str, out: str, tokenizer: Optional[str] = None, overwr
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    quiet_optional_dependency_warnings()  # before anything imports megatron
     parser = argparse.ArgumentParser(prog="fpa-export", description="Export a training checkpoint.")
     formats = parser.add_subparsers(dest="format", required=True)
     hf = formats.add_parser("hf", help="Hugging Face transformers directory (GPT-2, GPT-NeoX or LLaMA)",

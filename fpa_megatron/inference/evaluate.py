@@ -30,6 +30,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from fpa_megatron.quiet import quiet_optional_dependency_warnings
+
 SPLITS = ("valid", "test")
 
 
@@ -246,6 +248,7 @@ def _evaluate_exported(path, data, text_key, batch_size, progress) -> EvalResult
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    quiet_optional_dependency_warnings()  # before anything imports megatron
     parser = argparse.ArgumentParser(prog="fpa-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="training checkpoint (iter_ dir, checkpoint root or run dir) or fpa-export hf output")

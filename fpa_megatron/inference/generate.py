@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from fpa_megatron.quiet import quiet_optional_dependency_warnings
+
 
 @dataclass
 class Generation:
@@ -63,6 +65,7 @@ def generate(model, tokenizer, eod_id: int, prompt: str, max_new_tokens: int = 6
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    quiet_optional_dependency_warnings()  # before anything imports megatron
     parser = argparse.ArgumentParser(prog="fpa-generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="training checkpoint (iter_ dir, checkpoint root or run dir) or fpa-export hf output")
