@@ -19,36 +19,79 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
+# How Megatron-core's GPT layers split each parameter over tensor-parallel ranks (their `partition_dim`),
+# by the end of the global name, for code that has shards on disk but no live model (`fpa-reshard`).
+# Anything else (norms, row-parallel biases, position embeddings) is replicated on every TP rank.
+TENSOR_PARALLEL_DIMS = {
+    "embedding.word_embeddings.weight": 0,  # VocabParallelEmbedding: rows of the padded vocabulary
+    "output_layer.weight": 0,  # ColumnParallelLinear
+    "self_attention.linear_qkv.weight": 0,  # ColumnParallelLinear: whole query groups per rank
+    "self_attention.linear_qkv.bias": 0,
+    "mlp.linear_fc1.weight": 0,  # ColumnParallelLinear ([gate; up] per rank with SwiGLU)
+    "mlp.linear_fc1.bias": 0,
+    "self_attention.linear_proj.weight": 1,  # RowParallelLinear
+    "mlp.linear_fc2.weight": 1,
+}
+
+
+def tensor_parallel_dim(global_param_name: str) -> int | None:
+    """The dimension along which a GPT parameter is split over TP ranks, or None if it is replicated."""
+    for suffix, dim in TENSOR_PARALLEL_DIMS.items():
+        if global_param_name == suffix or global_param_name.endswith("." + suffix):
+            return dim
+    return None
+
+
 def global_name(local_name: str, layer_offset: int) -> str:
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
+
+
+def layer_index(global_param_name: str) -> int | None:
+    """The transformer layer a parameter belongs to, or None (embeddings, final norm, output layer)."""
+    match = _LAYER.match(global_param_name)
+    return int(match.group(1)) if match else None
 
 
 def _layer_offset(model) -> int:
     return get_transformer_layer_offset(model.config)
 
 
+def split_shard(full: torch.Tensor, dim: int, tp: int, rank: int, gated: bool = False) -> torch.Tensor:
+    """Tensor-parallel rank `rank`'s piece of `full` split along `dim` into `tp` pieces.
+
+    `gated`: SwiGLU's fc1, whose output is [gate; up]; each rank holds [gate_r; up_r].
+    """
+    if gated:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def join_shards(pieces: list[torch.Tensor], dim: int, gated: bool = False) -> torch.Tensor:
+    """The full tensor from the tensor-parallel ranks' pieces (inverse of `split_shard`)."""
+    if gated:
+        halves = [p.chunk(2, dim=dim) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(pieces, dim=dim)
+
+
+def _gated(name: str, model) -> bool:
+    return bool(model.config.gated_linear_unit) and "mlp.linear_fc1" in name
+
+
 def _split(name: str, param, full: torch.Tensor, model) -> torch.Tensor:
     """This TP rank's piece of the full tensor `full` for local parameter `param`."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    dim = param.partition_dim
-    if model.config.gated_linear_unit and "mlp.linear_fc1" in name:
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
-    return full.chunk(tp, dim=dim)[rank]
+    return split_shard(full, param.partition_dim, parallel_state.get_tensor_model_parallel_world_size(),
+                       parallel_state.get_tensor_model_parallel_rank(), _gated(name, model))
 
 
 def _join(name: str, param, pieces: list[torch.Tensor], model) -> torch.Tensor:
     """The full tensor from the TP ranks' pieces (inverse of `_split`)."""
     if not getattr(param, "tensor_model_parallel", False):
         return pieces[0]
-    dim = param.partition_dim
-    if model.config.gated_linear_unit and "mlp.linear_fc1" in name:
-        halves = [p.chunk(2, dim=dim) for p in pieces]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-    return torch.cat(pieces, dim=dim)
+    return join_shards(pieces, param.partition_dim, _gated(name, model))
 
 
 def _global_source(name: str, global_state: dict) -> str:
