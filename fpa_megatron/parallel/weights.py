@@ -19,29 +19,6 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-# How Megatron-core's GPT layers split each parameter over tensor-parallel ranks (their `partition_dim`),
-# by the end of the global name, for code that has shards on disk but no live model (`fpa-reshard`).
-# Anything else (norms, row-parallel biases, position embeddings) is replicated on every TP rank.
-TENSOR_PARALLEL_DIMS = {
-    "embedding.word_embeddings.weight": 0,  # VocabParallelEmbedding: rows of the padded vocabulary
-    "output_layer.weight": 0,  # ColumnParallelLinear
-    "self_attention.linear_qkv.weight": 0,  # ColumnParallelLinear: whole query groups per rank
-    "self_attention.linear_qkv.bias": 0,
-    "mlp.linear_fc1.weight": 0,  # ColumnParallelLinear ([gate; up] per rank with SwiGLU)
-    "mlp.linear_fc1.bias": 0,
-    "self_attention.linear_proj.weight": 1,  # RowParallelLinear
-    "mlp.linear_fc2.weight": 1,
-}
-
-
-def tensor_parallel_dim(global_param_name: str) -> int | None:
-    """The dimension along which a GPT parameter is split over TP ranks, or None if it is replicated."""
-    for suffix, dim in TENSOR_PARALLEL_DIMS.items():
-        if global_param_name == suffix or global_param_name.endswith("." + suffix):
-            return dim
-    return None
-
-
 def global_name(local_name: str, layer_offset: int) -> str:
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
 
@@ -56,11 +33,42 @@ def _layer_offset(model) -> int:
     return get_transformer_layer_offset(model.config)
 
 
-def split_shard(full: torch.Tensor, dim: int, tp: int, rank: int, gated: bool = False) -> torch.Tensor:
-    """Tensor-parallel rank `rank`'s piece of `full` split along `dim` into `tp` pieces.
+# How tensor parallelism splits each parameter of Megatron's local-spec GPT, by global-name suffix: the
+# dimension the shards are cut along. A name table (not Megatron's own `partition_dim` attributes) so that
+# checkpoints can be read offline: building a Megatron model needs process groups. A test checks the table
+# against the live model's attributes.
+TP_SPLIT_DIMS = (
+    ("embedding.word_embeddings.weight", 0),  # vocab-parallel
+    ("output_layer.weight", 0),  # column-parallel
+    ("self_attention.linear_qkv.weight", 0),
+    ("self_attention.linear_qkv.bias", 0),
+    ("mlp.linear_fc1.weight", 0),
+    ("mlp.linear_fc1.bias", 0),
+    ("self_attention.linear_proj.weight", 1),  # row-parallel (its bias is replicated)
+    ("mlp.linear_fc2.weight", 1),
+)
+# The same full tensor on every tensor-parallel rank: norms, learned positions, row-parallel biases.
+_REPLICATED = re.compile(r"(layernorm\.(weight|bias)|position_embeddings\.weight|linear_proj\.bias|linear_fc2\.bias)$")
 
-    `gated`: SwiGLU's fc1, whose output is [gate; up]; each rank holds [gate_r; up_r].
-    """
+
+def tensor_parallel_dim(name: str) -> int | None:
+    """The dimension tensor parallelism splits parameter `name` along, or None if it is replicated."""
+    for suffix, dim in TP_SPLIT_DIMS:
+        if name.endswith(suffix):
+            return dim
+    if _REPLICATED.search(name):
+        return None
+    raise ValueError(f"parameter {name!r}: unknown tensor-parallel layout (add it to TP_SPLIT_DIMS or "
+                     f"_REPLICATED in fpa_megatron/parallel/weights.py)")
+
+
+def is_gated_fc1(name: str, gated_linear_unit: bool) -> bool:
+    """SwiGLU's fc1 holds [gate; up]: each TP shard is [gate_r; up_r], not a plain chunk."""
+    return gated_linear_unit and "mlp.linear_fc1" in name
+
+
+def split_shard(full: torch.Tensor, dim: int, tp: int, rank: int, gated: bool = False) -> torch.Tensor:
+    """TP rank `rank`'s piece of `full` (of `tp` pieces along `dim`)."""
     if gated:
         gate, up = full.chunk(2, dim=dim)
         return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
@@ -68,15 +76,11 @@ def split_shard(full: torch.Tensor, dim: int, tp: int, rank: int, gated: bool = 
 
 
 def join_shards(pieces: list[torch.Tensor], dim: int, gated: bool = False) -> torch.Tensor:
-    """The full tensor from the tensor-parallel ranks' pieces (inverse of `split_shard`)."""
+    """The full tensor from the TP ranks' pieces, in rank order (inverse of `split_shard`)."""
     if gated:
         halves = [p.chunk(2, dim=dim) for p in pieces]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
     return torch.cat(pieces, dim=dim)
-
-
-def _gated(name: str, model) -> bool:
-    return bool(model.config.gated_linear_unit) and "mlp.linear_fc1" in name
 
 
 def _split(name: str, param, full: torch.Tensor, model) -> torch.Tensor:
@@ -84,14 +88,15 @@ def _split(name: str, param, full: torch.Tensor, model) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
     return split_shard(full, param.partition_dim, parallel_state.get_tensor_model_parallel_world_size(),
-                       parallel_state.get_tensor_model_parallel_rank(), _gated(name, model))
+                       parallel_state.get_tensor_model_parallel_rank(),
+                       is_gated_fc1(name, model.config.gated_linear_unit))
 
 
 def _join(name: str, param, pieces: list[torch.Tensor], model) -> torch.Tensor:
     """The full tensor from the TP ranks' pieces (inverse of `_split`)."""
     if not getattr(param, "tensor_model_parallel", False):
         return pieces[0]
-    return join_shards(pieces, param.partition_dim, _gated(name, model))
+    return join_shards(pieces, param.partition_dim, is_gated_fc1(name, model.config.gated_linear_unit))
 
 
 def _global_source(name: str, global_state: dict) -> str:

@@ -15,7 +15,8 @@ which every shipped config uses.
 Why not DeepSpeed's universal checkpoint: it keys each parameter by the engine's module name, and Megatron-core
 numbers layers per pipeline stage (`decoder.layers.0` on every stage), so a PP change would load the wrong
 layers. So this module writes the files DeepSpeed itself writes (model states per model-parallel rank, flat
-fp32 partitions per DP rank) from global tensors named as in `fpa_megatron.parallel.weights`.
+fp32 partitions per DP rank) from global tensors: the weights as `read_model_checkpoint` reads them, the
+optimizer state gathered here with the same names and split rules (`fpa_megatron.parallel.weights`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ from typing import Callable, Optional
 
 import torch
 
-from fpa_megatron.config import ConfigError, RunConfig, load_config, save_config
-from fpa_megatron.parallel.weights import global_name, join_shards, layer_index, split_shard, tensor_parallel_dim
-from fpa_megatron.training.checkpoint import MARKER, RESHARDED, complete_checkpoints
+from fpa_megatron.config import ConfigError, RunConfig, save_config
+from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, split_shard,
+                                           tensor_parallel_dim)
+from fpa_megatron.training.checkpoint import MARKER, RESHARDED
+from fpa_megatron.training.checkpoint_reader import (CheckpointError, CheckpointLayout, ModelCheckpoint,
+                                                     model_parallel_coordinates, read_model_checkpoint)
 
 MODEL_FILE = "mp_rank_{mp:02d}_model_states.pt"
 ZERO_FILE = "{prefix}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
@@ -45,26 +49,18 @@ OPTIMIZER_HINT = ("rerun with --reset-optimizer to write the model with a fresh 
                   "training then continues from these weights but not exactly as before")
 
 
-class ReshardError(RuntimeError):
+class ReshardError(CheckpointError):
     """A checkpoint that cannot be rewritten as asked; the message names the file, key or value."""
 
 
-@dataclass(frozen=True)
-class Layout:
-    tensor: int
-    pipeline: int
-    data: int
+def describe(layout: CheckpointLayout) -> str:
+    return f"TP{layout.tensor_parallel} x PP{layout.pipeline_parallel} x DP{layout.data_parallel}"
 
-    @property
-    def world_size(self) -> int:
-        return self.tensor * self.pipeline * self.data
 
-    def mp_rank(self, tp_rank: int, pp_rank: int) -> int:
-        """DeepSpeed's model-parallel rank of (tp, pp): the rank in Megatron's model-parallel group (TP innermost)."""
-        return tp_rank + self.tensor * pp_rank
-
-    def __str__(self) -> str:
-        return f"TP{self.tensor} x PP{self.pipeline} x DP{self.data}"
+def ranks_by_stage(layout: CheckpointLayout) -> list[tuple[int, int, int]]:
+    """(model-parallel rank, TP rank, PP stage) of every model file, stage by stage, TP rank within."""
+    coordinates = model_parallel_coordinates(layout.tensor_parallel, layout.pipeline_parallel)
+    return sorted(((mp, tp, pp) for mp, (tp, pp) in coordinates.items()), key=lambda r: (r[2], r[1]))
 
 
 @dataclass
@@ -84,39 +80,12 @@ class GlobalState:
         return [kind for kind in self.tensors if kind != "weight"]
 
 
-def _load(path: Path):
+def _load(path: Path, hint: str = ""):
     """DeepSpeed's files hold its own classes (loss scaler, fragment addresses), so not weights_only; mmap keeps
     the tensors on disk until a slice of them is needed. These are files written by our own runs."""
     if not path.is_file():
-        raise ReshardError(f"incomplete checkpoint: {path} is missing")
+        raise ReshardError(f"checkpoint file {str(path)!r} is missing" + (f"; {hint}" if hint else ""))
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """An iteration directory with the `complete` marker, or the newest complete one under a checkpoint root."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ReshardError(f"--checkpoint {path}: no such directory")
-    if (path / MARKER).exists():
-        return path
-    if path.name.startswith("iter_"):
-        raise ReshardError(f"incomplete checkpoint: {path} has no '{MARKER}' marker (the run that wrote it did not "
-                           f"finish saving); use an earlier complete checkpoint")
-    found = complete_checkpoints(path)
-    if not found:
-        raise ReshardError(f"--checkpoint {path}: no complete checkpoint (iter_*/{MARKER}) in this directory")
-    return found[-1]
-
-
-def source_layout(ckpt: Path, cfg: RunConfig) -> Layout:
-    """The layout a checkpoint was saved with: TP and PP from its config, DP from DeepSpeed's model states."""
-    meta = _load(ckpt / MODEL_FILE.format(mp=0))
-    dims = meta.get("checkpoint_parallel_dimensions") or {}
-    tensor, pipeline = cfg.parallel.tensor, cfg.parallel.pipeline
-    if dims and (dims.get("tp_degree"), dims.get("pp_degree")) != (tensor, pipeline):
-        raise ReshardError(f"{ckpt}: config.yaml says TP{tensor} x PP{pipeline} but DeepSpeed's model states say "
-                           f"TP{dims.get('tp_degree')} x PP{dims.get('pp_degree')}")
-    return Layout(tensor, pipeline, int(meta["dp_world_size"]))
 
 
 def zero_file_prefix(ckpt: Path) -> str:
@@ -124,7 +93,7 @@ def zero_file_prefix(ckpt: Path) -> str:
     for prefix in ("", "bf16_"):
         if (ckpt / ZERO_FILE.format(prefix=prefix, dp=0, mp=0)).exists():
             return prefix
-    raise ReshardError(f"incomplete checkpoint: {ckpt} has no ZeRO optimizer file "
+    raise ReshardError(f"checkpoint {str(ckpt)!r} has no ZeRO optimizer file "
                        f"({ZERO_FILE.format(prefix='', dp=0, mp=0)}); {OPTIMIZER_HINT}")
 
 
@@ -133,11 +102,11 @@ def zero_file_prefix(ckpt: Path) -> str:
 
 @dataclass
 class RankFiles:
-    """What one model-parallel rank saved, in its local names."""
+    """What one model-parallel rank saved besides its weights, in its local names."""
 
     groups: list[list[str]]  # parameter names per param group, as DeepSpeed flattened them
-    tensors: dict[str, dict[str, torch.Tensor]]  # kind -> local name -> tensor
-    extra_state: dict
+    extra_state: dict  # module entries that are not parameters
+    tensors: dict[str, dict[str, torch.Tensor]]  # optimizer kind (fp32, exp_avg, ...) -> local name -> tensor
     steps: list[torch.Tensor]
     group_hparams: list[dict]
     zero_meta: dict
@@ -160,22 +129,22 @@ def _gather(zero_states: list[dict], group: int, shapes: dict, flat_of: Callable
 
 
 def read_rank(ckpt: Path, mp: int, data: int, zero_prefix: Optional[str]) -> RankFiles:
-    """One model-parallel rank's model states and (unless zero_prefix is None) its `data` ZeRO partitions."""
+    """One model-parallel rank's parameter groups and extra state, and (unless zero_prefix is None) its optimizer
+    state gathered from its `data` ZeRO partitions."""
     model_file = ckpt / MODEL_FILE.format(mp=mp)
     model_states = _load(model_file)
     shapes = model_states["param_shapes"]
-    module = model_states["module"]
     params = {name for group in shapes for name in group}
-    extra = {k: v for k, v in module.items() if k not in params}
+    extra = {k: v for k, v in model_states["module"].items() if k not in params}
     if any(torch.is_tensor(v) for v in extra.values()):
         raise ReshardError(f"{model_file}: module entries {[k for k, v in extra.items() if torch.is_tensor(v)]} are "
                            f"tensors but not parameters; this tool does not know how to place them")
-    rank = RankFiles(groups=[list(group) for group in shapes], tensors={"weight": {n: module[n] for n in params}},
-                     extra_state=extra, steps=[], group_hparams=[], zero_meta={}, model_meta=model_states)
+    rank = RankFiles(groups=[list(group) for group in shapes], extra_state=extra, tensors={}, steps=[],
+                     group_hparams=[], zero_meta={}, model_meta=model_states)
     if zero_prefix is None:
         return rank
     files = [ckpt / ZERO_FILE.format(prefix=zero_prefix, dp=d, mp=mp) for d in range(data)]
-    states = [_load(f)["optimizer_state_dict"] for f in files]
+    states = [_load(f, OPTIMIZER_HINT)["optimizer_state_dict"] for f in files]
     base = states[0]["base_optimizer_state"]
     if not isinstance(base, dict) or "state" not in base:
         raise ReshardError(f"{files[0]}: the ZeRO state is in DeepSpeed's elastic format, which this tool does not "
@@ -200,40 +169,42 @@ def read_rank(ckpt: Path, mp: int, data: int, zero_prefix: Optional[str]) -> Ran
     return rank
 
 
-def read_global_state(ckpt: Path, cfg: RunConfig, layout: Layout, with_optimizer: bool = True,
+def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
                       log: Callable[[str], None] = print) -> GlobalState:
-    """Every tensor of a checkpoint in global (TP 1 x PP 1) names: stages renumbered, TP shards joined.
-
-    With tied embeddings and PP > 1 the last stage's copy of the embeddings is left out (it equals them).
-    """
+    """A checkpoint's weights (read by `read_model_checkpoint`) and its optimizer state in global (TP 1 x PP 1)
+    names: stages renumbered, TP shards joined; with tied embeddings and PP > 1 the last stage's copy of the
+    embeddings is left out (it equals them)."""
+    ckpt, cfg, layout = model.path, model.config, model.layout
     zero_prefix = zero_file_prefix(ckpt) if with_optimizer else None
     groups: list[list[str]] = []
     shards: dict[str, dict[str, dict[int, torch.Tensor]]] = {}  # kind -> global name -> {TP rank: shard}
     extra: OrderedDict = OrderedDict()
     steps: list[torch.Tensor] = []
     first: Optional[RankFiles] = None
-    for pp in range(layout.pipeline):
-        offset = pp * (cfg.model.num_layers // layout.pipeline)
-        for tp in range(layout.tensor):
-            mp = layout.mp_rank(tp, pp)
-            log(f"  reading model-parallel rank {mp} (TP rank {tp}, PP stage {pp})"
-                + (f" and its {layout.data} ZeRO partition(s)" if with_optimizer else ""))
-            rank = read_rank(ckpt, mp, layout.data, zero_prefix)
-            first = first or rank
-            rename = {local: global_name(local, offset) for group in rank.groups for local in group}
-            keep = {local for local, g in rename.items() if not (cfg.model.tie_embeddings and g == TIED_OUTPUT)}
-            if tp == 0:  # each stage's parameters, appended stage by stage: module order within every group
-                for g, group in enumerate(rank.groups):
-                    groups.extend([] for _ in range(g + 1 - len(groups)))
-                    groups[g] += [rename[local] for local in group if local in keep]
-            for kind, tensors in rank.tensors.items():
-                for local in keep:
-                    shards.setdefault(kind, {}).setdefault(rename[local], {})[tp] = tensors[local]
-            extra.update((global_name(k, offset), v) for k, v in rank.extra_state.items())
-            steps += rank.steps
+    for mp, tp, pp in ranks_by_stage(layout):
+        log(f"  reading model-parallel rank {mp} (TP rank {tp}, PP stage {pp})"
+            + (f" and its {layout.data_parallel} ZeRO partition(s)" if with_optimizer else ""))
+        rank = read_rank(ckpt, mp, layout.data_parallel, zero_prefix)
+        first = first or rank
+        offset = pp * (cfg.model.num_layers // layout.pipeline_parallel)
+        rename = {local: global_name(local, offset) for group in rank.groups for local in group}
+        keep = [local for local, name in rename.items() if not (cfg.model.tie_embeddings and name == TIED_OUTPUT)]
+        if tp == 0:  # each stage's parameters, appended stage by stage: module order within every group
+            for g, group in enumerate(rank.groups):
+                groups.extend([] for _ in range(g + 1 - len(groups)))
+                groups[g] += [rename[local] for local in group if local in keep]
+        for kind, tensors in rank.tensors.items():
+            for local in keep:
+                shards.setdefault(kind, {}).setdefault(rename[local], {})[tp] = tensors[local]
+        extra.update((global_name(k, offset), v) for k, v in rank.extra_state.items())
+        steps += rank.steps
+    if sorted(name for group in groups for name in group) != sorted(model.state_dict):
+        raise ReshardError(f"checkpoint {str(ckpt)!r}: the parameter groups in the model files do not list the "
+                           f"model's parameters")
     gated = cfg.model.activation == "swiglu"
-    tensors = {kind: {name: _join(name, per_tp, layout.tensor, gated) for name, per_tp in by_name.items()}
-               for kind, by_name in shards.items()}
+    tensors = {"weight": model.state_dict, **{
+        kind: {name: _join(name, per_tp, layout.tensor_parallel, gated) for name, per_tp in by_name.items()}
+        for kind, by_name in shards.items()}}
     step = None
     if with_optimizer:
         if not steps or any(float(s) != float(steps[0]) for s in steps):
@@ -245,14 +216,10 @@ def read_global_state(ckpt: Path, cfg: RunConfig, layout: Layout, with_optimizer
 
 
 def _join(name: str, per_tp: dict[int, torch.Tensor], tensor: int, gated: bool) -> torch.Tensor:
+    """The optimizer's tensors follow the weights: the same split rule (`tensor_parallel_dim`)."""
     pieces = [per_tp[t] for t in range(tensor)]
     dim = tensor_parallel_dim(name)
-    if dim is None:
-        if any(p.shape != pieces[0].shape for p in pieces):
-            raise ReshardError(f"{name}: replicated over tensor-parallel ranks but the shards have shapes "
-                               f"{[tuple(p.shape) for p in pieces]}")
-        return pieces[0]
-    return join_shards(pieces, dim, gated and "mlp.linear_fc1" in name)
+    return pieces[0] if dim is None else join_shards(pieces, dim, is_gated_fc1(name, gated))
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -271,23 +238,24 @@ def stage_of(name: str, num_layers: int, pipeline: int) -> int:
                        f"cannot tell which pipeline stage holds it")
 
 
-def stage_groups(state: GlobalState, cfg: RunConfig, layout: Layout, pp: int) -> list[list[tuple[str, str]]]:
+def stage_groups(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout,
+                 pp: int) -> list[list[tuple[str, str]]]:
     """[(local name, global source)] per param group of one new pipeline stage, in DeepSpeed's flattening order."""
-    num_layers = cfg.model.num_layers
-    offset = pp * (num_layers // layout.pipeline)
-    groups = [[(global_name(n, -offset), n) for n in group if stage_of(n, num_layers, layout.pipeline) == pp]
+    num_layers, pipeline = cfg.model.num_layers, layout.pipeline_parallel
+    offset = pp * (num_layers // pipeline)
+    groups = [[(global_name(n, -offset), n) for n in group if stage_of(n, num_layers, pipeline) == pp]
               for group in state.groups]
-    if cfg.model.tie_embeddings and layout.pipeline > 1 and pp == layout.pipeline - 1:
+    if cfg.model.tie_embeddings and pipeline > 1 and pp == pipeline - 1:
         groups[0].append((TIED_OUTPUT, EMBEDDING))  # the last stage's own copy, registered last in GPTModel
     return [groups[0]] + [g for g in groups[1:] if g]  # as optimizer.param_groups: no empty no-decay group
 
 
-def _shard(full: torch.Tensor, source: str, layout: Layout, tp: int, gated: bool) -> torch.Tensor:
+def _shard(full: torch.Tensor, source: str, tensor: int, tp: int, gated: bool) -> torch.Tensor:
     """This TP rank's piece of a global tensor, in storage of its own (torch.save writes a view's whole storage)."""
     dim = tensor_parallel_dim(source)
     if dim is None:
         return full.clone()
-    return split_shard(full, dim, layout.tensor, tp, gated and "mlp.linear_fc1" in source).clone()
+    return split_shard(full, dim, tensor, tp, is_gated_fc1(source, gated)).clone()
 
 
 def zero_partitions(flat: torch.Tensor, data: int) -> list[torch.Tensor]:
@@ -312,16 +280,16 @@ def _slice_mappings(sizes: list[tuple[str, int]], part_start: int, part_size: in
     return mapping
 
 
-def zero_files(state: GlobalState, layout: Layout, groups: list[list[tuple[str, str]]],
+def zero_files(state: GlobalState, data: int, groups: list[list[tuple[str, str]]],
                shard: Callable[[str, str], torch.Tensor], ds_config: dict) -> list[dict]:
     """The ZeRO file of every DP rank for one model-parallel rank: flat fp32 partitions, moments, step."""
     meta = state.zero_meta
     sizes = [[(local, shard("weight", source).numel()) for local, source in group] for group in groups]
     parts = {kind: [zero_partitions(torch.cat([shard(kind, source).reshape(-1).float() for _, source in group]),
-                                    layout.data) for group in groups]
+                                    data) for group in groups]
              for kind in state.optimizer_kinds}
     files = []
-    for dp in range(layout.data):
+    for dp in range(data):
         fp32, paddings, mappings, group_states = [], [], [], {}
         for g, group_sizes in enumerate(sizes):
             numel = sum(n for _, n in group_sizes)
@@ -340,7 +308,7 @@ def zero_files(state: GlobalState, layout: Layout, groups: list[list[tuple[str, 
                 "param_groups": [dict(state.group_hparams[g], params=[g]) for g in range(len(groups))]},
             "single_partition_of_fp32_groups": fp32, "zero_stage": meta["zero_stage"], "group_paddings": paddings,
             "param_alignment_paddings": [[0] * len(group) for group in groups],
-            "partition_count": [layout.data] * len(groups), "ds_version": meta["ds_version"],
+            "partition_count": [data] * len(groups), "ds_version": meta["ds_version"],
             "param_slice_mappings": mappings,
         }
         files.append({"optimizer_state_dict": optimizer_state, "ds_config": ds_config,
@@ -348,34 +316,33 @@ def zero_files(state: GlobalState, layout: Layout, groups: list[list[tuple[str, 
     return files
 
 
-def write_rank(state: GlobalState, cfg: RunConfig, layout: Layout, tp: int, pp: int, out: Path,
-               trainer_state: dict) -> None:
+def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp: int, tp: int, pp: int,
+               out: Path, trainer_state: dict) -> None:
     """DeepSpeed's model-states file of one new model-parallel rank and the ZeRO file of each of its DP ranks."""
     gated = cfg.model.activation == "swiglu"
+    tensor, pipeline, data = layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel
     groups = stage_groups(state, cfg, layout, pp)
     cache: dict = {}
 
     def shard(kind: str, source: str) -> torch.Tensor:
         if (kind, source) not in cache:
-            cache[kind, source] = _shard(state.tensors[kind][source], source, layout, tp, gated)
+            cache[kind, source] = _shard(state.tensors[kind][source], source, tensor, tp, gated)
         return cache[kind, source]
 
-    offset = pp * (cfg.model.num_layers // layout.pipeline)
+    offset = pp * (cfg.model.num_layers // pipeline)
     module = OrderedDict((local, shard("weight", source)) for group in groups for local, source in group)
     module.update((global_name(k, -offset), v) for k, v in state.extra_state.items()
-                  if stage_of(k, cfg.model.num_layers, layout.pipeline) == pp)
+                  if stage_of(k, cfg.model.num_layers, pipeline) == pp)
     ds_config = copy.deepcopy(state.model_meta.get("ds_config") or {})
     if ds_config:
-        ds_config["train_micro_batch_size_per_gpu"] = cfg.train.global_batch_size // layout.data
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.train.global_batch_size // data
     model_states = {k: v for k, v in state.model_meta.items() if k != "module"}
     model_states.update(
         module=module, param_shapes=[OrderedDict((local, module[local].shape) for local, _ in g) for g in groups],
-        dp_world_size=layout.data, mp_world_size=layout.tensor * layout.pipeline, ds_config=ds_config,
-        checkpoint_parallel_dimensions={"pp_degree": layout.pipeline, "tp_degree": layout.tensor},
-        trainer=trainer_state)
-    mp = layout.mp_rank(tp, pp)
+        dp_world_size=data, mp_world_size=tensor * pipeline, ds_config=ds_config,
+        checkpoint_parallel_dimensions={"pp_degree": pipeline, "tp_degree": tensor}, trainer=trainer_state)
     torch.save(model_states, out / MODEL_FILE.format(mp=mp))
-    for dp, zero in enumerate(zero_files(state, layout, groups, shard, ds_config)):
+    for dp, zero in enumerate(zero_files(state, data, groups, shard, ds_config)):
         torch.save(zero, out / ZERO_FILE.format(prefix=state.zero_meta["prefix"], dp=dp, mp=mp))
 
 
@@ -398,7 +365,7 @@ def vocab_divisor(cfg: RunConfig, padded_old: int, tensor: int) -> int:
     return padded_old // tensor  # then padded_vocab_size(v, tensor, divisor) = padded_old for any v <= padded_old
 
 
-def check_new_layout(cfg: RunConfig, layout: Layout) -> None:
+def check_new_layout(cfg: RunConfig, layout: CheckpointLayout) -> None:
     """The config's own checks for the new layout (heads and groups % TP, layers % PP, batch % DP, ZeRO-2 and PP).
 
     Data files, the tokenizer and the resume path are not needed to rewrite a checkpoint, so they are not checked.
@@ -407,15 +374,15 @@ def check_new_layout(cfg: RunConfig, layout: Layout) -> None:
 
     probe = copy.deepcopy(cfg)
     probe.data.mock, probe.data.tokenizer, probe.checkpoint.resume = True, None, "none"
-    probe.model.vocab_size = probe.model.vocab_size or 1
+    probe.model.vocab_size = probe.model.vocab_size or 1  # the padding is handled by vocab_divisor
     try:
         check_config(probe, layout.world_size)
     except ConfigError as err:
-        raise ReshardError(f"the layout {layout} is not valid for this run: {err}") from None
+        raise ReshardError(f"the layout {describe(layout)} is not valid for this run: {err}") from None
 
 
-def _new_layout(src: Layout, tensor: int, pipeline: int, data_parallel: Optional[int],
-                world_size: Optional[int]) -> Layout:
+def new_layout(src: CheckpointLayout, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
+               world_size: Optional[int] = None) -> CheckpointLayout:
     """DP: data_parallel, else world_size / (TP x PP), else the source's world size / (TP x PP)."""
     if data_parallel is None:
         total = world_size or src.world_size
@@ -423,46 +390,41 @@ def _new_layout(src: Layout, tensor: int, pipeline: int, data_parallel: Optional
             raise ReshardError(f"world size {total} is not divisible by TP {tensor} x PP {pipeline}; "
                                f"give --data-parallel or --world-size")
         data_parallel = total // (tensor * pipeline)
-    return Layout(tensor, pipeline, data_parallel)
+    return CheckpointLayout(tensor, pipeline, data_parallel)
 
 
 def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
             world_size: Optional[int] = None, reset_optimizer: bool = False,
             log: Callable[[str], None] = print) -> Path:
-    """Write the checkpoint `checkpoint` for TP `tensor` x PP `pipeline` x DP into `out`, a new checkpoint root
-    (iteration directory, `complete`, `latest`); return the new iteration directory."""
+    """Write the checkpoint `checkpoint` (an iter_* directory, a checkpoint root or a run directory) for
+    TP `tensor` x PP `pipeline` x DP into `out`, a new checkpoint root (iter_*, `complete`, `latest`);
+    return the new iteration directory."""
     out = Path(out)
     if out.exists():
         raise ReshardError(f"--out {out} already exists; choose a new directory (nothing was written)")
-    ckpt = resolve_checkpoint(checkpoint)
-    cfg = load_config(ckpt / "config.yaml")
-    src = source_layout(ckpt, cfg)
-    new = _new_layout(src, tensor, pipeline, data_parallel, world_size)
+    model = read_model_checkpoint(checkpoint)
+    ckpt, cfg, src = model.path, model.config, model.layout
+    new = new_layout(src, tensor, pipeline, data_parallel, world_size)
     new_cfg = copy.deepcopy(cfg)
     new_cfg.parallel.tensor, new_cfg.parallel.pipeline = tensor, pipeline
     check_new_layout(new_cfg, new)
-    if not (ckpt / "trainer_state.pt").is_file():
-        raise ReshardError(f"incomplete checkpoint: {ckpt / 'trainer_state.pt'} is missing")
-    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    log(f"fpa-reshard: {ckpt} (step {trainer_state['step']}, {trainer_state['consumed_samples']} samples "
-        f"consumed): {src} -> {new}")
+    log(f"fpa-reshard: {ckpt} (step {model.step}, {model.consumed_samples} samples consumed): "
+        f"{describe(src)} -> {describe(new)}")
 
-    state = read_global_state(ckpt, cfg, src, with_optimizer=not reset_optimizer, log=log)
+    state = read_global_state(model, with_optimizer=not reset_optimizer, log=log)
     if reset_optimizer:
         log("  --reset-optimizer: AdamW restarts from these weights (moments 0, step 0)")
         reset_optimizer_state(state, cfg)
-    padded_vocab = state.tensors["weight"][EMBEDDING].shape[0]
-    new_cfg.model.make_vocab_size_divisible_by = vocab_divisor(cfg, padded_vocab, tensor)
+    new_cfg.model.make_vocab_size_divisible_by = vocab_divisor(cfg, model.padded_vocab_size, tensor)
 
     iter_dir = out / ckpt.name
     iter_dir.mkdir(parents=True)
     try:
-        for pp in range(pipeline):
-            for tp in range(tensor):
-                log(f"  writing model-parallel rank {new.mp_rank(tp, pp)} (TP rank {tp}, PP stage {pp}) and "
-                    f"{new.data} ZeRO partition(s)")
-                write_rank(state, new_cfg, new, tp, pp, iter_dir, trainer_state)
-        torch.save(trainer_state, iter_dir / "trainer_state.pt")
+        for mp, tp, pp in ranks_by_stage(new):
+            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {new.data_parallel} "
+                f"ZeRO partition(s)")
+            write_rank(state, new_cfg, new, mp, tp, pp, iter_dir, model.trainer_state)
+        torch.save(model.trainer_state, iter_dir / "trainer_state.pt")
         save_config(new_cfg, iter_dir / "config.yaml")
         (iter_dir / RESHARDED).write_text(json.dumps({
             "source": str(ckpt.resolve()), "from": vars(src), "to": vars(new), "reset_optimizer": reset_optimizer,
@@ -474,13 +436,13 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise
-    (iter_dir / MARKER).write_text(f"{trainer_state['step']}\n")
+    (iter_dir / MARKER).write_text(f"{model.step}\n")
     (out / "latest").write_text(ckpt.name + "\n")
 
     overrides = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
     if new_cfg.model.make_vocab_size_divisible_by != cfg.model.make_vocab_size_divisible_by:
         overrides.append(f"model.make_vocab_size_divisible_by={new_cfg.model.make_vocab_size_divisible_by}")
-        log(f"  the padded vocabulary keeps its {padded_vocab} rows: model.make_vocab_size_divisible_by="
+        log(f"  the padded vocabulary keeps its {model.padded_vocab_size} rows: model.make_vocab_size_divisible_by="
             f"{new_cfg.model.make_vocab_size_divisible_by} (also in {iter_dir / 'config.yaml'})")
     log(f"done: {iter_dir}\nresume on {new.world_size} rank(s) with: fpa-train --config <your config> "
         + " ".join(overrides) + f" checkpoint.resume={out}")
@@ -515,7 +477,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "the optimizer state (ZeRO partitions regathered), the data position and the lambda schedule.",
     )
     parser.add_argument("--checkpoint", required=True,
-                        help="a complete checkpoint (iter_* directory) or a checkpoint root (its newest one)")
+                        help="a complete checkpoint: an iter_* directory, or a checkpoint root or run directory "
+                        "(its newest complete one)")
     parser.add_argument("--tensor", type=int, required=True, help="new tensor-parallel size")
     parser.add_argument("--pipeline", type=int, required=True, help="new pipeline-parallel size")
     size = parser.add_mutually_exclusive_group()
@@ -528,7 +491,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         reshard(args.checkpoint, args.out, args.tensor, args.pipeline, args.data_parallel, args.world_size,
                 args.reset_optimizer)
-    except (ReshardError, ConfigError) as err:
+    except (CheckpointError, ConfigError) as err:
         print(f"fpa-reshard: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -33,28 +33,6 @@ KEYS = ("lm_loss", "penalty", "grad_norm", "lambda", "lr", "step")
 TARGETS = {"tp1pp1dp4": (1, 1, 4), "tp1pp2dp2": (1, 2, 2), "tp2pp1dp2": (2, 1, 2)}
 
 
-def _parameter_splits(values: dict) -> list[tuple[str, object]]:
-    """(global name, Megatron's partition_dim or None) of every parameter of this rank's stage at TP2 x PP2."""
-    from megatron.core import parallel_state
-
-    from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
-    from fpa_megatron.model.gpt import build_gpt_model, make_penalty
-    from fpa_megatron.parallel.state import init_model_parallel
-    from fpa_megatron.parallel.weights import _layer_offset, global_name
-
-    cfg = config_from_dict(values, ["parallel.tensor=2", "parallel.pipeline=2"])
-    layout = check_config(cfg, 4)
-    init_model_parallel(2, 2, 0)
-    penalty = make_penalty(cfg.model, cfg.fpa)
-    model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size)
-    offset = _layer_offset(model)
-    out = [(global_name(n, offset), p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
-           for n, p in model.named_parameters()]
-    assert parallel_state.get_tensor_model_parallel_world_size() == 2
-    return out
-
-
 def _session(values: dict, root: str) -> dict:
     """Each rank: the reference run, the CLI on rank 0, then every resharded layout resumed for 3 steps."""
     import torch.distributed as dist
@@ -85,9 +63,6 @@ def _session(values: dict, root: str) -> dict:
         result[name] = run([f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"checkpoint.resume={root}/{name}",
                             f"model.make_vocab_size_divisible_by={divisor}", f"checkpoint.dir={root}/{name}_run",
                             f"logging.run_name={name}"])
-    result["splits"] = _parameter_splits(values) + _parameter_splits(
-        {**values, "model": {**MODEL, "activation": "gelu", "normalization": "LayerNorm", "tie_embeddings": False,
-                             "position_embedding": "learned"}})
     return result
 
 
@@ -202,19 +177,6 @@ def test_vocabulary_padding_is_kept(session):
         assert module["embedding.word_embeddings.weight"].shape[0] == 256 // tp
 
 
-def test_tensor_parallel_table_matches_megatron(session):
-    """fpa-reshard splits shards by name; Megatron's own attributes on a live model must agree, both families."""
-    from fpa_megatron.parallel.weights import tensor_parallel_dim
-
-    ranks, _ = session
-    splits = [s for rank in ranks for s in rank["splits"]]
-    assert {name for name, _ in splits} >= {"output_layer.weight", "embedding.position_embeddings.weight",
-                                             "decoder.layers.3.mlp.linear_fc1.weight",
-                                             "decoder.layers.0.self_attention.linear_qkv.bias"}
-    for name, dim in splits:
-        assert tensor_parallel_dim(name) == dim, name
-
-
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -246,25 +208,17 @@ def test_incomplete_checkpoint_and_existing_output(session, tmp_path, capsys):
     shutil.copytree(root / "ref" / "iter_0000003", copy)
     (copy / "complete").unlink()
     code, err = _cli(["--checkpoint", copy, "--tensor", "1", "--pipeline", "1", "--out", tmp_path / "a"], capsys)
-    assert code == 2 and "incomplete checkpoint" in err and "complete" in err, err
+    assert code == 2 and "is incomplete (no 'complete' marker" in err, err
     code, err = _cli(["--checkpoint", tmp_path / "ckpt", "--tensor", "1", "--pipeline", "1", "--out", tmp_path / "a"],
                      capsys)
     assert code == 2 and "no complete checkpoint" in err, err
     (copy / "complete").write_text("3\n")
     (copy / "mp_rank_02_model_states.pt").unlink()
     code, err = _cli(["--checkpoint", copy, "--tensor", "1", "--pipeline", "1", "--out", tmp_path / "a"], capsys)
-    assert code == 2 and "mp_rank_02_model_states.pt is missing" in err, err
+    assert code == 2 and "mp_rank_02_model_states.pt' is missing" in err, err
     code, err = _cli(["--checkpoint", root / "ref", "--tensor", "1", "--pipeline", "1", "--out", root / "tp1pp1dp4"],
                      capsys)
     assert code == 2 and "already exists" in err, err
-
-
-def test_checkpoint_root_means_its_newest_complete_checkpoint(session):
-    from fpa_megatron.training.reshard import resolve_checkpoint
-
-    _, root = session
-    assert resolve_checkpoint(root / "ref") == root / "ref" / "iter_0000006"
-    assert resolve_checkpoint(root / "ref" / "iter_0000003") == root / "ref" / "iter_0000003"
 
 
 def test_missing_optimizer_state_needs_explicit_reset(session, tmp_path, capsys):
