@@ -23,6 +23,12 @@ def global_name(local_name: str, layer_offset: int) -> str:
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
 
 
+def layer_index(global_param_name: str) -> int | None:
+    """The transformer layer a parameter belongs to, or None (embeddings, final norm, output layer)."""
+    match = _LAYER.match(global_param_name)
+    return int(match.group(1)) if match else None
+
+
 def _layer_offset(model) -> int:
     return get_transformer_layer_offset(model.config)
 
