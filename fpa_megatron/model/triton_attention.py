@@ -73,6 +73,13 @@ def _launcher(kind: str, head_dim: int):
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
+def chosen_tiles(head_dim: int) -> dict[str, str]:
+    """Per kernel, the tile config in use for this head dim (the autotuner's pick for the last shape it saw)."""
+    picked = {kind: getattr(_launcher(kind, head_dim), "best_config", None) for kind in ("fwd", "dkdv", "dq")}
+    return {kind: (f"BLOCK_M {c.kwargs['BLOCK_M']}, BLOCK_N {c.kwargs['BLOCK_N']}, warps {c.num_warps}, "
+                   f"stages {c.num_stages}") for kind, c in picked.items() if c is not None}
+
+
 def triton_attention_supported(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> tuple[bool, str]:
     """(True, "supported") if `triton_attention` can run on these inputs, else (False, the reason)."""
     if q.dim() != 4 or k.dim() != 4:

@@ -31,8 +31,13 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 INTERPRETING = bool(triton.knobs.runtime.interpret)  # read at the moment the kernels below are decorated
+if INTERPRETING != isinstance(tl.sum, InterpretedFunction):  # triton.language's helpers: decorated at import
+    raise ImportError("TRITON_INTERPRET changed after triton was first imported, so triton.language's own helpers "
+                      "and these kernels would run in different modes: set it before anything imports triton "
+                      "(megatron-core and deepspeed do)")
 
 PENALTY_NONE = tl.constexpr(0)
 PENALTY_PROBS = tl.constexpr(1)
