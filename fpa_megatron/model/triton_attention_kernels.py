@@ -8,14 +8,15 @@ so every exponential is an exp2. Per query row the forward keeps
                        so c_i = row_sq_sum / row_sum^2 = sum_j p_ij^2 at the end;
                logits: sum_j s_ij^2 over the visible keys (no rescaling)
 and saves lse2_i = m_i + log2(l_i), the base-2 log-sum-exp (= the natural one times log2(e)): the backward
-recomputes p_ij = 2^(t_ij - lse2_i) from it.
+recomputes p_ij = 2^(t_ij - lse2_i) from it. (Why c_i = row_sq_sum / row_sum^2: docs/fpa_math.md section 3.)
 
 Backward (g_i = incoming gradient of the row penalty, D_i = rowsum(dO_i * O_i) [+ 2 g_i c_i for probs]):
     probs:  dS_ij = p_ij (dP_ij + 2 g_i p_ij - D_i)
     logits: dS_ij = p_ij (dP_ij - D_i) + 2 g_i s_ij   (visible entries only)
-with dP = dO V^T, dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO. Two kernels and no atomics: dK/dV programs
-own a key tile (and sum the query heads of their GQA group in registers), dQ programs own a query tile; both
-recompute S and dP, which keeps the results deterministic at the price of two extra tile matmuls.
+with dP = dO V^T, dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO (docs/fpa_math.md section 2).
+Two kernels and no atomics: dK/dV programs own a key tile (and sum the query heads of their GQA group in
+registers), dQ programs own a query tile; both recompute S and dP, which keeps the results deterministic at
+the price of two extra tile matmuls.
 
 Causal tile skipping: tiles entirely above the diagonal are never visited; tiles entirely below it (and inside
 the sequence) run without any mask (MASKED=False); only the diagonal tiles and the sequence tail are masked.
