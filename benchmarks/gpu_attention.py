@@ -218,7 +218,7 @@ def main():
     print(f"{device_name}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
     rows = measure(args, device, dtype)
     report(args, rows, device_name)
-    configs = chosen_tiles(args.head_dim)
+    configs = chosen_tiles(args.head_dim, dtype)
     if configs:
         print("\nautotuned tiles (last shape): " + "; ".join(f"{k}: {v}" for k, v in configs.items()))
     if args.json:

@@ -40,6 +40,14 @@ GPU_TILES = {
            128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)],
            256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)]},
 }
+# float32 inputs: the operands take twice the shared memory, and the three-pass tf32 product (see
+# `_dot_precision`) more registers: smaller tiles, fewer stages.
+GPU_TILES_FLOAT32 = {
+    "fwd": {64: [(64, 32, 4, 2), (64, 64, 4, 2)], 128: [(64, 32, 4, 2), (64, 64, 4, 2)],
+            256: [(32, 16, 4, 1), (32, 32, 4, 1)]},
+    "dkdv": {64: [(32, 64, 4, 2), (16, 32, 4, 2)], 128: [(32, 64, 4, 2), (16, 32, 4, 2)], 256: [(16, 32, 4, 1)]},
+    "dq": {64: [(64, 32, 4, 2), (32, 32, 4, 2)], 128: [(64, 32, 4, 2), (32, 32, 4, 2)], 256: [(32, 16, 4, 1)]},
+}
 # Under the interpreter: one deterministic config; tiles unequal in the two directions, so that the small test
 # shapes still cover several key tiles per query tile and the masked / unmasked split of the loops.
 INTERPRETER_TILES = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
@@ -56,8 +64,8 @@ def _kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def _launcher(kind: str, head_dim: int):
-    """The kernel of `kind` wrapped in triton.autotune over its tile configs for this head dim."""
+def _launcher(kind: str, head_dim: int, float32: bool = False):
+    """The kernel of `kind` wrapped in triton.autotune over its tile configs for this head dim (and dtype)."""
     import triton
 
     kernels = _kernels()
@@ -67,15 +75,18 @@ def _launcher(kind: str, head_dim: int):
         block_m, block_n = INTERPRETER_TILES[kind]
         configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})]
     else:
-        tiles = GPU_TILES[kind][min((k for k in GPU_TILES[kind] if k >= head_dim))]
+        table = (GPU_TILES_FLOAT32 if float32 else GPU_TILES)[kind]
+        tiles = table[min(k for k in table if k >= head_dim)]
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in tiles]
     key = TUNING_KEY + (["HAS_GRAD_PENALTY"] if kind != "fwd" else [])
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
-def chosen_tiles(head_dim: int) -> dict[str, str]:
+def chosen_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
     """Per kernel, the tile config in use for this head dim (the autotuner's pick for the last shape it saw)."""
-    picked = {kind: getattr(_launcher(kind, head_dim), "best_config", None) for kind in ("fwd", "dkdv", "dq")}
+    float32 = dtype == torch.float32
+    picked = {kind: getattr(_launcher(kind, head_dim, float32), "best_config", None)
+              for kind in ("fwd", "dkdv", "dq")}
     return {kind: (f"BLOCK_M {c.kwargs['BLOCK_M']}, BLOCK_N {c.kwargs['BLOCK_N']}, warps {c.num_warps}, "
                    f"stages {c.num_stages}") for kind, c in picked.items() if c is not None}
 
@@ -124,10 +135,12 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs follow torch's matmul precision: 'highest' (the default) is IEEE fp32, else tf32."""
+    """float32 inputs follow torch's matmul precision: 'highest' (the default) gives "tf32x3" (three tf32
+    tensor-core products per dot, about float32 accuracy; plain IEEE float32 dots spilled badly and took
+    minutes to compile for sm_90), 'high' / 'medium' give tf32. Ignored for bf16 / fp16 operands."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # ignored for bf16 / fp16 operands
+        return "tf32x3"
+    return "tf32"
 
 
 class TritonAttention(torch.autograd.Function):
@@ -149,7 +162,7 @@ class TritonAttention(torch.autograd.Function):
         flags = dict(HEAD_DIM=d, CAUSAL=causal, DOT_DTYPE=kernels.dot_dtype(q.dtype),
                      DOT_PRECISION=_dot_precision(q.dtype))
         grid = lambda meta: (_cdiv(s, meta["BLOCK_M"]), b * hq)  # noqa: E731
-        _launcher("fwd", d)[grid](
+        _launcher("fwd", d, q.dtype == torch.float32)[grid](
             q, k, v, out, lse2, row_penalty if compute_penalty else lse2,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -188,12 +201,12 @@ class TritonAttention(torch.autograd.Function):
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
         kv_grid = lambda meta: (_cdiv(s, meta["BLOCK_N"]), b * k.shape[1])  # noqa: E731
-        _launcher("dkdv", d)[kv_grid](
+        _launcher("dkdv", d, q.dtype == torch.float32)[kv_grid](
             q, k, v, do, lse2, delta, g, dk, dv, *common,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             hq, group, s, ctx.softmax_scale, **flags)
         q_grid = lambda meta: (_cdiv(s, meta["BLOCK_M"]), b * hq)  # noqa: E731
-        _launcher("dq", d)[q_grid](
+        _launcher("dq", d, q.dtype == torch.float32)[q_grid](
             q, k, v, do, lse2, delta, g, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
             hq, group, s, ctx.softmax_scale, **flags)
         return dq, dk, dv, None, None, None, None
