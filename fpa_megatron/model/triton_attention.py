@@ -116,12 +116,12 @@ def triton_attention_supported(q: Tensor, k: Tensor, v: Optional[Tensor] = None)
     try:
         kernels = _kernels()
     except ImportError as e:
-        return False, f"triton is not importable ({e})"
+        return False, f"the Triton kernels cannot be loaded ({e})"
     if kernels.INTERPRETING and q.device.type != "cpu":
         return False, f"device {q.device}: Triton's interpreter (TRITON_INTERPRET=1) runs CPU tensors only"
     if not kernels.INTERPRETING and q.device.type != "cuda":
-        return False, (f"device {q.device}: the compiled kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
-                       "before the first use, to interpret them on CPU)")
+        return False, (f"device {q.device}: the compiled kernels need CUDA tensors (or TRITON_INTERPRET=1, set "
+                       "before triton is first imported, to interpret them on CPU)")
     return True, "supported"
 
 
