@@ -9,6 +9,8 @@ at once: GQA, odd lengths (a ragged last tile), causal and not, both targets, he
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from fpa_megatron.model.attention_penalty import eager_attention
 from fpa_megatron.model.blockwise_attention import blockwise_attention
 from fpa_megatron.model.triton_attention import triton_attention, triton_attention_supported
 
+os.environ.setdefault("FPA_TRITON_AUTOTUNE", "0")  # on a GPU: one tile config per kernel, a few compiles only
 triton_kernels = pytest.importorskip("fpa_megatron.model.triton_attention_kernels")
 if triton_kernels.INTERPRETING:
     DEVICE = "cpu"
