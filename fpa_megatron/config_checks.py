@@ -285,8 +285,17 @@ def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
     _number_at_least("logging.peak_tflops", lg.peak_tflops, 0.0, strict=True)
     _int_at_least("checkpoint.interval", ck.interval, 0)
     _int_at_least("checkpoint.keep_last", ck.keep_last, 1)
-    if ck.resume not in ("auto", "none") and not Path(str(ck.resume)).is_dir():
-        _fail(f"checkpoint.resume={ck.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
+
+
+def _check_resume(cfg: RunConfig, world_size: int) -> None:
+    """The checkpoint this run would resume from is complete and was saved in this run's layout (read from
+    its layout.json, before any weight is read)."""
+    from fpa_megatron.training.checkpoint import (CheckpointLayout, check_layout, checkpoint_root,
+                                                  resolve_resume)
+
+    path, _ = resolve_resume(checkpoint_root(cfg), str(cfg.checkpoint.resume))
+    if path is not None:
+        check_layout(path, CheckpointLayout.of_run(cfg, world_size))
 
 
 def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
@@ -301,6 +310,7 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     _check_optimizer(cfg, pipeline)
     _check_fpa(cfg)
     _check_logging_and_checkpoint(cfg)
+    _check_resume(cfg, world_size)
     _check_data(cfg)
     vocab, tok_size = _check_vocab(cfg)
     m = cfg.model

@@ -46,15 +46,24 @@ def tokenizer(tmp_path_factory) -> str:
     return str(path)
 
 
+def write_dataset(prefix: str, num_documents: int) -> str:
+    """A real Megatron indexed dataset of num_documents short documents (check_config reads its index)."""
+    import numpy as np
+
+    from data_prep.indexed import NativeShardWriter
+
+    writer = NativeShardWriter(prefix + ".bin", "uint16")
+    for d in range(num_documents):
+        writer.add_document(np.arange(d % 7 + 2, dtype=np.uint16))
+    writer.finalize(prefix + ".idx")
+    return prefix
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
-    """Two prefixes with (empty) .bin/.idx files: check_config only checks that they exist."""
+    """Two prefixes of 100 documents each: every split of 98,1,1 gets at least one."""
     root = tmp_path_factory.mktemp("shards")
-    prefixes = [str(root / f"corpus_{i:05d}") for i in range(2)]
-    for p in prefixes:
-        Path(p + ".bin").write_bytes(b"")
-        Path(p + ".idx").write_bytes(b"")
-    return prefixes
+    return [write_dataset(str(root / f"corpus_{i:05d}"), 100) for i in range(2)]
 
 
 def base(tokenizer: str, shards: list[str]) -> dict:
@@ -175,8 +184,46 @@ def test_rope_ignores_max_position_embeddings(tokenizer, shards):
     check(tokenizer, shards, ["model.position_embedding=rope", "model.max_position_embeddings=16"])
 
 
-def test_resume_from_existing_directory(tokenizer, shards, tmp_path):
-    check(tokenizer, shards, [f"checkpoint.resume={tmp_path}"])
+def _checkpoint_dir(path: Path, world_size: int, tensor: int, pipeline: int, complete: bool = True) -> Path:
+    """What check_config reads of a checkpoint: its marker and layout.json (no weights are read before the
+    layout is known to fit; the end-to-end test with real saves is in tests/training/test_checkpoint.py)."""
+    import json
+
+    path.mkdir(parents=True)
+    layout = dict(world_size=world_size, tensor=tensor, pipeline=pipeline,
+                  data=world_size // (tensor * pipeline), zero_stage=1, step=int(path.name.split("_")[-1]))
+    (path / "layout.json").write_text(json.dumps(layout))
+    if complete:
+        (path / "complete").write_text(f"{layout['step']}\n")
+    return path
+
+
+def test_resume_needs_a_complete_checkpoint(tokenizer, shards, tmp_path):
+    good = _checkpoint_dir(tmp_path / "iter_0000040", 4, 1, 1)
+    check(tokenizer, shards, [f"checkpoint.resume={good}"])
+    (tmp_path / "latest").write_text("iter_0000040\n")
+    check(tokenizer, shards, [f"checkpoint.resume={tmp_path}"])  # a checkpoint root: its latest
+    killed = _checkpoint_dir(tmp_path / "iter_0000050", 4, 1, 1, complete=False)
+    for path in (killed, tmp_path / "empty", tmp_path / "missing"):
+        if path.name == "empty":
+            path.mkdir()
+        with pytest.raises(ConfigError) as err:
+            check(tokenizer, shards, [f"checkpoint.resume={path}"])
+        assert f"checkpoint.resume='{path}' is not a complete checkpoint directory" in str(err.value)
+
+
+def test_resume_auto_follows_latest_and_checks_its_layout(tokenizer, shards, tmp_path):
+    _checkpoint_dir(tmp_path / "iter_0000040", 4, 1, 1)
+    _checkpoint_dir(tmp_path / "iter_0000060", 4, 2, 1)  # newer by step, but not what latest names
+    (tmp_path / "latest").write_text("iter_0000040\n")
+    auto = ["checkpoint.resume=auto", f"checkpoint.dir={tmp_path}"]
+    check(tokenizer, shards, auto)
+    with pytest.raises(ConfigError) as err:
+        check(tokenizer, shards, auto + ["parallel.tensor=2", "parallel.pipeline=2"])
+    message = str(err.value)
+    assert "iter_0000040" in message and "TP1 x PP1 x DP4 (4 ranks)" in message
+    assert "TP2 x PP2 x DP1 (4 ranks)" in message and "fpa-reshard --checkpoint" in message
+    assert "--tensor 2 --pipeline 2" in message
 
 
 def test_bf16_on_cpu_is_allowed(tokenizer, shards):
