@@ -8,6 +8,8 @@ It does not modify the config.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -250,10 +252,9 @@ def _check_data(cfg: RunConfig) -> None:
         if len(d.weights) != len(d.prefixes):
             _fail(f"data.weights={d.weights!r} has {len(d.weights)} entries but data.prefixes has "
                   f"{len(d.prefixes)}")
-        if not all(_is_number(w) and w >= 0 for w in d.weights):
-            _fail(f"data.weights={d.weights!r} must all be non-negative numbers")
-        if d.weights and sum(d.weights) <= 0:
-            _fail(f"data.weights={d.weights!r} are all zero")
+        if not all(_is_number(w) and w > 0 for w in d.weights):
+            _fail(f"data.weights={d.weights!r} must all be positive numbers (Megatron's dataset builder rejects a "
+                  f"weight of 0: drop that prefix from data.prefixes instead)")
     if d.mock:
         return
     if not d.prefixes:
@@ -263,6 +264,69 @@ def _check_data(cfg: RunConfig) -> None:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(f"{prefix}{suffix}"):
                 _fail(f"data.prefixes[{i}]={str(prefix)!r}: {prefix}{suffix} does not exist")
+    _check_splits(cfg)
+
+
+def index_sequence_count(prefix: str) -> int:
+    """Number of sequences of a Megatron indexed dataset (what Megatron splits a GPT dataset by), read by
+    Megatron-core's own IndexedDataset (index memory-mapped, nothing else read)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        dataset = IndexedDataset(prefix)
+    except (AssertionError, ValueError, OSError) as err:
+        _fail(f"{prefix}.idx is not a readable Megatron-core index: {err or type(err).__name__}")
+    count = int(dataset.sequence_lengths.shape[0])
+    del dataset
+    return count
+
+
+def _check_splits(cfg: RunConfig) -> None:
+    """Every split that gets a share must get a sequence of every prefix (Megatron's builder cannot build an
+    empty split), and evaluation needs a validation split at all."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    d, t = cfg.data, cfg.train
+    if t.eval_interval > 0 and parse_split(d.split)[1] == 0:
+        _fail(f"train.eval_interval={t.eval_interval} evaluates on the validation split, but data.split="
+              f"{d.split!r} gives it no share: set one (e.g. data.split='98,1,1') or train.eval_interval=0")
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(str(d.split).replace("/", ",")))
+    for i, prefix in enumerate(d.prefixes):
+        count = index_sequence_count(prefix)
+        for name, bookends in zip(("train", "validation", "test"), matrix):
+            if bookends is not None and round(bookends[0] * count) == round(bookends[1] * count):
+                _fail(f"data.prefixes[{i}]={str(prefix)!r} has {count} documents, and its {name} split under "
+                      f"data.split={d.split!r} gets none of them (Megatron cannot build an empty split): use the "
+                      f"merged dataset or a larger prefix, or give that split no share")
+
+
+def _check_encoded_with_tokenizer(cfg: RunConfig) -> None:
+    """A prefix written by `fpa-prep encode` records its tokenizer's sha256 in manifest.json next to it;
+    token ids only mean something under that tokenizer. Data without a manifest is not checked."""
+    d = cfg.data
+    if d.mock or d.tokenizer is None:
+        return
+    ours = None
+    for i, prefix in enumerate(d.prefixes):
+        manifest_path = Path(prefix).parent / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            recorded = manifest["tokenizer"]
+            names = {ds.get("merged_prefix") for ds in manifest["datasets"].values()}
+            names |= {s for ds in manifest["datasets"].values() for s in ds.get("shards", [])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # no (readable) manifest: data from elsewhere
+        if Path(prefix).name not in names:
+            continue  # the manifest describes other datasets
+        if ours is None:
+            with open(d.tokenizer, "rb") as f:
+                ours = hashlib.sha256(f.read()).hexdigest()
+        if recorded.get("sha256") != ours:
+            _fail(f"data.prefixes[{i}]={str(prefix)!r} was encoded with the tokenizer {recorded.get('path')!r} "
+                  f"(sha256 {str(recorded.get('sha256'))[:12]}..., per {manifest_path}), but data.tokenizer="
+                  f"{d.tokenizer!r} is another model (sha256 {ours[:12]}...): its token ids would be read as other "
+                  f"pieces. Set data.tokenizer to the encoding tokenizer, or encode the data again with this one")
 
 
 def _check_vocab(cfg: RunConfig) -> tuple[int, Optional[int]]:
@@ -313,6 +377,7 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     _check_resume(cfg, world_size)
     _check_data(cfg)
     vocab, tok_size = _check_vocab(cfg)
+    _check_encoded_with_tokenizer(cfg)
     m = cfg.model
     return ResolvedLayout(
         world_size=world_size,

@@ -327,8 +327,11 @@ BAD = {
     "split_zero_sum": (["data.split='0,0,0'"], 4, ["data.split='0,0,0'"]),
     "split_text": (["data.split=most,some,rest"], 4, ["data.split='most,some,rest'"]),
     "weights_length": (["data.weights=[1]"], 4, ["data.weights=[1]", "1 entries", "data.prefixes has 2"]),
-    "weights_negative": (["data.weights=[1,-1]"], 4, ["data.weights=[1, -1]", "non-negative"]),
-    "weights_all_zero": (["data.weights=[0,0]"], 4, ["data.weights=[0, 0]", "all zero"]),
+    "weights_negative": (["data.weights=[1,-1]"], 4, ["data.weights=[1, -1]", "positive"]),
+    "weights_zero": (["data.weights=[1,0]"], 4, ["data.weights=[1, 0]", "positive", "rejects a weight of 0"]),
+    "weights_all_zero": (["data.weights=[0,0]"], 4, ["data.weights=[0, 0]", "positive"]),
+    "eval_without_valid_split": (["train.eval_interval=10", "data.split=99,0,1"], 4,
+                                 ["train.eval_interval=10", "data.split='99,0,1'", "validation split"]),
     "weights_text": (["data.weights=[a,1]"], 4, ["data.weights=['a', 1]"]),
     "prefixes_empty": (["data.prefixes=[]"], 4, ["data.prefixes=[]", "data.mock=true"]),
     # vocabulary
@@ -357,6 +360,66 @@ def test_data_prefix_files_must_exist(tokenizer, shards, tmp_path, missing):
         check(tokenizer, shards, [f"data.prefixes=[{shards[0]},{prefix}]"])
     assert f"data.prefixes[1]='{prefix}'" in str(err.value)
     assert f"{prefix}{missing} does not exist" in str(err.value)
+
+
+def test_every_split_gets_a_document_of_every_prefix(tokenizer, shards, tmp_path):
+    small = write_dataset(str(tmp_path / "small"), 20)  # 98,1,1 of 20 documents: validation [19.6, 19.8) -> none
+    with pytest.raises(ConfigError) as err:
+        check(tokenizer, shards, [f"data.prefixes=[{shards[0]},{small}]"])
+    message = str(err.value)
+    assert f"data.prefixes[1]='{small}' has 20 documents" in message and "validation split" in message
+    assert "data.split='98,1,1'" in message
+    check(tokenizer, shards, [f"data.prefixes=[{shards[0]},{small}]", "data.split=80,10,10"])
+    garbage = tmp_path / "garbage"
+    Path(f"{garbage}.bin").write_bytes(b"")
+    Path(f"{garbage}.idx").write_bytes(b"not an index")
+    with pytest.raises(ConfigError, match=rf"{garbage}\.idx is not a readable Megatron-core index"):
+        check(tokenizer, shards, [f"data.prefixes=[{garbage}]"])
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tokenizer) -> Path:
+    """A real `fpa-prep encode` (+ merge) with the `tokenizer` fixture: its manifest records the tokenizer."""
+    from data_prep.encode import EncodeOptions, run_encode
+    from data_prep.merge import merge_encode_dir
+
+    root = tmp_path_factory.mktemp("encoded")
+    words = ["alpha", "beta", "gamma", "delta", "tensor", "pipeline"]
+    (root / "in.jsonl").write_text("".join(f'{{"text": "{words[i % 6]} {words[i % 5]} {i}"}}\n' for i in range(300)))
+    _, status = run_encode(EncodeOptions(inputs=[str(root / "in.jsonl")], tokenizer=tokenizer,
+                                         out_dir=str(root / "out"), name="corpus", num_shards=2, workers=1,
+                                         progress=False))
+    assert status == 0
+    merge_encode_dir(str(root / "out"))
+    return root / "out"
+
+
+def test_data_must_be_encoded_with_the_configured_tokenizer(tokenizer, shards, encoded, tmp_path):
+    import hashlib
+    import shutil
+
+    import sentencepiece as spm
+
+    merged, shard = encoded / "corpus", encoded / "corpus_00001"
+    check(tokenizer, shards, [f"data.prefixes=[{merged},{shard}]", "train.eval_interval=0"])
+    other = tmp_path / "other.model"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["other words entirely", "and more of them"] * 50),
+                                   model_prefix=str(other.with_suffix("")), vocab_size=40, model_type="bpe",
+                                   minloglevel=2)
+    for prefix, index in ((merged, 1), (shard, 1)):
+        with pytest.raises(ConfigError) as err:
+            check(tokenizer, shards, [f"data.prefixes=[{shards[0]},{prefix}]", f"data.tokenizer={other}",
+                                      "train.eval_interval=0"])
+        message = str(err.value)
+        assert f"data.prefixes[{index}]='{prefix}' was encoded with the tokenizer '{tokenizer}'" in message
+        assert hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()[:12] in message
+        assert f"data.tokenizer='{other}'" in message
+        assert hashlib.sha256(other.read_bytes()).hexdigest()[:12] in message
+    # the same model under another path is the same tokenizer; data without a manifest is not checked
+    copy_path = tmp_path / "copy.model"
+    shutil.copy(tokenizer, copy_path)
+    check(tokenizer, shards, [f"data.prefixes=[{merged}]", f"data.tokenizer={copy_path}", "train.eval_interval=0"])
+    check(tokenizer, shards, [f"data.tokenizer={other}"])
 
 
 def test_tokenizer_must_exist(tokenizer, shards, tmp_path):
