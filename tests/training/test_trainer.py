@@ -74,7 +74,8 @@ def test_tensorboard_has_every_scalar_and_the_heatmap(single_run):
     (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     (2, ["optimizer.zero_stage=1"]),
     (2, ["optimizer.zero_stage=2"]),
-], ids=["tp2", "pp2", "tp2pp2", "dp2-zero1", "dp2-zero2"])
+    (4, ["parallel.pipeline=2", "optimizer.zero_stage=1"]),  # tied embeddings across stages, ZeRO-1 over DP2
+], ids=["tp2", "pp2", "tp2pp2", "dp2-zero1", "dp2-zero2", "pp2dp2-zero1"])
 def test_first_steps_match_single_process(tmp_path, single, world, overrides):
     got = _run(tmp_path, world, overrides)
     assert [h["step"] for h in got] == [1, 2, 3, 4, 5]
