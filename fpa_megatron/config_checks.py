@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -274,7 +275,7 @@ def index_sequence_count(prefix: str) -> int:
 
     try:
         dataset = IndexedDataset(prefix)
-    except (AssertionError, ValueError, OSError) as err:
+    except (AssertionError, ValueError, OSError, struct.error) as err:
         _fail(f"{prefix}.idx is not a readable Megatron-core index: {err or type(err).__name__}")
     count = int(dataset.sequence_lengths.shape[0])
     del dataset

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -28,16 +29,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _warning_filters() -> list[tuple]:
-    """The current warning filters as picklable tuples (action, message, category, module, lineno)."""
-    return [(action, message.pattern if message else "", category, module.pattern if module else "", lineno)
-            for action, message, category, module, lineno in warnings.filters]
+def _picklable(obj) -> bool:
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # noqa: BLE001 - e.g. a warning category defined inside a function
+        return False
 
 
 def _install_warning_filters(filters: list[tuple]) -> None:
-    warnings.resetwarnings()
-    for action, message, category, module, lineno in reversed(filters):  # each goes in front: same order
-        warnings.filterwarnings(action, message, category, module, lineno)
+    """Make `filters` (a copy of the caller's warnings.filters: compiled regexes and classes pickle) this
+    process's warning filters, in the same order."""
+    warnings.filters[:] = filters
+    getattr(warnings, "_filters_mutated", lambda: None)()  # drop cached "already shown" decisions
 
 
 def _module_of(filename: str) -> str:
@@ -84,7 +88,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    filters = _warning_filters()
+    filters = [f for f in warnings.filters if _picklable(f)]
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout_s, filters), daemon=False)
         for r in range(world_size)
