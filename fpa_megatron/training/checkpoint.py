@@ -414,6 +414,8 @@ class Checkpointer:
         """
         return resolve_latest(self.root)[0]
 
+    newest = latest  # the same checkpoint under the name the spike rollback calls it
+
     def load(self, path: Path, engine) -> dict:
         """Restore model, optimizer (ZeRO partitions), RNG streams; return the trainer state.
 

@@ -4,13 +4,20 @@ pruning after a rollback, the layout error) are tested on real ranks in test_tra
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 
 import pytest
 import torch
 
 from fpa_megatron.training.checkpoint import load_trusted, resolve_latest, resolve_resume
+
+
+class RunsCodeWhenUnpickled:
+    """Unpickling this calls a function (os.getpid, harmless): what a tampered checkpoint file could do."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
 
 
 def test_our_files_refuse_pickled_objects(tmp_path):
@@ -21,9 +28,10 @@ def test_our_files_refuse_pickled_objects(tmp_path):
     assert back.keys() == plain.keys() and torch.equal(back["torch"], plain["torch"])
     assert back["list"] == plain["list"] and back["step"] == 7 and back["enabled"] is True
 
-    torch.save({**plain, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "rng_rank_0.pt")
-    assert torch.load(tmp_path / "rng_rank_0.pt", weights_only=False)["args"].lr == 1e-3  # a valid file...
-    with pytest.raises(RuntimeError) as err:  # ...that weights_only refuses: it would run pickled code
+    torch.save({**plain, "payload": RunsCodeWhenUnpickled()}, tmp_path / "rng_rank_0.pt")
+    # a valid file: a plain torch.load calls os.getpid while unpickling it...
+    assert torch.load(tmp_path / "rng_rank_0.pt", weights_only=False)["payload"] == os.getpid()
+    with pytest.raises(RuntimeError) as err:  # ...which weights_only refuses to do
         load_trusted(tmp_path / "rng_rank_0.pt")
     assert str(tmp_path / "rng_rank_0.pt") in str(err.value) and "weights_only=True" in str(err.value)
     with pytest.raises(FileNotFoundError, match="rng_rank_1.pt is missing"):
