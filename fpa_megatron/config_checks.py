@@ -268,18 +268,20 @@ def _check_data(cfg: RunConfig) -> None:
     _check_splits(cfg)
 
 
-def index_sequence_count(prefix: str) -> int:
-    """Number of sequences of a Megatron indexed dataset (what Megatron splits a GPT dataset by), read by
-    Megatron-core's own IndexedDataset (index memory-mapped, nothing else read)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+INDEX_MAGIC = b"MMIDIDX\x00\x00"  # Megatron-core's .idx header: magic, version 1 (<Q), dtype code (<B), counts
 
-    try:
-        dataset = IndexedDataset(prefix)
-    except (AssertionError, ValueError, OSError, struct.error) as err:
-        _fail(f"{prefix}.idx is not a readable Megatron-core index: {err or type(err).__name__}")
-    count = int(dataset.sequence_lengths.shape[0])
-    del dataset
-    return count
+
+def index_sequence_count(prefix: str) -> int:
+    """Number of sequences in `<prefix>.idx` (what Megatron splits a GPT dataset by), from its 26-byte header.
+
+    Read directly: Megatron's IndexedDataset maps the whole index, and leaves an object whose __del__ fails
+    when the header is bad."""
+    path = f"{prefix}.idx"
+    with open(path, "rb") as f:
+        header = f.read(26)
+    if len(header) < 26 or header[:9] != INDEX_MAGIC or struct.unpack("<Q", header[9:17])[0] != 1:
+        _fail(f"{path} is not a Megatron-core index file (bad or truncated header)")
+    return struct.unpack("<Q", header[18:26])[0]
 
 
 def _check_splits(cfg: RunConfig) -> None:

@@ -373,7 +373,7 @@ def test_every_split_gets_a_document_of_every_prefix(tokenizer, shards, tmp_path
     garbage = tmp_path / "garbage"
     Path(f"{garbage}.bin").write_bytes(b"")
     Path(f"{garbage}.idx").write_bytes(b"not an index")
-    with pytest.raises(ConfigError, match=rf"{garbage}\.idx is not a readable Megatron-core index"):
+    with pytest.raises(ConfigError, match=rf"{garbage}\.idx is not a Megatron-core index file"):
         check(tokenizer, shards, [f"data.prefixes=[{garbage}]"])
 
 
