@@ -244,6 +244,11 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
     return cfg
 
 
+def run_dir(cfg: RunConfig) -> Path:
+    """Where a run writes its logs, config and (by default) checkpoints: <logging.dir>/<run name>."""
+    return Path(cfg.logging.dir) / (cfg.logging.run_name or "run")
+
+
 def config_to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 

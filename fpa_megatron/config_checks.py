@@ -8,8 +8,11 @@ It does not modify the config.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -251,10 +254,9 @@ def _check_data(cfg: RunConfig) -> None:
         if len(d.weights) != len(d.prefixes):
             _fail(f"data.weights={d.weights!r} has {len(d.weights)} entries but data.prefixes has "
                   f"{len(d.prefixes)}")
-        if not all(_is_number(w) and w >= 0 for w in d.weights):
-            _fail(f"data.weights={d.weights!r} must all be non-negative numbers")
-        if d.weights and sum(d.weights) <= 0:
-            _fail(f"data.weights={d.weights!r} are all zero")
+        if not all(_is_number(w) and w > 0 for w in d.weights):
+            _fail(f"data.weights={d.weights!r} must all be positive numbers (Megatron's dataset builder rejects a "
+                  f"weight of 0: drop that prefix from data.prefixes instead)")
     if d.mock:
         return
     if not d.prefixes:
@@ -264,6 +266,71 @@ def _check_data(cfg: RunConfig) -> None:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(f"{prefix}{suffix}"):
                 _fail(f"data.prefixes[{i}]={str(prefix)!r}: {prefix}{suffix} does not exist")
+    _check_splits(cfg)
+
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"  # Megatron-core's .idx header: magic, version 1 (<Q), dtype code (<B), counts
+
+
+def index_sequence_count(prefix: str) -> int:
+    """Number of sequences in `<prefix>.idx` (what Megatron splits a GPT dataset by), from its 26-byte header.
+
+    Read directly: Megatron's IndexedDataset maps the whole index, and leaves an object whose __del__ fails
+    when the header is bad."""
+    path = f"{prefix}.idx"
+    with open(path, "rb") as f:
+        header = f.read(26)
+    if len(header) < 26 or header[:9] != INDEX_MAGIC or struct.unpack("<Q", header[9:17])[0] != 1:
+        _fail(f"{path} is not a Megatron-core index file (bad or truncated header)")
+    return struct.unpack("<Q", header[18:26])[0]
+
+
+def _check_splits(cfg: RunConfig) -> None:
+    """Every split that gets a share must get a sequence of every prefix (Megatron's builder cannot build an
+    empty split), and evaluation needs a validation split at all."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    d, t = cfg.data, cfg.train
+    if t.eval_interval > 0 and parse_split(d.split)[1] == 0:
+        _fail(f"train.eval_interval={t.eval_interval} evaluates on the validation split, but data.split="
+              f"{d.split!r} gives it no share: set one (e.g. data.split='98,1,1') or train.eval_interval=0")
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(str(d.split).replace("/", ",")))
+    for i, prefix in enumerate(d.prefixes):
+        count = index_sequence_count(prefix)
+        for name, bookends in zip(("train", "validation", "test"), matrix):
+            if bookends is not None and round(bookends[0] * count) == round(bookends[1] * count):
+                _fail(f"data.prefixes[{i}]={str(prefix)!r} has {count} documents, and its {name} split under "
+                      f"data.split={d.split!r} gets none of them (Megatron cannot build an empty split): use the "
+                      f"merged dataset or a larger prefix, or give that split no share")
+
+
+def _check_encoded_with_tokenizer(cfg: RunConfig) -> None:
+    """A prefix written by `fpa-prep encode` records its tokenizer's sha256 in manifest.json next to it;
+    token ids only mean something under that tokenizer. Data without a manifest is not checked."""
+    d = cfg.data
+    if d.mock or d.tokenizer is None:
+        return
+    ours = None
+    for i, prefix in enumerate(d.prefixes):
+        manifest_path = Path(prefix).parent / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            recorded = manifest["tokenizer"]
+            names = {ds.get("merged_prefix") for ds in manifest["datasets"].values()}
+            names |= {s for ds in manifest["datasets"].values() for s in ds.get("shards", [])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # no (readable) manifest: data from elsewhere
+        if Path(prefix).name not in names:
+            continue  # the manifest describes other datasets
+        if ours is None:
+            with open(d.tokenizer, "rb") as f:
+                ours = hashlib.sha256(f.read()).hexdigest()
+        if recorded.get("sha256") != ours:
+            _fail(f"data.prefixes[{i}]={str(prefix)!r} was encoded with the tokenizer {recorded.get('path')!r} "
+                  f"(sha256 {str(recorded.get('sha256'))[:12]}..., per {manifest_path}), but data.tokenizer="
+                  f"{d.tokenizer!r} is another model (sha256 {ours[:12]}...): its token ids would be read as other "
+                  f"pieces. Set data.tokenizer to the encoding tokenizer, or encode the data again with this one")
 
 
 def _check_vocab(cfg: RunConfig) -> tuple[int, Optional[int]]:
@@ -286,8 +353,17 @@ def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
     _number_at_least("logging.peak_tflops", lg.peak_tflops, 0.0, strict=True)
     _int_at_least("checkpoint.interval", ck.interval, 0)
     _int_at_least("checkpoint.keep_last", ck.keep_last, 1)
-    if ck.resume not in ("auto", "none") and not Path(str(ck.resume)).is_dir():
-        _fail(f"checkpoint.resume={ck.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
+
+
+def _check_resume(cfg: RunConfig, world_size: int) -> None:
+    """The checkpoint this run would resume from is complete and was saved in this run's layout (read from
+    its layout.json, before any weight is read)."""
+    from fpa_megatron.training.checkpoint import (CheckpointLayout, check_layout, checkpoint_root,
+                                                  resolve_resume)
+
+    path, _ = resolve_resume(checkpoint_root(cfg), str(cfg.checkpoint.resume))
+    if path is not None:
+        check_layout(path, CheckpointLayout.of_run(cfg, world_size))
 
 
 def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
@@ -302,8 +378,10 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     _check_optimizer(cfg, pipeline)
     _check_fpa(cfg)
     _check_logging_and_checkpoint(cfg)
+    _check_resume(cfg, world_size)
     _check_data(cfg)
     vocab, tok_size = _check_vocab(cfg)
+    _check_encoded_with_tokenizer(cfg)
     m = cfg.model
     return ResolvedLayout(
         world_size=world_size,

@@ -1,7 +1,9 @@
 """`run_distributed(fn, world_size)`: run fn in real gloo processes (spawned), return each rank's result.
 
 Used by the tests and benchmarks. Each rank gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* in its environment,
-OMP_NUM_THREADS=1, a gloo process group with a timeout, and a free port of its own.
+OMP_NUM_THREADS=1, a gloo process group with a timeout, and a free port of its own. Warnings follow the
+caller's filters in every rank (under pytest: setup.cfg's, so an "error" filter fails the rank), and the
+ones a rank shows are raised again in the caller, so that pytest reports them like its own.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import pickle
 import queue
 import socket
+import sys
 import traceback
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -24,22 +29,52 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float):
+def _picklable(obj) -> bool:
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # noqa: BLE001 - e.g. a warning category defined inside a function
+        return False
+
+
+def _install_warning_filters(filters: list[tuple]) -> None:
+    """Make `filters` (a copy of the caller's warnings.filters: compiled regexes and classes pickle) this
+    process's warning filters, in the same order."""
+    warnings.filters[:] = filters
+    getattr(warnings, "_filters_mutated", lambda: None)()  # drop cached "already shown" decisions
+
+
+def _module_of(filename: str) -> str:
+    """Dotted module name of a source file on sys.path (what a filter's module field is matched against)."""
+    path = os.path.abspath(filename)
+    roots = sorted((os.path.abspath(p) for p in sys.path if p), key=len, reverse=True)
+    for root in roots:
+        if path.startswith(root + os.sep):
+            name = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, ".")
+            return name.removesuffix(".__init__")
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float,
+            warning_filters: list[tuple]):
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
     try:
-        torch.distributed.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
-        )
-        out = fn(*args)
+        with warnings.catch_warnings(record=True) as shown:
+            _install_warning_filters(warning_filters)
+            torch.distributed.init_process_group(
+                "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+            )
+            out = fn(*args)
         buffer = io.BytesIO()  # plain bytes: tensors shared through file descriptors die with the process
         torch.save(out, buffer)
-        results.put((rank, "ok", buffer.getvalue()))
+        seen = [(str(w.message), w.category, w.filename, w.lineno) for w in shown]
+        results.put((rank, "ok", buffer.getvalue(), seen))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
-        results.put((rank, "error", traceback.format_exc()))
+        results.put((rank, "error", traceback.format_exc(), []))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -53,10 +88,12 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
+    filters = [f for f in warnings.filters if _picklable(f)]
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout_s), daemon=False)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout_s, filters), daemon=False)
         for r in range(world_size)
     ]
+    shown: dict[tuple, None] = {}  # the warnings the ranks showed, each once
     for p in procs:
         p.start()
     outputs: dict[int, Any] = {}
@@ -64,10 +101,11 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     try:
         for _ in range(world_size):
             try:
-                rank, status, payload = results.get(timeout=timeout_s)
+                rank, status, payload, rank_warnings = results.get(timeout=timeout_s)
             except queue.Empty:
                 errors.append(f"timed out after {timeout_s}s waiting for ranks")
                 break
+            shown.update(dict.fromkeys(rank_warnings))
             if status == "ok":
                 outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
@@ -80,6 +118,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
             if p.is_alive():
                 p.kill()
                 p.join()
+    for message, category, filename, lineno in shown:
+        warnings.warn_explicit(message, category, filename, lineno, module=_module_of(filename))
     if errors:
         raise RuntimeError("\n".join(errors))
     return [outputs[r] for r in range(world_size)]

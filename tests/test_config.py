@@ -46,15 +46,24 @@ def tokenizer(tmp_path_factory) -> str:
     return str(path)
 
 
+def write_dataset(prefix: str, num_documents: int) -> str:
+    """A real Megatron indexed dataset of num_documents short documents (check_config reads its index)."""
+    import numpy as np
+
+    from data_prep.indexed import NativeShardWriter
+
+    writer = NativeShardWriter(prefix + ".bin", "uint16")
+    for d in range(num_documents):
+        writer.add_document(np.arange(d % 7 + 2, dtype=np.uint16))
+    writer.finalize(prefix + ".idx")
+    return prefix
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
-    """Two prefixes with (empty) .bin/.idx files: check_config only checks that they exist."""
+    """Two prefixes of 100 documents each: every split of 98,1,1 gets at least one."""
     root = tmp_path_factory.mktemp("shards")
-    prefixes = [str(root / f"corpus_{i:05d}") for i in range(2)]
-    for p in prefixes:
-        Path(p + ".bin").write_bytes(b"")
-        Path(p + ".idx").write_bytes(b"")
-    return prefixes
+    return [write_dataset(str(root / f"corpus_{i:05d}"), 100) for i in range(2)]
 
 
 def base(tokenizer: str, shards: list[str]) -> dict:
@@ -175,8 +184,46 @@ def test_rope_ignores_max_position_embeddings(tokenizer, shards):
     check(tokenizer, shards, ["model.position_embedding=rope", "model.max_position_embeddings=16"])
 
 
-def test_resume_from_existing_directory(tokenizer, shards, tmp_path):
-    check(tokenizer, shards, [f"checkpoint.resume={tmp_path}"])
+def _checkpoint_dir(path: Path, world_size: int, tensor: int, pipeline: int, complete: bool = True) -> Path:
+    """What check_config reads of a checkpoint: its marker and layout.json (no weights are read before the
+    layout is known to fit; the end-to-end test with real saves is in tests/training/test_checkpoint.py)."""
+    import json
+
+    path.mkdir(parents=True)
+    layout = dict(world_size=world_size, tensor=tensor, pipeline=pipeline,
+                  data=world_size // (tensor * pipeline), zero_stage=1, step=int(path.name.split("_")[-1]))
+    (path / "layout.json").write_text(json.dumps(layout))
+    if complete:
+        (path / "complete").write_text(f"{layout['step']}\n")
+    return path
+
+
+def test_resume_needs_a_complete_checkpoint(tokenizer, shards, tmp_path):
+    good = _checkpoint_dir(tmp_path / "iter_0000040", 4, 1, 1)
+    check(tokenizer, shards, [f"checkpoint.resume={good}"])
+    (tmp_path / "latest").write_text("iter_0000040\n")
+    check(tokenizer, shards, [f"checkpoint.resume={tmp_path}"])  # a checkpoint root: its latest
+    killed = _checkpoint_dir(tmp_path / "iter_0000050", 4, 1, 1, complete=False)
+    for path in (killed, tmp_path / "empty", tmp_path / "missing"):
+        if path.name == "empty":
+            path.mkdir()
+        with pytest.raises(ConfigError) as err:
+            check(tokenizer, shards, [f"checkpoint.resume={path}"])
+        assert f"checkpoint.resume='{path}' is not a complete checkpoint directory" in str(err.value)
+
+
+def test_resume_auto_follows_latest_and_checks_its_layout(tokenizer, shards, tmp_path):
+    _checkpoint_dir(tmp_path / "iter_0000040", 4, 1, 1)
+    _checkpoint_dir(tmp_path / "iter_0000060", 4, 2, 1)  # newer by step, but not what latest names
+    (tmp_path / "latest").write_text("iter_0000040\n")
+    auto = ["checkpoint.resume=auto", f"checkpoint.dir={tmp_path}"]
+    check(tokenizer, shards, auto)
+    with pytest.raises(ConfigError) as err:
+        check(tokenizer, shards, auto + ["parallel.tensor=2", "parallel.pipeline=2"])
+    message = str(err.value)
+    assert "iter_0000040" in message and "TP1 x PP1 x DP4 (4 ranks)" in message
+    assert "TP2 x PP2 x DP1 (4 ranks)" in message and "fpa-reshard --checkpoint" in message
+    assert "--tensor 2 --pipeline 2" in message
 
 
 def test_bf16_on_cpu_is_allowed(tokenizer, shards):
@@ -280,8 +327,11 @@ BAD = {
     "split_zero_sum": (["data.split='0,0,0'"], 4, ["data.split='0,0,0'"]),
     "split_text": (["data.split=most,some,rest"], 4, ["data.split='most,some,rest'"]),
     "weights_length": (["data.weights=[1]"], 4, ["data.weights=[1]", "1 entries", "data.prefixes has 2"]),
-    "weights_negative": (["data.weights=[1,-1]"], 4, ["data.weights=[1, -1]", "non-negative"]),
-    "weights_all_zero": (["data.weights=[0,0]"], 4, ["data.weights=[0, 0]", "all zero"]),
+    "weights_negative": (["data.weights=[1,-1]"], 4, ["data.weights=[1, -1]", "positive"]),
+    "weights_zero": (["data.weights=[1,0]"], 4, ["data.weights=[1, 0]", "positive", "rejects a weight of 0"]),
+    "weights_all_zero": (["data.weights=[0,0]"], 4, ["data.weights=[0, 0]", "positive"]),
+    "eval_without_valid_split": (["train.eval_interval=10", "data.split=99,0,1"], 4,
+                                 ["train.eval_interval=10", "data.split='99,0,1'", "validation split"]),
     "weights_text": (["data.weights=[a,1]"], 4, ["data.weights=['a', 1]"]),
     "prefixes_empty": (["data.prefixes=[]"], 4, ["data.prefixes=[]", "data.mock=true"]),
     # vocabulary
@@ -310,6 +360,66 @@ def test_data_prefix_files_must_exist(tokenizer, shards, tmp_path, missing):
         check(tokenizer, shards, [f"data.prefixes=[{shards[0]},{prefix}]"])
     assert f"data.prefixes[1]='{prefix}'" in str(err.value)
     assert f"{prefix}{missing} does not exist" in str(err.value)
+
+
+def test_every_split_gets_a_document_of_every_prefix(tokenizer, shards, tmp_path):
+    small = write_dataset(str(tmp_path / "small"), 20)  # 98,1,1 of 20 documents: validation [19.6, 19.8) -> none
+    with pytest.raises(ConfigError) as err:
+        check(tokenizer, shards, [f"data.prefixes=[{shards[0]},{small}]"])
+    message = str(err.value)
+    assert f"data.prefixes[1]='{small}' has 20 documents" in message and "validation split" in message
+    assert "data.split='98,1,1'" in message
+    check(tokenizer, shards, [f"data.prefixes=[{shards[0]},{small}]", "data.split=80,10,10"])
+    garbage = tmp_path / "garbage"
+    Path(f"{garbage}.bin").write_bytes(b"")
+    Path(f"{garbage}.idx").write_bytes(b"not an index")
+    with pytest.raises(ConfigError, match=rf"{garbage}\.idx is not a Megatron-core index file"):
+        check(tokenizer, shards, [f"data.prefixes=[{garbage}]"])
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tokenizer) -> Path:
+    """A real `fpa-prep encode` (+ merge) with the `tokenizer` fixture: its manifest records the tokenizer."""
+    from data_prep.encode import EncodeOptions, run_encode
+    from data_prep.merge import merge_encode_dir
+
+    root = tmp_path_factory.mktemp("encoded")
+    words = ["alpha", "beta", "gamma", "delta", "tensor", "pipeline"]
+    (root / "in.jsonl").write_text("".join(f'{{"text": "{words[i % 6]} {words[i % 5]} {i}"}}\n' for i in range(300)))
+    _, status = run_encode(EncodeOptions(inputs=[str(root / "in.jsonl")], tokenizer=tokenizer,
+                                         out_dir=str(root / "out"), name="corpus", num_shards=2, workers=1,
+                                         progress=False))
+    assert status == 0
+    merge_encode_dir(str(root / "out"))
+    return root / "out"
+
+
+def test_data_must_be_encoded_with_the_configured_tokenizer(tokenizer, shards, encoded, tmp_path):
+    import hashlib
+    import shutil
+
+    import sentencepiece as spm
+
+    merged, shard = encoded / "corpus", encoded / "corpus_00001"
+    check(tokenizer, shards, [f"data.prefixes=[{merged},{shard}]", "train.eval_interval=0"])
+    other = tmp_path / "other.model"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["other words entirely", "and more of them"] * 50),
+                                   model_prefix=str(other.with_suffix("")), vocab_size=40, model_type="bpe",
+                                   minloglevel=2)
+    for prefix, index in ((merged, 1), (shard, 1)):
+        with pytest.raises(ConfigError) as err:
+            check(tokenizer, shards, [f"data.prefixes=[{shards[0]},{prefix}]", f"data.tokenizer={other}",
+                                      "train.eval_interval=0"])
+        message = str(err.value)
+        assert f"data.prefixes[{index}]='{prefix}' was encoded with the tokenizer '{tokenizer}'" in message
+        assert hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()[:12] in message
+        assert f"data.tokenizer='{other}'" in message
+        assert hashlib.sha256(other.read_bytes()).hexdigest()[:12] in message
+    # the same model under another path is the same tokenizer; data without a manifest is not checked
+    copy_path = tmp_path / "copy.model"
+    shutil.copy(tokenizer, copy_path)
+    check(tokenizer, shards, [f"data.prefixes=[{merged}]", f"data.tokenizer={copy_path}", "train.eval_interval=0"])
+    check(tokenizer, shards, [f"data.tokenizer={other}"])
 
 
 def test_tokenizer_must_exist(tokenizer, shards, tmp_path):

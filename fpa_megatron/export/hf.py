@@ -339,8 +339,8 @@ def describe(ckpt: ModelCheckpoint, export: HFExport) -> str:
     m, tok, vocab = ckpt.config.model, export.tokenizer_spec, export.model.config.vocab_size
     params = sum(p.numel() for p in export.model.parameters())
     layout = ckpt.layout
-    return (f"{ckpt.path} (step {ckpt.step}, saved as TP{layout.tensor_parallel} x PP{layout.pipeline_parallel}"
-            f" x DP{layout.data_parallel}) -> {type(export.model).__name__} ({export.architecture}): "
+    return (f"{ckpt.path} (step {ckpt.step}, saved as TP{layout.tensor} x PP{layout.pipeline}"
+            f" x DP{layout.data}) -> {type(export.model).__name__} ({export.architecture}): "
             f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads"
             f"{f' ({m.num_query_groups} key/value groups)' if m.num_query_groups else ''}, "
             f"vocabulary {vocab} (checkpoint padded to {ckpt.padded_vocab_size}), "

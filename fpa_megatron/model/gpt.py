@@ -65,6 +65,7 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
+        cuda_graph_scope=[],  # the whole layer (no CUDA graphs are used); Megatron's default "full" is deprecated
     )
 
 

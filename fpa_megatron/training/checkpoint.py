@@ -1,38 +1,239 @@
 """Checkpoints through DeepSpeed: model shards per TP x PP rank, ZeRO partitions per DP rank, plus our state.
 
-Layout of `<dir>/iter_0000040/`: DeepSpeed's files (mp_rank_XX_model_states.pt, one per model-parallel
+Layout of `<root>/iter_0000040/`: DeepSpeed's files (mp_rank_XX_model_states.pt, one per model-parallel
 rank; *_optim_states.pt, one per rank), `rng_rank_<r>.pt` per global rank (every rank's RNG streams
-differ), `trainer_state.pt` (iteration, consumed samples, lambda schedule), `config.yaml`, and the marker
-`complete`, written last by rank 0 after every rank has finished: `resume: auto` only trusts directories
-that have it. `<dir>/latest` names the newest complete one. The last `keep_last` are kept.
+differ), `trainer_state.pt` (iteration, consumed samples, lambda schedule), `layout.json` (world size,
+TP, PP, DP, ZeRO stage), `config.yaml`, and the marker `complete`.
+
+What makes a checkpoint trustworthy:
+- Durable before it counts. Every rank fsyncs the files it wrote, then a barrier; rank 0 fsyncs the
+  directory (and every file in it) and only then writes `complete`. `complete`, `latest` and
+  `history.json` are each written atomically (temp file, fsync, rename, fsync of the directory).
+- `<root>/latest` names the checkpoint `resume: auto` takes. Only when it is missing or names something
+  incomplete does auto fall back to the newest complete checkpoint of the lineage, and it says so.
+- Lineage, not step numbers. `<root>/history.json` lists the checkpoints of the current line of training
+  in save order. A run that resumes from (or rolls back to) an older checkpoint starts a new line there:
+  the checkpoints saved after it belong to an abandoned future and are moved to `<root>/abandoned/`
+  (kept, never resumed by auto, never silently deleted; the log says so). Pruning keeps the last
+  `keep_last` checkpoints of the lineage, and never the one this run resumed from or the newest.
+- Our own files hold only tensors, numbers, strings, lists and dicts, and are read with
+  `torch.load(weights_only=True)`: no pickled code runs on resume. DeepSpeed reads its own files.
+- The layout is recorded; resuming under another world size, TP or PP is refused before any weight is
+  read, with both layouts named and the `fpa-reshard` command that converts the checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from fpa_megatron.config import RunConfig, save_config
+from fpa_megatron.config import ConfigError, RunConfig, run_dir, save_config
 
 MARKER = "complete"
+LATEST = "latest"
+HISTORY = "history.json"
+LAYOUT = "layout.json"
+TRAINER_STATE = "trainer_state.pt"
+ABANDONED = "abandoned"
+TAG_PREFIX = "iter_"
 RESHARDED = "resharded.json"  # written by fpa-reshard in place of the per-rank RNG states
 
 
-def _tag(step: int) -> str:
-    return f"iter_{step:07d}"
+def checkpoint_tag(step: int) -> str:
+    return f"{TAG_PREFIX}{step:07d}"
+
+
+def checkpoint_root(cfg: RunConfig) -> Path:
+    """Where a run's checkpoints live: checkpoint.dir, else <logging.dir>/<run name>/checkpoints."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / MARKER).is_file()
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories under root, oldest first."""
+    """Complete checkpoint directories directly under root, lowest step first (abandoned/ is not scanned)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and (p / MARKER).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    found = [p for p in root.iterdir() if p.name.startswith(TAG_PREFIX) and is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name[len(TAG_PREFIX):]))
+
+
+# ------------------------------------------------------------------------------------------ durable files
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the names created in it durable)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path so that a reader (or a crash) sees the old content or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def save_durable(obj: Any, path: Path) -> None:
+    """torch.save and fsync (the caller makes the directory entry durable)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_trusted(path: Path) -> Any:
+    """Read one of our own files with weights_only=True: tensors, numbers, strings, lists, dicts; nothing
+    that could run code. A file holding anything else is refused with its name."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file {path} is missing") from None
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError / RuntimeError for refused objects
+        raise RuntimeError(f"checkpoint file {path} is not loadable with torch.load(weights_only=True) (it holds "
+                           f"more than tensors, numbers, strings, lists and dicts); refusing it: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+class CheckpointLayoutError(ConfigError):
+    """The checkpoint was saved under another world size, TP or PP than this run."""
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """How a checkpoint's shards are cut: DeepSpeed files per TP x PP rank, ZeRO partitions per DP rank."""
+
+    world_size: int
+    tensor: int
+    pipeline: int
+    data: int
+    zero_stage: int
+
+    @classmethod
+    def of_run(cls, cfg: RunConfig, world_size: int) -> "CheckpointLayout":
+        tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+        return cls(world_size, tp, pp, world_size // (tp * pp), cfg.optimizer.zero_stage)
+
+    def describe(self) -> str:
+        return f"TP{self.tensor} x PP{self.pipeline} x DP{self.data} ({self.world_size} ranks)"
+
+    def shards_match(self, other: "CheckpointLayout") -> bool:
+        """Same cut of model shards and ZeRO partitions (ZeRO-1 and -2 write the same files)."""
+        return (self.world_size, self.tensor, self.pipeline) == (other.world_size, other.tensor, other.pipeline)
+
+
+def read_layout(path: Path) -> CheckpointLayout:
+    """The layout a checkpoint was saved with: its layout.json, else (older or converted checkpoints) its
+    config.yaml and the number of per-rank files (RNG states, or DeepSpeed's ZeRO partitions: one per rank)."""
+    if (path / LAYOUT).is_file():
+        values = json.loads((path / LAYOUT).read_text())
+        return CheckpointLayout(**{k: int(values[k]) for k in CheckpointLayout.__dataclass_fields__})
+    from fpa_megatron.config import load_config
+
+    saved = load_config(path / "config.yaml")
+    world = max(len(list(path.glob("rng_rank_*.pt"))), len(list(path.glob("*_optim_states.pt"))))
+    return CheckpointLayout.of_run(saved, world)
+
+
+def write_layout(path: Path, layout: CheckpointLayout, step: int) -> None:
+    """Record the layout next to the shards (layout.json), so a resume can check it before reading weights."""
+    write_atomic(path / LAYOUT, json.dumps(dict(asdict(layout), step=step)) + "\n")
+
+
+def check_layout(path: Path, run: CheckpointLayout) -> None:
+    """Raise CheckpointLayoutError naming both layouts when the checkpoint at path cannot load into run."""
+    saved = read_layout(path)
+    if saved.shards_match(run):
+        return
+    raise CheckpointLayoutError(
+        f"checkpoint {path.name} ({path}) was saved with {saved.describe()}; this run is {run.describe()}: "
+        f"its model shards and optimizer partitions do not fit this layout. Convert it with "
+        f"`fpa-reshard --checkpoint {path} --tensor {run.tensor} --pipeline {run.pipeline} "
+        f"--world-size {run.world_size} --out NEW_DIR`, "
+        f"then resume with checkpoint.resume=NEW_DIR (or run with parallel.tensor={saved.tensor} "
+        f"parallel.pipeline={saved.pipeline} on {saved.world_size} ranks)")
+
+
+# ------------------------------------------------------------------------------------------ lineage
+
+
+def read_history(root: Path) -> dict:
+    """{'lineage': [tags in save order], 'abandoned': [...]}; without history.json (older runs) the
+    lineage is the complete checkpoints in step order."""
+    path = root / HISTORY
+    try:
+        history = json.loads(path.read_text())
+        history["lineage"] = [str(tag) for tag in history["lineage"]]
+        history.setdefault("abandoned", [])
+        return history
+    except (OSError, ValueError, KeyError, TypeError):  # missing (or not ours): rebuilt from the directories
+        return {"lineage": [p.name for p in complete_checkpoints(root)], "abandoned": []}
+
+
+def _write_history(root: Path, history: dict) -> None:
+    write_atomic(root / HISTORY, json.dumps(history, indent=2) + "\n")
+
+
+def resolve_latest(root: Path) -> tuple[Optional[Path], Optional[str]]:
+    """The checkpoint `resume: auto` takes, and a note when `latest` could not be trusted.
+
+    `latest` decides. Only when it is missing or names an incomplete directory: the newest complete
+    checkpoint of the lineage (history.json), else the highest complete step under root.
+    """
+    pointer = root / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else ""
+    if named and is_complete(root / named):
+        return root / named, None
+    lineage = [root / tag for tag in read_history(root)["lineage"] if is_complete(root / tag)]
+    fallback = lineage[-1] if lineage else None
+    if fallback is None:
+        return None, (f"{pointer} names {named!r}, which is not a complete checkpoint, and no complete "
+                      f"checkpoint is left" if named else None)
+    why = f"names {named!r}, which is not a complete checkpoint" if named else "is missing"
+    return fallback, f"{pointer} {why}: taking the newest complete checkpoint of the lineage, {fallback.name}"
+
+
+def resolve_resume(root: Path, resume: str) -> tuple[Optional[Path], Optional[str]]:
+    """(checkpoint to resume from or None, note) for checkpoint.resume = auto | none | <directory>.
+
+    <directory> is one checkpoint, or a checkpoint root (then its `latest`, as for auto). Raises
+    ConfigError when it is neither. Needs no process group.
+    """
+    if resume == "none":
+        return None, None
+    if resume == "auto":
+        return resolve_latest(root)
+    path = Path(resume)
+    if is_complete(path):
+        return path, None
+    if path.is_dir() and ((path / LATEST).is_file() or complete_checkpoints(path)):
+        found, note = resolve_latest(path)  # a checkpoint root (e.g. what fpa-reshard wrote): its `latest`
+        if found is not None:
+            return found, note
+    why = (f"it has no '{MARKER}' marker (not a checkpoint, or its save did not finish) and holds no complete "
+           f"checkpoint" if path.is_dir() else "no such directory")
+    raise ConfigError(f"checkpoint.resume={resume!r} is not a complete checkpoint directory: {why}")
+
+
+# ------------------------------------------------------------------------------------------ RNG states
 
 
 def rng_state() -> dict:
@@ -53,12 +254,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _deepspeed_files(engine, root: Path, tag: str) -> list[Path]:
+    """The files DeepSpeed's save_checkpoint wrote on this rank (its own naming: the model states on one
+    rank per model-parallel rank, a ZeRO optimizer partition on every rank)."""
+    files = []
+    if engine.save_non_zero_checkpoint:
+        files.append(Path(engine._get_ckpt_name(str(root), tag)))
+    if engine.save_zero_checkpoint:
+        files.append(Path(engine._get_zero_ckpt_name(str(root), tag)))
+    return files
+
+
+# ------------------------------------------------------------------------------------------ the checkpointer
+
+
 class Checkpointer:
-    """Saves every `interval` steps and at the end; resumes from the newest complete checkpoint."""
+    """Saves every `interval` steps and at the end; resumes from `latest`; keeps a lineage (see module doc).
+
+    All ranks call `maybe_save`, `save` and `load` together; `find_resume` and `latest` need no process
+    group. Rank 0 alone writes the marker, `latest`, `history.json`, and moves or prunes directories.
+    """
 
     def __init__(self, root: str | Path, interval: int, keep_last: int, resume: str, cfg: RunConfig):
         self.root = Path(root)
         self.interval, self.keep_last, self.resume_mode, self.cfg = interval, keep_last, resume, cfg
+        self.resumed_from: Optional[Path] = None  # the checkpoint this run last loaded (resume or rollback)
+        self._protected: set[Path] = set()  # every checkpoint this run loaded: never pruned
+        self._lineage_started = False
+
+    # -- saving
 
     def maybe_save(self, step: int, engine, trainer_state: dict, *, final: bool = False,
                    exiting: bool = False) -> Optional[Path]:
@@ -69,50 +293,160 @@ class Checkpointer:
         return self.save(step, engine, trainer_state) if due else None
 
     def save(self, step: int, engine, trainer_state: dict) -> Path:
-        path = self.root / _tag(step)
+        """Write the checkpoint of `step` on every rank; it counts (marker, latest) once all is durable.
+
+        trainer_state must hold only tensors, numbers, strings, lists and dicts (it is read back with
+        weights_only=True).
+        """
+        tag = checkpoint_tag(step)
+        path = self.root / tag
         rank = dist.get_rank()
-        if rank == 0 and path.exists():  # an incomplete leftover of a killed run
-            shutil.rmtree(path)
-        dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=_tag(step), client_state={"trainer": trainer_state},
-                               save_latest=False)
-        torch.save(rng_state(), path / f"rng_rank_{rank}.pt")
         if rank == 0:
-            torch.save(trainer_state, path / "trainer_state.pt")
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not self._lineage_started:
+                self._start_lineage(self.resumed_from)
+            if path.exists():  # what a killed save left behind, or a complete one in the way
+                self._clear_way(path)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        mine = _deepspeed_files(engine, self.root, tag)
+        save_durable(rng_state(), path / f"rng_rank_{rank}.pt")
+        mine.append(path / f"rng_rank_{rank}.pt")
+        if rank == 0:
+            save_durable(trainer_state, path / TRAINER_STATE)
+            layout = CheckpointLayout.of_run(self.cfg, dist.get_world_size())
+            write_layout(path, layout, step)
             save_config(self.cfg, path / "config.yaml")
+            mine += [path / TRAINER_STATE, path / "config.yaml"]
+        for file in mine:  # each rank makes its own files durable (on a shared file system only it can)
+            fsync_path(file)
         dist.barrier()
         if rank == 0:
-            (path / MARKER).write_text(f"{step}\n")
-            tmp = self.root / "latest.tmp"
-            tmp.write_text(_tag(step) + "\n")
-            os.replace(tmp, self.root / "latest")
-            for old in complete_checkpoints(self.root)[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._commit(path)
         dist.barrier()
         return path
+
+    def _commit(self, path: Path) -> None:
+        """Rank 0, after every rank's files are durable: directory, marker, history, latest, then prune."""
+        for file in path.iterdir():  # whatever else was written in it on this node
+            if file.is_file():
+                fsync_path(file)
+        fsync_path(path)
+        fsync_path(self.root)  # the directory entry of iter_... itself
+        write_atomic(path / MARKER, f"{int(path.name[len(TAG_PREFIX):])}\n")
+        history = read_history(self.root)
+        history["lineage"] = [t for t in history["lineage"] if t != path.name] + [path.name]
+        _write_history(self.root, history)
+        write_atomic(self.root / LATEST, path.name + "\n")
+        self._prune(history)
+
+    def _prune(self, history: dict) -> None:
+        """Remove lineage checkpoints older than the last keep_last, except what this run loaded."""
+        lineage = history["lineage"]
+        old = lineage[: -self.keep_last]
+        removed = [t for t in old if (self.root / t).resolve() not in self._protected]
+        for tag in removed:
+            doomed = self.root / tag
+            if (doomed / MARKER).exists():  # incomplete first: a kill mid-delete leaves no "complete" shell
+                (doomed / MARKER).unlink()
+                fsync_path(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        if removed:
+            history["lineage"] = [t for t in lineage if t not in removed]
+            _write_history(self.root, history)
+
+    def _start_lineage(self, resumed_from: Optional[Path]) -> None:
+        """Rank 0: this run continues the lineage up to resumed_from; what was saved after it (or, for a
+        fresh start or a checkpoint from elsewhere, everything under root) is moved to abandoned/."""
+        self._lineage_started = True
+        self.root.mkdir(parents=True, exist_ok=True)  # a run resuming from a checkpoint elsewhere may have none yet
+        history = read_history(self.root)
+        lineage = history["lineage"]
+        kept: list[str] = []
+        if resumed_from is not None and resumed_from.resolve().parent == self.root.resolve():
+            if resumed_from.name in lineage:
+                kept = lineage[: lineage.index(resumed_from.name) + 1]
+            else:
+                kept = [resumed_from.name]
+        kept = [t for t in kept if is_complete(self.root / t)]
+        cause = f"this run resumed from {resumed_from}" if resumed_from is not None else "this run started afresh"
+        for path in complete_checkpoints(self.root):
+            if path.name not in kept:
+                self._abandon(path, history, cause)
+        history["lineage"] = kept
+        _write_history(self.root, history)
+        pointer = self.root / LATEST
+        if kept and (not pointer.is_file() or pointer.read_text().strip() != kept[-1]):
+            write_atomic(pointer, kept[-1] + "\n")
+        elif not kept and pointer.exists():
+            pointer.unlink()
+            fsync_path(self.root)
+
+    def _clear_way(self, path: Path) -> None:
+        """Rank 0: a complete checkpoint in the way of a new save is moved to abandoned/, a partial one removed."""
+        if is_complete(path):
+            history = read_history(self.root)
+            self._abandon(path, history, f"a new checkpoint of step {path.name} replaces it")
+            history["lineage"] = [t for t in history["lineage"] if t != path.name]
+            _write_history(self.root, history)
+        else:
+            shutil.rmtree(path)
+
+    def _abandon(self, path: Path, history: dict, cause: str) -> None:
+        target = self.root / ABANDONED / path.name
+        n = 1
+        while target.exists():
+            target, n = self.root / ABANDONED / f"{path.name}.{n}", n + 1
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        fsync_path(target.parent)
+        fsync_path(self.root)
+        history["abandoned"].append({"tag": path.name, "moved_to": str(target.relative_to(self.root)),
+                                     "because": cause})
+        print(f"checkpoint {path.name} is not on this run's lineage ({cause}): moved to {target}; "
+              f"resume: auto will not use it. Delete it when it is no longer needed.", flush=True)
+
+    # -- resuming
 
     def find_resume(self) -> Optional[Path]:
-        if self.resume_mode == "none":
-            return None
-        if self.resume_mode == "auto":
-            found = complete_checkpoints(self.root)
-            return found[-1] if found else None
-        path = Path(self.resume_mode)
-        if not (path / MARKER).exists() and complete_checkpoints(path):
-            path = complete_checkpoints(path)[-1]  # a checkpoint root: its newest complete checkpoint
-        if not (path / MARKER).exists():
-            raise FileNotFoundError(f"checkpoint.resume={self.resume_mode!r} is not a complete checkpoint directory")
+        """The checkpoint to resume from per checkpoint.resume (auto: `latest`), or None."""
+        path, note = resolve_resume(self.root, self.resume_mode)
+        if note and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"resume: {note}", flush=True)
         return path
 
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint of this run's lineage (what `latest` names), or None.
+
+        For a rollback: `checkpointer.load(checkpointer.latest(), engine)`. Needs no process group.
+        """
+        return resolve_latest(self.root)[0]
+
+    newest = latest  # the same checkpoint under the name the spike rollback calls it
+
     def load(self, path: Path, engine) -> dict:
-        """Restore model, optimizer (ZeRO partitions), RNG streams; return the trainer state."""
-        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+        """Restore model, optimizer (ZeRO partitions), RNG streams; return the trainer state.
+
+        Refuses (CheckpointLayoutError) a checkpoint of another world size, TP or PP before reading any
+        weight. Afterwards this run's lineage continues from path: newer checkpoints are abandoned (moved
+        aside at once, so that `resume: auto` can never go back to them) and path is never pruned.
+        """
+        path = Path(path)
+        check_layout(path, CheckpointLayout.of_run(self.cfg, dist.get_world_size()))
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
         rng_file = path / f"rng_rank_{dist.get_rank()}.pt"
         if rng_file.exists() or not (path / RESHARDED).exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_trusted(rng_file))
         elif dist.get_rank() == 0:  # RNG streams do not map across layouts: keep those seeded from train.seed
             print(f"{path} was resharded (fpa-reshard): RNG streams start from train.seed", flush=True)
-        return client_state["trainer"]
+        state = load_trusted(path / TRAINER_STATE)
+        self.resumed_from = path
+        self._protected.add(path.resolve())
+        dist.barrier()  # every rank has read path before rank 0 reorganizes the root
+        if dist.get_rank() == 0:
+            self._start_lineage(path)
+        dist.barrier()
+        return state

@@ -19,7 +19,7 @@ import torch
 
 from fpa_megatron.config import RunConfig, load_config
 from fpa_megatron.parallel.weights import is_gated_fc1, join_shards, tensor_parallel_dim
-from fpa_megatron.training.checkpoint import MARKER, complete_checkpoints
+from fpa_megatron.training.checkpoint import MARKER, CheckpointLayout, complete_checkpoints
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 TIED_COPY = "output_layer.weight"  # the last stage's copy of tied word embeddings
@@ -27,19 +27,6 @@ TIED_COPY = "output_layer.weight"  # the last stage's copy of tied word embeddin
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message names the directory or file."""
-
-
-@dataclass(frozen=True)
-class CheckpointLayout:
-    """The parallel layout a checkpoint was saved with."""
-
-    tensor_parallel: int
-    pipeline_parallel: int
-    data_parallel: int
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel * self.data_parallel
 
 
 @dataclass
@@ -127,7 +114,8 @@ def _read_layout(path: Path, cfg: RunConfig, first: dict) -> CheckpointLayout:
         raise CheckpointError(
             f"checkpoint {str(path)!r}: config.yaml says parallel.tensor={tp}, parallel.pipeline={pp} but DeepSpeed "
             f"recorded tp={recorded[0]}, pp={recorded[1]}, model-parallel size {recorded[2]}")
-    return CheckpointLayout(tp, pp, int(first.get("dp_world_size", 1)))
+    dp = int(first.get("dp_world_size", 1))
+    return CheckpointLayout(tp * pp * dp, tp, pp, dp, cfg.optimizer.zero_stage)
 
 
 def _stage_state(module: dict, pp_rank: int, layers_per_stage: int) -> dict[str, torch.Tensor]:
@@ -159,7 +147,7 @@ def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
     layout = _read_layout(path, cfg, files[0])
     state = _join_stages(path, cfg, _stage_pieces(path, cfg, files, coordinates))
     _check_complete(path, cfg, state)
-    return ModelCheckpoint(path=path, config=cfg, layout=layout, trainer_state=_trainer_state(path, files[0]),
+    return ModelCheckpoint(path=path, config=cfg, layout=layout, trainer_state=_trainer_state(path),
                            state_dict=state)
 
 
@@ -199,12 +187,10 @@ def _join_stages(path: Path, cfg: RunConfig, stage_pieces: list[dict[str, list]]
     return state
 
 
-def _trainer_state(path: Path, first: dict) -> dict:
+def _trainer_state(path: Path) -> dict:
     file = path / "trainer_state.pt"
     if file.is_file():
         return torch.load(file, map_location="cpu", weights_only=True)
-    if "trainer" in first:  # the same dict, also stored as DeepSpeed client state
-        return first["trainer"]
     raise CheckpointError(f"checkpoint {str(path)!r} has no trainer_state.pt")
 
 

@@ -28,7 +28,7 @@ import math
 import shutil
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,7 +37,7 @@ import torch
 from fpa_megatron.config import ConfigError, RunConfig, save_config
 from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, split_shard,
                                            tensor_parallel_dim)
-from fpa_megatron.training.checkpoint import MARKER, RESHARDED
+from fpa_megatron.training.checkpoint import MARKER, RESHARDED, write_layout
 from fpa_megatron.training.checkpoint_reader import (CheckpointError, CheckpointLayout, ModelCheckpoint,
                                                      model_parallel_coordinates, read_model_checkpoint)
 
@@ -53,13 +53,9 @@ class ReshardError(CheckpointError):
     """A checkpoint that cannot be rewritten as asked; the message names the file, key or value."""
 
 
-def describe(layout: CheckpointLayout) -> str:
-    return f"TP{layout.tensor_parallel} x PP{layout.pipeline_parallel} x DP{layout.data_parallel}"
-
-
 def ranks_by_stage(layout: CheckpointLayout) -> list[tuple[int, int, int]]:
     """(model-parallel rank, TP rank, PP stage) of every model file, stage by stage, TP rank within."""
-    coordinates = model_parallel_coordinates(layout.tensor_parallel, layout.pipeline_parallel)
+    coordinates = model_parallel_coordinates(layout.tensor, layout.pipeline)
     return sorted(((mp, tp, pp) for mp, (tp, pp) in coordinates.items()), key=lambda r: (r[2], r[1]))
 
 
@@ -183,10 +179,10 @@ def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
     first: Optional[RankFiles] = None
     for mp, tp, pp in ranks_by_stage(layout):
         log(f"  reading model-parallel rank {mp} (TP rank {tp}, PP stage {pp})"
-            + (f" and its {layout.data_parallel} ZeRO partition(s)" if with_optimizer else ""))
-        rank = read_rank(ckpt, mp, layout.data_parallel, zero_prefix)
+            + (f" and its {layout.data} ZeRO partition(s)" if with_optimizer else ""))
+        rank = read_rank(ckpt, mp, layout.data, zero_prefix)
         first = first or rank
-        offset = pp * (cfg.model.num_layers // layout.pipeline_parallel)
+        offset = pp * (cfg.model.num_layers // layout.pipeline)
         rename = {local: global_name(local, offset) for group in rank.groups for local in group}
         keep = [local for local, name in rename.items() if not (cfg.model.tie_embeddings and name == TIED_OUTPUT)]
         if tp == 0:  # each stage's parameters, appended stage by stage: module order within every group
@@ -203,7 +199,7 @@ def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
                            f"model's parameters")
     gated = cfg.model.activation == "swiglu"
     tensors = {"weight": model.state_dict, **{
-        kind: {name: _join(name, per_tp, layout.tensor_parallel, gated) for name, per_tp in by_name.items()}
+        kind: {name: _join(name, per_tp, layout.tensor, gated) for name, per_tp in by_name.items()}
         for kind, by_name in shards.items()}}
     step = None
     if with_optimizer:
@@ -241,7 +237,7 @@ def stage_of(name: str, num_layers: int, pipeline: int) -> int:
 def stage_groups(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout,
                  pp: int) -> list[list[tuple[str, str]]]:
     """[(local name, global source)] per param group of one new pipeline stage, in DeepSpeed's flattening order."""
-    num_layers, pipeline = cfg.model.num_layers, layout.pipeline_parallel
+    num_layers, pipeline = cfg.model.num_layers, layout.pipeline
     offset = pp * (num_layers // pipeline)
     groups = [[(global_name(n, -offset), n) for n in group if stage_of(n, num_layers, pipeline) == pp]
               for group in state.groups]
@@ -317,10 +313,10 @@ def zero_files(state: GlobalState, data: int, groups: list[list[tuple[str, str]]
 
 
 def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp: int, tp: int, pp: int,
-               out: Path, trainer_state: dict) -> None:
+               out: Path) -> None:
     """DeepSpeed's model-states file of one new model-parallel rank and the ZeRO file of each of its DP ranks."""
     gated = cfg.model.activation == "swiglu"
-    tensor, pipeline, data = layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel
+    tensor, pipeline, data = layout.tensor, layout.pipeline, layout.data
     groups = stage_groups(state, cfg, layout, pp)
     cache: dict = {}
 
@@ -336,11 +332,11 @@ def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp:
     ds_config = copy.deepcopy(state.model_meta.get("ds_config") or {})
     if ds_config:
         ds_config["train_micro_batch_size_per_gpu"] = cfg.train.global_batch_size // data
-    model_states = {k: v for k, v in state.model_meta.items() if k != "module"}
+    model_states = {k: v for k, v in state.model_meta.items() if k not in ("module", "trainer")}
     model_states.update(
         module=module, param_shapes=[OrderedDict((local, module[local].shape) for local, _ in g) for g in groups],
         dp_world_size=data, mp_world_size=tensor * pipeline, ds_config=ds_config,
-        checkpoint_parallel_dimensions={"pp_degree": pipeline, "tp_degree": tensor}, trainer=trainer_state)
+        checkpoint_parallel_dimensions={"pp_degree": pipeline, "tp_degree": tensor})
     torch.save(model_states, out / MODEL_FILE.format(mp=mp))
     for dp, zero in enumerate(zero_files(state, data, groups, shard, ds_config)):
         torch.save(zero, out / ZERO_FILE.format(prefix=state.zero_meta["prefix"], dp=dp, mp=mp))
@@ -378,7 +374,7 @@ def check_new_layout(cfg: RunConfig, layout: CheckpointLayout) -> None:
     try:
         check_config(probe, layout.world_size)
     except ConfigError as err:
-        raise ReshardError(f"the layout {describe(layout)} is not valid for this run: {err}") from None
+        raise ReshardError(f"the layout {layout.describe()} is not valid for this run: {err}") from None
 
 
 def new_layout(src: CheckpointLayout, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
@@ -390,7 +386,7 @@ def new_layout(src: CheckpointLayout, tensor: int, pipeline: int, data_parallel:
             raise ReshardError(f"world size {total} is not divisible by TP {tensor} x PP {pipeline}; "
                                f"give --data-parallel or --world-size")
         data_parallel = total // (tensor * pipeline)
-    return CheckpointLayout(tensor, pipeline, data_parallel)
+    return CheckpointLayout(tensor * pipeline * data_parallel, tensor, pipeline, data_parallel, src.zero_stage)
 
 
 def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
@@ -409,7 +405,7 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     new_cfg.parallel.tensor, new_cfg.parallel.pipeline = tensor, pipeline
     check_new_layout(new_cfg, new)
     log(f"fpa-reshard: {ckpt} (step {model.step}, {model.consumed_samples} samples consumed): "
-        f"{describe(src)} -> {describe(new)}")
+        f"{src.describe()} -> {new.describe()}")
 
     state = read_global_state(model, with_optimizer=not reset_optimizer, log=log)
     if reset_optimizer:
@@ -421,13 +417,14 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     iter_dir.mkdir(parents=True)
     try:
         for mp, tp, pp in ranks_by_stage(new):
-            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {new.data_parallel} "
+            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {new.data} "
                 f"ZeRO partition(s)")
-            write_rank(state, new_cfg, new, mp, tp, pp, iter_dir, model.trainer_state)
+            write_rank(state, new_cfg, new, mp, tp, pp, iter_dir)
         torch.save(model.trainer_state, iter_dir / "trainer_state.pt")
         save_config(new_cfg, iter_dir / "config.yaml")
+        write_layout(iter_dir, new, model.step)
         (iter_dir / RESHARDED).write_text(json.dumps({
-            "source": str(ckpt.resolve()), "from": vars(src), "to": vars(new), "reset_optimizer": reset_optimizer,
+            "source": str(ckpt.resolve()), "from": asdict(src), "to": asdict(new), "reset_optimizer": reset_optimizer,
             "rng": "not carried over: the resumed run keeps the streams it seeds from train.seed",
         }, indent=1) + "\n")
         for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's recovery scripts, as it leaves them

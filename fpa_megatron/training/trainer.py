@@ -10,27 +10,22 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from fpa_megatron.config import RunConfig, save_config
+from fpa_megatron.config import RunConfig, run_dir, save_config
 from fpa_megatron.config_checks import ResolvedLayout, check_config
 from fpa_megatron.data.datasets import build_gpt_datasets, micro_batches
 from fpa_megatron.logging.flops import flops_per_token
 from fpa_megatron.logging.metrics_logger import MetricsLogger, memory_gb
 from fpa_megatron.model.gpt import build_gpt_model, make_penalty
 from fpa_megatron.parallel.state import init_distributed, init_model_parallel
-from fpa_megatron.training.checkpoint import Checkpointer
+from fpa_megatron.training.checkpoint import Checkpointer, checkpoint_root
 from fpa_megatron.training.forward_backward import forward_backward
 from fpa_megatron.training.lambda_schedule import LambdaSchedule
 from fpa_megatron.training.optimizer import build_engine, lr_at, optimizer_step
-
-
-def run_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.logging.dir) / (cfg.logging.run_name or "run")
 
 
 def evaluate(model, engine, penalty, valid_ds, cfg: RunConfig, layout) -> float:
@@ -78,8 +73,8 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
         (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
         mock_vocab_size=layout.vocab_size,
     )
-    checkpointer = Checkpointer(cfg.checkpoint.dir or out_dir / "checkpoints", cfg.checkpoint.interval,
-                                cfg.checkpoint.keep_last, cfg.checkpoint.resume, cfg)
+    checkpointer = Checkpointer(checkpoint_root(cfg), cfg.checkpoint.interval, cfg.checkpoint.keep_last,
+                                cfg.checkpoint.resume, cfg)
 
     step, consumed = 0, 0
     resume_from = checkpointer.find_resume()

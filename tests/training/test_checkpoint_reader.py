@@ -46,7 +46,7 @@ def test_reader_equals_the_live_model(runs, family):
         warnings.simplefilter("always")
         ckpt = read_model_checkpoint(run["checkpoint"])
     assert not [w for w in caught if "tied embeddings" in str(w.message)]  # both stages' copies are equal
-    assert (ckpt.layout.tensor_parallel, ckpt.layout.pipeline_parallel, ckpt.layout.data_parallel) == (2, 2, 1)
+    assert (ckpt.layout.tensor, ckpt.layout.pipeline, ckpt.layout.data) == (2, 2, 1)
     assert ckpt.layout.world_size == 4
     assert ckpt.step == STEPS and ckpt.consumed_samples == STEPS * GLOBAL
     assert ckpt.lambda_schedule["step"] == STEPS and ckpt.lambda_schedule["lambda0"] == 0.05
