@@ -42,6 +42,7 @@ class ModelConfig:
     dtype: str = "fp32"  # fp32 | bf16
     attention_impl: str = "eager"  # eager | blockwise
     attention_block_size: int = 128  # key/query tile size of the blockwise attention
+    qk_layernorm: bool = False  # normalize queries and keys per head before the scores (Megatron's qk_layernorm)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class LoggingConfig:
     interval: int = 10
     tensorboard: bool = True
     heatmap_interval: int = 0  # per-layer penalty + [layers x heads] heatmap every N steps; 0 = logging.interval
+    attention_stats_interval: int = 100  # attention collision/entropy/max logit on one no-grad micro-batch every N steps; 0 = off
     peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
 
 
