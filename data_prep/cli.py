@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-sequences", type=int, required=True, help="sequences (= documents) to write")
     p.add_argument("--seq-length", type=int, default=64, help="tokens per sequence; train with model.seq_length equal")
     p.add_argument("--num-pairs", type=int, default=4, help="key-value pairs (and queries) per sequence (default 4)")
-    p.add_argument("--vocab-size", type=int, default=256, help="BOS, filler, then keys and values in halves (default 256)")
+    p.add_argument("--vocab-size", type=int, default=256, help="keys and values in halves, EOD = the last id (default 256)")
     p.add_argument("--min-distance", type=int, default=1, help="smallest key-to-query distance (default: any)")
     p.add_argument("--max-distance", type=int, default=1_000_000, help="largest key-to-query distance (default: any)")
     p.add_argument("--seed", type=int, default=1234)
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         info = write_mqar(args.out_dir, args.name, spec, args.num_sequences, args.seed)
         print(f"mqar: {info['num_sequences']:,} sequences of {args.seq_length} tokens, {args.num_pairs} pairs, "
               f"vocab {args.vocab_size}, distances {info['distance_range'][0]} .. {info['distance_range'][1]} "
-              f"-> {info['prefix']}.bin/.idx")
+              f"-> {info['prefix']}.bin/.idx (train with model.vocab_size={args.vocab_size} data.eod_mask_loss=true)")
         return 0
 
     if args.command == "inspect":

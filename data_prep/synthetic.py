@@ -1,24 +1,28 @@
 """`fpa-prep synthetic mqar`: multi-query associative recall (Zoology's MQAR, Arora et al. 2023) as Megatron
 indexed datasets, seeded and deterministic.
 
-One sequence = one document of exactly `seq_length` tokens:
+One sequence = one document of exactly `seq_length` tokens (n = num_pairs, E = EOD):
 
-    position 0             BOS
-    positions 1 .. 2n      k_1 v_1 k_2 v_2 ... k_n v_n      (n distinct keys, n distinct values)
-    positions 2n+1 ..      FILLER, except n query pairs "k_i v_i" (every key once, in random order)
+    key-value block   E k_1 E v_1  E k_2 E v_2  ...  E k_n E v_n        (n distinct keys, n distinct values)
+    then              E (filler), except n query triples "k_i v_i E"    (every key once, in random order)
 
-A model recalls when, reading a query key k_i at position p, it predicts v_i at p + 1: the value seen
-next to the same key far earlier. The distance of a query is p minus the position of its key in the
-key-value block; `min_distance` / `max_distance` restrict where queries go (held-out sets per distance
-bucket). Query pairs start on the slots 2n+1, 2n+3, ... so they never overlap.
+A model recalls when, reading a query key k_i at position p, it predicts v_i at p + 1: the value that stood
+two positions after the same key in the block. The distance of a query is p minus the position of its key
+in the block; `min_distance` / `max_distance` restrict where queries go (held-out sets per distance
+bucket). Query triples start on the slots 4n + 1, 4n + 4, ... so they never overlap and each ends with E.
 
-Why documents of exactly seq_length tokens: Megatron's GPTDataset cuts the (shuffled) concatenation of the
-documents into samples of seq_length + 1 tokens that start every seq_length tokens, so every training
-sample is then one whole sequence (its last label is the next sequence's BOS). The trainer's LM loss covers
-every position (the random keys and values in the block are noise it cannot predict); the recall accuracy
-is measured at the query positions only (`fpa_megatron/studies/recall.py`).
+How training sees it. Zoology trains on the answers only. Megatron's GPTDataset can leave positions out of
+the loss in one way, `eod_mask_loss` (Megatron-LM's --eod-mask-loss, `data.eod_mask_loss: true`): no loss
+where the input token is EOD. So EOD stands before every token that cannot be predicted (each key and value
+of the block, every filler position): the loss then covers the answers (query key -> value) and tokens that
+are certain (a block key or a query value is always followed by E). EOD is the last vocabulary id, which
+is the trainer's EOD when no tokenizer is configured (vocab_size - 1). Documents have exactly seq_length
+tokens because GPTDataset cuts the shuffled concatenation of the documents into samples of seq_length + 1
+tokens every seq_length tokens: every training sample is one whole sequence (its last label is the next
+sequence's leading E, whose input is a filler E: no loss). Accuracy is measured at the query positions only
+(`fpa_megatron/studies/recall.py`).
 
-Vocabulary: BOS = 0, FILLER = 1, keys 2 .. 2 + K - 1, values after them (K = (vocab_size - 2) // 2).
+Vocabulary: keys 0 .. K - 1, values K .. 2K - 1 (K = (vocab_size - 1) // 2), EOD = vocab_size - 1.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import numpy as np
 from data_prep.common import PrepError, atomic_write_json
 from data_prep.indexed import NativeShardWriter
 
-BOS, FILLER = 0, 1
 PLACEMENT_ATTEMPTS = 100  # random restarts of one sequence's query placement before giving up
 
 
@@ -46,23 +49,31 @@ class MQARSpec:
     max_distance: int = 1_000_000
 
     @property
+    def eod(self) -> int:
+        return self.vocab_size - 1
+
+    @property
     def num_keys(self) -> int:
-        return (self.vocab_size - 2) // 2
+        return (self.vocab_size - 1) // 2
 
     @property
     def key_range(self) -> tuple[int, int]:
-        return 2, 2 + self.num_keys
+        return 0, self.num_keys
 
     @property
     def value_range(self) -> tuple[int, int]:
-        return 2 + self.num_keys, 2 + 2 * self.num_keys
+        return self.num_keys, 2 * self.num_keys
 
     def key_position(self, i: int) -> int:
-        return 1 + 2 * i
+        return 4 * i + 1
+
+    def value_position(self, i: int) -> int:
+        return 4 * i + 3
 
     def query_slots(self) -> np.ndarray:
-        """Positions where a query pair (key at p, value at p + 1) may start."""
-        return np.arange(2 * self.num_pairs + 1, self.seq_length - 1, 2)
+        """Positions where a query triple (key at p, value at p + 1, EOD at p + 2) may start: after the block
+        and one EOD (so the block's last value is followed by EOD, a certain token)."""
+        return np.arange(4 * self.num_pairs + 1, self.seq_length - 2, 3)
 
     def distance_bounds(self) -> tuple[int, int]:
         """The smallest and largest key-to-query distance this layout allows."""
@@ -77,7 +88,7 @@ class MQARSpec:
                             f"--num-pairs={self.num_pairs}")
         if len(self.query_slots()) < self.num_pairs:
             raise PrepError(f"--seq-length={self.seq_length} is too short for {self.num_pairs} key-value pairs and "
-                            f"{self.num_pairs} queries (needs >= {4 * self.num_pairs + 2})")
+                            f"{self.num_pairs} queries (needs >= {7 * self.num_pairs + 1})")
         lo, hi = self.distance_bounds()
         if self.min_distance > self.max_distance or self.max_distance < lo or self.min_distance > hi:
             raise PrepError(f"--min-distance={self.min_distance} --max-distance={self.max_distance}: this layout "
@@ -111,10 +122,10 @@ def make_sequence(spec: MQARSpec, rng: np.random.Generator) -> tuple[np.ndarray,
                         f"{spec.max_distance} in {PLACEMENT_ATTEMPTS} attempts: widen the range")
     keys = rng.choice(np.arange(*spec.key_range), size=spec.num_pairs, replace=False)
     values = rng.choice(np.arange(*spec.value_range), size=spec.num_pairs, replace=False)
-    seq = np.full(spec.seq_length, FILLER, dtype=np.int64)
-    seq[0] = BOS
-    seq[1:2 * spec.num_pairs + 1:2] = keys
-    seq[2:2 * spec.num_pairs + 2:2] = values
+    seq = np.full(spec.seq_length, spec.eod, dtype=np.int64)
+    block = np.arange(spec.num_pairs)
+    seq[spec.key_position(block)] = keys
+    seq[spec.value_position(block)] = values
     seq[positions] = keys
     seq[positions + 1] = values
     return seq, positions
@@ -128,18 +139,20 @@ def make_mqar(spec: MQARSpec, num_sequences: int, seed: int) -> tuple[np.ndarray
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def recall_by_lookup(seq: np.ndarray, num_pairs: int) -> list[tuple[int, int]]:
-    """Solve a sequence from its tokens alone: [(query position p, the value of its key in the block)].
+def recall_by_lookup(seq: np.ndarray, num_pairs: int) -> list[tuple[int, int, int]]:
+    """Solve a sequence from its tokens alone: [(query position p, the answer, the key-to-query distance)].
 
-    Queries are the non-filler tokens after the block at even offsets from it; what a perfect model predicts
-    at p (for p + 1) is the token after the same key in the key-value block.
+    The block is the first 4 n tokens (E k E v per pair); a query is a non-EOD token on a query slot; what a
+    perfect model predicts at p (for p + 1) is the value stored with the same key in the block.
     """
-    block = {int(seq[1 + 2 * i]): int(seq[2 + 2 * i]) for i in range(num_pairs)}
-    out = []
-    for p in range(2 * num_pairs + 1, len(seq) - 1, 2):
-        if seq[p] != FILLER:
-            out.append((p, block[int(seq[p])]))
-    return out
+    eod = int(seq[0])
+    block = {int(seq[4 * i + 1]): (int(seq[4 * i + 3]), 4 * i + 1) for i in range(num_pairs)}
+    found = []
+    for p in range(4 * num_pairs + 1, len(seq) - 2, 3):
+        if seq[p] != eod:
+            answer, key_position = block[int(seq[p])]
+            found.append((p, answer, p - key_position))
+    return found
 
 
 def write_mqar(out_dir: str, name: str, spec: MQARSpec, num_sequences: int, seed: int) -> dict:
@@ -156,11 +169,10 @@ def write_mqar(out_dir: str, name: str, spec: MQARSpec, num_sequences: int, seed
     for seq in tokens:
         writer.add_document(seq.astype(writer.dtype))
     writer.finalize(prefix + ".idx")
-    key_pos = np.array([spec.key_position(i) for i in range(spec.num_pairs)])
-    distances = positions - key_pos
+    distances = positions - spec.key_position(np.arange(spec.num_pairs))
     info = {
         "task": "mqar", "prefix": prefix, "seed": seed, "num_sequences": num_sequences, "spec": asdict(spec),
-        "tokens": {"bos": BOS, "filler": FILLER, "keys": list(spec.key_range), "values": list(spec.value_range)},
+        "tokens": {"eod": spec.eod, "keys": list(spec.key_range), "values": list(spec.value_range)},
         "distance_range": [int(distances.min()), int(distances.max())],
     }
     atomic_write_json(prefix + ".json", info)

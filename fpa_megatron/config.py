@@ -91,6 +91,7 @@ class DataConfig:
     tokenizer: Optional[str] = None  # sentencepiece .model file
     cache_dir: Optional[str] = None  # where GPTDataset keeps its index caches
     mock: bool = False  # synthetic data (tests, benchmarks): no prefixes needed
+    eod_mask_loss: bool = False  # no LM loss where the input token is EOD (Megatron-LM's --eod-mask-loss)
 
 
 @dataclass

@@ -248,6 +248,8 @@ def _check_fpa(cfg: RunConfig) -> None:
 def _check_data(cfg: RunConfig) -> None:
     d = cfg.data
     parse_split(d.split)
+    if not isinstance(d.eod_mask_loss, bool):
+        _fail(f"data.eod_mask_loss={d.eod_mask_loss!r} must be true or false")
     if d.weights is not None:
         if len(d.weights) != len(d.prefixes):
             _fail(f"data.weights={d.weights!r} has {len(d.weights)} entries but data.prefixes has "

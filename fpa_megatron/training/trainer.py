@@ -78,7 +78,7 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     train_ds, valid_ds, _ = build_gpt_datasets(
         cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
         (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
-        mock_vocab_size=layout.vocab_size,
+        mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
     )
     checkpointer = Checkpointer(cfg.checkpoint.dir or out_dir / "checkpoints", cfg.checkpoint.interval,
                                 cfg.checkpoint.keep_last, cfg.checkpoint.resume, cfg)

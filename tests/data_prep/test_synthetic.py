@@ -10,7 +10,9 @@ import pytest
 
 from data_prep.cli import main as prep_main
 from data_prep.common import PrepError
-from data_prep.synthetic import BOS, FILLER, MQARSpec, make_mqar, recall_by_lookup
+from data_prep.synthetic import MQARSpec, make_mqar, recall_by_lookup
+
+EOD = 255  # vocab 256: the last id
 
 
 def _prep(tmp_path, name, *args):
@@ -32,47 +34,50 @@ def test_answers_recoverable_by_lookup():
     tokens, positions = make_mqar(spec, 200, seed=3)
     assert tokens.shape == (200, 64) and positions.shape == (200, 4)
     for seq, pos in zip(tokens, positions):
-        assert seq[0] == BOS
-        keys, values = seq[1:9:2], seq[2:10:2]
+        assert (seq[0:16:2] == EOD).all()  # E k E v per pair
+        keys, values = seq[1:16:4], seq[3:16:4]
         assert len(set(keys.tolist())) == 4 and len(set(values.tolist())) == 4
-        assert ((keys >= 2) & (keys < 129)).all() and ((values >= 129) & (values < 256)).all()
+        assert ((keys >= 0) & (keys < 127)).all() and ((values >= 127) & (values < 254)).all()
         solved = recall_by_lookup(seq, 4)
-        assert [p for p, _ in solved] == sorted(pos.tolist())  # the queries found in the tokens are all of them
-        for p, answer in solved:
-            assert seq[p + 1] == answer  # the token after a query key is the value stored with that key
-        query_keys = {int(seq[p]) for p, _ in solved}
-        assert query_keys == set(keys.tolist())  # every key asked once
+        assert [p for p, _, _ in solved] == sorted(pos.tolist())  # the queries found in the tokens are all of them
+        for p, answer, distance in solved:
+            assert seq[p + 1] == answer and seq[p + 2] == EOD  # the value stored with that key, then EOD
+            i = keys.tolist().index(seq[p])
+            assert distance == p - (4 * i + 1) == pos[i] - (4 * i + 1)
+        assert {int(seq[p]) for p, _, _ in solved} == set(keys.tolist())  # every key asked once
         rest = np.ones(64, dtype=bool)
-        rest[:9] = False
+        rest[:16] = False  # the block; position 16 is always EOD
         rest[pos] = rest[pos + 1] = False
-        assert (seq[rest] == FILLER).all()
+        assert (seq[rest] == EOD).all()
     # the queries spread over the whole allowed range
-    distances = positions - np.array([1, 3, 5, 7])
-    assert distances.min() == 2 and distances.max() >= 55
+    distances = positions - np.array([1, 5, 9, 13])
+    assert distances.min() == 4 and distances.max() >= 55 and spec.distance_bounds() == (4, 58)
 
 
-@pytest.mark.parametrize("lo,hi", [(2, 15), (16, 30), (31, 45), (46, 60), (20, 20)])
+@pytest.mark.parametrize("lo,hi", [(4, 40), (16, 45), (30, 58), (46, 58), (20, 24)])
 def test_queries_at_requested_distances(lo, hi):
     spec = MQARSpec(seq_length=64, num_pairs=4, vocab_size=256, min_distance=lo, max_distance=hi)
     tokens, positions = make_mqar(spec, 100, seed=lo)
     for seq, pos in zip(tokens, positions):
-        key_pos = {int(seq[1 + 2 * i]): 1 + 2 * i for i in range(4)}
+        key_pos = {int(seq[1 + 4 * i]): 1 + 4 * i for i in range(4)}
         for p in pos:
             assert lo <= p - key_pos[int(seq[p])] <= hi
+        assert all(lo <= d <= hi for _, _, d in recall_by_lookup(seq, 4))
 
 
 def test_impossible_requests_are_errors(tmp_path, capsys):
-    with pytest.raises(PrepError, match="allows distances 2 .. 60"):
-        make_mqar(MQARSpec(min_distance=61), 1, seed=0)
+    with pytest.raises(PrepError, match="allows distances 4 .. 58"):
+        make_mqar(MQARSpec(min_distance=59), 1, seed=0)
     with pytest.raises(PrepError, match="too short"):
-        make_mqar(MQARSpec(seq_length=12), 1, seed=0)
+        make_mqar(MQARSpec(seq_length=27), 1, seed=0)
     assert _prep(tmp_path, "x", "--num-sequences", "3", "--num-pairs", "200") == 2
     assert "--num-pairs=200" in capsys.readouterr().err
 
 
 def test_gpt_dataset_samples_are_whole_sequences(tmp_path):
     """What training sees: GPTDataset (shuffled) samples of seq_length + 1 tokens, each one whole sequence
-    followed by the next one's BOS."""
+    followed by the next one's leading EOD; with eod_mask_loss the loss covers the answers and the
+    certain tokens (E after a block key or a query value), nothing else."""
     from fpa_megatron.data.datasets import build_gpt_datasets
 
     assert _prep(tmp_path, "mqar", "--num-sequences", "40", "--seq-length", "32", "--num-pairs", "3",
@@ -80,12 +85,19 @@ def test_gpt_dataset_samples_are_whole_sequences(tmp_path):
     tokens, _ = make_mqar(MQARSpec(seq_length=32, num_pairs=3), 40, seed=9)
     documents = {tuple(seq.tolist()) for seq in tokens}
     train, _, _ = build_gpt_datasets([str(tmp_path / "mqar")], None, "100,0,0", 32, 1, (100, 0, 0), None,
-                                     str(tmp_path / "cache"), mock_vocab_size=256)
+                                     str(tmp_path / "cache"), mock_vocab_size=256, eod_mask_loss=True)
     seen = set()
     for i in range(len(train)):
         sample = train[i]
-        sequence = tuple(sample["tokens"].tolist())
-        assert sequence in documents
-        assert sample["labels"][-1] == BOS and sample["loss_mask"].min() == 1
-        seen.add(sequence)
+        seq = sample["tokens"].numpy()
+        assert tuple(seq.tolist()) in documents
+        assert sample["labels"][-1] == EOD
+        answers = {p for p, _, _ in recall_by_lookup(seq, 3)}
+        trained = set(np.flatnonzero(sample["loss_mask"].numpy()).tolist())
+        certain = {p for p in trained if sample["labels"][p] == EOD}
+        assert trained == answers | certain and len(answers) == 3
+        assert len(certain) == 9  # after each block key, block value and query value
+        for p in answers:
+            assert sample["labels"][p] == seq[p + 1]
+        seen.add(tuple(seq.tolist()))
     assert len(seen) == 40  # the 100 samples cover every sequence (several epochs, reshuffled)
