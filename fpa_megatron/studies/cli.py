@@ -64,25 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or study.default_seeds
     _check_study_dir(out, {"study": args.study, "scale": scale})
 
-    from fpa_megatron.config import ConfigError, config_from_dict, config_to_dict, save_config
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.config import ConfigError
     from fpa_megatron.studies.runner import StudyRunner
 
-    base = config_from_dict(study.base_config())
     specs = study.runs(seeds)
-    try:  # every arm's config is checked before anything runs
-        for spec in specs:
-            check_config(config_from_dict(config_to_dict(base), list(spec.overrides)), args.ranks)
+    try:
+        config_path = _write_base_config(study, specs, args.ranks)
     except ConfigError as err:
         print(f"fpa-ablate: config error: {err}", file=sys.stderr)
         return 2
-    config_path = out / "base.yaml"
-    save_config(base, config_path)
-
     runner = StudyRunner(out, config_path, workers=args.workers, threads=args.threads, ranks=args.ranks,
                          rerun_failed=args.rerun_failed)
     done = runner.run_all(specs)
-    study.after_training(specs, done)
+    evaluated = True
+    try:
+        study.after_training(specs, done)
+    except RuntimeError as err:  # e.g. the recall evaluation failed: the report still shows the training runs
+        print(f"fpa-ablate: {err}", file=sys.stderr)
+        evaluated = False
     text, numbers = study.report(specs, done)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps({"study": args.study, "scale": scale, "seeds": seeds, **numbers},
@@ -91,7 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     failed = failed_runs(done)
     for name in failed:
         print(f"fpa-ablate: run {name} failed: see {log_hint(out, name)}", file=sys.stderr)
-    return 1 if failed and args.study != "lr-sweep" else 0
+    return 1 if not evaluated or (failed and args.study != "lr-sweep") else 0  # lr-sweep: failed = diverged
+
+
+def _write_base_config(study, specs, ranks: int) -> Path:
+    """The study's base config as `<out>/base.yaml`, after checking it with every arm's overrides (before
+    anything runs). With 2 ranks per run the global batch stays the same (micro-batches are cut)."""
+    from fpa_megatron.config import config_from_dict, config_to_dict, save_config
+    from fpa_megatron.config_checks import check_config
+
+    base = config_from_dict(study.base_config())
+    train = base.train
+    if ranks > 1 and train.global_batch_size % (train.micro_batch_size * ranks):
+        train.micro_batch_size = train.global_batch_size // ranks
+    for spec in specs:
+        check_config(config_from_dict(config_to_dict(base), list(spec.overrides)), ranks)
+    path = study.out / "base.yaml"
+    save_config(base, path)
+    return path
 
 
 if __name__ == "__main__":

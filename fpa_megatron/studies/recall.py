@@ -122,10 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     buckets = [tuple(int(x) for x in item.split("-")) for item in args.buckets]
 
     from fpa_megatron.parallel.state import init_distributed, init_model_parallel
-    from fpa_megatron.testing import free_port
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    # one process: port 0 lets the store pick a free port (no race with other jobs)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     init_distributed()  # Megatron's layers need its (single-rank) process groups
     init_model_parallel(1, 1, seed=0)
     for run_dir in args.run_dirs:

@@ -98,13 +98,11 @@ class StudyRunner:
         return {spec.name: read_done(self.out, spec) for spec in specs}
 
     def _env(self) -> dict[str, str]:
-        from fpa_megatron.testing import free_port
-
         env = dict(os.environ)
         env.update(OMP_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
-        if self.ranks == 1:  # what torchrun would set for a single process
+        if self.ranks == 1:  # what torchrun would set for a single process; port 0: the store picks a free one
             env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(free_port()))
+                       MASTER_PORT="0")
         return env
 
     def _run_one(self, spec: RunSpec) -> None:

@@ -156,6 +156,21 @@ class Study:
     def curves(self, specs: list[RunSpec], tag: str, arms: list[str], scalars: dict) -> dict:
         return {arm: [scalars[s.name].get(tag, []) for s in specs if s.arm == arm] for arm in arms}
 
+    def summary_tables(self, per_run: dict, columns: list[tuple[str, str, int]]) -> tuple[str, str, dict]:
+        """Markdown tables of `columns` (key, label, digits): per arm (mean ± std over seeds) and per run;
+        and the per-arm numbers {arm: {key: (mean, std)}} for report.json."""
+        arms = list(dict.fromkeys(r["arm"] for r in per_run.values()))
+        arm_rows, numbers = [], {}
+        for arm in arms:
+            runs = [r for r in per_run.values() if r["arm"] == arm]
+            numbers[arm] = {key: rp.mean_std([r[key] for r in runs]) for key, _, _ in columns}
+            arm_rows.append([arm] + [rp.fmt_mean_std([r[key] for r in runs], d) for key, _, d in columns])
+        run_rows = [[name, r["arm"], r["seed"]] + [rp.fmt(r[key], d) for key, _, d in columns] + [r["status"]]
+                    for name, r in per_run.items()]
+        labels = [label for _, label, _ in columns]
+        return (rp.table(["arm"] + labels, arm_rows), rp.table(["run", "arm", "seed"] + labels + ["status"], run_rows),
+                numbers)
+
     def model_text(self) -> str:
         m = self.size["model"]
         return (f"{m['num_layers']} layers x {m['hidden_size']}, {m['num_attention_heads']} heads, "
@@ -172,7 +187,7 @@ class LambdaStudy(Study):
 
     name = "lambda"
     sizes = {
-        "default": dict(steps=300, lambdas=(0.0, 0.01, 0.1, 1.0), seeds=3, eval_interval=25, stats_interval=25,
+        "default": dict(steps=250, lambdas=(0.0, 0.01, 0.1, 1.0), seeds=3, eval_interval=25, stats_interval=25,
                         model=DEMO_MODEL, micro=8, batch=16),
         "quick": dict(steps=30, lambdas=(0.0, 0.1), seeds=2, eval_interval=10, stats_interval=10, eval_iters=2,
                       model=DEMO_MODEL, micro=8, batch=16),
@@ -209,13 +224,7 @@ class LambdaStudy(Study):
         columns = [("val_loss", "final val loss", 4), ("val_ppl", "final val ppl", 2), ("collision", "collision", 4),
                    ("entropy", "entropy (nats)", 3), ("entropy_min", "lowest head entropy", 3),
                    ("max_logit", "max logit", 2)]
-        arm_rows, arm_numbers = [], {}
-        for arm in arms:
-            runs = [r for r in per_run.values() if r["arm"] == arm]
-            arm_numbers[arm] = {key: rp.mean_std([r[key] for r in runs]) for key, _, _ in columns}
-            arm_rows.append([arm] + [rp.fmt_mean_std([r[key] for r in runs], d) for key, _, d in columns])
-        run_rows = [[name, r["arm"], r["seed"]] + [rp.fmt(r[key], d) for key, _, d in columns] + [r["status"]]
-                    for name, r in per_run.items()]
+        arm_table, run_table, arm_numbers = self.summary_tables(per_run, columns)
         plots = self.out / "plots"
         for tag, file, label in (("val/loss", "val_loss.png", "validation loss"),
                                  ("train/lm_loss", "train_loss.png", "training LM loss"),
@@ -232,12 +241,10 @@ The {'demo ' if self.size['model'] is DEMO_MODEL else ''}model ({self.model_text
 penalty normalized to the mean collision probability (`fpa.normalize: mean`); arm `fpa_off` is FPA off
 (`fpa.enabled: false`). Attention statistics are measured on one fixed validation micro-batch every
 {self.size['stats_interval']} steps, FPA on or off; final values are those at the last step.""")
-        lines += ["### Final values per arm", "",
-                  rp.table(["arm"] + [label for _, label, _ in columns], arm_rows), "",
+        lines += ["### Final values per arm", "", arm_table, "",
                   "![validation loss](plots/val_loss.png)", "![collision](plots/collision.png)",
                   "![entropy](plots/entropy.png)", "![training loss](plots/train_loss.png)", "",
-                  "### Every run", "",
-                  rp.table(["run", "arm", "seed"] + [label for _, label, _ in columns] + ["status"], run_rows), ""]
+                  "### Every run", "", run_table, ""]
         return "\n".join(lines), {"runs": per_run, "arms": arm_numbers}
 
 
@@ -246,7 +253,7 @@ class LRSweepStudy(Study):
 
     name = "lr-sweep"
     sizes = {
-        "default": dict(steps=200, lrs=tuple(np.logspace(-3, -1, 5).round(6)), seeds=2, stats_interval=10,
+        "default": dict(steps=150, lrs=tuple(np.logspace(-3, -1, 5).round(6)), seeds=2, stats_interval=10,
                         model=DEMO_MODEL, micro=8, batch=8),
         "quick": dict(steps=30, lrs=(1e-3, 1e-1), seeds=2, stats_interval=5, eval_iters=2, model=DEMO_MODEL,
                       micro=8, batch=8),
@@ -368,13 +375,13 @@ class RecallStudy(Study):
 
     name = "recall"
     sizes = {
-        "default": dict(steps=1200, lambdas=(0.0, 0.01, 0.1, 1.0), seeds=2, train_sequences=40000, test_sequences=500, lr=3e-3,
+        "default": dict(steps=1500, lambdas=(0.0, 0.01, 0.1, 1.0), seeds=2, train_sequences=40000, test_sequences=500, lr=1e-2,
                         micro=32, eval_interval=100, stats_interval=50,
                         model=dict(num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512)),
-        "quick": dict(steps=60, lambdas=(0.0, 0.1), seeds=2, train_sequences=4000, test_sequences=100, micro=32, lr=3e-3,
+        "quick": dict(steps=60, lambdas=(0.0, 0.1), seeds=2, train_sequences=4000, test_sequences=100, micro=32, lr=1e-2,
                       eval_interval=20, stats_interval=20, eval_iters=2,
                       model=dict(num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512)),
-        "tiny": dict(steps=6, lambdas=(0.0, 1.0), seeds=2, train_sequences=400, test_sequences=20, micro=8, lr=3e-3,
+        "tiny": dict(steps=6, lambdas=(0.0, 1.0), seeds=2, train_sequences=400, test_sequences=20, micro=8, lr=1e-2,
                      eval_interval=3, stats_interval=3, eval_iters=1,
                      model=dict(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64)),
     }
@@ -401,7 +408,8 @@ class RecallStudy(Study):
         cfg = self.common(s["steps"], s["eval_interval"], s["stats_interval"], log_interval=10 if s["steps"] > 50 else 1)
         cfg["model"] = dict(s["model"], seq_length=self.SEQ, vocab_size=self.VOCAB, position_embedding="rope")
         cfg["fpa"] = dict(DEMO_FPA, gamma=self.GAMMA)
-        cfg["optimizer"] = dict(lr=s["lr"], min_lr=s["lr"] / 10, warmup_steps=min(50, s["steps"] // 5), grad_clip=1.0,
+        # lr 1e-2 with 100 warmup steps learned recall fastest of 1e-3, 3e-3, 6e-3, 1e-2 (24 % after 1500 steps)
+        cfg["optimizer"] = dict(lr=s["lr"], min_lr=3e-4, warmup_steps=min(100, s["steps"] // 5), grad_clip=1.0,
                                 zero_stage=1)
         cfg["data"] = dict(prefixes=[str((data / "train").resolve())], tokenizer=None, split="98,2,0",
                            eod_mask_loss=True)
@@ -440,52 +448,42 @@ class RecallStudy(Study):
             acc = {b: recall["buckets"].get(b, {}).get("accuracy", math.nan) for b in buckets}
             sc = scalars[s.name]
             per_run[s.name] = dict(arm=s.arm, seed=s.seed, lambda0=s.values["lambda0"], status=self.status(done.get(s.name)),
-                                   accuracy=acc, overall=recall["overall"].get("accuracy", math.nan),
-                                   queries={b: recall["buckets"].get(b, {}).get("queries", 0) for b in buckets},
+                                   **{f"accuracy {b}": acc[b] for b in buckets},
+                                   **{f"queries {b}": recall["buckets"].get(b, {}).get("queries", 0) for b in buckets},
+                                   overall=recall["overall"].get("accuracy", math.nan),
                                    val_loss=rp.last(sc, "val/loss"), entropy=rp.last(sc, "attention/entropy"),
                                    entropy_min=rp.last(sc, "attention/entropy_min"))
-        arm_rows, arm_numbers = [], {}
-        for arm in arms:
-            runs = [r for r in per_run.values() if r["arm"] == arm]
-            arm_numbers[arm] = dict(accuracy={b: rp.mean_std([r["accuracy"][b] for r in runs]) for b in buckets},
-                                    overall=rp.mean_std([r["overall"] for r in runs]),
-                                    val_loss=rp.mean_std([r["val_loss"] for r in runs]))
-            arm_rows.append([arm] + [rp.fmt_mean_std([r["accuracy"][b] for r in runs], 3) for b in buckets]
-                            + [rp.fmt_mean_std([r["overall"] for r in runs], 3),
-                               rp.fmt_mean_std([r["val_loss"] for r in runs], 4)])
-        run_rows = [[name, r["arm"], r["seed"]] + [rp.fmt(r["accuracy"][b], 3) for b in buckets]
-                    + [rp.fmt(r["overall"], 3), rp.fmt(r["val_loss"], 4), rp.fmt(r["entropy_min"], 3), r["status"]]
-                    for name, r in per_run.items()]
+        columns = ([(f"accuracy {b}", f"distance {b[1:]}", 3) for b in buckets]
+                   + [("overall", "overall", 3), ("val_loss", "final val loss", 4), ("entropy_min", "lowest head entropy", 3)])
+        arm_table, run_table, arm_numbers = self.summary_tables(per_run, columns)
         plots = self.out / "plots"
         rp.plot_points(plots / "accuracy_vs_distance.png", buckets,
-                       {arm: [[r["accuracy"][b] for r in per_run.values() if r["arm"] == arm] for b in buckets]
+                       {arm: [[r[f"accuracy {b}"] for r in per_run.values() if r["arm"] == arm] for b in buckets]
                         for arm in arms}, "MQAR query accuracy", "key-to-query distance", "accuracy",
                        xticklabels=buckets)
         rp.plot_curves(plots / "val_loss.png", self.curves(specs, "val/loss", arms, scalars), "validation loss", "loss")
         rp.plot_curves(plots / "entropy.png", self.curves(specs, "attention/entropy", arms, scalars),
                        "mean attention entropy", "entropy (nats)")
         seeds = max(s.seed for s in specs)
+        first = next(iter(per_run.values()))
+        queries = ", ".join(f"{first[f'queries {b}']} at distance {b[1:]}" for b in buckets)
         s = self.size
         lines = self.header(
             "Recall: multi-query associative recall at growing distances",
             f"fpa-ablate recall{'' if self.scale == 'default' else ' --' + self.scale} --seeds {seeds}", seeds,
             f"""
 Zoology's MQAR (Arora et al. 2023) in its minimal setting: vocabulary {self.VOCAB}, sequences of {self.SEQ}
-tokens, {self.PAIRS} key-value pairs at the start, every key queried once later
-(`fpa-prep synthetic mqar`); a {s['model']['num_layers']}-layer, {s['model']['hidden_size']}-wide GPT
-({s['model']['num_attention_heads']} heads, rotary positions) trained on {s['train_sequences']:,} sequences for
-{s['steps']} steps of {s['micro']} sequences with the plain LM loss on every token (the keys and values
-themselves are random; only the answers are learnable). FPA arms: lambda_t = lambda_0 x {self.GAMMA}^t, mean-
-normalized; arm `fpa_off` is FPA off. **Accuracy**: on {s['test_sequences']} held-out sequences per distance
-bucket (queries {self.PAIRS} per sequence, key-to-query distance in the bucket), the fraction of queries whose
-most likely next token (whole vocabulary) is the stored value, from the final checkpoint (`recall.json` in
-each run directory). Overall = all queries of all buckets.""")
-        lines += ["### Query accuracy per key-to-query distance", "",
-                  rp.table(["arm"] + [f"distance {b[1:]}" for b in buckets] + ["overall", "final val loss"], arm_rows),
-                  "", "![accuracy vs distance](plots/accuracy_vs_distance.png)", "![validation loss](plots/val_loss.png)",
-                  "![entropy](plots/entropy.png)", "", "### Every run", "",
-                  rp.table(["run", "arm", "seed"] + [f"distance {b[1:]}" for b in buckets]
-                           + ["overall", "final val loss", "lowest head entropy", "status"], run_rows), ""]
+tokens, {self.PAIRS} key-value pairs at the start, every key queried once later (`fpa-prep synthetic mqar`);
+a {s['model']['num_layers']}-layer, {s['model']['hidden_size']}-wide GPT ({s['model']['num_attention_heads']} heads, rotary
+positions), {s['steps']} steps of {s['micro']} sequences (from {s['train_sequences']:,}), lr {s['lr']:g}, trained on the
+answers: EOD precedes every unpredictable token and `data.eod_mask_loss=true` leaves those out of the loss. FPA
+arms: lambda_t = lambda_0 x {self.GAMMA}^t, mean-normalized; arm `fpa_off` is FPA off. **Accuracy**: on
+{s['test_sequences']} held-out sequences ({s['test_sequences'] * self.PAIRS} queries: {queries}), the fraction of queries
+whose most likely next token (whole vocabulary) is the stored value, per key-to-query distance bucket and
+overall, scored from the final checkpoint (`recall.json` in each run directory); chance is about 1/127.""")
+        lines += ["### Query accuracy per key-to-query distance", "", arm_table, "",
+                  "![accuracy vs distance](plots/accuracy_vs_distance.png)", "![validation loss](plots/val_loss.png)",
+                  "![entropy](plots/entropy.png)", "", "### Every run", "", run_table, ""]
         return "\n".join(lines), {"runs": per_run, "arms": arm_numbers}
 
 
