@@ -16,6 +16,7 @@ They are measured from q and k at the top of the core attention's forward, whate
   rather than as sum exp(s - m) s: the same quantity without the cancellation of m + log l - (...) when the
   logits are large.
 
+The math, and why w is kept relative to the running max: docs/fpa_math.md, section 4.
 `AttentionStats` is the per-replica record the layers fill while `measuring` is set; `reduce()` gives the
 [L, H] matrices complete on every rank.
 """

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from fpa_megatron.quiet import quiet_optional_dependency_warnings
 from fpa_megatron.studies.studies import SCALES, STUDIES, failed_runs, log_hint
 
 STUDY_FILE = "study.json"
@@ -51,6 +52,7 @@ def _check_study_dir(out: Path, record: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_optional_dependency_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     scale = "tiny" if args.tiny else "quick" if args.quick else "default"

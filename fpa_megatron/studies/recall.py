@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fpa_megatron.quiet import quiet_optional_dependency_warnings
+
 RESULT_FILE = "recall.json"
 
 
@@ -113,6 +115,7 @@ def evaluate_run(run_dir: Path, test_prefix: str, buckets: list[tuple[int, int]]
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_optional_dependency_warnings()
     parser = argparse.ArgumentParser(prog="python -m fpa_megatron.studies.recall", description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", help="run directories (with config.yaml and checkpoints/)")
     parser.add_argument("--test", required=True, help="prefix of the held-out MQAR sequences")
