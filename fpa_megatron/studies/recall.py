@@ -9,8 +9,7 @@ finds the queries, their answers and distances in the tokens). Each run gets `<r
 
     python -m fpa_megatron.studies.recall --test data/mqar/test --buckets 4-15 16-29 ... -- RUN_DIR [RUN_DIR ...]
 
-Runs trained with one model-parallel rank (TP1 x PP1, any DP): the checkpoint's `mp_rank_00_model_states.pt`
-holds the whole model.
+Any training layout: the checkpoint is read offline (`checkpoint_reader`) into one TP1 x PP1 model.
 """
 
 from __future__ import annotations
@@ -50,9 +49,8 @@ def read_sequences(prefix: str) -> np.ndarray:
 
 @torch.no_grad()
 def recalled(model, tokens: np.ndarray, queries: dict[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
-    """Per query (see `query_table`): whether `model` (a TP1 x PP1 GPTModel, or anything called like one)
-    predicts its answer at its position, as a bool array."""
-    model.eval()
+    """Per query (see `query_table`): whether `model` (called like a GPTModel: tokens, position ids, mask ->
+    [b, s, vocab] logits) predicts its answer at its position, as a bool array."""
     predictions = np.empty(tokens.shape, dtype=np.int64)
     position_ids = torch.arange(tokens.shape[1]).unsqueeze(0)
     for start in range(0, len(tokens), batch_size):
@@ -80,34 +78,19 @@ def accuracy_by_bucket(hits: np.ndarray, distances: np.ndarray, buckets: list[tu
     return {"buckets": out, "overall": overall}
 
 
-def _load_model(run_dir: Path):
-    """The run's GPT (from its config.yaml) with the weights of its newest complete checkpoint."""
-    from fpa_megatron.config import load_config
-    from fpa_megatron.config_checks import padded_vocab_size
-    from fpa_megatron.model.gpt import build_gpt_model, make_penalty
-    from fpa_megatron.training.checkpoint import complete_checkpoints
-
-    cfg = load_config(run_dir / "config.yaml")
-    found = complete_checkpoints(Path(cfg.checkpoint.dir or run_dir / "checkpoints"))
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint to evaluate")
-    ckpt = found[-1]
-    if cfg.parallel.tensor != 1 or cfg.parallel.pipeline != 1:
-        raise ValueError(f"{run_dir}: recall evaluation reads TP1 x PP1 checkpoints, this run used "
-                         f"TP{cfg.parallel.tensor} x PP{cfg.parallel.pipeline}")
-    model = build_gpt_model(cfg.model, padded_vocab_size(cfg.model.vocab_size, 1), make_penalty(cfg.model, cfg.fpa))
-    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict(state, strict=True)
-    return model, ckpt
-
-
 def evaluate_run(run_dir: Path, test_prefix: str, buckets: list[tuple[int, int]], num_pairs: int) -> dict:
-    """Score one run on the held-out sequences; write and return its recall.json."""
-    model, ckpt = _load_model(run_dir)
+    """Score the run's newest complete checkpoint (any layout, read offline) on the held-out sequences, in this
+    process; write and return its recall.json."""
+    from fpa_megatron.inference.megatron_lm import megatron_lm
+    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint, resolve_checkpoint_dir
+
+    checkpoint = read_model_checkpoint(resolve_checkpoint_dir(run_dir))
     tokens = read_sequences(test_prefix)
     queries = query_table(tokens, num_pairs)
-    result = {"checkpoint": str(ckpt), "step": int(ckpt.name.split("_")[1]), "test": test_prefix,
-              **accuracy_by_bucket(recalled(model, tokens, queries), queries["distance"], buckets)}
+    with megatron_lm(checkpoint) as lm:
+        hits = recalled(lambda batch, positions, mask: lm.logits(batch), tokens, queries)
+    result = {"checkpoint": str(checkpoint.path), "step": checkpoint.step, "test": test_prefix,
+              **accuracy_by_bucket(hits, queries["distance"], buckets)}
     tmp = run_dir / (RESULT_FILE + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, run_dir / RESULT_FILE)
@@ -123,18 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-pairs", type=int, required=True)
     args = parser.parse_args(argv)
     buckets = [tuple(int(x) for x in item.split("-")) for item in args.buckets]
-
-    from fpa_megatron.parallel.state import init_distributed, init_model_parallel
-
-    # one process: port 0 lets the store pick a free port (no race with other jobs)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
-    init_distributed()  # Megatron's layers need its (single-rank) process groups
-    init_model_parallel(1, 1, seed=0)
     for run_dir in args.run_dirs:
         result = evaluate_run(Path(run_dir), args.test, buckets, args.num_pairs)
         accuracies = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in result["buckets"].items())
         print(f"recall {run_dir}: {accuracies}", flush=True)
-    torch.distributed.destroy_process_group()
     return 0
 
 
