@@ -22,7 +22,9 @@ STUDY_FILE = "study.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fpa-ablate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fpa-ablate", description="Does FPA help? Run a study's arms as real fpa-train runs (same data, steps "
+        "and seeds; several seeds per arm), resumably, and write <out>/report.md with tables and plots.")
     parser.add_argument("study", choices=sorted(STUDIES), help="which study to run")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a couple of minutes (fewer steps and arms)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tests' scale
