@@ -1,4 +1,4 @@
-"""`fpa-prep`: corpus | tokenizer | encode | merge | inspect (one command per data-preparation step).
+"""`fpa-prep`: corpus | tokenizer | encode | merge | inspect | synthetic (one command per data-preparation step).
 
 Exit status: 0 success, 2 usage or input error (reported before any work when possible), 3 rejects
 under --strict, 1 anything unexpected.
@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merged prefix (default for a directory: <dir>/<name> or <dir>/<name>_<key>)")
     p.add_argument("--key", action="append", dest="keys", help="only these text keys (directory source)")
 
+    p = sub.add_parser("synthetic", help="write a seeded synthetic task as an indexed dataset (mqar: associative recall)")
+    p.add_argument("task", choices=["mqar"], help="mqar: multi-query associative recall (Zoology, Arora et al. 2023)")
+    p.add_argument("--out-dir", required=True, help="output directory (gets <name>.bin/.idx and <name>.json)")
+    p.add_argument("--name", default="mqar", help="dataset prefix name (default: mqar)")
+    p.add_argument("--num-sequences", type=int, required=True, help="sequences (= documents) to write")
+    p.add_argument("--seq-length", type=int, default=64, help="tokens per sequence; train with model.seq_length equal")
+    p.add_argument("--num-pairs", type=int, default=4, help="key-value pairs (and queries) per sequence (default 4)")
+    p.add_argument("--vocab-size", type=int, default=256, help="keys and values in halves, EOD = the last id (default 256)")
+    p.add_argument("--min-distance", type=int, default=1, help="smallest key-to-query distance (default: any)")
+    p.add_argument("--max-distance", type=int, default=1_000_000, help="largest key-to-query distance (default: any)")
+    p.add_argument("--seed", type=int, default=1234)
+
     p = sub.add_parser("inspect", help="print counts and decode the first tokens of a few documents")
     p.add_argument("prefix", help="dataset prefix (without .bin/.idx)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: from the encode manifest)")
@@ -170,6 +182,16 @@ def run(args: argparse.Namespace) -> int:
             results = [merge_prefixes(args.sources, args.output_prefix)]
         for r in results:
             print(describe_merge(r))
+        return 0
+
+    if args.command == "synthetic":
+        from data_prep.synthetic import MQARSpec, write_mqar
+
+        spec = MQARSpec(args.seq_length, args.num_pairs, args.vocab_size, args.min_distance, args.max_distance)
+        info = write_mqar(args.out_dir, args.name, spec, args.num_sequences, args.seed)
+        print(f"mqar: {info['num_sequences']:,} sequences of {args.seq_length} tokens, {args.num_pairs} pairs, "
+              f"vocab {args.vocab_size}, distances {info['distance_range'][0]} .. {info['distance_range'][1]} "
+              f"-> {info['prefix']}.bin/.idx (train with model.vocab_size={args.vocab_size} data.eod_mask_loss=true)")
         return 0
 
     if args.command == "inspect":

@@ -43,6 +43,7 @@ class ModelConfig:
     dtype: str = "fp32"  # fp32 | bf16
     attention_impl: str = "eager"  # eager | blockwise
     attention_block_size: int = 128  # key/query tile size of the blockwise attention
+    qk_layernorm: bool = False  # normalize queries and keys per head before the scores (Megatron's qk_layernorm)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class DataConfig:
     tokenizer: Optional[str] = None  # sentencepiece .model file
     cache_dir: Optional[str] = None  # where GPTDataset keeps its index caches
     mock: bool = False  # synthetic data (tests, benchmarks): no prefixes needed
+    eod_mask_loss: bool = False  # no LM loss where the input token is EOD (Megatron-LM's --eod-mask-loss)
 
 
 @dataclass
@@ -120,6 +122,7 @@ class LoggingConfig:
     interval: int = 10
     tensorboard: bool = True
     heatmap_interval: int = 0  # per-layer penalty + [layers x heads] heatmap every N steps; 0 = logging.interval
+    attention_stats_interval: int = 100  # attention collision/entropy/max logit on one no-grad micro-batch every N steps; 0 = off
     peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
 
 

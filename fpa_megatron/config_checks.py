@@ -147,6 +147,8 @@ def _check_model(cfg: RunConfig) -> None:
     for key in ("num_query_groups", "ffn_hidden_size", "max_position_embeddings", "vocab_size"):
         if getattr(m, key) is not None:
             _int_at_least(f"model.{key}", getattr(m, key), 1)
+    if not isinstance(m.qk_layernorm, bool):
+        _fail(f"model.qk_layernorm={m.qk_layernorm!r} must be true or false")
     _probability("model.hidden_dropout", m.hidden_dropout)
     _probability("model.attention_dropout", m.attention_dropout)
     _number_at_least("model.init_std", m.init_std, 0.0, strict=True)
@@ -250,6 +252,8 @@ def _check_fpa(cfg: RunConfig) -> None:
 def _check_data(cfg: RunConfig) -> None:
     d = cfg.data
     parse_split(d.split)
+    if not isinstance(d.eod_mask_loss, bool):
+        _fail(f"data.eod_mask_loss={d.eod_mask_loss!r} must be true or false")
     if d.weights is not None:
         if len(d.weights) != len(d.prefixes):
             _fail(f"data.weights={d.weights!r} has {len(d.weights)} entries but data.prefixes has "
@@ -350,6 +354,7 @@ def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
     lg, ck = cfg.logging, cfg.checkpoint
     _int_at_least("logging.interval", lg.interval, 1)
     _int_at_least("logging.heatmap_interval", lg.heatmap_interval, 0)
+    _int_at_least("logging.attention_stats_interval", lg.attention_stats_interval, 0)
     _number_at_least("logging.peak_tflops", lg.peak_tflops, 0.0, strict=True)
     _int_at_least("checkpoint.interval", ck.interval, 0)
     _int_at_least("checkpoint.keep_last", ck.keep_last, 1)

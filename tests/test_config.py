@@ -317,6 +317,9 @@ BAD = {
     # logging / checkpoint
     "log_interval_zero": (["logging.interval=0"], 4, ["logging.interval=0"]),
     "heatmap_interval_negative": (["logging.heatmap_interval=-1"], 4, ["logging.heatmap_interval=-1"]),
+    "attention_stats_interval_negative": (["logging.attention_stats_interval=-1"], 4,
+                                          ["logging.attention_stats_interval=-1"]),
+    "qk_layernorm_not_bool": (["model.qk_layernorm=sometimes"], 4, ["model.qk_layernorm", "'sometimes'"]),
     "peak_tflops_zero": (["logging.peak_tflops=0"], 4, ["logging.peak_tflops=0"]),
     "checkpoint_interval_negative": (["checkpoint.interval=-1"], 4, ["checkpoint.interval=-1"]),
     "keep_last_zero": (["checkpoint.keep_last=0"], 4, ["checkpoint.keep_last=0"]),

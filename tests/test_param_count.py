@@ -27,6 +27,10 @@ CASES = [
     # GeLU with RMSNorm, learned positions, untied, default ffn
     (dict(num_layers=1, hidden_size=64, num_attention_heads=2, normalization="RMSNorm",
           position_embedding="learned", tie_embeddings=False), 128),
+    # QK-layernorm: per-head query and key norms, LayerNorm (weight + bias) and RMSNorm (weight)
+    (dict(num_layers=2, hidden_size=32, num_attention_heads=4, qk_layernorm=True), 128),
+    (dict(num_layers=1, hidden_size=48, num_attention_heads=3, qk_layernorm=True, normalization="RMSNorm",
+          activation="swiglu"), 128),
 ]
 
 
@@ -47,13 +51,17 @@ def _megatron_counts(cases, via_penalized_spec: bool):
         else:
             model = GPTModel(
                 config=transformer_config(mc),
-                transformer_layer_spec=get_gpt_layer_local_spec(normalization=mc.normalization),
+                transformer_layer_spec=get_gpt_layer_local_spec(normalization=mc.normalization,
+                                                                qk_layernorm=mc.qk_layernorm),
                 vocab_size=vocab,
                 max_sequence_length=mc.max_position_embeddings or mc.seq_length,
                 share_embeddings_and_output_weights=mc.tie_embeddings,
                 position_embedding_type="rope" if mc.position_embedding == "rope" else "learned_absolute",
             )
-        out.append(sum(p.numel() for p in model.parameters()))
+        norms = [(type(layer.self_attention.q_layernorm).__name__, type(layer.self_attention.k_layernorm).__name__,
+                  tuple(layer.self_attention.q_layernorm.weight.shape) if mc.qk_layernorm else None)
+                 for layer in model.decoder.layers]
+        out.append((sum(p.numel() for p in model.parameters()), norms))
     return out
 
 
@@ -63,7 +71,7 @@ def _both_specs(cases):
 
     parallel_state.initialize_model_parallel(1, 1)
     try:
-        return _megatron_counts(cases, False), _megatron_counts(cases[:2], True)
+        return _megatron_counts(cases, False), _megatron_counts(cases[:2] + cases[4:], True)
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -84,11 +92,27 @@ def _tensor_parallel_count(options: dict, vocab: int):
     return sharded, replicated
 
 
-def test_count_matches_megatron_gpt_models():
-    built, penalized = run_distributed(_both_specs, 1, CASES)[0]
-    for (options, vocab), actual in zip(CASES, built):
+@pytest.fixture(scope="module")
+def built_models():
+    return run_distributed(_both_specs, 1, CASES)[0]
+
+
+def test_count_matches_megatron_gpt_models(built_models):
+    built, penalized = built_models
+    for (options, vocab), (actual, _) in zip(CASES, built):
         assert count_parameters(ModelConfig(seq_length=16, **options), vocab) == actual, options
-    assert penalized == built[:2]  # the penalized core attention adds no parameters
+    assert penalized == built[:2] + built[4:]  # the penalized core attention adds no parameters
+
+
+def test_qk_layernorm_in_every_layer(built_models):
+    """model.qk_layernorm=true: every layer of our GPT normalizes queries and keys over the head dimension
+    with the model's norm type; without it they are Megatron's identity."""
+    _, penalized = built_models
+    _, plain_norms = penalized[0]
+    assert plain_norms == [("IdentityOp", "IdentityOp", None)] * 2
+    (_, layernorm_norms), (_, rmsnorm_norms) = penalized[2:]
+    assert layernorm_norms == [("LayerNorm", "LayerNorm", (8,))] * 2  # hidden 32 / 4 heads
+    assert rmsnorm_norms == [("RMSNorm", "RMSNorm", (16,))]  # hidden 48 / 3 heads
 
 
 def test_count_matches_under_tensor_parallel():

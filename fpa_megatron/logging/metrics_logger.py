@@ -1,4 +1,4 @@
-"""One-line stdout progress plus TensorBoard scalars and a [layers x heads] penalty heatmap.
+"""One-line stdout progress plus TensorBoard scalars and [layers x heads] heatmaps (penalty, attention entropy).
 
 Only the logging rank constructs an enabled `MetricsLogger`; on every other rank it is a no-op, so the
 trainer can call it unconditionally. Tags are stable (see `TAGS`) so runs compare in one TensorBoard.
@@ -143,6 +143,29 @@ class MetricsLogger:
         for i, value in enumerate(layers):
             self.writer.add_scalar(f"penalty/layer_{i:02d}", float(value), step)
         self.writer.add_image("penalty/heads_heatmap", heatmap_image(heads, self.cell_px), step, dataformats="HWC")
+
+    def log_attention(self, step: int, stats) -> None:
+        """Attention diagnostics ({stat: [layers, heads]} from `AttentionStats.reduce`): one stdout line, the
+        whole-model scalars `attention/<stat>` (+ `attention/entropy_min`, the lowest head entropy), per layer
+        `attention/<stat>/layer_XX` (mean over heads; max for max_logit) and the image
+        `attention/entropy_heatmap` (rows = layers, columns = heads, darker = lower entropy: collapsing heads)."""
+        if not self.enabled:
+            return
+        from fpa_megatron.model.attention_stats import attention_summary, per_layer
+
+        summary = attention_summary(stats)
+        self._print(f"attention {self._step_text(step)} | collision {summary['attention/collision']:.4f} | "
+                    f"entropy {summary['attention/entropy']:.3f} (lowest head {summary['attention/entropy_min']:.3f})"
+                    f" | max_logit {summary['attention/max_logit']:.2f}")
+        if self.writer is None:
+            return
+        for tag, value in summary.items():
+            self.writer.add_scalar(tag, value, step)
+        for stat, layers in per_layer(stats).items():
+            for i, value in enumerate(_as_numpy(layers).reshape(-1)):
+                self.writer.add_scalar(f"attention/{stat}/layer_{i:02d}", float(value), step)
+        self.writer.add_image("attention/entropy_heatmap", heatmap_image(_as_numpy(stats["entropy"]), self.cell_px),
+                              step, dataformats="HWC")
 
     def log_eval(self, step: int, val_loss: float) -> None:
         """Validation loss and perplexity: `val/loss`, `val/ppl` and one stdout line."""

@@ -18,6 +18,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import Tensor
 
+from fpa_megatron.model.attention_stats import AttentionStats
 from fpa_megatron.parallel.state import compute_device
 
 TARGETS = ("probs", "logits")
@@ -30,7 +31,8 @@ class AttentionPenalty:
     The trainer sets `lambda_value` and `active` once per optimizer step (from the lambda schedule);
     `forward_backward` sets `grad_scale` (1 / num_microbatches: the schedule averages the LM loss the same way).
     Layers add their per-head values to `record` [num_layers, num_heads] at global indices; `calls`
-    counts penalty computations (zero once `min_lambda` is reached).
+    counts penalty computations (zero once `min_lambda` is reached). `stats` collects the attention
+    diagnostics (collision, entropy, max logit) while its `measuring` flag is set, FPA on or off.
     """
 
     def __init__(self, num_layers: int, num_heads: int, target: str = "probs", normalize: str = "sum",
@@ -48,6 +50,7 @@ class AttentionPenalty:
         self.grad_scale = 1.0
         self.calls = 0
         self.record = torch.zeros(num_layers, num_heads, dtype=torch.float64)
+        self.stats = AttentionStats(num_layers, num_heads, "eager" if impl == "eager" else "online", block_size)
 
     def set_step(self, lambda_value: float, active: bool) -> None:
         """Called once per optimizer step, before the forward-backward schedule."""
@@ -172,6 +175,9 @@ class PenalizedDotProductAttention(DotProductAttention):
         sq, b, np_, hn = query.shape
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.penalty.stats.measuring:  # attention diagnostics: one no-grad micro-batch now and then
+            self.penalty.stats.observe(self.layer_number - 1, self.pg_collection.tp.rank() * np_, q, k,
+                                       self.softmax_scale, attention_mask)
         compute = self.penalty.active and self.penalty.lambda_value > 0.0
         if self.penalty.impl == "blockwise":
             from fpa_megatron.model.blockwise_attention import blockwise_attention

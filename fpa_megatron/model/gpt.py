@@ -21,8 +21,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 def penalized_layer_spec(model_cfg: ModelConfig, penalty: AttentionPenalty) -> ModuleSpec:
-    """The local GPT layer spec with `core_attention` replaced by the penalized attention (no patching)."""
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model_cfg.normalization))
+    """The local GPT layer spec with `core_attention` replaced by the penalized attention (no patching);
+    with `qk_layernorm`, Megatron's per-head query and key norms (of the model's normalization type)."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model_cfg.normalization,
+                                                  qk_layernorm=model_cfg.qk_layernorm))
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=PenalizedDotProductAttention, params={"penalty": penalty}
     )

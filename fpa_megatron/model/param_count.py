@@ -3,7 +3,7 @@
 Used to name presets honestly and to report model size without building the model. The formula mirrors
 `fpa_megatron.model.gpt.transformer_config`: biases on every linear except the output layer iff
 `activation == "gelu"` (GPT style; LLaMA style SwiGLU models have no linear biases), LayerNorm with
-weight and bias, RMSNorm with weight only. tests/test_param_count.py checks it against real GPTModels.
+weight and bias, RMSNorm with weight only, and with `qk_layernorm` one query and one key norm per layer. tests/test_param_count.py checks it against real GPTModels.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def parameter_breakdown(model_cfg: ModelConfig, padded_vocab_size: int) -> dict[
     qkv_out = kv_channels * (heads + 2 * groups)
     attention = h * qkv_out + (qkv_out if bias else 0)  # linear_qkv
     attention += heads * kv_channels * h + (h if bias else 0)  # linear_proj
+    if model_cfg.qk_layernorm:  # q_layernorm and k_layernorm over the head dimension, shared by all heads
+        attention += 2 * (2 * kv_channels if model_cfg.normalization == "LayerNorm" else kv_channels)
     fc1_out = 2 * ffn if model_cfg.activation == "swiglu" else ffn  # gate and up halves for SwiGLU
     mlp = h * fc1_out + (fc1_out if bias else 0)  # linear_fc1
     mlp += ffn * h + (h if bias else 0)  # linear_fc2

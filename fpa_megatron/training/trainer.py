@@ -20,8 +20,10 @@ from fpa_megatron.config_checks import ResolvedLayout, check_config
 from fpa_megatron.data.datasets import build_gpt_datasets, micro_batches
 from fpa_megatron.logging.flops import flops_per_token
 from fpa_megatron.logging.metrics_logger import MetricsLogger, memory_gb
+from fpa_megatron.model.attention_stats import attention_summary
 from fpa_megatron.model.gpt import build_gpt_model, make_penalty
 from fpa_megatron.parallel.state import init_distributed, init_model_parallel
+from fpa_megatron.training.attention_diagnostics import AttentionDiagnostics
 from fpa_megatron.training.checkpoint import Checkpointer, checkpoint_root
 from fpa_megatron.training.forward_backward import forward_backward
 from fpa_megatron.training.lambda_schedule import LambdaSchedule
@@ -71,7 +73,7 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     train_ds, valid_ds, _ = build_gpt_datasets(
         cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
         (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
-        mock_vocab_size=layout.vocab_size,
+        mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
     )
     checkpointer = Checkpointer(checkpoint_root(cfg), cfg.checkpoint.interval, cfg.checkpoint.keep_last,
                                 cfg.checkpoint.resume, cfg)
@@ -87,12 +89,17 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     batches = micro_batches(train_ds, consumed, cfg.train.micro_batch_size, parallel_state.get_data_parallel_rank(),
                             layout.data_parallel)
     logger = MetricsLogger(str(out_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard, total_steps=steps)
+    diagnostics = AttentionDiagnostics(cfg.logging.attention_stats_interval, model, engine, penalty, valid_ds,
+                                       train_ds, cfg.train.micro_batch_size, cfg.model.seq_length)
     flops_token = flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length)
 
     history = []
     first_step = step
     if step == 0 and cfg.train.eval_interval > 0:  # the starting point of the validation curve
         logger.log_eval(0, evaluate(model, engine, penalty, valid_ds, cfg, layout))
+    attention = diagnostics.maybe_measure(step) if step == 0 else None  # ... and of the attention curves
+    if attention is not None:
+        logger.log_attention(step, attention)
     while step < steps:
         t0 = time.perf_counter()
         lam, active = lambdas.value(), lambdas.active()
@@ -120,6 +127,10 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
         every = cfg.logging.heatmap_interval or cfg.logging.interval
         if step % every == 0 or step == steps:  # per-layer scalars and the [layers x heads] heatmap
             logger.log_penalty(step, result.penalty_matrix.sum(dim=1), result.penalty_matrix)
+        attention = diagnostics.maybe_measure(step, final=step == steps)  # one no-grad micro-batch every N steps
+        if attention is not None:
+            logger.log_attention(step, attention)
+            history[-1].update(attention_summary(attention))
         if cfg.train.eval_interval > 0 and (step % cfg.train.eval_interval == 0 or step == steps):
             val_loss = evaluate(model, engine, penalty, valid_ds, cfg, layout)
             history[-1]["val_loss"] = val_loss

@@ -125,3 +125,34 @@ def test_stdout_only_without_tensorboard(tmp_path, capsys):
 
 def test_memory_gb_is_positive():
     assert 0.0 < memory_gb() < 1e4
+
+
+def test_attention_stats_scalars_line_and_entropy_heatmap(tmp_path, capsys):
+    g = torch.Generator().manual_seed(1)
+    stats = {"collision": torch.rand(2, 3, generator=g, dtype=torch.float64),
+             "entropy": torch.rand(2, 3, generator=g, dtype=torch.float64) * 3,
+             "max_logit": torch.randn(2, 3, generator=g, dtype=torch.float64) * 5}
+    stats["entropy"][1, 2] = 0.01  # a collapsed head: the darkest cell
+    logger = MetricsLogger(str(tmp_path), total_steps=100)
+    logger.log_attention(40, stats)
+    logger.close()
+
+    c, e, m = (stats[k].numpy() for k in ("collision", "entropy", "max_logit"))
+    assert capsys.readouterr().out.strip() == (
+        f"attention step 40/100 | collision {c.mean():.4f} | entropy {e.mean():.3f} (lowest head 0.010) | "
+        f"max_logit {m.max():.2f}")
+    acc = _read(tmp_path)
+    want = {"attention/collision": c.mean(), "attention/entropy": e.mean(), "attention/entropy_min": 0.01,
+            "attention/max_logit": m.max()}
+    for layer in range(2):
+        want[f"attention/collision/layer_{layer:02d}"] = c[layer].mean()
+        want[f"attention/entropy/layer_{layer:02d}"] = e[layer].mean()
+        want[f"attention/max_logit/layer_{layer:02d}"] = m[layer].max()
+    assert set(acc.Tags()["scalars"]) == set(want)
+    for tag, value in want.items():
+        assert _scalars(acc, tag) == [(40, pytest.approx(float(value), rel=1e-6))], tag
+    (event,) = acc.Images("attention/entropy_heatmap")
+    image = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB")).astype(float)
+    assert image.shape == (2 * 16, 3 * 16, 3)
+    brightness = (image[::16, ::16] * [0.2126, 0.7152, 0.0722]).sum(-1)
+    assert np.unravel_index(brightness.argmin(), brightness.shape) == (1, 2)

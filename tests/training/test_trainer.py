@@ -261,7 +261,8 @@ def test_layout_change_is_refused_before_any_weight_is_read(straight_runs, monke
     message = str(err.value)
     assert "checkpoint iter_0000008" in message and "saved with TP1 x PP2 x DP1 (2 ranks)" in message
     assert "this run is TP1 x PP1 x DP2 (2 ranks)" in message
-    assert f"fpa-reshard --checkpoint {every2 / 'iter_0000008'} --tensor 1 --pipeline 1 --out" in message
+    assert (f"fpa-reshard --checkpoint {every2 / 'iter_0000008'} --tensor 1 --pipeline 1 --world-size 2 "
+            "--out NEW_DIR") in message
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(CheckpointLayoutError):
         train(cfg)
