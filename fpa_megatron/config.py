@@ -40,7 +40,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     recompute: str = "none"  # none | selective | full
     dtype: str = "fp32"  # fp32 | bf16
-    attention_impl: str = "eager"  # eager | blockwise
+    # auto: the fastest exact kernel per call (SDPA without penalty; with it, blockwise on CPU, Triton on CUDA)
+    # | eager (the reference, S x S; attention dropout / custom masks) | blockwise | triton (CUDA)
+    attention_impl: str = "auto"
     attention_block_size: int = 128  # key/query tile size of the blockwise attention
 
 
