@@ -111,6 +111,9 @@ class BlockwiseAttention(torch.autograd.Function):
         penalty = torch.empty(n, s * group, dtype=acc, device=q.device) if compute_penalty else None
         blocks = _blocks(s, block_size)
         masks = _DiagonalMasks(group, acc, q.device)
+        # per key tile, as views made once (each tile is visited by every later query block)
+        kT_tiles = [t.transpose(1, 2) for t in kf.split(block_size, dim=1)]  # [n, d, cols]
+        v_tiles = vf.split(block_size, dim=1)  # [n, cols, d]
         logits_penalty = compute_penalty and target == "logits"
         probs_penalty = compute_penalty and target == "probs"
 
@@ -120,9 +123,8 @@ class BlockwiseAttention(torch.autograd.Function):
             m = l = q2 = o = None  # running max, normalizer, sum of squared exponentials, output [n, rows(, d)]
             last = qi if causal else len(blocks) - 1
             for kj in range(last + 1):
-                j0, j1 = blocks[kj]
                 diagonal = causal and kj == qi
-                st = torch.bmm(q_t, kf[:, j0:j1].transpose(1, 2))  # scores [n, rows, cols]
+                st = torch.bmm(q_t, kT_tiles[kj])  # scores [n, rows, cols]
                 if logits_penalty:  # sum of s^2 over unmasked keys
                     z = st.masked_fill(masks.mask(i1 - i0), 0.0) if diagonal else st
                     sq = torch.linalg.vector_norm(z, dim=-1).square()
@@ -135,11 +137,11 @@ class BlockwiseAttention(torch.autograd.Function):
                 if probs_penalty:  # sum_j p_ij^2 as a squared norm: one fused pass, no [n, rows, cols] temporary
                     sq = torch.linalg.vector_norm(p, dim=-1, keepdim=True).square_()
                 if m is None:
-                    l, o, q2 = l_tile, torch.bmm(p, vf[:, j0:j1]), (sq if compute_penalty else None)
+                    l, o, q2 = l_tile, torch.bmm(p, v_tiles[kj]), (sq if compute_penalty else None)
                 else:
                     alpha = torch.exp(m - m_new)  # rescales what was accumulated under the old max
                     l = l.mul_(alpha).add_(l_tile)
-                    o = o.mul_(alpha).baddbmm_(p, vf[:, j0:j1])
+                    o = o.mul_(alpha).baddbmm_(p, v_tiles[kj])
                     if probs_penalty:
                         q2 = q2.mul_(alpha.square()).add_(sq)
                     elif logits_penalty:
@@ -192,6 +194,10 @@ class BlockwiseAttention(torch.autograd.Function):
         dv = torch.zeros_like(vf)
         blocks = _blocks(s, ctx.block_size)
         masks = _DiagonalMasks(group, acc, q.device)
+        # per key tile, as views made once; dK and dV tiles are accumulated in place
+        k_tiles, v_tiles = kf.split(ctx.block_size, dim=1), vf.split(ctx.block_size, dim=1)  # [n, cols, d]
+        kT_tiles, vT_tiles = [t.transpose(1, 2) for t in k_tiles], [t.transpose(1, 2) for t in v_tiles]
+        dk_tiles, dv_tiles = dk.split(ctx.block_size, dim=1), dv.split(ctx.block_size, dim=1)
 
         for qi, (i0, i1) in enumerate(blocks):
             r0, r1 = i0 * group, i1 * group
@@ -201,9 +207,7 @@ class BlockwiseAttention(torch.autograd.Function):
             dq_t = None
             last = qi if causal else len(blocks) - 1
             for kj in range(last + 1):
-                j0, j1 = blocks[kj]
-                k_t, v_t = kf[:, j0:j1], vf[:, j0:j1]  # [n, cols, d]
-                st = torch.bmm(q_t, k_t.transpose(1, 2))  # recomputed scores [n, rows, cols]
+                st = torch.bmm(q_t, kT_tiles[kj])  # recomputed scores [n, rows, cols]
                 diagonal = causal and kj == qi
                 if g2_t is not None and target == "logits":
                     ds_extra = st * g2_t  # 2 g_i s_ij (masked entries zeroed below)
@@ -211,8 +215,8 @@ class BlockwiseAttention(torch.autograd.Function):
                 if diagonal:
                     p.add_(masks.bias(i1 - i0))
                 p = p.exp_()  # probabilities [n, rows, cols]
-                dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do_t)
-                dp = torch.bmm(do_t, v_t.transpose(1, 2))  # [n, rows, cols]
+                dv_tiles[kj].baddbmm_(p.transpose(1, 2), do_t)
+                dp = torch.bmm(do_t, vT_tiles[kj])  # [n, rows, cols]
                 if g2_t is not None and target == "probs":
                     dp = dp.addcmul_(p, g2_t)  # + 2 g_i p_ij
                 ds = dp.sub_(D_t).mul_(p)  # p (dP - D)
@@ -220,8 +224,8 @@ class BlockwiseAttention(torch.autograd.Function):
                     ds = ds.add_(ds_extra)
                     if diagonal:
                         ds.masked_fill_(masks.mask(i1 - i0), 0.0)
-                dq_t = torch.bmm(ds, k_t) if dq_t is None else dq_t.baddbmm_(ds, k_t)
-                dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q_t)  # scale is already in q_t
+                dq_t = torch.bmm(ds, k_tiles[kj]) if dq_t is None else dq_t.baddbmm_(ds, k_tiles[kj])
+                dk_tiles[kj].baddbmm_(ds.transpose(1, 2), q_t)  # scale is already in q_t
             dq[:, r0:r1] = dq_t
 
         dq = _unfold_heads(dq.mul_(scale), b, group).to(q.dtype)
