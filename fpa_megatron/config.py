@@ -43,7 +43,7 @@ class ModelConfig:
     # auto: the fastest exact kernel per call (SDPA without penalty; with it, blockwise on CPU, Triton on CUDA)
     # | eager (the reference, S x S; attention dropout / custom masks) | blockwise | triton (CUDA)
     attention_impl: str = "auto"
-    attention_block_size: int = 128  # key/query tile size of the blockwise attention
+    attention_block_size: int = 64  # query rows per block of the blockwise attention (keys: tiles of 2048)
 
 
 @dataclass
