@@ -7,6 +7,8 @@ optimizer through `PenaltyGradInjector`: identity on the attention output in for
 feeds `grad_scale` as the gradient of the penalty, on whatever pipeline stage the layer lives (Megatron's
 MoE aux-loss auto-scaler pattern). `AttentionPenalty` is the run-time state shared by all layers of one
 model replica: the current lambda, whether to compute at all, the gradient scale and the [L, H] record.
+Each call runs on the kernel `attention_path` picks for `model.attention_impl` (with `auto`: SDPA when no
+penalty is computed, else blockwise on CPU and the Triton kernel on CUDA); `eager_attention` is the reference.
 """
 
 from __future__ import annotations
