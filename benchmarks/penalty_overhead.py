@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from fpa_megatron.model.attention_options import ATTENTION_IMPLS
 from fpa_megatron.testing import run_distributed
 
 SEQ, VOCAB = 512, 8192
@@ -89,7 +90,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--impl", default="eager", choices=["eager", "blockwise"])
+    parser.add_argument("--impl", default="eager", choices=[i for i in ATTENTION_IMPLS if i != "triton"])
     args = parser.parse_args()
     medians, calls, paired = run_distributed(bench_rank, 1, args.rounds, args.micro_batch, args.threads, args.impl,
                                      timeout_s=3600)[0]

@@ -41,8 +41,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     recompute: str = "none"  # none | selective | full
     dtype: str = "fp32"  # fp32 | bf16
-    attention_impl: str = "eager"  # eager | blockwise
-    attention_block_size: int = 128  # key/query tile size of the blockwise attention
+    # auto: the fastest exact kernel per call (SDPA without penalty; with it, blockwise on CPU, Triton on CUDA)
+    # | eager (the reference, S x S; attention dropout / custom masks) | blockwise | triton (CUDA)
+    attention_impl: str = "auto"
+    attention_block_size: int = 64  # query rows per block of the blockwise attention (keys: tiles of 2048)
     qk_layernorm: bool = False  # normalize queries and keys per head before the scores (Megatron's qk_layernorm)
 
 

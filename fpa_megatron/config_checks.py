@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fpa_megatron.config import ConfigError, RunConfig
+from fpa_megatron.model.attention_options import ATTENTION_IMPLS, FPA_NORMALIZATIONS, FPA_TARGETS
 from fpa_megatron.training.lambda_schedule import LambdaSchedule
 
 POSITION_EMBEDDINGS = ("rope", "learned")
@@ -25,9 +26,6 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16")
-ATTENTION_IMPLS = ("eager", "blockwise")
-FPA_TARGETS = ("probs", "logits")
-FPA_NORMALIZE = ("sum", "mean")
 ZERO_STAGES = (1, 2)
 VOCAB_DIVISIBLE_BY = 128
 
@@ -136,7 +134,7 @@ def _check_enums(cfg: RunConfig) -> None:
     _one_of("model.dtype", m.dtype, DTYPES)
     _one_of("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
     _one_of("fpa.target", cfg.fpa.target, FPA_TARGETS)
-    _one_of("fpa.normalize", cfg.fpa.normalize, FPA_NORMALIZE)
+    _one_of("fpa.normalize", cfg.fpa.normalize, FPA_NORMALIZATIONS)
 
 
 def _check_model(cfg: RunConfig) -> None:
@@ -168,9 +166,27 @@ def _check_model(cfg: RunConfig) -> None:
         if m.seq_length > max_positions:
             _fail(f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings={max_positions} "
                   f"(learned position embeddings)")
-    if m.attention_impl == "blockwise" and m.attention_dropout > 0:
+    _check_attention_impl(cfg)
+
+
+def _check_attention_impl(cfg: RunConfig) -> None:
+    m = cfg.model
+    if m.attention_impl != "eager" and m.attention_dropout > 0:
+        # Only the eager path has dropout; the fast kernels (SDPA, blockwise, Triton) are used without it.
         _fail(f"model.attention_dropout={m.attention_dropout} is not supported by "
-              f"model.attention_impl='blockwise' (set it to 0 or use 'eager')")
+              f"model.attention_impl={m.attention_impl!r}: set model.attention_dropout=0 (the usual setting "
+              f"for pretraining) or model.attention_impl=eager")
+    if m.attention_impl == "triton":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("model.attention_impl='triton' needs a CUDA device and none is available: use 'auto' (blockwise "
+                  "on CPU when the penalty is computed) or 'blockwise'")
+        for module in ("triton", "fpa_megatron.model.triton_attention"):
+            if importlib.util.find_spec(module) is None:
+                _fail(f"model.attention_impl='triton' needs the module {module!r}, which is not installed")
 
 
 def _check_parallel(cfg: RunConfig, world_size: int) -> tuple[int, int, int]:

@@ -280,6 +280,8 @@ BAD = {
     "attention_impl": (["model.attention_impl=flash"], 4, ["model.attention_impl='flash'"]),
     "blockwise_dropout": (["model.attention_impl=blockwise", "model.attention_dropout=0.1"], 4,
                           ["model.attention_dropout=0.1", "blockwise"]),
+    "auto_dropout": (["model.attention_dropout=0.1"], 4,  # auto is the default
+                     ["model.attention_dropout=0.1", "model.attention_impl='auto'", "model.attention_impl=eager"]),
     # ZeRO
     "zero3": (["optimizer.zero_stage=3"], 4, ["optimizer.zero_stage=3", "ZeRO-3 is not supported",
                                               "tensor-parallel", "pipeline"]),
@@ -443,6 +445,25 @@ def test_vocab_from_tokenizer_and_explicit_vocab(tokenizer, shards):
     assert check(tokenizer, shards).vocab_size == TOKENIZER_VOCAB
     layout = check(tokenizer, shards, ["model.vocab_size=200"])
     assert (layout.vocab_size, layout.padded_vocab_size, layout.tokenizer_vocab_size) == (200, 256, TOKENIZER_VOCAB)
+
+
+@pytest.mark.parametrize("impl", ["auto", "eager", "blockwise"])
+def test_attention_impls_on_cpu(tokenizer, shards, impl):
+    check(tokenizer, shards, [f"model.attention_impl={impl}"])
+    if impl == "eager":  # the only path with attention dropout
+        check(tokenizer, shards, [f"model.attention_impl={impl}", "model.attention_dropout=0.1"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_triton_impl_needs_cuda(tokenizer, shards):
+    with pytest.raises(ConfigError, match=r"model.attention_impl='triton' needs a CUDA device"):
+        check(tokenizer, shards, ["model.attention_impl=triton"])
+
+
+def test_auto_is_the_default_attention_everywhere():
+    assert RunConfig().model.attention_impl == "auto"
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        assert yaml.safe_load(path.read_text())["model"]["attention_impl"] == "auto", path.name
 
 
 # ------------------------------------------------------------------------------------------ the presets

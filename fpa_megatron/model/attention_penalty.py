@@ -7,22 +7,28 @@ optimizer through `PenaltyGradInjector`: identity on the attention output in for
 feeds `grad_scale` as the gradient of the penalty, on whatever pipeline stage the layer lives (Megatron's
 MoE aux-loss auto-scaler pattern). `AttentionPenalty` is the run-time state shared by all layers of one
 model replica: the current lambda, whether to compute at all, the gradient scale and the [L, H] record.
+Each call runs on the kernel `attention_path` picks for `model.attention_impl` (with `auto`: SDPA when no
+penalty is computed, else blockwise on CPU and the Triton kernel on CUDA); `eager_attention` is the reference.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections import Counter
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import Tensor
 
+from fpa_megatron.model.attention_options import ATTENTION_IMPLS
+from fpa_megatron.model.attention_options import FPA_NORMALIZATIONS as NORMALIZATIONS
+from fpa_megatron.model.attention_options import FPA_TARGETS as TARGETS
 from fpa_megatron.model.attention_stats import AttentionStats
 from fpa_megatron.parallel.state import compute_device
-
-TARGETS = ("probs", "logits")
-NORMALIZATIONS = ("sum", "mean")
 
 
 class AttentionPenalty:
@@ -31,30 +37,38 @@ class AttentionPenalty:
     The trainer sets `lambda_value` and `active` once per optimizer step (from the lambda schedule);
     `forward_backward` sets `grad_scale` (1 / num_microbatches: the schedule averages the LM loss the same way).
     Layers add their per-head values to `record` [num_layers, num_heads] at global indices; `calls`
-    counts penalty computations (zero once `min_lambda` is reached). `stats` collects the attention
-    diagnostics (collision, entropy, max logit) while its `measuring` flag is set, FPA on or off.
+    counts penalty computations (zero once `min_lambda` is reached); `path_calls` counts the attention
+    calls per kernel taken ('sdpa', 'blockwise', 'triton', 'eager'; see `attention_path`). `stats`
+    collects the attention diagnostics (collision, entropy, max logit) while its `measuring` flag is set,
+    FPA on or off.
     """
 
     def __init__(self, num_layers: int, num_heads: int, target: str = "probs", normalize: str = "sum",
-                 impl: str = "eager", block_size: int = 128):
+                 impl: str = "auto", block_size: int = 128):
         if target not in TARGETS:
             raise ValueError(f"fpa.target={target!r}: expected one of {TARGETS}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"fpa.normalize={normalize!r}: expected one of {NORMALIZATIONS}")
-        if impl not in ("eager", "blockwise"):
-            raise ValueError(f"model.attention_impl={impl!r}: expected eager or blockwise")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
         self.num_layers, self.num_heads = num_layers, num_heads
         self.target, self.normalize, self.impl, self.block_size = target, normalize, impl, block_size
         self.lambda_value = 0.0
         self.active = False
         self.grad_scale = 1.0
         self.calls = 0
+        self.path_calls: Counter = Counter()
         self.record = torch.zeros(num_layers, num_heads, dtype=torch.float64)
         self.stats = AttentionStats(num_layers, num_heads, "eager" if impl == "eager" else "online", block_size)
 
     def set_step(self, lambda_value: float, active: bool) -> None:
         """Called once per optimizer step, before the forward-backward schedule."""
         self.lambda_value, self.active = float(lambda_value), bool(active)
+
+    @property
+    def should_compute(self) -> bool:
+        """Whether the attention computes the penalty this step (lambda active and > 0)."""
+        return self.active and self.lambda_value > 0.0
 
     def reset_record(self) -> None:
         self.record.zero_()
@@ -162,12 +176,73 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, ta
     return torch.matmul(probs, v), row_penalty
 
 
+def attention_path(impl: str, compute_penalty: bool, device_type: str, has_mask: bool) -> str:
+    """The kernel that runs one attention call: 'sdpa', 'blockwise', 'triton' or 'eager'.
+
+    `auto` picks the fastest exact one for the call: no penalty -> 'sdpa'; penalty on CUDA -> 'triton'; on
+    CPU -> 'blockwise'; an explicit attention_mask (not the causal default) -> 'eager', the only path that
+    takes arbitrary masks. The other impls always run their own kernel (causal only, except eager).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+    if impl == "auto":
+        if has_mask:
+            return "eager"
+        if not compute_penalty:
+            return "sdpa"
+        return "triton" if device_type == "cuda" else "blockwise"
+    if has_mask and impl != "eager":
+        raise ValueError(f"model.attention_impl={impl!r} is causal only: the batch's attention_mask must be None "
+                         f"(use 'auto' or 'eager' for an explicit mask)")
+    return impl
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> Tensor:
+    """Causal attention without the penalty through torch's fused kernels (FlashAttention or memory-efficient
+    attention on CUDA, a flash-style kernel on CPU); GQA reads the shared K/V heads without repeating them."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+@functools.cache
+def _triton_module():
+    """fpa_megatron.model.triton_attention, or the reason it cannot be imported (tried once per process)."""
+    try:
+        import fpa_megatron.model.triton_attention as module
+    except ImportError as err:
+        return None, f"fpa_megatron.model.triton_attention cannot be imported ({err})"
+    return module, None
+
+
+_triton_warnings: set = set()
+
+
+def load_triton_attention(q: Tensor, k: Tensor, required: bool):
+    """`triton_attention` if the Triton kernel can run on q, k; else None after one warning per reason
+    (`auto` falls back to blockwise), or ValueError when the config asked for `triton` itself."""
+    module, reason = _triton_module()
+    if module is not None:
+        supported, reason = module.triton_attention_supported(q, k)
+        if supported:
+            return module.triton_attention
+    if required:
+        raise ValueError(f"model.attention_impl='triton' cannot run here: {reason}")
+    if reason not in _triton_warnings:
+        _triton_warnings.add(reason)
+        warnings.warn(f"model.attention_impl='auto': the Triton FPA kernel cannot run ({reason}); "
+                      f"the penalized attention falls back to the blockwise kernel", RuntimeWarning, stacklevel=2)
+    return None
+
+
 class PenalizedDotProductAttention(DotProductAttention):
     """Megatron-core's core attention with the FPA penalty of its local heads (causal self-attention)."""
 
     def __init__(self, *args, penalty: AttentionPenalty, **kwargs):
         super().__init__(*args, **kwargs)
         self.penalty = penalty
+        if self.attention_dropout.p > 0 and penalty.impl != "eager":
+            raise ValueError(f"model.attention_dropout={self.attention_dropout.p} needs model.attention_impl='eager' "
+                             f"(got {penalty.impl!r})")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
@@ -178,22 +253,7 @@ class PenalizedDotProductAttention(DotProductAttention):
         if self.penalty.stats.measuring:  # attention diagnostics: one no-grad micro-batch now and then
             self.penalty.stats.observe(self.layer_number - 1, self.pg_collection.tp.rank() * np_, q, k,
                                        self.softmax_scale, attention_mask)
-        compute = self.penalty.active and self.penalty.lambda_value > 0.0
-        if self.penalty.impl == "blockwise":
-            from fpa_megatron.model.blockwise_attention import blockwise_attention
-
-            if attention_mask is not None:
-                raise ValueError("the blockwise attention is causal only: pass attention_mask=None")
-            out, row_penalty = blockwise_attention(
-                q, k, v, self.softmax_scale, target=self.penalty.target, compute_penalty=compute,
-                block_size=self.penalty.block_size,
-            )
-        else:
-            dropout = self._dropout if self.attention_dropout.p > 0 and self.training else None
-            out, row_penalty = eager_attention(
-                q, k, v, self.softmax_scale, target=self.penalty.target, compute_penalty=compute,
-                attention_mask=attention_mask, dropout=dropout,
-            )
+        out, row_penalty = self.attend(q, k, v, attention_mask, self.penalty.should_compute)
         if row_penalty is not None:
             per_head = row_penalty.sum(-1).mean(0)  # [b, np, s] -> [np]
             head_offset = self.pg_collection.tp.rank() * np_
@@ -202,6 +262,27 @@ class PenalizedDotProductAttention(DotProductAttention):
                 out = PenaltyGradInjector.apply(out, weighted, self.penalty.grad_scale)
         # [b, np, s, hn] -> [s, b, np * hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
+               compute_penalty: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """(out [b, h, s, d], row penalty [b, h, s] or None) on the kernel `attention_path` picks; counted."""
+        impl, kernel_args = self.penalty.impl, dict(target=self.penalty.target, compute_penalty=compute_penalty)
+        path = attention_path(impl, compute_penalty, q.device.type, attention_mask is not None)
+        if path == "triton":
+            triton_attention = load_triton_attention(q, k, required=impl == "triton")
+            path = "blockwise" if triton_attention is None else path
+        self.penalty.path_calls[path] += 1
+        if path == "sdpa":
+            return sdpa_attention(q, k, v, self.softmax_scale), None
+        if path == "triton":
+            return triton_attention(q, k, v, self.softmax_scale, **kernel_args)
+        if path == "blockwise":
+            from fpa_megatron.model.blockwise_attention import blockwise_attention  # imports this module
+
+            return blockwise_attention(q, k, v, self.softmax_scale, block_size=self.penalty.block_size, **kernel_args)
+        dropout = self._dropout if self.attention_dropout.p > 0 and self.training else None
+        return eager_attention(q, k, v, self.softmax_scale, attention_mask=attention_mask, dropout=dropout,
+                               **kernel_args)
 
     def _dropout(self, probs: Tensor) -> Tensor:
         if self.config.sequence_parallel:

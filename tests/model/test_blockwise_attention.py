@@ -68,13 +68,14 @@ NAMES = ("out", "penalty", "dq", "dk", "dv")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("target", ["probs", "logits"])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("hq,hkv,s,block", [(4, 2, 37, 16), (2, 2, 64, 16), (3, 1, 20, 7), (2, 1, 9, 1),
-                                            (2, 2, 13, 64)])
-def test_float64_matches_explicit_softmax(device, target, causal, hq, hkv, s, block):
+# key tiles: square (= block), several blocks wide (40 rounds down to 32), one tile for the whole sequence
+@pytest.mark.parametrize("hq,hkv,s,block,key_block", [(4, 2, 37, 16, 40), (2, 2, 64, 16, 16), (3, 1, 20, 7, 1024),
+                                                      (2, 1, 9, 1, 3), (2, 2, 13, 64, 1024)])
+def test_float64_matches_explicit_softmax(device, target, causal, hq, hkv, s, block, key_block):
     leaves, grad_out, grad_pen = make_inputs(hq=hq, hkv=hkv, s=s, device=device)
     scale = 1 / math.sqrt(8)
     got = run(blockwise_attention, leaves, grad_out, grad_pen, softmax_scale=scale, target=target,
-              block_size=block, causal=causal)
+              block_size=block, causal=causal, key_block_size=key_block)
     ref = run(reference, leaves, grad_out, grad_pen, scale=scale, target=target, causal=causal)
     eager = run(eager_attention, leaves, grad_out, grad_pen, softmax_scale=scale, target=target, causal=causal)
     assert got[1].dtype == torch.float64 and got[1].shape == (2, hq, s)
@@ -84,12 +85,12 @@ def test_float64_matches_explicit_softmax(device, target, causal, hq, hkv, s, bl
 
 
 @pytest.mark.parametrize("target", ["probs", "logits"])
-@pytest.mark.parametrize("hq,hkv,s,block", [(4, 2, 11, 4), (2, 2, 8, 3)])
-def test_gradcheck(target, hq, hkv, s, block):
+@pytest.mark.parametrize("hq,hkv,s,block,key_block", [(4, 2, 11, 4, 4), (2, 2, 8, 3, 1024)])
+def test_gradcheck(target, hq, hkv, s, block, key_block):
     leaves, _, _ = make_inputs(b=1, hq=hq, hkv=hkv, s=s, d=4)
 
     def fn(q, k, v):
-        return blockwise_attention(q, k, v, 0.7, target=target, block_size=block)
+        return blockwise_attention(q, k, v, 0.7, target=target, block_size=block, key_block_size=key_block)
 
     assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -98,7 +99,8 @@ def test_gradcheck(target, hq, hkv, s, block):
 def test_float32_matches_eager(target):
     leaves, grad_out, grad_pen = make_inputs(b=2, hq=4, hkv=2, s=300, d=32, dtype=torch.float32)
     scale = 1 / math.sqrt(32)
-    got = run(blockwise_attention, leaves, grad_out, grad_pen, softmax_scale=scale, target=target, block_size=64)
+    got = run(blockwise_attention, leaves, grad_out, grad_pen, softmax_scale=scale, target=target, block_size=64,
+              key_block_size=128)
     eager = run(eager_attention, leaves, grad_out, grad_pen, softmax_scale=scale, target=target)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     for name, a, b in zip(NAMES, got, eager):
@@ -171,14 +173,17 @@ class _CountBmm(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_skips_masked_tiles_and_saves_no_square_tensor():
-    """Causal: only the nb (nb + 1) / 2 tiles on or below the diagonal are computed; saved state is O(s)."""
+@pytest.mark.parametrize("key_block", [16, 1024])
+def test_skips_masked_tiles_and_saves_no_square_tensor(key_block):
+    """Causal: only the tiles on or below the diagonal are computed (square tiles: nb (nb + 1) / 2 of them;
+    one key tile per query block when it is wider than the sequence); saved state is O(s)."""
     (q, k, v), _, _ = make_inputs(b=1, hq=4, hkv=2, s=50, d=8)
     nb = math.ceil(50 / 16)  # 4 blocks, the last one short
-    for causal, tiles in ((True, nb * (nb + 1) // 2), (False, nb * nb)):
+    expected = {16: ((True, nb * (nb + 1) // 2), (False, nb * nb)), 1024: ((True, nb), (False, nb))}
+    for causal, tiles in expected[key_block]:
         counter = _CountBmm()
         with counter:
-            out, pen = blockwise_attention(q, k, v, 0.3, block_size=16, causal=causal)
+            out, pen = blockwise_attention(q, k, v, 0.3, block_size=16, causal=causal, key_block_size=key_block)
         assert counter.calls == 2 * tiles  # QK^T and PV per tile
         saved = [t for t in out.grad_fn.saved_tensors if t is not None]
         assert max(t.numel() for t in saved) == q.numel()  # inputs, output, lse, collision: nothing [s, s]
@@ -197,3 +202,5 @@ def test_rejects_bad_arguments():
         blockwise_attention(q, k, v, 1.0, target="entropy")
     with pytest.raises(ValueError, match="block_size"):
         blockwise_attention(q, k, v, 1.0, block_size=0)
+    with pytest.raises(ValueError, match="key_block_size=0"):
+        blockwise_attention(q, k, v, 1.0, key_block_size=0)

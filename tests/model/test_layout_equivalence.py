@@ -105,7 +105,10 @@ def layout_rank(tp, pp, variant_names, states, impl):
     for name in variant_names:
         model, penalty = _model(VARIANTS[name], impl)
         load_global_state(model, states[name])
-        out[name] = {lam: _run(model, penalty, lam) for lam in LAMBDAS}
+        out[name] = {}
+        for lam in LAMBDAS:
+            penalty.path_calls.clear()
+            out[name][lam] = dict(_run(model, penalty, lam), paths=dict(penalty.path_calls))
     return out
 
 
@@ -141,8 +144,16 @@ def test_penalty_changes_gradients(reference):
         assert ref["runs"][0.3]["penalty"] > 0
 
 
+def _expected_paths(impl: str, lam: float, local_layers: int) -> dict:
+    """Attention calls per kernel on one rank: `auto` runs SDPA without the penalty and blockwise with it."""
+    path = {"auto": "blockwise" if lam > 0 else "sdpa"}.get(impl, impl)
+    return {path: local_layers * NUM_MICRO}
+
+
+# Against the eager single-process reference. `auto` runs SDPA at lambda 0 and, on CPU, the blockwise kernel
+# at lambda > 0 (the path counts say so): it covers `blockwise` inside the model too.
 @pytest.mark.parametrize("tp,pp,impl", [(2, 1, "eager"), (1, 2, "eager"), (2, 2, "eager"),
-                                        (2, 1, "blockwise"), (1, 2, "blockwise")])
+                                        (2, 1, "auto"), (1, 2, "auto")])
 def test_layout_matches_single_process(reference, tp, pp, impl):
     states = {name: ref["state"] for name, ref in reference.items()}
     got = run_distributed(layout_rank, tp * pp, tp, pp, list(VARIANTS), states, impl)
@@ -150,6 +161,7 @@ def test_layout_matches_single_process(reference, tp, pp, impl):
         for name, ref in reference.items():
             for lam in LAMBDAS:
                 mine, want = rank_out[name][lam], ref["runs"][lam]
+                assert mine["paths"] == _expected_paths(impl, lam, VARIANTS[name]["model"]["num_layers"] // pp)
                 assert _rel(mine["loss"], want["loss"]) <= 1e-5, (name, lam)
                 if lam > 0:
                     assert _rel(mine["penalty"], want["penalty"]) <= 1e-5, (name, lam)
