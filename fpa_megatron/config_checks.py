@@ -26,6 +26,7 @@ ATTENTION_IMPLS = ("eager", "blockwise")
 FPA_TARGETS = ("probs", "logits")
 FPA_NORMALIZE = ("sum", "mean")
 ZERO_STAGES = (1, 2)
+SPIKE_POLICIES = ("warn", "skip", "rollback", "stop")
 VOCAB_DIVISIBLE_BY = 128
 
 
@@ -289,6 +290,20 @@ def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
         _fail(f"checkpoint.resume={ck.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
 
 
+def _check_guard_and_timeout(cfg: RunConfig) -> None:
+    t, spike = cfg.train, cfg.train.spike
+    _number_at_least("parallel.timeout_minutes", cfg.parallel.timeout_minutes, 0.0, strict=True)
+    _int_at_least("train.max_consecutive_skips", t.max_consecutive_skips, 0)
+    _one_of("train.spike.policy", spike.policy, SPIKE_POLICIES)
+    _number_at_least("train.spike.factor", spike.factor, 1.0, strict=True)
+    _int_at_least("train.spike.window", spike.window, 1)
+    _int_at_least("train.spike.min_history", spike.min_history, 1)
+    if spike.min_history > spike.window:
+        _fail(f"train.spike.min_history={spike.min_history} is larger than train.spike.window={spike.window} "
+              f"(the median is taken over at most `window` steps)")
+    _int_at_least("train.spike.max_rollbacks", spike.max_rollbacks, 0)
+
+
 def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     """Check every value of cfg for a run on world_size ranks; return the derived layout.
 
@@ -300,6 +315,7 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     num_microbatches = _check_batch(cfg, data_parallel)
     _check_optimizer(cfg, pipeline)
     _check_fpa(cfg)
+    _check_guard_and_timeout(cfg)
     _check_logging_and_checkpoint(cfg)
     _check_data(cfg)
     vocab, tok_size = _check_vocab(cfg)

@@ -101,6 +101,11 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint.resume={self.resume_mode!r} is not a complete checkpoint directory")
         return path
 
+    def newest(self) -> Optional[Path]:
+        """The newest complete checkpoint under the root (what a rollback after a loss spike reloads), or None."""
+        found = complete_checkpoints(self.root)
+        return found[-1] if found else None
+
     def load(self, path: Path, engine) -> dict:
         """Restore model, optimizer (ZeRO partitions), RNG streams; return the trainer state."""
         load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
