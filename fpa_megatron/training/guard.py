@@ -33,6 +33,7 @@ from fpa_megatron.parallel.state import compute_device
 log = get_logger("guard")
 
 UPDATE, SKIP, ROLLBACK, STOP = "update", "skip", "rollback", "stop"  # what a Verdict asks for
+ACTION_ON_SPIKE = {"warn": UPDATE, "skip": SKIP, "rollback": ROLLBACK, "stop": STOP}  # train.spike.policy
 
 
 class GradientProbe:
@@ -120,10 +121,9 @@ class TrainingGuard:
         """Combine every rank's flags in one all-reduce and decide what to do with step `step`."""
         finite = math.isfinite(lm_loss) and math.isfinite(penalty)
         spike = finite and self.spikes.is_spike(lm_loss)
-        flags = torch.stack([self.probe.nonfinite(),
-                             torch.tensor(float(not finite), dtype=torch.float64, device=self.probe.total.device),
-                             torch.tensor(float(spike), dtype=torch.float64, device=self.probe.total.device),
-                             torch.tensor(float(stop_requested), dtype=torch.float64, device=self.probe.total.device)])
+        local = torch.tensor([float(not finite), float(spike), float(stop_requested)], dtype=torch.float64,
+                             device=self.probe.total.device)
+        flags = torch.cat([self.probe.nonfinite().reshape(1), local])
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the guard's one collective per step
         self.probe.reset()
@@ -132,7 +132,7 @@ class TrainingGuard:
         if nonfinite:
             action = SKIP
         elif spike:
-            action = {"warn": UPDATE, "skip": SKIP, "rollback": ROLLBACK, "stop": STOP}[self.policy]
+            action = ACTION_ON_SPIKE[self.policy]
             if self.rank == 0:
                 log.warning(f"step {step}: loss spike: lm_loss {lm_loss:.4f} > {self.spikes.factor:g} x median "
                             f"{statistics.median(self.spikes.history):.4f} of the last {len(self.spikes.history)} "

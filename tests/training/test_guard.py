@@ -18,7 +18,9 @@ from fpa_megatron.config import ConfigError, TrainConfig, config_from_dict
 from fpa_megatron.config_checks import check_config
 from fpa_megatron.exit_codes import Diverged, LossSpikeStop
 from fpa_megatron.logging.run_log import failure_line, is_collective_timeout, where
-from fpa_megatron.training.guard import ROLLBACK, SKIP, STOP, UPDATE, GradientProbe, SpikeDetector, TrainingGuard
+from fpa_megatron.config_checks import SPIKE_POLICIES
+from fpa_megatron.training.guard import (ACTION_ON_SPIKE, ROLLBACK, SKIP, STOP, UPDATE, GradientProbe,
+                                         SpikeDetector, TrainingGuard)
 from fpa_megatron.training.preemption import StopSignals
 
 
@@ -107,6 +109,7 @@ def test_deepspeed_dropping_an_update_counts_as_a_skip(model):
 @pytest.mark.parametrize("policy,action", [("warn", UPDATE), ("skip", SKIP), ("rollback", ROLLBACK),
                                            ("stop", STOP)])
 def test_spike_policies(model, policy, action):
+    assert set(ACTION_ON_SPIKE) == set(SPIKE_POLICIES)
     guard = TrainingGuard(_train_cfg(policy=policy), model, rank=0)
     for step, loss in enumerate([5.0, 4.0, 4.5], start=1):
         guard.conclude(step, guard.check(step, loss, 1.0, False), applied=True, lm_loss=loss)
