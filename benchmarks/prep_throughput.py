@@ -1,4 +1,4 @@
-"""Throughput of `fpa-prep encode` with 1 and 2 workers against sentencepiece alone.
+"""Throughput of `fpa-prep encode` with 1 and 2 workers against sentencepiece alone, and of `fpa-prep merge`.
 
 Generates a JSON Lines corpus of at least --mb MiB (default 56) from slices of the built-in standard
 library corpus (seeded), trains an 8192-piece BPE tokenizer on it, then measures:
@@ -6,7 +6,11 @@ library corpus (seeded), trains an 8192-piece BPE tokenizer on it, then measures
   encode/1:  run_encode with 1 worker   (end to end: scan + checksum, spawn, tokenize, write, commit)
   encode/2:  run_encode with 2 workers
 and prints tokens/s, the 2-vs-1 scaling ratio (target >= 1.8) and encode/1 against the floor (target:
-within 10%). The machine load average is printed too: other processes on the cores skew the figures.
+within 10%). Then it merges the shards of one encode, interleaved, two ways, each in a fresh process:
+  fpa-prep merge:    the CLI (file copy + numpy index, no Megatron import)
+  Megatron builder:  import megatron.core, IndexedDatasetBuilder.add_index per shard, finalize, fsync
+and prints wall time (process start included), time and MB/s of the merge itself, and checks that both
+wrote the same bytes. The machine load average is printed too: other processes on the cores skew the figures.
 
     python benchmarks/prep_throughput.py [--mb 56] [--workdir DIR] [--repeat 2]
 """
@@ -21,6 +25,7 @@ import os
 import random
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +75,66 @@ def time_encode(corpus: str, model: str, out_dir: str, workers: int, shards: int
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0 + children_cpu() - k0
     return wall, cpu, manifest["datasets"]["text"]["tokens"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEGATRON_MERGE = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+import numpy as np
+t1 = time.perf_counter()
+out, dtype, prefixes = sys.argv[1], getattr(np, sys.argv[2]), sys.argv[3:]
+builder = IndexedDatasetBuilder(out + ".bin", dtype=dtype)
+for p in prefixes:
+    builder.add_index(p)
+builder.finalize(out + ".idx")
+for ext in (".bin", ".idx"):  # fpa-prep merge fsyncs its outputs before publishing them: the same work here
+    fd = os.open(out + ext, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+print(json.dumps({"import_s": t1 - t0, "merge_s": time.perf_counter() - t1}))
+"""
+
+
+def time_merges(encode_dir: str, work: str, repeat: int) -> None:
+    """fpa-prep merge against Megatron's builder on the shards of one encode, each in a fresh process."""
+    with open(os.path.join(encode_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    prefixes = [os.path.join(encode_dir, s) for s in manifest["datasets"]["text"]["shards"]]
+    dtype = manifest["tokenizer"]["dtype"]
+    size = sum(os.path.getsize(p + ext) for p in prefixes for ext in (".bin", ".idx"))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    best = {"fpa": [float("inf")] * 3, "megatron": [float("inf")] * 4}  # wall, CPU, merge [, import]
+    for _ in range(repeat):
+        out = os.path.join(work, "merged_fpa")
+        t0, c0 = time.perf_counter(), children_cpu()
+        res = subprocess.run([sys.executable, "-m", "data_prep.cli", "merge", encode_dir, "-o", out], env=env,
+                             capture_output=True, text=True, check=True)
+        wall, cpu = time.perf_counter() - t0, children_cpu() - c0
+        merge_s = float(res.stdout.split(" MB in ")[1].split(" s ")[0])  # from the summary line it prints
+        best["fpa"] = [min(a, b) for a, b in zip(best["fpa"], (wall, cpu, merge_s))]
+        ref = os.path.join(work, "merged_megatron")
+        t0, c0 = time.perf_counter(), children_cpu()
+        res = subprocess.run([sys.executable, "-c", MEGATRON_MERGE, ref, dtype, *prefixes], env=env,
+                             capture_output=True, text=True, check=True)
+        wall, cpu = time.perf_counter() - t0, children_cpu() - c0
+        times = json.loads(res.stdout.strip().splitlines()[-1])
+        best["megatron"] = [min(a, b) for a, b in zip(best["megatron"], (wall, cpu, times["merge_s"],
+                                                                          times["import_s"]))]
+        for ext in (".bin", ".idx"):
+            with open(out + ext, "rb") as a, open(ref + ext, "rb") as b:
+                assert a.read() == b.read(), f"merge outputs differ ({ext})"
+    mb = size / 1e6
+    print(f"merge of {len(prefixes)} shards, {mb:.1f} MB (.bin + .idx), fresh process each, best of {repeat}; "
+          "outputs byte-identical")
+    print(f"                      wall s (process)   CPU s (process)   merge s   MB/s (merge)")
+    for name, key in (("fpa-prep merge     ", "fpa"), ("Megatron builder   ", "megatron")):
+        wall, cpu, merge_s = best[key][:3]
+        print(f"{name}: {wall:16.2f}   {cpu:15.2f}   {merge_s:7.3f}   {mb / merge_s:12,.0f}")
+    print(f"Megatron builder / fpa-prep merge: {best['megatron'][0] / best['fpa'][0]:.1f}x wall, "
+          f"{best['megatron'][1] / best['fpa'][1]:.1f}x CPU, {best['megatron'][2] / best['fpa'][2]:.1f}x merge "
+          f"(Megatron's import alone: {best['megatron'][3]:.2f} s wall)")
 
 
 def main() -> int:
@@ -129,6 +194,7 @@ def main() -> int:
         print(f"encode 1 worker vs the loop: {gap * 100:+.1f}% wall time (target <= +10%: "
               f"{'PASS' if gap <= 0.10 else 'FAIL'}); {cpu[1] / floor_cpu * 100 - 100:+.1f}% CPU time")
         print(f"scaling 2 vs 1 workers: {ratio:.2f}x wall (target >= 1.8x: {'PASS' if ratio >= 1.8 else 'FAIL'})")
+        time_merges(os.path.join(work, "out1"), work, args.repeat)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

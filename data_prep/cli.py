@@ -11,6 +11,7 @@ import json
 import sys
 
 from data_prep.common import PrepError
+from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -70,13 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="documents longer than this are tokenized in pieces of at most this many characters "
                         "(bounded memory) and stored whole (default 1000000)")
     p.add_argument("--eod-piece", default=None, help="end-of-document piece (default: the model's eos)")
-    p.add_argument("--strict", action="store_true", help="exit with status 3 if anything was rejected")
+    p.add_argument("--max-line-bytes", type=int, default=0,
+                   help="reject a JSON line longer than this many bytes, reading past it in bounded memory "
+                        "(default 0: 256 MiB)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 3 if anything was rejected (a truncated .gz/.zst input included)")
     p.add_argument("--overwrite", action="store_true", help="replace an encode with other settings in --out-dir")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--index-writer", choices=["native", "megatron"], default="native",
                    help="native (numpy, fast worker start) or megatron (IndexedDatasetBuilder); same bytes")
 
-    p = sub.add_parser("merge", help="merge shards into one dataset prefix")
+    p = sub.add_parser("merge", help="merge shards into one dataset prefix (a file copy; no Megatron import)")
     p.add_argument("sources", nargs="+",
                    help="an encode output directory (merges its shards per text key) or dataset prefixes in order")
     p.add_argument("--output-prefix", "-o", default=None,
@@ -104,11 +109,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "tokenizer":
-        from data_prep.readers import iter_texts, resolve_inputs, scan_input
+        from data_prep.readers import iter_texts, resolve_inputs, scan_input, truncation_report
         from data_prep.tokenizer import train_tokenizer
 
         specs = resolve_inputs(args.input, args.hf_split, args.hf_cache_dir)
         infos = [scan_input(s) for s in specs]
+        for info in infos:
+            if info.truncated:
+                print(f"fpa-prep tokenizer: warning: {truncation_report(info.describe())}", file=sys.stderr)
         rejected = 0
 
         def texts():
@@ -141,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         opts = EncodeOptions(
             inputs=args.input, tokenizer=args.tokenizer, out_dir=args.out_dir, name=args.name,
             text_keys=args.text_keys or ["text"], num_shards=args.num_shards, workers=args.workers,
-            max_doc_chars=args.max_doc_chars, piece_chars=args.piece_chars, strict=args.strict,
+            max_doc_chars=args.max_doc_chars, piece_chars=args.piece_chars, max_line_bytes=args.max_line_bytes,
+            strict=args.strict,
             overwrite=args.overwrite, progress=args.progress, index_writer=args.index_writer,
             hf_split=args.hf_split, hf_cache_dir=args.hf_cache_dir, eod_piece=args.eod_piece,
         )
@@ -151,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "merge":
         import os
 
-        from data_prep.merge import merge_encode_dir, merge_prefixes
+        from data_prep.merge import describe_merge, merge_encode_dir, merge_prefixes
 
         if len(args.sources) == 1 and os.path.isdir(args.sources[0]):
             results = merge_encode_dir(args.sources[0], args.keys, args.output_prefix)
@@ -160,8 +169,7 @@ def run(args: argparse.Namespace) -> int:
                 raise PrepError("merging prefixes needs --output-prefix")
             results = [merge_prefixes(args.sources, args.output_prefix)]
         for r in results:
-            print(f"merged {r['sources']} dataset(s) -> {r['prefix']}: {r['documents']:,} documents, "
-                  f"{r['tokens']:,} tokens ({r['dtype']})")
+            print(describe_merge(r))
         return 0
 
     if args.command == "inspect":
@@ -173,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    quiet_optional_dependency_warnings()  # `inspect` and --index-writer megatron import megatron.core
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -11,7 +11,13 @@ byte-identical to an uninterrupted one. `manifest.json` is rewritten after every
 Every record that does not become a document is a reject written to `rejects.jsonl` (source, line or
 row, key, reason) and counted in the manifest and the summary. A document longer than --piece-chars is
 tokenized in pieces (bounded token memory) and still stored as one sequence; it is only rejected when
-it exceeds --max-doc-chars.
+it exceeds --max-doc-chars. A JSON line longer than --max-line-bytes is rejected without being held in
+memory. A .gz / .zst input that ends inside a member / frame is encoded up to the cut and reported as a
+`truncated_input` reject (and in its manifest entry and the summary), so --strict exits 3.
+
+Compressed inputs are decompressed once per run: the parent's scan (which must read every byte anyway
+to count lines and checksum) also writes a decompressed copy into `<out-dir>/.decompressed-*/`, the
+shards seek into it, and it is removed when the run ends (or by the next run, after a kill).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -38,6 +46,8 @@ MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 PROGRESS_INTERVAL_S = 0.25
 EXIT_STRICT_REJECTS = 3
+DECOMPRESSED_DIR_PREFIX = ".decompressed-"  # this run's decompressed copies of compressed inputs
+TRUNCATED_INPUT = "truncated_input"  # the reject reason of a compressed input cut short
 
 
 @dataclass
@@ -57,6 +67,7 @@ class EncodeOptions:
     overwrite: bool = False
     progress: bool = True
     index_writer: str = "native"
+    max_line_bytes: int = 0  # 0: readers.DEFAULT_MAX_LINE_BYTES
     hf_split: str = "train"
     hf_cache_dir: Optional[str] = None
     eod_piece: Optional[str] = None
@@ -120,6 +131,9 @@ _processors: dict = {}
 
 def _init_worker(progress_queue, tokenizer_path: str) -> None:
     global _progress_queue
+    from fpa_megatron.quiet import quiet_optional_dependency_warnings
+
+    quiet_optional_dependency_warnings()  # --index-writer megatron imports megatron.core in the worker
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _progress_queue = progress_queue
     _processor(tokenizer_path)
@@ -178,117 +192,149 @@ def _report(shard: int, records: int, tokens: int) -> None:
 
 
 def encode_shard(job: dict) -> dict:
-    """Encode one shard (run in a worker). Writes its datasets, rejects and commit record; returns stats."""
-    import numpy as np
+    """Encode one shard (run in a worker): its datasets, rejects and commit record. Returns its stats,
+    plus the bytes this shard decompressed (not part of the commit record)."""
+    from data_prep.readers import InputInfo, decompressed_bytes
 
-    from data_prep.indexed import WRITERS, bin_path, idx_path
-    from data_prep.readers import InputInfo, check_text, iter_records
-
-    sp, dummy_prefix = _processor(job["tokenizer"])
-    encode = sp.EncodeAsIds
-    keys = job["keys"]
-    eod = job["eod_id"]
-    dtype = np.dtype(job["dtype"])
-    piece_chars = job["piece_chars"]
-    max_doc_chars = job["max_doc_chars"]
-    out_dir = job["out_dir"]
-    index = job["index"]
-    prefixes = {k: os.path.join(out_dir, p) for k, p in job["prefixes"].items()}
-    writer_cls = WRITERS[job["index_writer"]]
-    writers = {k: writer_cls(bin_path(p) + ".tmp", dtype.name) for k, p in prefixes.items()}
-    state_dir = os.path.join(out_dir, STATE_DIR)
-    rejects_path = os.path.join(state_dir, f"rejects_{index:05d}.jsonl")
-    rejects_file = open(rejects_path + ".tmp", "w", encoding="utf-8")
-    reasons: Counter = Counter()
-    documents = dict.fromkeys(keys, 0)
-    tokens = dict.fromkeys(keys, 0)
-    records = 0
-    long_docs = 0
-    longest = 0
-    last_report = time.monotonic()
-    rep_records = rep_tokens = 0
-
-    def reject(info, loc, key, reason, detail, excerpt=""):
-        reasons[reason] += 1
-        entry = {"source": info.spec.path, info.location_name: loc, "key": key, "reason": reason,
-                 "detail": detail, "excerpt": excerpt, "shard": index}
-        rejects_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
+    before = decompressed_bytes()
+    shard = ShardEncoder(job)
     for input_dict, start, end in job["segments"]:
-        info = InputInfo.from_dict(input_dict)
-        for loc, fields, bad_record in iter_records(info, start, end, keys):
-            records += 1
-            rep_records += 1
+        shard.encode_range(InputInfo.from_dict(input_dict), start, end)
+    return {**shard.commit(), "decompressed_bytes": decompressed_bytes() - before}
+
+
+class ShardEncoder:
+    """The records of one shard -> one indexed dataset per text key, a rejects file and a commit record.
+
+    Files are written under temp names; `commit` publishes them by rename, then writes
+    `.state/shard_<NNNNN>.json` last (the commit point a resumed encode trusts).
+    """
+
+    def __init__(self, job: dict):
+        import numpy as np
+
+        from data_prep.indexed import WRITERS, bin_path
+
+        self.job = job
+        self.index = job["index"]
+        self.keys = job["keys"]
+        self.dtype = np.dtype(job["dtype"])
+        self.sp, self.dummy_prefix = _processor(job["tokenizer"])
+        self.prefixes = {k: os.path.join(job["out_dir"], p) for k, p in job["prefixes"].items()}
+        writer_cls = WRITERS[job["index_writer"]]
+        self.writers = {k: writer_cls(bin_path(p) + ".tmp", self.dtype.name) for k, p in self.prefixes.items()}
+        self.rejects_path = os.path.join(job["out_dir"], STATE_DIR, f"rejects_{self.index:05d}.jsonl")
+        self.rejects_file = open(self.rejects_path + ".tmp", "w", encoding="utf-8")
+        self.reasons: Counter = Counter()
+        self.documents = dict.fromkeys(self.keys, 0)
+        self.tokens = dict.fromkeys(self.keys, 0)
+        self.records = 0
+        self.long_docs = 0
+        self.longest = 0
+        self._unreported = [0, 0]  # records, tokens not yet sent to the progress bar
+        self._last_report = time.monotonic()
+
+    def encode_range(self, info, start: int, end: int) -> None:
+        """Every record of `info` in units [start, end)."""
+        from data_prep.readers import iter_records
+
+        for loc, fields, bad_record in iter_records(info, start, end, self.keys, self.job["max_line_bytes"]):
+            self.records += 1
+            self._unreported[0] += 1
             if bad_record is not None:
-                reject(info, loc, None, *bad_record)
+                self.reject(info, loc, None, *bad_record)
+            else:
+                for key in self.keys:
+                    self.encode_field(info, loc, fields, key)
+            self._maybe_report()
+
+    def encode_field(self, info, loc, fields: dict, key: str) -> None:
+        """One document from fields[key], or a reject saying why not."""
+        from data_prep.readers import check_text
+
+        bad = check_text(fields, key, self.job["max_doc_chars"])
+        if bad is not None:
+            value = fields.get(key)
+            self.reject(info, loc, key, *bad, excerpt=value[:200] if isinstance(value, str) else "")
+            return
+        text = fields[key]
+        try:
+            n = self._write_document(key, text)
+        except (RuntimeError, UnicodeError):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # a lone surrogate from a JSON escape: sentencepiece refuses it
+                self.reject(info, loc, key, "invalid_unicode", f"char {err.start}: {err.reason}",
+                            text[:200].encode("utf-8", "replace").decode("utf-8"))
+                return
+            raise
+        self.documents[key] += 1
+        self.tokens[key] += n
+        self._unreported[1] += n
+
+    def _write_document(self, key: str, text: str) -> int:
+        """Tokenize `text` + EOD into the key's dataset (in pieces when long); returns its token count."""
+        import numpy as np
+
+        piece_chars = self.job["piece_chars"]
+        if len(text) <= piece_chars:
+            ids = self.sp.EncodeAsIds(text)
+            ids.append(self.job["eod_id"])
+            self.writers[key].add_document(np.array(ids, dtype=self.dtype))
+            return len(ids)
+        pieces = _pieces(self.sp, text, piece_chars, self.dummy_prefix, self.job["eod_id"], self.dtype)
+        n = self.writers[key].add_document_pieces(pieces)
+        self.long_docs += 1
+        self.longest = max(self.longest, len(text))
+        return n
+
+    def reject(self, info, loc, key, reason: str, detail: str, excerpt: str = "") -> None:
+        self.reasons[reason] += 1
+        entry = {"source": info.spec.path, info.location_name: loc, "key": key, "reason": reason,
+                 "detail": detail, "excerpt": excerpt, "shard": self.index}
+        self.rejects_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def _maybe_report(self) -> None:
+        if self._unreported[0] >= 64 and time.monotonic() - self._last_report >= PROGRESS_INTERVAL_S:
+            _report(self.index, *self._unreported)
+            self._unreported = [0, 0]
+            self._last_report = time.monotonic()
+
+    def commit(self) -> dict:
+        """Finish the temp files, publish them by rename, then write the commit record; returns it."""
+        from data_prep.indexed import bin_path, idx_path
+
+        files, published = {}, {}
+        for key, writer in self.writers.items():
+            p = self.prefixes[key]
+            if self.documents[key] == 0:  # Megatron cannot mmap an empty .bin: an empty shard has no files
+                writer.abort()
+                os.unlink(bin_path(p) + ".tmp")
                 continue
-            for key in keys:
-                bad = check_text(fields, key, max_doc_chars)
-                if bad is not None:
-                    value = fields.get(key)
-                    reject(info, loc, key, *bad, excerpt=value[:200] if isinstance(value, str) else "")
-                    continue
-                text = fields[key]
-                try:
-                    if len(text) <= piece_chars:
-                        ids = encode(text)
-                        ids.append(eod)
-                        writers[key].add_document(np.array(ids, dtype=dtype))
-                        n = len(ids)
-                    else:
-                        n = writers[key].add_document_pieces(_pieces(sp, text, piece_chars, dummy_prefix, eod, dtype))
-                        long_docs += 1
-                        longest = max(longest, len(text))
-                except (RuntimeError, UnicodeError):
-                    try:
-                        text.encode("utf-8")
-                    except UnicodeEncodeError as err:
-                        reject(info, loc, key, "invalid_unicode", f"char {err.start}: {err.reason}",
-                               text[:200].encode("utf-8", "replace").decode("utf-8"))
-                        continue
-                    raise
-                documents[key] += 1
-                tokens[key] += n
-                rep_tokens += n
-            if rep_records >= 64:
-                now = time.monotonic()
-                if now - last_report >= PROGRESS_INTERVAL_S:
-                    _report(index, rep_records, rep_tokens)
-                    rep_records = rep_tokens = 0
-                    last_report = now
-    # commit: finish temp files, publish them by rename, then the state record (the commit point)
-    files = {}
-    published = {}
-    for key, w in writers.items():
-        p = prefixes[key]
-        if documents[key] == 0:  # Megatron cannot mmap an empty .bin: an empty shard has no files
-            w.abort()
-            os.unlink(bin_path(p) + ".tmp")
-            continue
-        w.finalize(idx_path(p) + ".tmp")
-        for final in (bin_path(p), idx_path(p)):
-            os.replace(final + ".tmp", final)
-            files[os.path.basename(final)] = os.path.getsize(final)
-        published[key] = job["prefixes"][key]
-    fsync_close(rejects_file)
-    os.replace(rejects_path + ".tmp", rejects_path)
-    stats = {
-        "index": index,
-        "fingerprint": job["fingerprint"],
-        "records": records,
-        "documents": documents,
-        "tokens": tokens,
-        "rejects": dict(sorted(reasons.items())),
-        "rejects_total": sum(reasons.values()),
-        "long_documents": long_docs,
-        "longest_long_document_chars": longest,
-        "files": files,
-        "prefixes": published,
-        "segments": [[s[0]["spec"]["path"], s[1], s[2]] for s in job["segments"]],  # input, unit range
-    }
-    atomic_write_json(os.path.join(state_dir, f"shard_{index:05d}.json"), stats)
-    _report(index, rep_records, rep_tokens)
-    return stats
+            writer.finalize(idx_path(p) + ".tmp")
+            for final in (bin_path(p), idx_path(p)):
+                os.replace(final + ".tmp", final)
+                files[os.path.basename(final)] = os.path.getsize(final)
+            published[key] = self.job["prefixes"][key]
+        fsync_close(self.rejects_file)
+        os.replace(self.rejects_path + ".tmp", self.rejects_path)
+        stats = {
+            "index": self.index,
+            "fingerprint": self.job["fingerprint"],
+            "records": self.records,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "rejects": dict(sorted(self.reasons.items())),
+            "rejects_total": sum(self.reasons.values()),
+            "long_documents": self.long_docs,
+            "longest_long_document_chars": self.longest,
+            "files": files,
+            "prefixes": published,
+            "segments": [[s[0]["spec"]["path"], s[1], s[2]] for s in self.job["segments"]],  # input, unit range
+        }
+        atomic_write_json(os.path.join(self.job["out_dir"], STATE_DIR, f"shard_{self.index:05d}.json"), stats)
+        _report(self.index, *self._unreported)
+        return stats
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,6 +436,9 @@ def _manifest(base: dict, states: dict, num_shards: int, keys: list) -> dict:
         for key in keys:
             datasets[key]["documents"] += s["documents"][key]
             datasets[key]["tokens"] += s["tokens"][key]
+    truncated = sum(1 for i in base["inputs"] if i.get("truncated"))
+    if truncated:
+        reasons[TRUNCATED_INPUT] += truncated
     for key in keys:
         # shards without a document for this key have no files (Megatron cannot read an empty dataset)
         datasets[key]["shards"] = [states[k]["prefixes"][key] for k in sorted(states) if key in states[k]["prefixes"]]
@@ -409,9 +458,18 @@ def _manifest(base: dict, states: dict, num_shards: int, keys: list) -> dict:
     }
 
 
-def _write_rejects(out_dir: str, num_shards: int) -> None:
+def _write_rejects(out_dir: str, num_shards: int, inputs: list[dict]) -> None:
+    """rejects.jsonl: the truncated inputs first, then every shard's rejects in shard order."""
+    from data_prep.readers import truncation_report
+
     final = os.path.join(out_dir, REJECTS)
     with open(final + ".tmp", "wb") as out:
+        for i in inputs:
+            if i.get("truncated"):
+                t = i["truncated"]
+                entry = {"source": i["path"], "line": t["complete_lines"] + 1, "key": None, "reason": TRUNCATED_INPUT,
+                         "detail": truncation_report(i), "excerpt": "", "shard": None, **t}
+                out.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
         for k in range(num_shards):
             with open(os.path.join(out_dir, STATE_DIR, f"rejects_{k:05d}.jsonl"), "rb") as f:
                 while chunk := f.read(1 << 20):
@@ -439,6 +497,8 @@ def run_encode(opts: EncodeOptions) -> tuple[dict, int]:
         raise PrepError("--index-writer must be native or megatron")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", opts.name):
         raise PrepError(f"--name {opts.name!r}: use letters, digits, '_', '.', '-'")
+    if opts.max_line_bytes < 0:
+        raise PrepError(f"--max-line-bytes {opts.max_line_bytes}: must be positive (0: the default)")
     # checks that must fail before any work: inputs exist, tokenizer loads, output is writable
     specs = resolve_inputs(opts.inputs, opts.hf_split, opts.hf_cache_dir)
     tok = tokenizer_info(opts.tokenizer, opts.eod_piece)
@@ -446,12 +506,24 @@ def run_encode(opts: EncodeOptions) -> tuple[dict, int]:
     os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
 
     t0 = time.time()
+    plain_dir = _fresh_decompressed_dir(out_dir)
     # workers start (spawn, imports, tokenizer load) while the parent checksums and measures the inputs
     pool = WorkerPool(max(1, opts.workers or available_cores()), tok.path)
     try:
-        return _run_encode(opts, specs, tok, out_dir, pool, t0)
+        return _run_encode(opts, specs, tok, out_dir, pool, plain_dir, t0)
     finally:
         pool.close()
+        shutil.rmtree(plain_dir, ignore_errors=True)
+
+
+def _fresh_decompressed_dir(out_dir: str) -> str:
+    """An empty directory in out_dir for this run's decompressed copies of compressed inputs (each is
+    decompressed once, by the scan; shards seek into the copy). A killed run's copies are removed first:
+    every run rebuilds its own."""
+    for entry in os.listdir(out_dir):
+        if entry.startswith(DECOMPRESSED_DIR_PREFIX):
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=DECOMPRESSED_DIR_PREFIX, dir=out_dir)
 
 
 class WorkerPool:
@@ -470,10 +542,14 @@ class WorkerPool:
         self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
-def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool, t0: float) -> tuple[dict, int]:
-    from data_prep.readers import scan_input
+def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool, plain_dir: str,
+                t0: float) -> tuple[dict, int]:
+    from data_prep.readers import DEFAULT_MAX_LINE_BYTES, decompressed_bytes, scan_input
 
-    infos = [scan_input(s) for s in specs]
+    before = decompressed_bytes()
+    infos = [scan_input(s, os.path.join(plain_dir, f"input_{i:05d}.jsonl")) for i, s in enumerate(specs)]
+    decompressed = decompressed_bytes() - before
+    max_line_bytes = opts.max_line_bytes or DEFAULT_MAX_LINE_BYTES
     units = [i.units for i in infos]
     total_units = sum(units)
     num_shards = opts.num_shards or auto_num_shards(total_units)
@@ -485,6 +561,7 @@ def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool,
         "num_shards": num_shards,
         "max_doc_chars": opts.max_doc_chars,
         "piece_chars": opts.piece_chars,
+        "max_line_bytes": max_line_bytes,
         "hf_split": opts.hf_split,
         "eod_id": tok.eod_id,
         "dtype": tok.dtype_name,
@@ -539,19 +616,22 @@ def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool,
                 "dtype": tok.dtype_name,
                 "piece_chars": opts.piece_chars,
                 "max_doc_chars": opts.max_doc_chars,
+                "max_line_bytes": max_line_bytes,
                 "out_dir": out_dir,
                 "prefixes": {key: shard_prefix_name(opts.name, keys, key, k) for key in keys},
                 "index_writer": opts.index_writer,
                 "fingerprint": fingerprint,
             })
-        new_tokens = _run_pool(jobs, pool, opts.progress, out_dir, states, base, num_shards, keys,
-                               done_records=sum(s["records"] for s in states.values()), total_records=total_records)
+        new_tokens, worker_decompressed = _run_pool(
+            jobs, pool, opts.progress, out_dir, states, base, num_shards, keys,
+            done_records=sum(s["records"] for s in states.values()), total_records=total_records)
+        decompressed += worker_decompressed
     elapsed_work = time.time() - t_work
 
-    _write_rejects(out_dir, num_shards)
+    _write_rejects(out_dir, num_shards, inputs)
     manifest = _manifest(base, states, num_shards, keys)
     atomic_write_json(manifest_path, manifest)
-    _summary(manifest, out_dir, new_tokens, elapsed_work, time.time() - t0)
+    _summary(manifest, out_dir, new_tokens, decompressed, elapsed_work, time.time() - t0)
     status = 0
     if opts.strict and manifest["rejects"]["total"]:
         _log(f"--strict: {manifest['rejects']['total']} reject(s): exit status {EXIT_STRICT_REJECTS}")
@@ -559,8 +639,10 @@ def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool,
     return manifest, status
 
 
-def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, done_records, total_records) -> int:
-    """Run shard jobs on the pool, aggregate worker progress into one tqdm bar; returns new tokens."""
+def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, done_records,
+              total_records) -> tuple[int, int]:
+    """Run shard jobs on the pool, aggregate worker progress into one tqdm bar; returns the new tokens
+    and the bytes the workers decompressed."""
     from tqdm import tqdm
 
     progress_queue = pool.queue
@@ -570,6 +652,7 @@ def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, don
     t0 = time.monotonic()
     tokens = 0  # progress reports (for the bar)
     new_tokens = 0  # committed shards (exact)
+    decompressed = 0
     manifest_path = os.path.join(out_dir, MANIFEST)
 
     def drain():
@@ -595,6 +678,7 @@ def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, don
             drain()
             for fut in done:
                 stats = fut.result()  # re-raises a worker's exception
+                decompressed += stats.pop("decompressed_bytes")
                 states[stats["index"]] = stats
                 new_tokens += sum(stats["tokens"].values())
                 atomic_write_json(manifest_path, _manifest(base, states, num_shards, keys))
@@ -604,10 +688,12 @@ def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, don
         bar.close()
         raise
     bar.close()
-    return new_tokens
+    return new_tokens, decompressed
 
 
-def _summary(manifest: dict, out_dir: str, new_tokens: int, work_s: float, total_s: float) -> None:
+def _summary(manifest: dict, out_dir: str, new_tokens: int, decompressed: int, work_s: float, total_s: float) -> None:
+    from data_prep.readers import truncation_report
+
     lines = []
     for key, d in manifest["datasets"].items():
         span = f" {d['shards'][0]} .. {d['shards'][-1]}" if d["shards"] else ""
@@ -621,6 +707,13 @@ def _summary(manifest: dict, out_dir: str, new_tokens: int, work_s: float, total
         lines.append(f"  rejects: {rej['total']:,} ({reasons}) -> {os.path.join(out_dir, REJECTS)}")
     else:
         lines.append("  rejects: 0")
+    for i in manifest["inputs"]:
+        if i.get("truncated"):
+            lines.append(f"  TRUNCATED INPUT: {truncation_report(i)}")
+    compressed = [i for i in manifest["inputs"] if i.get("compression")]
+    if compressed:
+        lines.append(f"  compressed inputs: {len(compressed)} ({sum(i['uncompressed_bytes'] for i in compressed):,} "
+                     f"bytes uncompressed); decompressed this run: {decompressed:,} bytes")
     ld = manifest["long_documents"]
     if ld["count"]:
         lines.append(f"  long documents encoded in pieces of <= {ld['piece_chars']:,} chars: {ld['count']} "

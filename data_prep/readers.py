@@ -9,18 +9,26 @@ Every input is measured in "units" so that shards can be cut anywhere and stay b
   floor(r * units / rows).
 `iter_records(info, start, end, keys)` yields (location, fields, reject) for the records of one range:
 `fields` maps each requested key that the record has to its raw value; `reject` is (reason, detail,
-excerpt) when the record itself is unusable (bad UTF-8, malformed JSON, blank line, not an object).
+excerpt) when the record itself is unusable (bad UTF-8, malformed JSON, blank line, not an object, a
+line longer than `max_line_bytes`: read past in bounded memory, never held whole).
+
+Compressed JSON Lines (.gz, all members; .zst, all frames) go through `DecompressingReader`, which
+tells a complete file from one that ends inside a member or frame (a cut download): the scan records
+that as `InputInfo.truncated`, and everything decoded before the cut is still read. Given a
+`plain_copy` path, the scan also writes the decompressed bytes there (`InputInfo.plain_path`), so that
+the shards of an encode seek into a plain file instead of each decompressing the input from its start.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import glob
-import gzip
 import hashlib
 import io
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -33,6 +41,12 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 COMPRESSIONS = {".gz": "gz", ".gzip": "gz", ".zst": "zst", ".zstd": "zst"}
 HF_MARKERS = ("state.json", "dataset_dict.json")
 HF_BATCH_ROWS = 1024
+DEFAULT_MAX_LINE_BYTES = 256 << 20  # a longer JSON line is rejected (read past in steps, never held whole)
+SKIP_STEP = 1 << 20  # bytes per read while reading past a line that is too long
+COMPRESSED_STEP = 64 << 10  # compressed bytes read per step (gzip)
+ZSTD_INPUT_STEP = 4 << 10  # compressed bytes per zstd decoder call (its output has no other bound)
+OUTPUT_STEP = 1 << 20  # at most this many bytes out of one gzip decoder call
+TRUNCATED_UNIT = {"gz": "gzip member", "zst": "zstd frame"}
 
 
 def set_hf_offline() -> None:
@@ -64,6 +78,8 @@ class InputInfo:
     units: int  # sharding weight, see module docstring
     records: int  # lines (jsonl) or rows (tabular)
     checkpoints: list = field(default_factory=list)  # jsonl: [[line_start_offset, line_number], ...]
+    truncated: Optional[dict] = None  # compressed jsonl cut short: see `truncation_report`
+    plain_path: Optional[str] = None  # compressed jsonl: its decompressed copy, when the scan wrote one
 
     @property
     def location_name(self) -> str:
@@ -80,10 +96,13 @@ class InputInfo:
         }
         if self.spec.compression:
             out["compression"] = self.spec.compression
+            out["uncompressed_bytes"] = self.units
         if self.spec.kind in ("hf_disk", "hf_load"):
             out["split"] = self.spec.hf_split
         if self.spec.builder:
             out["builder"] = self.spec.builder
+        if self.truncated:
+            out["truncated"] = self.truncated
         return out
 
     def to_dict(self) -> dict:
@@ -216,87 +235,254 @@ class _HashingReader(io.RawIOBase):
             self._digest.update(memoryview(buffer)[:n])
         return n
 
-    def drain(self) -> None:
-        while chunk := self._f.read(HASH_CHUNK):
-            self._digest.update(chunk)
+
+_decompressed_total = 0  # uncompressed bytes produced by DecompressingReaders in this process
 
 
-def _open_decompressed(raw, compression: Optional[str]):
-    """A binary stream of the uncompressed bytes of the raw file object `raw`."""
-    if compression is None:
-        return raw
-    if compression == "gz":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if compression == "zst":
+def decompressed_bytes() -> int:
+    """Uncompressed bytes this process has decompressed so far (encode reports it: one pass per input)."""
+    return _decompressed_total
+
+
+class DecompressingReader(io.RawIOBase):
+    """The uncompressed bytes of a .gz (every member) or .zst (every frame) file object.
+
+    gzip.GzipFile raises EOFError when the file ends inside a member, and zstandard's stream reader
+    returns a clean end of file inside a frame: neither says how far the data went. This reader returns
+    every byte that can be decoded, then end of file; `truncated` then tells whether the file ended
+    inside a member / frame. Corrupt data raises (zlib.error, zstandard.ZstdError).
+    Memory: one gzip step yields at most OUTPUT_STEP bytes; zstandard's decompressobj has no output
+    bound, so .zst input is fed ZSTD_INPUT_STEP bytes at a time (text expands ~5x; a long run of one
+    byte value up to 32768x).
+    """
+
+    def __init__(self, raw, compression: str):
+        if compression not in TRUNCATED_UNIT:
+            raise ValueError(compression)
+        self._raw = raw
+        self._gzip = compression == "gz"
+        self._decoder = None  # the member / frame being decoded; None between them
+        self._chunks = self._decoded_chunks()
+        self._pending = memoryview(b"")
+        self.truncated = False  # meaningful once the reader has returned end of file
+
+    def readable(self) -> bool:
+        return True
+
+    def _new_decoder(self):
+        if self._gzip:
+            return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and trailer (CRC, size)
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-    raise ValueError(compression)
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    def _decode(self, data: bytes) -> Iterator[bytes]:
+        """What `data` (compressed bytes, possibly spanning members / frames) decodes to, in pieces."""
+        while True:
+            if self._decoder is None:
+                if self._gzip:
+                    data = data.lstrip(b"\0")  # zero padding after a member, as gzip tolerates
+                if not data:
+                    return
+                self._decoder = self._new_decoder()
+            if self._gzip:
+                out = self._decoder.decompress(data, OUTPUT_STEP)
+                rest = self._decoder.unconsumed_tail
+            else:
+                out, rest = self._decoder.decompress(data), b""
+            if self._decoder.eof:
+                rest = self._decoder.unused_data
+                self._decoder = None
+            if out:
+                yield out
+            if not rest and len(out) < OUTPUT_STEP:  # a full step may leave output for the same input
+                return
+            data = rest
+
+    def _decoded_chunks(self) -> Iterator[bytes]:
+        global _decompressed_total
+        step = COMPRESSED_STEP if self._gzip else ZSTD_INPUT_STEP
+        while chunk := self._raw.read(step):
+            for out in self._decode(chunk):
+                _decompressed_total += len(out)
+                yield out
+        self.truncated = self._decoder is not None
+
+    def chunks(self) -> Iterator[bytes]:
+        """The rest of the uncompressed bytes, in the pieces they are decoded in (no copy)."""
+        if self._pending:
+            yield bytes(self._pending)
+            self._pending = memoryview(b"")
+        yield from self._chunks
+
+    def readinto(self, buffer) -> int:
+        if not self._pending:
+            self._pending = memoryview(next(self._chunks, b""))
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
-def _scan_jsonl(spec: InputSpec) -> InputInfo:
-    """One pass over a JSON Lines file: sha256 of the file bytes, uncompressed size, line count, checkpoints."""
-    import numpy as np
+class _LineGeometry:
+    """Counts the bytes and lines of a stream fed in chunks, with a (line start, line number)
+    checkpoint every CHECKPOINT_BYTES so that a reader can start near any offset."""
 
+    def __init__(self):
+        self.size = 0
+        self.newlines = 0
+        self.last_byte = b"\n"
+        self.checkpoints = [[0, 1]]
+        self._next_mark = CHECKPOINT_BYTES
+
+    def add(self, chunk: bytes) -> None:
+        import numpy as np
+
+        starts = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + (self.size + 1)  # line starts
+        while len(starts) and self._next_mark <= starts[-1]:
+            j = int(np.searchsorted(starts, self._next_mark))
+            start = int(starts[j])
+            self.checkpoints.append([start, self.newlines + j + 2])
+            self._next_mark = (start // CHECKPOINT_BYTES + 1) * CHECKPOINT_BYTES
+        self.newlines += len(starts)
+        self.size += len(chunk)
+        self.last_byte = chunk[-1:]
+
+    @property
+    def lines(self) -> int:
+        return self.newlines + (1 if self.size and self.last_byte != b"\n" else 0)
+
+
+def _scan_jsonl(spec: InputSpec, plain_copy: Optional[str] = None) -> InputInfo:
+    """One pass over a JSON Lines file: sha256 of the file bytes, uncompressed size, line count,
+    checkpoints, whether a compressed file is cut short, and (given plain_copy) its decompressed copy."""
     digest = hashlib.sha256()
-    size = os.path.getsize(spec.path)
-    checkpoints = [[0, 1]]
-    next_mark = CHECKPOINT_BYTES
-    pos = 0
-    newlines = 0
-    last_byte = b"\n"
+    geometry = _LineGeometry()
+    plain_path = plain_copy if spec.compression else None
+    truncated = None
     try:
         with open(spec.path, "rb", buffering=0) as raw_file:
-            raw = _HashingReader(raw_file, digest)
-            stream = _open_decompressed(io.BufferedReader(raw, HASH_CHUNK), spec.compression)
-            while True:
-                chunk = stream.read(HASH_CHUNK)
-                if not chunk:
-                    break
-                arr = np.frombuffer(chunk, dtype=np.uint8)
-                starts = np.flatnonzero(arr == 10) + (pos + 1)  # absolute offsets of line starts
-                while len(starts) and next_mark <= starts[-1]:
-                    j = int(np.searchsorted(starts, next_mark))
-                    start = int(starts[j])
-                    checkpoints.append([start, newlines + j + 2])
-                    next_mark = (start // CHECKPOINT_BYTES + 1) * CHECKPOINT_BYTES
-                newlines += len(starts)
-                pos += len(chunk)
-                last_byte = chunk[-1:]
-            raw.drain()
-    except (OSError, EOFError, ValueError) as err:
+            raw = io.BufferedReader(_HashingReader(raw_file, digest), HASH_CHUNK)
+            if spec.compression is None:
+                for chunk in iter(lambda: raw.read(HASH_CHUNK), b""):
+                    geometry.add(chunk)
+            else:
+                reader = DecompressingReader(raw, spec.compression)
+                with _PlainCopy(plain_path, spec.path) as copy:
+                    for chunk in reader.chunks():
+                        geometry.add(chunk)
+                        copy.write(chunk)
+                if reader.truncated:
+                    truncated = {"unit": TRUNCATED_UNIT[spec.compression], "decompressed_bytes": geometry.size,
+                                 "complete_lines": geometry.newlines}
+    except PrepError:
+        raise
+    except OSError as err:
         raise PrepError(f"cannot read input {spec.path}: {err}") from None
+    except (zlib.error, ValueError) as err:
+        raise PrepError(f"cannot read input {spec.path} (corrupt {spec.compression} data?): {err}") from None
     except Exception as err:  # zstandard.ZstdError and friends
         raise PrepError(f"cannot read input {spec.path}: {type(err).__name__}: {err}") from None
-    lines = newlines + (1 if pos and last_byte != b"\n" else 0)
-    checkpoints = [c for c in checkpoints if c[0] < pos] or [[0, 1]]
-    return InputInfo(spec, size, digest.hexdigest(), units=pos, records=lines, checkpoints=checkpoints)
+    if plain_path and os.path.getsize(plain_path) != geometry.size:
+        raise PrepError(f"the decompressed copy {plain_path} of {spec.path} has {os.path.getsize(plain_path):,} "
+                        f"bytes, expected {geometry.size:,}")
+    checkpoints = [c for c in geometry.checkpoints if c[0] < geometry.size] or [[0, 1]]
+    return InputInfo(spec, os.path.getsize(spec.path), digest.hexdigest(), units=geometry.size,
+                     records=geometry.lines, checkpoints=checkpoints, truncated=truncated, plain_path=plain_path)
 
 
-def _iter_jsonl(info: InputInfo, start: int, end: int, keys: list[str]) -> Iterator[tuple]:
+class _PlainCopy:
+    """Writes the decompressed bytes of an input to `path` (or nowhere when path is None); a failed
+    write is an error naming the copy, not the input."""
+
+    def __init__(self, path: Optional[str], source: str):
+        self.path, self.source = path, source
+        self._f = None
+
+    def __enter__(self) -> "_PlainCopy":
+        if self.path:
+            try:
+                self._f = open(self.path, "wb", buffering=HASH_CHUNK)
+            except OSError as err:
+                self._fail(err)
+        return self
+
+    def write(self, chunk: bytes) -> None:
+        if self._f is not None:
+            try:
+                self._f.write(chunk)
+            except OSError as err:
+                self._fail(err)
+
+    def _fail(self, err: OSError):
+        raise PrepError(f"cannot write the decompressed copy of {self.source} to {self.path}: {err}") from None
+
+    def __exit__(self, *exc) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()  # flushes the last buffered bytes
+            except OSError as err:
+                self._fail(err)
+
+
+def truncation_report(described: dict) -> str:
+    """One line on a cut-short compressed input, from its manifest entry (`InputInfo.describe()`)."""
+    t = described["truncated"]
+    return (f"{described['path']} is truncated: the file ends inside a {t['unit']} after "
+            f"{t['decompressed_bytes']:,} decompressed bytes ({t['complete_lines']:,} complete lines); "
+            "the records before the cut are kept")
+
+
+@contextlib.contextmanager
+def _open_at(info: InputInfo, offset: int):
+    """A binary stream of the (uncompressed) input, positioned at `offset`."""
+    path = info.plain_path or info.spec.path
+    with open(path, "rb") as raw:
+        if info.plain_path or info.spec.compression is None:
+            raw.seek(offset)
+            yield raw
+            return
+        stream = io.BufferedReader(DecompressingReader(raw, info.spec.compression), 1 << 20)
+        to_skip = offset
+        while to_skip:
+            got = stream.read(min(to_skip, HASH_CHUNK))
+            if not got:
+                break
+            to_skip -= len(got)
+        yield stream
+
+
+def _read_line(stream, max_line_bytes: int) -> tuple[Optional[bytes], int, Optional[tuple]]:
+    """The next line as (line, size in bytes, None), or (None, size, reject) when it holds more than
+    max_line_bytes bytes before its newline: it is then read past in SKIP_STEP steps, never held whole."""
+    line = stream.readline(max_line_bytes + 1)
+    if len(line) <= max_line_bytes or line.endswith(b"\n"):
+        return line, len(line), None
+    size, head = len(line), line[: EXCERPT_CHARS * 4]
+    while not line.endswith(b"\n"):
+        line = stream.readline(SKIP_STEP)
+        if not line:
+            break
+        size += len(line)
+    length = size - (1 if line.endswith(b"\n") else 0)  # without its newline
+    reject = ("line_too_long", f"line too long ({length:,} bytes > --max-line-bytes {max_line_bytes:,})",
+              _excerpt(head.decode("utf-8", "replace")))
+    return None, size, reject
+
+
+def _iter_jsonl(info: InputInfo, start: int, end: int, keys: list[str], max_line_bytes: int) -> Iterator[tuple]:
     offsets = [c[0] for c in info.checkpoints]
     offset, line_no = info.checkpoints[max(0, bisect.bisect_right(offsets, start) - 1)]
-    with open(info.spec.path, "rb") as raw:
-        if info.spec.compression is None:
-            raw.seek(offset)
-            stream = raw
-        else:
-            stream = io.BufferedReader(_open_decompressed(raw, info.spec.compression), 1 << 20)
-            to_skip = offset
-            while to_skip:
-                got = stream.read(min(to_skip, HASH_CHUNK))
-                if not got:
-                    break
-                to_skip -= len(got)
+    loads = json.loads
+    with _open_at(info, offset) as stream:
         pos = offset
-        loads = json.loads
         while pos < end:
-            line = stream.readline()
-            if not line:
+            line, size, too_long = _read_line(stream, max_line_bytes)
+            if not size:
                 break
             if pos >= start:
-                yield (line_no, *_parse_json_line(line, keys, loads))
-            pos += len(line)
+                yield (line_no, None, too_long) if too_long else (line_no, *_parse_json_line(line, keys, loads))
+            pos += size
             line_no += 1
 
 
@@ -432,20 +618,22 @@ def _iter_hf(info: InputInfo, start: int, end: int, keys: list[str]) -> Iterator
 # public entry points
 
 
-def scan_input(spec: InputSpec) -> InputInfo:
-    """Measure and checksum one input (a full read of its bytes)."""
+def scan_input(spec: InputSpec, plain_copy: Optional[str] = None) -> InputInfo:
+    """Measure and checksum one input (a full read of its bytes). Given the file path `plain_copy`, a
+    compressed JSON Lines input is also written there decompressed, and later reads of it use that copy."""
     if spec.kind == "jsonl":
-        return _scan_jsonl(spec)
+        return _scan_jsonl(spec, plain_copy)
     if spec.kind == "parquet":
         return _scan_parquet(spec)
     return _scan_hf(spec)
 
 
-def iter_records(info: InputInfo, start: int, end: int, keys: list[str]) -> Iterator[tuple[int, Any, Any]]:
+def iter_records(info: InputInfo, start: int, end: int, keys: list[str],
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, Any, Any]]:
     """Records of `info` whose position lies in units [start, end), in input order, as
     (location, fields | None, reject | None); location is a 1-based line or a 0-based row."""
     if info.spec.kind == "jsonl":
-        return _iter_jsonl(info, start, end, keys)
+        return _iter_jsonl(info, start, end, keys, max_line_bytes)
     if info.spec.kind == "parquet":
         return _iter_parquet(info, start, end, keys)
     return _iter_hf(info, start, end, keys)

@@ -13,9 +13,11 @@ import sys
 
 from fpa_megatron import exit_codes
 from fpa_megatron.config import ConfigError, load_config
+from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_optional_dependency_warnings()
     parser = argparse.ArgumentParser(
         prog="fpa-train",
         description="Pretrain a GPT with the FPA attention penalty on Megatron-core + DeepSpeed ZeRO. "

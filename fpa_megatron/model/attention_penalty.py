@@ -93,7 +93,7 @@ class SoftmaxWithCollision(torch.autograd.Function):
     """p = softmax(s) along the last dim and c = sum_j p_j^2, with one fused backward.
 
     The gradient of c with respect to p is 2 p, so the penalty folds into the softmax backward as
-    dP += 2 g p: dS = p (dP + 2 g p - D - 2 g c), the formula of DESIGN.md section 1, with no extra
+    dP += 2 g p: dS = p (dP + 2 g p - D - 2 g c), the formula of docs/fpa_math.md section 2, with no extra
     [b, h, s, s] temporaries beyond one fused multiply-add.
     """
 

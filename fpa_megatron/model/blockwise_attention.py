@@ -6,10 +6,10 @@ computes the same output, the same per-row penalty and the same gradients tile b
 - forward: query blocks in the outer loop, key blocks up to the diagonal in the inner loop (tiles that the
   causal mask hides entirely are never computed), with an online softmax that keeps per row the running
   max m, the normalizer l = sum_j exp(s_ij - m) and, for the penalty, q2 = sum_j exp(2 (s_ij - m)).
-  The collision term is then c_i = q2_i / l_i^2 = sum_j p_ij^2 (the LSE identity of DESIGN.md section 1).
+  The collision term is then c_i = q2_i / l_i^2 = sum_j p_ij^2 (the LSE identity, docs/fpa_math.md section 3).
   Only the inputs, the output, the log-sum-exp and c are saved.
 - backward: recomputes each tile's probabilities from the saved log-sum-exp and adds the penalty's terms
-  to dP and D (DESIGN.md section 1), for an arbitrary upstream gradient g of the per-row penalty.
+  to dP and D (docs/fpa_math.md section 2), for an arbitrary upstream gradient g of the per-row penalty.
 
 Layout: grouped-query attention folds the query heads of one key/value head into the rows,
 q [b, hkv * group, s, d] -> [b * hkv, s * group, d] (row r = position r // group, head r % group), so every

@@ -130,13 +130,17 @@ def _write_format(kind: str, tmp_path, docs: list[str]) -> tuple[str, dict]:
 
 
 @pytest.mark.parametrize("kind", ["jsonl.gz", "jsonl.zst", "parquet", "hf_disk", "hf_load"])
-def test_input_formats_roundtrip(kind, tmp_path, docs, tokenizer_model, sp):
+def test_input_formats_roundtrip(kind, tmp_path, docs, tokenizer_model, sp, capsys):
     path, extra = _write_format(kind, tmp_path, docs)
     manifest = encode(tmp_path / "out", [path], tokenizer_model, num_shards=3, workers=2, **extra)
     got = read_encode(str(tmp_path / "out"))["text"]
     assert [g.tolist() for g in got] == [expected_tokens(sp, d, EOD) for d in docs]
     assert manifest["inputs"][0]["records"] == len(docs)
     assert manifest["rejects"]["total"] == 0
+    if kind.startswith("jsonl."):  # decompressed once for the whole encode (scan and 3 shards together)
+        size = len("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode("utf-8"))
+        assert f"decompressed this run: {size:,} bytes" in capsys.readouterr().out
+        assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".decompressed")]  # copy removed
     if kind == "hf_load":
         assert os.listdir(tmp_path / "hf_cache")  # the Arrow cache went where we asked
 
