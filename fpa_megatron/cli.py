@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"fpa-train: config error: {err}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
-    from fpa_megatron.logging.run_log import failure_line, get_logger, is_collective_timeout, setup_logging, where
+    from fpa_megatron.logging.run_log import failure_line, is_collective_timeout, setup_logging, where
     from fpa_megatron.training.trainer import train
 
     log = setup_logging()
