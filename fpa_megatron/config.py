@@ -31,6 +31,7 @@ class ModelConfig:
     seq_length: int = 128
     max_position_embeddings: Optional[int] = None  # None = seq_length
     vocab_size: Optional[int] = None  # None = the tokenizer's vocabulary size
+    make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this x parallel.tensor
     position_embedding: str = "rope"  # rope | learned
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
     activation: str = "gelu"  # gelu | swiglu

@@ -40,7 +40,7 @@ class ResolvedLayout:
     data_parallel: int
     num_microbatches: int  # per optimizer step and data-parallel rank
     vocab_size: int  # model.vocab_size, or the tokenizer's vocabulary size
-    padded_vocab_size: int  # vocab_size padded up to a multiple of 128 * tensor_parallel
+    padded_vocab_size: int  # vocab_size rounded up to a multiple of make_vocab_size_divisible_by * TP
     ffn_hidden_size: int
     max_position_embeddings: int
     num_query_groups: int
@@ -139,7 +139,8 @@ def _check_enums(cfg: RunConfig) -> None:
 
 def _check_model(cfg: RunConfig) -> None:
     m = cfg.model
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "attention_block_size"):
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "attention_block_size",
+                "make_vocab_size_divisible_by"):
         _int_at_least(f"model.{key}", getattr(m, key), 1)
     for key in ("num_query_groups", "ffn_hidden_size", "max_position_embeddings", "vocab_size"):
         if getattr(m, key) is not None:
@@ -327,7 +328,7 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
         data_parallel=data_parallel,
         num_microbatches=num_microbatches,
         vocab_size=vocab,
-        padded_vocab_size=padded_vocab_size(vocab, tensor),
+        padded_vocab_size=padded_vocab_size(vocab, tensor, m.make_vocab_size_divisible_by),
         ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
         max_position_embeddings=m.max_position_embeddings or m.seq_length,
         num_query_groups=m.num_query_groups or m.num_attention_heads,

@@ -23,32 +23,80 @@ def global_name(local_name: str, layer_offset: int) -> str:
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
 
 
+def layer_index(global_param_name: str) -> int | None:
+    """The transformer layer a parameter belongs to, or None (embeddings, final norm, output layer)."""
+    match = _LAYER.match(global_param_name)
+    return int(match.group(1)) if match else None
+
+
 def _layer_offset(model) -> int:
     return get_transformer_layer_offset(model.config)
+
+
+# How tensor parallelism splits each parameter of Megatron's local-spec GPT, by global-name suffix: the
+# dimension the shards are cut along. A name table (not Megatron's own `partition_dim` attributes) so that
+# checkpoints can be read offline: building a Megatron model needs process groups. A test checks the table
+# against the live model's attributes.
+TP_SPLIT_DIMS = (
+    ("embedding.word_embeddings.weight", 0),  # vocab-parallel
+    ("output_layer.weight", 0),  # column-parallel
+    ("self_attention.linear_qkv.weight", 0),
+    ("self_attention.linear_qkv.bias", 0),
+    ("mlp.linear_fc1.weight", 0),
+    ("mlp.linear_fc1.bias", 0),
+    ("self_attention.linear_proj.weight", 1),  # row-parallel (its bias is replicated)
+    ("mlp.linear_fc2.weight", 1),
+)
+# The same full tensor on every tensor-parallel rank: norms, learned positions, row-parallel biases.
+_REPLICATED = re.compile(r"(layernorm\.(weight|bias)|position_embeddings\.weight|linear_proj\.bias|linear_fc2\.bias)$")
+
+
+def tensor_parallel_dim(name: str) -> int | None:
+    """The dimension tensor parallelism splits parameter `name` along, or None if it is replicated."""
+    for suffix, dim in TP_SPLIT_DIMS:
+        if name.endswith(suffix):
+            return dim
+    if _REPLICATED.search(name):
+        return None
+    raise ValueError(f"parameter {name!r}: unknown tensor-parallel layout (add it to TP_SPLIT_DIMS or "
+                     f"_REPLICATED in fpa_megatron/parallel/weights.py)")
+
+
+def is_gated_fc1(name: str, gated_linear_unit: bool) -> bool:
+    """SwiGLU's fc1 holds [gate; up]: each TP shard is [gate_r; up_r], not a plain chunk."""
+    return gated_linear_unit and "mlp.linear_fc1" in name
+
+
+def split_shard(full: torch.Tensor, dim: int, tp: int, rank: int, gated: bool = False) -> torch.Tensor:
+    """TP rank `rank`'s piece of `full` (of `tp` pieces along `dim`)."""
+    if gated:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def join_shards(pieces: list[torch.Tensor], dim: int, gated: bool = False) -> torch.Tensor:
+    """The full tensor from the TP ranks' pieces, in rank order (inverse of `split_shard`)."""
+    if gated:
+        halves = [p.chunk(2, dim=dim) for p in pieces]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(pieces, dim=dim)
 
 
 def _split(name: str, param, full: torch.Tensor, model) -> torch.Tensor:
     """This TP rank's piece of the full tensor `full` for local parameter `param`."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    dim = param.partition_dim
-    if model.config.gated_linear_unit and "mlp.linear_fc1" in name:
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
-    return full.chunk(tp, dim=dim)[rank]
+    return split_shard(full, param.partition_dim, parallel_state.get_tensor_model_parallel_world_size(),
+                       parallel_state.get_tensor_model_parallel_rank(),
+                       is_gated_fc1(name, model.config.gated_linear_unit))
 
 
 def _join(name: str, param, pieces: list[torch.Tensor], model) -> torch.Tensor:
     """The full tensor from the TP ranks' pieces (inverse of `_split`)."""
     if not getattr(param, "tensor_model_parallel", False):
         return pieces[0]
-    dim = param.partition_dim
-    if model.config.gated_linear_unit and "mlp.linear_fc1" in name:
-        halves = [p.chunk(2, dim=dim) for p in pieces]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-    return torch.cat(pieces, dim=dim)
+    return join_shards(pieces, param.partition_dim, is_gated_fc1(name, model.config.gated_linear_unit))
 
 
 def _global_source(name: str, global_state: dict) -> str:

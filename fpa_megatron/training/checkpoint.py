@@ -20,6 +20,7 @@ import torch.distributed as dist
 from fpa_megatron.config import RunConfig, save_config
 
 MARKER = "complete"
+RESHARDED = "resharded.json"  # written by fpa-reshard in place of the per-rank RNG states
 
 
 def _tag(step: int) -> str:
@@ -97,6 +98,8 @@ class Checkpointer:
             found = complete_checkpoints(self.root)
             return found[-1] if found else None
         path = Path(self.resume_mode)
+        if not (path / MARKER).exists() and complete_checkpoints(path):
+            path = complete_checkpoints(path)[-1]  # a checkpoint root: its newest complete checkpoint
         if not (path / MARKER).exists():
             raise FileNotFoundError(f"checkpoint.resume={self.resume_mode!r} is not a complete checkpoint directory")
         return path
@@ -112,5 +115,9 @@ class Checkpointer:
                                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-        set_rng_state(torch.load(path / f"rng_rank_{dist.get_rank()}.pt", weights_only=False))
+        rng_file = path / f"rng_rank_{dist.get_rank()}.pt"
+        if rng_file.exists() or not (path / RESHARDED).exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        elif dist.get_rank() == 0:  # RNG streams do not map across layouts: keep those seeded from train.seed
+            print(f"{path} was resharded (fpa-reshard): RNG streams start from train.seed", flush=True)
         return client_state["trainer"]

@@ -1,0 +1,1 @@
+"""Exporting a training checkpoint to other formats: `fpa-export hf` (Hugging Face transformers)."""

@@ -1,0 +1,370 @@
+"""Hugging Face `transformers` export: a checkpoint's model as the standard architecture that computes the same
+function, and its sentencepiece tokenizer as a `tokenizer.json`; both load with no custom code.
+
+Model families (the only combinations with a faithful standard target):
+  learned positions + LayerNorm + GeLU            -> GPT-2 (exact erf GeLU: activation_function "gelu")
+  rotary + LayerNorm + GeLU                       -> GPT-NeoX (sequential residual, rotary on every channel)
+  rotary + RMSNorm + SwiGLU (grouped-query or not) -> LLaMA
+Megatron's fused `linear_qkv` holds, per query group, that group's query heads, then its key head, then its
+value head; SwiGLU's `linear_fc1` holds [gate; up]. The vocabulary padded for tensor parallelism is cut back to
+the tokenizer's (or `model.vocab_size`). `transformers` is an optional extra, imported only here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fpa_megatron.config import ModelConfig
+from fpa_megatron.training.checkpoint_reader import ModelCheckpoint
+
+# (model.position_embedding, model.normalization, model.activation) -> the transformers architecture that
+# computes the same function; only LLaMA has grouped-query attention.
+FAMILY_TARGETS = {
+    ("learned", "LayerNorm", "gelu"): "gpt2",
+    ("rope", "LayerNorm", "gelu"): "gpt_neox",
+    ("rope", "RMSNorm", "swiglu"): "llama",
+}
+TARGET_NAMES = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX", "llama": "LLaMA"}
+GROUPED_QUERY_TARGETS = ("llama",)
+INSTALL_HINT = "pip install -e .[hf]  (or: pip install 'transformers>=5.24,<6')"
+
+
+class ExportError(ValueError):
+    """A model or tokenizer that cannot be exported faithfully; the message says which setting and why."""
+
+
+def require_transformers():
+    """`transformers`, or an ExportError saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ExportError(f"this needs the optional dependency transformers: {INSTALL_HINT}") from None
+    return transformers
+
+
+def quiet_transformers() -> None:
+    """No transformers progress bars for loading and saving weights (the commands print their own summary)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
+def hf_architecture(m: ModelConfig) -> str:
+    """The standard architecture computing the same function as model config `m`, or ExportError naming why not."""
+    if getattr(m, "qk_layernorm", False):
+        raise ExportError("model.qk_layernorm=true: GPT-2, GPT-NeoX and LLaMA have no layer norm on queries and keys, "
+                          "so no standard transformers architecture computes this model")
+    combination = (f"model.position_embedding={m.position_embedding}, model.normalization={m.normalization}, "
+                   f"model.activation={m.activation}")
+    target = FAMILY_TARGETS.get((m.position_embedding, m.normalization, m.activation))
+    if target is None:
+        supported = ", ".join(f"{'+'.join(k)} -> {TARGET_NAMES[v]}" for k, v in FAMILY_TARGETS.items())
+        raise ExportError(f"{combination}: no standard transformers architecture computes this combination "
+                          f"(supported: {supported})")
+    groups = m.num_query_groups or m.num_attention_heads
+    if groups != m.num_attention_heads and target not in GROUPED_QUERY_TARGETS:
+        raise ExportError(f"model.num_query_groups={groups} (grouped-query attention) with {combination}: "
+                          f"{TARGET_NAMES[target]} has no grouped-query attention; only the LLaMA family "
+                          f"(rope+RMSNorm+swiglu) exports with it")
+    return target
+
+
+# ------------------------------------------------------------------------------------------ the tokenizer
+
+
+@dataclass
+class TokenizerSpec:
+    """What the export needs to know about the run's tokenizer."""
+
+    path: Optional[str]  # sentencepiece .model, or None (mock data: no tokenizer to export)
+    vocab_size: int
+    eod_id: int
+    bos_id: Optional[int] = None
+    pad_id: Optional[int] = None
+    unk_id: Optional[int] = None
+
+
+def tokenizer_spec(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None) -> TokenizerSpec:
+    """The run's tokenizer (data.tokenizer, or `tokenizer_path` if it moved); EOD = its eos, as in training."""
+    path = tokenizer_path or ckpt.config.data.tokenizer
+    if path is None:  # mock data: the MockTokenizer's vocabulary and EOD
+        vocab = ckpt.config.model.vocab_size
+        if vocab is None:
+            raise ExportError("the run has neither data.tokenizer nor model.vocab_size: cannot tell the vocabulary")
+        return TokenizerSpec(None, vocab, vocab - 1)
+    if not Path(path).is_file():
+        raise ExportError(f"tokenizer {path!r} (data.tokenizer of the run) not found: pass --tokenizer PATH")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.eos_id() < 0:
+        raise ExportError(f"tokenizer {path!r} has no eos piece (the end-of-document token)")
+
+    def optional(i: int) -> Optional[int]:
+        return i if i >= 0 else None
+
+    return TokenizerSpec(str(path), sp.vocab_size(), sp.eos_id(), optional(sp.bos_id()), optional(sp.pad_id()),
+                         optional(sp.unk_id()))
+
+
+def hf_tokenizer(spec: TokenizerSpec, model_max_length: int):
+    """A `transformers` fast tokenizer that encodes exactly like the sentencepiece model.
+
+    transformers' own converter builds the `tokenizers` pipeline from the model's settings (identity
+    normalization, no dummy prefix, byte fallback, BPE merges ranked by piece score). Special pieces written as
+    text stay text (split_special_tokens), as sentencepiece treats them; no BOS/EOS is added.
+    """
+    require_transformers()
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(spec.path).read_bytes())
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    if backend is None:
+        raise ExportError(f"tokenizer {spec.path!r}: transformers cannot convert this sentencepiece model type")
+    pieces = {i: p.piece for i, p in enumerate(proto.pieces)}
+    special = {"eos_token": pieces[spec.eod_id]}
+    for key, index in (("bos_token", spec.bos_id), ("pad_token", spec.pad_id), ("unk_token", spec.unk_id)):
+        if index is not None:
+            special[key] = pieces[index]
+    return PreTrainedTokenizerFast(tokenizer_object=backend, split_special_tokens=True,
+                                   model_max_length=model_max_length, clean_up_tokenization_spaces=False, **special)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def _rotary_base() -> float:
+    """Megatron's rotary base (GPTModel's default, which the trainer keeps)."""
+    from megatron.core.models.gpt import GPTModel
+
+    return float(inspect.signature(GPTModel.__init__).parameters["rotary_base"].default)
+
+
+def hf_config(ckpt: ModelCheckpoint, arch: str, tok: TokenizerSpec, vocab_size: int, dtype: torch.dtype):
+    """The transformers config of the exported model (vocabulary `vocab_size`, EOD as its eos, weights `dtype`)."""
+    transformers = require_transformers()
+    from fpa_megatron.model.gpt import transformer_config
+
+    m = ckpt.config.model
+    eps = transformer_config(m).layernorm_epsilon
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    positions = m.max_position_embeddings or m.seq_length
+    common = dict(vocab_size=vocab_size, eos_token_id=tok.eod_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
+                  tie_word_embeddings=m.tie_embeddings, dtype=str(dtype).removeprefix("torch."))
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=m.hidden_size, n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=ffn,
+            n_positions=positions, activation_function="gelu",  # Megatron's GeLU is the exact (erf) one
+            layer_norm_epsilon=eps, resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout,
+            attn_pdrop=m.attention_dropout, **common)
+    rope = {"rope_type": "default", "rope_theta": _rotary_base()}
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+            intermediate_size=ffn, max_position_embeddings=positions, hidden_act="gelu", layer_norm_eps=eps,
+            use_parallel_residual=False, rope_parameters={**rope, "partial_rotary_factor": 1.0},
+            attention_bias=True, hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, **common)
+    return transformers.LlamaConfig(
+        hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+        head_dim=m.hidden_size // m.num_attention_heads,
+        intermediate_size=ffn, max_position_embeddings=positions, hidden_act="silu", rms_norm_eps=eps,
+        rope_parameters=rope, attention_bias=False, mlp_bias=False, attention_dropout=m.attention_dropout, **common)
+
+
+def split_qkv(fused: torch.Tensor, heads: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's fused QKV (weight [rows, in] or bias [rows]) -> q [heads*d], k [groups*d], v [groups*d] rows.
+
+    Per query group the rows are that group's heads/groups query heads, then its key head, then its value head.
+    """
+    per_group = fused.shape[0] // groups
+    d = per_group // (heads // groups + 2)
+    q_rows = per_group - 2 * d
+    blocks = fused.reshape(groups, per_group, *fused.shape[1:])
+    q = blocks[:, :q_rows].reshape(heads * d, *fused.shape[1:])
+    k = blocks[:, q_rows:q_rows + d].reshape(groups * d, *fused.shape[1:])
+    v = blocks[:, q_rows + d:].reshape(groups * d, *fused.shape[1:])
+    return q, k, v
+
+
+class _Source:
+    """The Megatron state being converted; every tensor must be taken exactly once (nothing silently dropped)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state, self.taken = state, set()
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.state:
+            raise ExportError(f"the checkpoint has no {name}")
+        self.taken.add(name)
+        return self.state[name]
+
+    def check_all_taken(self) -> None:
+        left = sorted(set(self.state) - self.taken)
+        if left:
+            raise ExportError(f"the export does not map {', '.join(left)}")
+
+
+def _gpt2_layer(src: _Source, i: int, m: ModelConfig) -> dict:
+    # GPT-2's c_attn is [all queries; all keys; all values]; its Conv1D layers store weights as [in, out].
+    p, out, heads = f"decoder.layers.{i}.", f"transformer.h.{i}.", m.num_attention_heads
+    qkv = {suffix: torch.cat(split_qkv(src.take(p + "self_attention.linear_qkv" + suffix), heads, heads))
+           for suffix in (".weight", ".bias")}
+    t = {out + "attn.c_attn.weight": qkv[".weight"].t(), out + "attn.c_attn.bias": qkv[".bias"]}
+    for megatron, hf in {"input_layernorm": "ln_1", "pre_mlp_layernorm": "ln_2"}.items():
+        for suffix in (".weight", ".bias"):
+            t[out + hf + suffix] = src.take(p + megatron + suffix)
+    for megatron, hf in {"self_attention.linear_proj": "attn.c_proj", "mlp.linear_fc1": "mlp.c_fc",
+                         "mlp.linear_fc2": "mlp.c_proj"}.items():
+        t[out + hf + ".weight"] = src.take(p + megatron + ".weight").t()
+        t[out + hf + ".bias"] = src.take(p + megatron + ".bias")
+    return t
+
+
+def _neox_layer(src: _Source, i: int, m: ModelConfig) -> dict:
+    # GPT-NeoX's query_key_value is [q_h; k_h; v_h] per head: Megatron's layout when every head is its own group.
+    p, out = f"decoder.layers.{i}.", f"gpt_neox.layers.{i}."
+    names = {"input_layernorm": "input_layernorm", "self_attention.linear_qkv": "attention.query_key_value",
+             "self_attention.linear_proj": "attention.dense", "pre_mlp_layernorm": "post_attention_layernorm",
+             "mlp.linear_fc1": "mlp.dense_h_to_4h", "mlp.linear_fc2": "mlp.dense_4h_to_h"}
+    return {out + hf + suffix: src.take(p + megatron + suffix) for megatron, hf in names.items()
+            for suffix in (".weight", ".bias")}
+
+
+def _llama_layer(src: _Source, i: int, m: ModelConfig) -> dict:
+    p, out = f"decoder.layers.{i}.", f"model.layers.{i}."
+    q, k, v = split_qkv(src.take(p + "self_attention.linear_qkv.weight"), m.num_attention_heads,
+                        m.num_query_groups or m.num_attention_heads)
+    gate, up = src.take(p + "mlp.linear_fc1.weight").chunk(2, dim=0)  # SwiGLU: silu(gate) * up
+    return {
+        out + "input_layernorm.weight": src.take(p + "input_layernorm.weight"),
+        out + "self_attn.q_proj.weight": q, out + "self_attn.k_proj.weight": k, out + "self_attn.v_proj.weight": v,
+        out + "self_attn.o_proj.weight": src.take(p + "self_attention.linear_proj.weight"),
+        out + "post_attention_layernorm.weight": src.take(p + "pre_mlp_layernorm.weight"),
+        out + "mlp.gate_proj.weight": gate, out + "mlp.up_proj.weight": up,
+        out + "mlp.down_proj.weight": src.take(p + "mlp.linear_fc2.weight"),
+    }
+
+
+# per architecture: (word embeddings, final norm prefix, layer converter); the output layer is `lm_head`
+_LAYOUT = {
+    "gpt2": ("transformer.wte.weight", "transformer.ln_f", _gpt2_layer),
+    "gpt_neox": ("gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm", _neox_layer),
+    "llama": ("model.embed_tokens.weight", "model.norm", _llama_layer),
+}
+HEAD = "lm_head.weight"
+
+
+def hf_state_dict(ckpt: ModelCheckpoint, arch: str, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's global state in the names and shapes of the transformers model (vocabulary unpadded)."""
+    m = ckpt.config.model
+    if vocab_size > ckpt.padded_vocab_size:
+        raise ExportError(f"vocabulary of {vocab_size} is larger than the checkpoint's embedding "
+                          f"({ckpt.padded_vocab_size} rows): wrong tokenizer?")
+    src = _Source(ckpt.state_dict)
+    embed, norm, layer = _LAYOUT[arch]
+    out = {embed: src.take("embedding.word_embeddings.weight")[:vocab_size]}
+    if arch == "gpt2":
+        out["transformer.wpe.weight"] = src.take("embedding.position_embeddings.weight")
+    for i in range(m.num_layers):
+        out.update(layer(src, i, m))
+    out[norm + ".weight"] = src.take("decoder.final_layernorm.weight")
+    if arch != "llama":
+        out[norm + ".bias"] = src.take("decoder.final_layernorm.bias")
+    out[HEAD] = src.take("output_layer.weight")[:vocab_size] if not m.tie_embeddings else out[embed]
+    src.check_all_taken()
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+@dataclass
+class HFExport:
+    """An exported model in memory: the transformers model (eval mode), its tokenizer (None without one)."""
+
+    architecture: str
+    model: object
+    tokenizer: object
+    tokenizer_spec: TokenizerSpec
+
+
+def to_hf(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None, with_tokenizer: bool = True) -> HFExport:
+    """Convert a checkpoint (see `read_model_checkpoint`) into a transformers model in memory.
+
+    Every check (architecture, tokenizer, vocabulary, unmapped tensors) happens here, before anything is written.
+    """
+    arch = hf_architecture(ckpt.config.model)
+    transformers = require_transformers()
+    tok = tokenizer_spec(ckpt, tokenizer_path)
+    vocab = ckpt.config.model.vocab_size or tok.vocab_size
+    if tok.vocab_size > vocab:
+        raise ExportError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={vocab}")
+    state = hf_state_dict(ckpt, arch, vocab)
+    dtype = state[_LAYOUT[arch][0]].dtype  # as saved: the model's dtype (bf16 runs keep bf16 weights)
+    config = hf_config(ckpt, arch, tok, vocab, dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    result = model.load_state_dict(state, strict=False)
+    tied = {HEAD} if ckpt.config.model.tie_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise ExportError(f"transformers' {type(model).__name__} does not take this state: missing "
+                          f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+    model.eval()
+    tokenizer = None
+    if with_tokenizer and tok.path is not None:
+        tokenizer = hf_tokenizer(tok, config.max_position_embeddings if arch != "gpt2" else config.n_positions)
+    return HFExport(arch, model, tokenizer, tok)
+
+
+def save_hf(export: HFExport, out_dir: str | Path) -> list[Path]:
+    """Write the model (safetensors), its config, generation config and the tokenizer; return the files."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export.model.save_pretrained(out_dir, safe_serialization=True)
+    if export.tokenizer is not None:
+        export.tokenizer.save_pretrained(out_dir)
+    return sorted(p for p in out_dir.rglob("*") if p.is_file())
+
+
+def describe(ckpt: ModelCheckpoint, export: HFExport) -> str:
+    """One paragraph on what was converted, for the command's output."""
+    m, tok, vocab = ckpt.config.model, export.tokenizer_spec, export.model.config.vocab_size
+    params = sum(p.numel() for p in export.model.parameters())
+    layout = ckpt.layout
+    return (f"{ckpt.path} (step {ckpt.step}, saved as TP{layout.tensor_parallel} x PP{layout.pipeline_parallel}"
+            f" x DP{layout.data_parallel}) -> {type(export.model).__name__} ({export.architecture}): "
+            f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads"
+            f"{f' ({m.num_query_groups} key/value groups)' if m.num_query_groups else ''}, "
+            f"vocabulary {vocab} (checkpoint padded to {ckpt.padded_vocab_size}), "
+            f"{'tied' if m.tie_embeddings else 'untied'} embeddings, {params:,} parameters, "
+            f"eos = EOD id {tok.eod_id}")
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """An exported (or any transformers) model directory, as opposed to a training checkpoint."""
+    return (Path(path) / "config.json").is_file()
+
+
+def load_hf(path: str | Path, tokenizer_path: Optional[str] = None) -> HFExport:
+    """A transformers model and tokenizer from an exported directory, or converted in memory from a training
+    checkpoint (any layout; `tokenizer_path` if the run's tokenizer moved)."""
+    if not is_hf_dir(path):
+        from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
+
+        return to_hf(read_model_checkpoint(path), tokenizer_path)
+    transformers = require_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    model.eval()
+    has_tokenizer = (Path(path) / "tokenizer.json").is_file() or (Path(path) / "tokenizer_config.json").is_file()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
+    c = model.config
+    spec = TokenizerSpec(None, c.vocab_size, c.eos_token_id, c.bos_token_id, c.pad_token_id)
+    return HFExport(model.config.model_type, model, tokenizer, spec)

@@ -1,0 +1,222 @@
+"""Read a training checkpoint offline (no process group, no GPU, no DeepSpeed engine).
+
+`read_model_checkpoint(path)` returns the run's resolved config, the layout it was saved with, the trainer
+state and the full model state {global name: tensor} in the names of a TP=1 x PP=1 Megatron GPTModel (the
+names `parallel/weights.py` uses): each `mp_rank_XX_model_states.pt` that DeepSpeed wrote is placed at its
+(tensor, pipeline) rank, its layers renamed by the stage's layer offset, and tensor-parallel pieces joined
+with the same rules the live model uses. Used by export, generation, evaluation and resharding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fpa_megatron.config import RunConfig, load_config
+from fpa_megatron.parallel.weights import is_gated_fc1, join_shards, tensor_parallel_dim
+from fpa_megatron.training.checkpoint import MARKER, complete_checkpoints
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+TIED_COPY = "output_layer.weight"  # the last stage's copy of tied word embeddings
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the directory or file."""
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """The parallel layout a checkpoint was saved with."""
+
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.data_parallel
+
+
+@dataclass
+class ModelCheckpoint:
+    """Everything a checkpoint holds about the model, independent of the layout it was saved with."""
+
+    path: Path  # the iter_XXXXXXX directory
+    config: RunConfig  # the resolved config of the run that wrote it
+    layout: CheckpointLayout
+    trainer_state: dict  # step, consumed_samples, lambda_schedule (as the trainer saved them)
+    state_dict: dict[str, torch.Tensor] = field(repr=False)  # global names; tied output weight left out
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer_state["step"])
+
+    @property
+    def consumed_samples(self) -> int:
+        return int(self.trainer_state["consumed_samples"])
+
+    @property
+    def lambda_schedule(self) -> dict:
+        return self.trainer_state["lambda_schedule"]
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return int(self.state_dict["embedding.word_embeddings.weight"].shape[0])
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """An iter_XXXXXXX directory from itself, a checkpoint root or a run directory (`<run>/checkpoints`).
+
+    In a root, the checkpoint its `latest` file names, else the newest complete one. Only complete checkpoints
+    (with the marker written after every rank finished) count.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if (path / MARKER).exists():
+        return path
+    if path.name.startswith("iter_"):
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no {MARKER!r} marker: a run stopped "
+                              f"while saving it); use an earlier one")
+    for root in (path, path / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file() and (root / latest.read_text().strip() / MARKER).exists():
+            return root / latest.read_text().strip()
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"no complete checkpoint (iter_*/{MARKER}) in {str(path)!r} or {str(path / 'checkpoints')!r}")
+
+
+def model_parallel_coordinates(tensor: int, pipeline: int) -> dict[int, tuple[int, int]]:
+    """{DeepSpeed model-parallel rank: (tensor rank, pipeline rank)} for the groups fpa-train builds.
+
+    DeepSpeed names model files by the rank in Megatron's model-parallel (tp-pp) group; Megatron's own
+    RankGenerator, with the order `initialize_model_parallel` uses by default, says which rank that is.
+    """
+    from megatron.core.parallel_state import RankGenerator, initialize_model_parallel
+
+    order = inspect.signature(initialize_model_parallel).parameters["order"].default
+    ranks = RankGenerator(tp=tensor, ep=1, dp=1, pp=pipeline, cp=1, order=order)
+    tp_of = {r: group.index(r) for group in ranks.get_ranks("tp") for r in group}
+    pp_of = {r: group.index(r) for group in ranks.get_ranks("pp") for r in group}
+    (model_parallel_group,) = ranks.get_ranks("tp-pp")  # dp = 1: one group, every rank
+    return {mp_rank: (tp_of[r], pp_of[r]) for mp_rank, r in enumerate(sorted(model_parallel_group))}
+
+
+def _load(file: Path) -> dict:
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {str(file)!r} is missing")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # tensors and plain data only
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise CheckpointError(f"cannot read checkpoint file {str(file)!r}: {err}") from None
+
+
+def _read_layout(path: Path, cfg: RunConfig, first: dict) -> CheckpointLayout:
+    """The layout from config.yaml, cross-checked with what DeepSpeed recorded."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    dims = first.get("checkpoint_parallel_dimensions") or {}
+    recorded = (dims.get("tp_degree", tp), dims.get("pp_degree", pp), first.get("mp_world_size", tp * pp))
+    if recorded != (tp, pp, tp * pp):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: config.yaml says parallel.tensor={tp}, parallel.pipeline={pp} but DeepSpeed "
+            f"recorded tp={recorded[0]}, pp={recorded[1]}, model-parallel size {recorded[2]}")
+    return CheckpointLayout(tp, pp, int(first.get("dp_world_size", 1)))
+
+
+def _stage_state(module: dict, pp_rank: int, layers_per_stage: int) -> dict[str, torch.Tensor]:
+    """One model file's tensors under global names (layer i of stage p is global layer i + p * L/PP)."""
+    offset = pp_rank * layers_per_stage
+    out = {}
+    for name, value in module.items():
+        if not isinstance(value, torch.Tensor):  # Megatron's `_extra_state` entries (None for local layers)
+            continue
+        out[_LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)] = value
+    return out
+
+
+def _join_tensor_parallel(name: str, pieces: list[torch.Tensor], gated: bool) -> torch.Tensor:
+    dim = tensor_parallel_dim(name)
+    if dim is None:
+        return pieces[0]
+    return join_shards(pieces, dim, is_gated_fc1(name, gated))
+
+
+def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
+    """Read a complete checkpoint of any (TP, PP, DP) layout into the full TP1 x PP1 model state (on CPU)."""
+    path = resolve_checkpoint_dir(path)
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no config.yaml (not written by fpa-train?)")
+    cfg = load_config(path / "config.yaml")
+    coordinates = model_parallel_coordinates(cfg.parallel.tensor, cfg.parallel.pipeline)
+    files = {mp: _load(path / f"mp_rank_{mp:02d}_model_states.pt") for mp in coordinates}
+    layout = _read_layout(path, cfg, files[0])
+    state = _join_stages(path, cfg, _stage_pieces(path, cfg, files, coordinates))
+    _check_complete(path, cfg, state)
+    return ModelCheckpoint(path=path, config=cfg, layout=layout, trainer_state=_trainer_state(path, files[0]),
+                           state_dict=state)
+
+
+def _stage_pieces(path: Path, cfg: RunConfig, files: dict, coordinates: dict) -> list[dict[str, list]]:
+    """[pipeline rank][global name] = [piece of tensor rank 0, 1, ...]."""
+    pieces: list[dict[str, list]] = [{} for _ in range(cfg.parallel.pipeline)]
+    layers_per_stage = cfg.model.num_layers // cfg.parallel.pipeline
+    for mp, (_, pp_rank) in sorted(coordinates.items(), key=lambda item: item[1]):  # tensor ranks in order
+        module = files[mp].get("module")
+        if not isinstance(module, dict):
+            raise CheckpointError(f"{path}/mp_rank_{mp:02d}_model_states.pt has no 'module' state")
+        for name, tensor in _stage_state(module, pp_rank, layers_per_stage).items():
+            pieces[pp_rank].setdefault(name, []).append(tensor)
+    return pieces
+
+
+def _join_stages(path: Path, cfg: RunConfig, stage_pieces: list[dict[str, list]]) -> dict[str, torch.Tensor]:
+    """Join each tensor's TP pieces; the last stage's copy of tied embeddings is checked, then left out."""
+    tp, gated = cfg.parallel.tensor, cfg.model.activation == "swiglu"
+    state: dict[str, torch.Tensor] = {}
+    tied_copy = None
+    for pp_rank, pieces in enumerate(stage_pieces):
+        for name, shards in pieces.items():
+            if len(shards) != tp:
+                raise CheckpointError(f"checkpoint {path}: {name} found on {len(shards)} of {tp} tensor-parallel "
+                                      f"ranks of pipeline stage {pp_rank}")
+            full = _join_tensor_parallel(name, shards, gated)
+            if name == TIED_COPY and cfg.model.tie_embeddings:
+                tied_copy = full
+            else:
+                state[name] = full
+    embedding = state.get("embedding.word_embeddings.weight")
+    if tied_copy is not None and embedding is not None and not torch.equal(tied_copy, embedding):
+        diff = (tied_copy.float() - embedding.float()).abs().max().item()
+        warnings.warn(f"checkpoint {path}: the last stage's copy of the tied embeddings differs from the first "
+                      f"stage's by up to {diff:.3g}; using the first stage's", stacklevel=3)
+    return state
+
+
+def _trainer_state(path: Path, first: dict) -> dict:
+    file = path / "trainer_state.pt"
+    if file.is_file():
+        return torch.load(file, map_location="cpu", weights_only=True)
+    if "trainer" in first:  # the same dict, also stored as DeepSpeed client state
+        return first["trainer"]
+    raise CheckpointError(f"checkpoint {str(path)!r} has no trainer_state.pt")
+
+
+def _check_complete(path: Path, cfg: RunConfig, state: dict) -> None:
+    """Every global layer present once, plus the embeddings and final norm."""
+    layers = {int(m.group(1)) for name in state if (m := _LAYER.match(name))}
+    if layers != set(range(cfg.model.num_layers)):
+        raise CheckpointError(f"checkpoint {path}: found layers {sorted(layers)}, expected "
+                              f"0..{cfg.model.num_layers - 1} (model.num_layers={cfg.model.num_layers})")
+    required = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
+    if not cfg.model.tie_embeddings:
+        required.append("output_layer.weight")
+    missing = [name for name in required if name not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: missing {', '.join(missing)}")

@@ -1,0 +1,501 @@
+"""`fpa-reshard`: rewrite a checkpoint for another (TP, PP, DP) layout, so that training continues exactly.
+
+    fpa-reshard --checkpoint runs/x/checkpoints --tensor 1 --pipeline 2 [--data-parallel 2] --out runs/x/pp2
+
+What moves: the model weights; the fp32 master weights and AdamW's exp_avg, exp_avg_sq and step, gathered
+from every ZeRO partition of every model-parallel rank into whole (TP 1 x PP 1) tensors, split again for the
+new TP size, placed on the new pipeline stages and partitioned over the new DP size the way DeepSpeed's
+ZeRO-1/2 partitions them; the iteration, consumed samples (the data position) and the lambda schedule.
+The padded vocabulary keeps its size (padded rows take part in the softmax, so dropping or adding rows would
+change the model): when the new TP size would pad differently, `model.make_vocab_size_divisible_by` is set
+so that it does not. What does not move: the per-rank RNG streams (on GPUs they are device states); the
+resumed run seeds them from `train.seed` as at the start of a run. Nothing draws from them with dropout 0,
+which every shipped config uses.
+
+Why not DeepSpeed's universal checkpoint: it keys each parameter by the engine's module name, and Megatron-core
+numbers layers per pipeline stage (`decoder.layers.0` on every stage), so a PP change would load the wrong
+layers. So this module writes the files DeepSpeed itself writes (model states per model-parallel rank, flat
+fp32 partitions per DP rank) from global tensors: the weights as `read_model_checkpoint` reads them, the
+optimizer state gathered here with the same names and split rules (`fpa_megatron.parallel.weights`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from fpa_megatron.config import ConfigError, RunConfig, save_config
+from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, split_shard,
+                                           tensor_parallel_dim)
+from fpa_megatron.training.checkpoint import MARKER, RESHARDED
+from fpa_megatron.training.checkpoint_reader import (CheckpointError, CheckpointLayout, ModelCheckpoint,
+                                                     model_parallel_coordinates, read_model_checkpoint)
+
+MODEL_FILE = "mp_rank_{mp:02d}_model_states.pt"
+ZERO_FILE = "{prefix}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+TIED_OUTPUT = "output_layer.weight"  # with tied embeddings and PP > 1: the last stage's copy of the embeddings
+EMBEDDING = "embedding.word_embeddings.weight"
+OPTIMIZER_HINT = ("rerun with --reset-optimizer to write the model with a fresh AdamW state (moments 0, step 0); "
+                  "training then continues from these weights but not exactly as before")
+
+
+class ReshardError(CheckpointError):
+    """A checkpoint that cannot be rewritten as asked; the message names the file, key or value."""
+
+
+def describe(layout: CheckpointLayout) -> str:
+    return f"TP{layout.tensor_parallel} x PP{layout.pipeline_parallel} x DP{layout.data_parallel}"
+
+
+def ranks_by_stage(layout: CheckpointLayout) -> list[tuple[int, int, int]]:
+    """(model-parallel rank, TP rank, PP stage) of every model file, stage by stage, TP rank within."""
+    coordinates = model_parallel_coordinates(layout.tensor_parallel, layout.pipeline_parallel)
+    return sorted(((mp, tp, pp) for mp, (tp, pp) in coordinates.items()), key=lambda r: (r[2], r[1]))
+
+
+@dataclass
+class GlobalState:
+    """A checkpoint in TP 1 x PP 1 names: everything needed to write it again in any layout."""
+
+    groups: list[list[str]]  # parameters per optimizer param group (decayed matrices, the rest), module order
+    tensors: dict[str, dict[str, torch.Tensor]]  # "weight" (model dtype), "fp32" (master), AdamW's moments
+    extra_state: OrderedDict[str, object]  # module state entries that are not parameters (`_extra_state`)
+    step: Optional[torch.Tensor]  # AdamW's step count (one value for every partition)
+    group_hparams: list[dict]  # each param group's hyperparameters (lr, betas, eps, weight_decay, ...)
+    zero_meta: dict  # the ZeRO file's other entries (loss scaler, clip_grad, stage, version) and its name prefix
+    model_meta: dict  # the other entries of DeepSpeed's model-states file
+
+    @property
+    def optimizer_kinds(self) -> list[str]:
+        return [kind for kind in self.tensors if kind != "weight"]
+
+
+def _load(path: Path, hint: str = ""):
+    """DeepSpeed's files hold its own classes (loss scaler, fragment addresses), so not weights_only; mmap keeps
+    the tensors on disk until a slice of them is needed. These are files written by our own runs."""
+    if not path.is_file():
+        raise ReshardError(f"checkpoint file {str(path)!r} is missing" + (f"; {hint}" if hint else ""))
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def zero_file_prefix(ckpt: Path) -> str:
+    """'' or 'bf16_': DeepSpeed names ZeRO files after the engine's bf16 mode."""
+    for prefix in ("", "bf16_"):
+        if (ckpt / ZERO_FILE.format(prefix=prefix, dp=0, mp=0)).exists():
+            return prefix
+    raise ReshardError(f"checkpoint {str(ckpt)!r} has no ZeRO optimizer file "
+                       f"({ZERO_FILE.format(prefix='', dp=0, mp=0)}); {OPTIMIZER_HINT}")
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class RankFiles:
+    """What one model-parallel rank saved besides its weights, in its local names."""
+
+    groups: list[list[str]]  # parameter names per param group, as DeepSpeed flattened them
+    extra_state: dict  # module entries that are not parameters
+    tensors: dict[str, dict[str, torch.Tensor]]  # optimizer kind (fp32, exp_avg, ...) -> local name -> tensor
+    steps: list[torch.Tensor]
+    group_hparams: list[dict]
+    zero_meta: dict
+    model_meta: dict
+
+
+def _gather(zero_states: list[dict], group: int, shapes: dict, flat_of: Callable[[dict], torch.Tensor],
+            what: str) -> dict[str, torch.Tensor]:
+    """Each parameter of one param group, reassembled from its fragments in the DP partitions (in DP order)."""
+    out = {}
+    for name, shape in shapes.items():
+        pieces = [flat_of(sd).narrow(0, address.start, address.numel) for sd in zero_states
+                  if (address := sd["param_slice_mappings"][group].get(name)) is not None]
+        flat = torch.cat(pieces) if pieces else torch.empty(0)
+        if flat.numel() != math.prod(shape):
+            raise ReshardError(f"{what} of {name}: the ZeRO partitions hold {flat.numel()} of {math.prod(shape)} "
+                               f"elements; {OPTIMIZER_HINT}")
+        out[name] = flat.view(shape)
+    return out
+
+
+def read_rank(ckpt: Path, mp: int, data: int, zero_prefix: Optional[str]) -> RankFiles:
+    """One model-parallel rank's parameter groups and extra state, and (unless zero_prefix is None) its optimizer
+    state gathered from its `data` ZeRO partitions."""
+    model_file = ckpt / MODEL_FILE.format(mp=mp)
+    model_states = _load(model_file)
+    shapes = model_states["param_shapes"]
+    params = {name for group in shapes for name in group}
+    extra = {k: v for k, v in model_states["module"].items() if k not in params}
+    if any(torch.is_tensor(v) for v in extra.values()):
+        raise ReshardError(f"{model_file}: module entries {[k for k, v in extra.items() if torch.is_tensor(v)]} are "
+                           f"tensors but not parameters; this tool does not know how to place them")
+    rank = RankFiles(groups=[list(group) for group in shapes], extra_state=extra, tensors={}, steps=[],
+                     group_hparams=[], zero_meta={}, model_meta=model_states)
+    if zero_prefix is None:
+        return rank
+    files = [ckpt / ZERO_FILE.format(prefix=zero_prefix, dp=d, mp=mp) for d in range(data)]
+    states = [_load(f, OPTIMIZER_HINT)["optimizer_state_dict"] for f in files]
+    base = states[0]["base_optimizer_state"]
+    if not isinstance(base, dict) or "state" not in base:
+        raise ReshardError(f"{files[0]}: the ZeRO state is in DeepSpeed's elastic format, which this tool does not "
+                           f"read; {OPTIMIZER_HINT}")
+    if any(any(group) for group in states[0].get("param_alignment_paddings", [])):
+        raise ReshardError(f"{files[0]}: ZeRO parameter alignment padding is not supported; {OPTIMIZER_HINT}")
+    rank.zero_meta = dict(states[0], prefix=zero_prefix)
+    for g, group_shapes in enumerate(shapes):
+        fp32 = _gather(states, g, group_shapes, lambda sd: sd["single_partition_of_fp32_groups"][g], "fp32 weights")
+        rank.tensors.setdefault("fp32", {}).update(fp32)
+        for key, value in base["state"][g].items():
+            if key == "step":
+                rank.steps += [sd["base_optimizer_state"]["state"][g]["step"] for sd in states]
+            elif torch.is_tensor(value) and value.dim() == 1:
+                moment = _gather(states, g, group_shapes, lambda sd, k=key: sd["base_optimizer_state"]["state"][g][k],
+                                 key)
+                rank.tensors.setdefault(key, {}).update(moment)
+            else:
+                raise ReshardError(f"{files[0]}: optimizer state {key!r} of param group {g} is not AdamW's; "
+                                   f"{OPTIMIZER_HINT}")
+        rank.group_hparams.append({k: v for k, v in base["param_groups"][g].items() if k != "params"})
+    return rank
+
+
+def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
+                      log: Callable[[str], None] = print) -> GlobalState:
+    """A checkpoint's weights (read by `read_model_checkpoint`) and its optimizer state in global (TP 1 x PP 1)
+    names: stages renumbered, TP shards joined; with tied embeddings and PP > 1 the last stage's copy of the
+    embeddings is left out (it equals them)."""
+    ckpt, cfg, layout = model.path, model.config, model.layout
+    zero_prefix = zero_file_prefix(ckpt) if with_optimizer else None
+    groups: list[list[str]] = []
+    shards: dict[str, dict[str, dict[int, torch.Tensor]]] = {}  # kind -> global name -> {TP rank: shard}
+    extra: OrderedDict = OrderedDict()
+    steps: list[torch.Tensor] = []
+    first: Optional[RankFiles] = None
+    for mp, tp, pp in ranks_by_stage(layout):
+        log(f"  reading model-parallel rank {mp} (TP rank {tp}, PP stage {pp})"
+            + (f" and its {layout.data_parallel} ZeRO partition(s)" if with_optimizer else ""))
+        rank = read_rank(ckpt, mp, layout.data_parallel, zero_prefix)
+        first = first or rank
+        offset = pp * (cfg.model.num_layers // layout.pipeline_parallel)
+        rename = {local: global_name(local, offset) for group in rank.groups for local in group}
+        keep = [local for local, name in rename.items() if not (cfg.model.tie_embeddings and name == TIED_OUTPUT)]
+        if tp == 0:  # each stage's parameters, appended stage by stage: module order within every group
+            for g, group in enumerate(rank.groups):
+                groups.extend([] for _ in range(g + 1 - len(groups)))
+                groups[g] += [rename[local] for local in group if local in keep]
+        for kind, tensors in rank.tensors.items():
+            for local in keep:
+                shards.setdefault(kind, {}).setdefault(rename[local], {})[tp] = tensors[local]
+        extra.update((global_name(k, offset), v) for k, v in rank.extra_state.items())
+        steps += rank.steps
+    if sorted(name for group in groups for name in group) != sorted(model.state_dict):
+        raise ReshardError(f"checkpoint {str(ckpt)!r}: the parameter groups in the model files do not list the "
+                           f"model's parameters")
+    gated = cfg.model.activation == "swiglu"
+    tensors = {"weight": model.state_dict, **{
+        kind: {name: _join(name, per_tp, layout.tensor_parallel, gated) for name, per_tp in by_name.items()}
+        for kind, by_name in shards.items()}}
+    step = None
+    if with_optimizer:
+        if not steps or any(float(s) != float(steps[0]) for s in steps):
+            raise ReshardError(f"{ckpt}: the ZeRO partitions disagree on AdamW's step count "
+                               f"({sorted({float(s) for s in steps})}); {OPTIMIZER_HINT}")
+        step = steps[0].clone()
+    return GlobalState(groups=groups, tensors=tensors, extra_state=extra, step=step,
+                       group_hparams=first.group_hparams, zero_meta=first.zero_meta, model_meta=first.model_meta)
+
+
+def _join(name: str, per_tp: dict[int, torch.Tensor], tensor: int, gated: bool) -> torch.Tensor:
+    """The optimizer's tensors follow the weights: the same split rule (`tensor_parallel_dim`)."""
+    pieces = [per_tp[t] for t in range(tensor)]
+    dim = tensor_parallel_dim(name)
+    return pieces[0] if dim is None else join_shards(pieces, dim, is_gated_fc1(name, gated))
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def stage_of(name: str, num_layers: int, pipeline: int) -> int:
+    """The pipeline stage holding a global parameter (uniform layers per stage, as Megatron-core splits them)."""
+    layer = layer_index(name)
+    if layer is not None:
+        return layer // (num_layers // pipeline)
+    if name.startswith("embedding."):
+        return 0
+    if name.startswith(("decoder.final_layernorm.", "output_layer.")):
+        return pipeline - 1
+    raise ReshardError(f"{name}: not an embedding, layer, final norm or output layer parameter; "
+                       f"cannot tell which pipeline stage holds it")
+
+
+def stage_groups(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout,
+                 pp: int) -> list[list[tuple[str, str]]]:
+    """[(local name, global source)] per param group of one new pipeline stage, in DeepSpeed's flattening order."""
+    num_layers, pipeline = cfg.model.num_layers, layout.pipeline_parallel
+    offset = pp * (num_layers // pipeline)
+    groups = [[(global_name(n, -offset), n) for n in group if stage_of(n, num_layers, pipeline) == pp]
+              for group in state.groups]
+    if cfg.model.tie_embeddings and pipeline > 1 and pp == pipeline - 1:
+        groups[0].append((TIED_OUTPUT, EMBEDDING))  # the last stage's own copy, registered last in GPTModel
+    return [groups[0]] + [g for g in groups[1:] if g]  # as optimizer.param_groups: no empty no-decay group
+
+
+def _shard(full: torch.Tensor, source: str, tensor: int, tp: int, gated: bool) -> torch.Tensor:
+    """This TP rank's piece of a global tensor, in storage of its own (torch.save writes a view's whole storage)."""
+    dim = tensor_parallel_dim(source)
+    if dim is None:
+        return full.clone()
+    return split_shard(full, dim, tensor, tp, is_gated_fc1(source, gated)).clone()
+
+
+def zero_partitions(flat: torch.Tensor, data: int) -> list[torch.Tensor]:
+    """DeepSpeed ZeRO-1/2's split of one param group's flat buffer: zero-padded to a multiple of 2 x DP (its
+    `nccl_start_alignment_factor` x DP), then DP equal parts."""
+    alignment = 2 * data
+    buffer = torch.zeros(math.ceil(flat.numel() / alignment) * alignment, dtype=flat.dtype)
+    buffer[: flat.numel()] = flat
+    return [part.clone() for part in buffer.chunk(data)]
+
+
+def _slice_mappings(sizes: list[tuple[str, int]], part_start: int, part_size: int) -> OrderedDict:
+    """Where each parameter's fragment lies in one partition, as DeepSpeed records it (`param_slice_mappings`)."""
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    mapping, offset = OrderedDict(), 0
+    for name, numel in sizes:
+        start, end = max(offset, part_start), min(offset + numel, part_start + part_size)
+        if start < end:
+            mapping[name] = fragment_address(numel=end - start, start=start - part_start)
+        offset += numel
+    return mapping
+
+
+def zero_files(state: GlobalState, data: int, groups: list[list[tuple[str, str]]],
+               shard: Callable[[str, str], torch.Tensor], ds_config: dict) -> list[dict]:
+    """The ZeRO file of every DP rank for one model-parallel rank: flat fp32 partitions, moments, step."""
+    meta = state.zero_meta
+    sizes = [[(local, shard("weight", source).numel()) for local, source in group] for group in groups]
+    parts = {kind: [zero_partitions(torch.cat([shard(kind, source).reshape(-1).float() for _, source in group]),
+                                    data) for group in groups]
+             for kind in state.optimizer_kinds}
+    files = []
+    for dp in range(data):
+        fp32, paddings, mappings, group_states = [], [], [], {}
+        for g, group_sizes in enumerate(sizes):
+            numel = sum(n for _, n in group_sizes)
+            part_size = parts["fp32"][g][0].numel()
+            padding = min(part_size, max(0, (dp + 1) * part_size - numel))  # zeros at the end of the buffer
+            fp32.append(parts["fp32"][g][dp][: part_size - padding].clone())  # saved without the padding
+            paddings.append(padding)
+            mappings.append(_slice_mappings(group_sizes, dp * part_size, part_size))
+            group_states[g] = {"step": state.step.clone(),
+                               **{kind: parts[kind][g][dp] for kind in state.optimizer_kinds if kind != "fp32"}}
+        optimizer_state = {
+            "loss_scaler": meta["loss_scaler"], "dynamic_loss_scale": meta["dynamic_loss_scale"],
+            "overflow": False, "clip_grad": meta["clip_grad"],
+            "base_optimizer_state": {
+                "state": group_states,
+                "param_groups": [dict(state.group_hparams[g], params=[g]) for g in range(len(groups))]},
+            "single_partition_of_fp32_groups": fp32, "zero_stage": meta["zero_stage"], "group_paddings": paddings,
+            "param_alignment_paddings": [[0] * len(group) for group in groups],
+            "partition_count": [data] * len(groups), "ds_version": meta["ds_version"],
+            "param_slice_mappings": mappings,
+        }
+        files.append({"optimizer_state_dict": optimizer_state, "ds_config": ds_config,
+                      "ds_version": meta["ds_version"]})
+    return files
+
+
+def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp: int, tp: int, pp: int,
+               out: Path, trainer_state: dict) -> None:
+    """DeepSpeed's model-states file of one new model-parallel rank and the ZeRO file of each of its DP ranks."""
+    gated = cfg.model.activation == "swiglu"
+    tensor, pipeline, data = layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel
+    groups = stage_groups(state, cfg, layout, pp)
+    cache: dict = {}
+
+    def shard(kind: str, source: str) -> torch.Tensor:
+        if (kind, source) not in cache:
+            cache[kind, source] = _shard(state.tensors[kind][source], source, tensor, tp, gated)
+        return cache[kind, source]
+
+    offset = pp * (cfg.model.num_layers // pipeline)
+    module = OrderedDict((local, shard("weight", source)) for group in groups for local, source in group)
+    module.update((global_name(k, -offset), v) for k, v in state.extra_state.items()
+                  if stage_of(k, cfg.model.num_layers, pipeline) == pp)
+    ds_config = copy.deepcopy(state.model_meta.get("ds_config") or {})
+    if ds_config:
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.train.global_batch_size // data
+    model_states = {k: v for k, v in state.model_meta.items() if k != "module"}
+    model_states.update(
+        module=module, param_shapes=[OrderedDict((local, module[local].shape) for local, _ in g) for g in groups],
+        dp_world_size=data, mp_world_size=tensor * pipeline, ds_config=ds_config,
+        checkpoint_parallel_dimensions={"pp_degree": pipeline, "tp_degree": tensor}, trainer=trainer_state)
+    torch.save(model_states, out / MODEL_FILE.format(mp=mp))
+    for dp, zero in enumerate(zero_files(state, data, groups, shard, ds_config)):
+        torch.save(zero, out / ZERO_FILE.format(prefix=state.zero_meta["prefix"], dp=dp, mp=mp))
+
+
+# ------------------------------------------------------------------------------------------------ the tool
+
+
+def vocab_divisor(cfg: RunConfig, padded_old: int, tensor: int) -> int:
+    """A `model.make_vocab_size_divisible_by` that gives the new TP size the checkpoint's padded vocabulary."""
+    from fpa_megatron.config_checks import padded_vocab_size, tokenizer_vocab_size
+
+    vocab = cfg.model.vocab_size
+    if vocab is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
+        vocab = tokenizer_vocab_size(cfg.data.tokenizer)
+    divisor = cfg.model.make_vocab_size_divisible_by
+    if vocab is not None and padded_vocab_size(vocab, tensor, divisor) == padded_old:
+        return divisor
+    if padded_old % tensor:
+        raise ReshardError(f"the checkpoint's padded vocabulary ({padded_old} rows) cannot be split over "
+                           f"{tensor} tensor-parallel ranks")
+    return padded_old // tensor  # then padded_vocab_size(v, tensor, divisor) = padded_old for any v <= padded_old
+
+
+def check_new_layout(cfg: RunConfig, layout: CheckpointLayout) -> None:
+    """The config's own checks for the new layout (heads and groups % TP, layers % PP, batch % DP, ZeRO-2 and PP).
+
+    Data files, the tokenizer and the resume path are not needed to rewrite a checkpoint, so they are not checked.
+    """
+    from fpa_megatron.config_checks import check_config
+
+    probe = copy.deepcopy(cfg)
+    probe.data.mock, probe.data.tokenizer, probe.checkpoint.resume = True, None, "none"
+    probe.model.vocab_size = probe.model.vocab_size or 1  # the padding is handled by vocab_divisor
+    try:
+        check_config(probe, layout.world_size)
+    except ConfigError as err:
+        raise ReshardError(f"the layout {describe(layout)} is not valid for this run: {err}") from None
+
+
+def new_layout(src: CheckpointLayout, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
+               world_size: Optional[int] = None) -> CheckpointLayout:
+    """DP: data_parallel, else world_size / (TP x PP), else the source's world size / (TP x PP)."""
+    if data_parallel is None:
+        total = world_size or src.world_size
+        if total % (tensor * pipeline):
+            raise ReshardError(f"world size {total} is not divisible by TP {tensor} x PP {pipeline}; "
+                               f"give --data-parallel or --world-size")
+        data_parallel = total // (tensor * pipeline)
+    return CheckpointLayout(tensor, pipeline, data_parallel)
+
+
+def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
+            world_size: Optional[int] = None, reset_optimizer: bool = False,
+            log: Callable[[str], None] = print) -> Path:
+    """Write the checkpoint `checkpoint` (an iter_* directory, a checkpoint root or a run directory) for
+    TP `tensor` x PP `pipeline` x DP into `out`, a new checkpoint root (iter_*, `complete`, `latest`);
+    return the new iteration directory."""
+    out = Path(out)
+    if out.exists():
+        raise ReshardError(f"--out {out} already exists; choose a new directory (nothing was written)")
+    model = read_model_checkpoint(checkpoint)
+    ckpt, cfg, src = model.path, model.config, model.layout
+    new = new_layout(src, tensor, pipeline, data_parallel, world_size)
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.parallel.tensor, new_cfg.parallel.pipeline = tensor, pipeline
+    check_new_layout(new_cfg, new)
+    log(f"fpa-reshard: {ckpt} (step {model.step}, {model.consumed_samples} samples consumed): "
+        f"{describe(src)} -> {describe(new)}")
+
+    state = read_global_state(model, with_optimizer=not reset_optimizer, log=log)
+    if reset_optimizer:
+        log("  --reset-optimizer: AdamW restarts from these weights (moments 0, step 0)")
+        reset_optimizer_state(state, cfg)
+    new_cfg.model.make_vocab_size_divisible_by = vocab_divisor(cfg, model.padded_vocab_size, tensor)
+
+    iter_dir = out / ckpt.name
+    iter_dir.mkdir(parents=True)
+    try:
+        for mp, tp, pp in ranks_by_stage(new):
+            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {new.data_parallel} "
+                f"ZeRO partition(s)")
+            write_rank(state, new_cfg, new, mp, tp, pp, iter_dir, model.trainer_state)
+        torch.save(model.trainer_state, iter_dir / "trainer_state.pt")
+        save_config(new_cfg, iter_dir / "config.yaml")
+        (iter_dir / RESHARDED).write_text(json.dumps({
+            "source": str(ckpt.resolve()), "from": vars(src), "to": vars(new), "reset_optimizer": reset_optimizer,
+            "rng": "not carried over: the resumed run keeps the streams it seeds from train.seed",
+        }, indent=1) + "\n")
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's recovery scripts, as it leaves them
+            if (ckpt.parent / script).is_file():
+                shutil.copy(ckpt.parent / script, out / script)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written checkpoint behind
+        raise
+    (iter_dir / MARKER).write_text(f"{model.step}\n")
+    (out / "latest").write_text(ckpt.name + "\n")
+
+    overrides = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
+    if new_cfg.model.make_vocab_size_divisible_by != cfg.model.make_vocab_size_divisible_by:
+        overrides.append(f"model.make_vocab_size_divisible_by={new_cfg.model.make_vocab_size_divisible_by}")
+        log(f"  the padded vocabulary keeps its {model.padded_vocab_size} rows: model.make_vocab_size_divisible_by="
+            f"{new_cfg.model.make_vocab_size_divisible_by} (also in {iter_dir / 'config.yaml'})")
+    log(f"done: {iter_dir}\nresume on {new.world_size} rank(s) with: fpa-train --config <your config> "
+        + " ".join(overrides) + f" checkpoint.resume={out}")
+    return iter_dir
+
+
+def reset_optimizer_state(state: GlobalState, cfg: RunConfig) -> None:
+    """--reset-optimizer: fp32 master = the weights, moments 0, step 0, as a new torch AdamW from the config;
+    loss scaling and clipping as DeepSpeed sets them for this config."""
+    import deepspeed
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    o = cfg.optimizer
+    master = {n: w.float() for n, w in state.tensors["weight"].items()}
+    zeros = {n: torch.zeros_like(w) for n, w in master.items()}
+    state.tensors = {"weight": state.tensors["weight"], "fp32": master, "exp_avg": zeros, "exp_avg_sq": zeros}
+    state.step = torch.tensor(0.0)
+    state.group_hparams = [
+        {k: v for k, v in torch.optim.AdamW([torch.zeros(1)], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                            weight_decay=decay, foreach=False).param_groups[0].items() if k != "params"}
+        for decay in (o.weight_decay, 0.0)]  # as optimizer.param_groups: decayed matrices, then the rest
+    state.zero_meta = {"loss_scaler": LossScaler(scale=1.0), "dynamic_loss_scale": False, "clip_grad": o.grad_clip,
+                       "zero_stage": ZeroStageEnum(o.zero_stage), "ds_version": deepspeed.__version__,
+                       "prefix": "bf16_" if cfg.model.dtype == "bf16" else ""}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fpa-reshard",
+        description="Rewrite a checkpoint for another tensor / pipeline / data-parallel layout, with the model, "
+        "the optimizer state (ZeRO partitions regathered), the data position and the lambda schedule.",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="a complete checkpoint: an iter_* directory, or a checkpoint root or run directory "
+                        "(its newest complete one)")
+    parser.add_argument("--tensor", type=int, required=True, help="new tensor-parallel size")
+    parser.add_argument("--pipeline", type=int, required=True, help="new pipeline-parallel size")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--data-parallel", type=int, help="new data-parallel size (ZeRO partitions)")
+    size.add_argument("--world-size", type=int, help="number of ranks of the resumed run (DP = N / (TP x PP))")
+    parser.add_argument("--out", required=True, help="new checkpoint root (must not exist)")
+    parser.add_argument("--reset-optimizer", action="store_true",
+                        help="do not carry the optimizer state: AdamW restarts (moments 0, step 0)")
+    args = parser.parse_args(argv)
+    try:
+        reshard(args.checkpoint, args.out, args.tensor, args.pipeline, args.data_parallel, args.world_size,
+                args.reset_optimizer)
+    except (CheckpointError, ConfigError) as err:
+        print(f"fpa-reshard: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

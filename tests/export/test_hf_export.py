@@ -1,0 +1,121 @@
+"""`fpa-export hf` from TP2 x PP2 checkpoints written by the trainer: transformers loads the result with no custom
+code and computes the same logits; the tokenizer encodes like sentencepiece; unsupported models are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from tests.trained_runs import FAMILIES, TEXTS, VOCAB, exported, probe_tokens, trained_runs
+
+ARCH = {"gpt2": "GPT2LMHeadModel", "neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return trained_runs(tmp_path_factory)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_transformers_model_computes_the_megatron_logits(runs, tmp_path_factory, family):
+    from transformers import AutoModelForCausalLM
+
+    out_dir, printed, status = exported(tmp_path_factory, family)
+    assert status == 0
+    assert "model.safetensors" in printed and ARCH[family] in printed and "step 3" in printed
+    assert not list(out_dir.glob("*.bin"))  # safetensors only
+    model = AutoModelForCausalLM.from_pretrained(out_dir)  # no trust_remote_code
+    assert type(model).__name__ == ARCH[family]
+    assert model.config.vocab_size == VOCAB  # the padding to 128 x TP (512 rows) is cut off
+    with torch.no_grad():
+        logits = model(probe_tokens()).logits
+    reference = runs["runs"][family]["logits"]  # the TP2 x PP2 Megatron model, through its pipeline
+    assert reference.shape[-1] == 512 and torch.isfinite(reference).all()
+    assert reference.abs().max() > 3.0  # sharp enough that a wrong head order or rotary would show
+    torch.testing.assert_close(logits, reference[..., :VOCAB], rtol=1e-4, atol=1e-4)
+    tied = FAMILIES[family]["tie_embeddings"]
+    same = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert same == tied
+
+
+def test_configs_say_what_megatron_computes(tmp_path_factory):
+    gpt2 = json.loads((exported(tmp_path_factory, "gpt2")[0] / "config.json").read_text())
+    assert gpt2["activation_function"] == "gelu" and gpt2["layer_norm_epsilon"] == 1e-5  # exact erf GeLU
+    assert gpt2["n_positions"] == 32 and gpt2["tie_word_embeddings"] is True
+    neox = json.loads((exported(tmp_path_factory, "neox")[0] / "config.json").read_text())
+    assert neox["use_parallel_residual"] is False and neox["hidden_act"] == "gelu"
+    assert neox["rope_parameters"]["partial_rotary_factor"] == 1.0 and neox["rope_parameters"]["rope_theta"] == 10000
+    llama = json.loads((exported(tmp_path_factory, "llama")[0] / "config.json").read_text())
+    assert llama["num_key_value_heads"] == 2 and llama["num_attention_heads"] == 4 and llama["intermediate_size"] == 96
+    assert llama["tie_word_embeddings"] is False and llama["rms_norm_eps"] == 1e-5
+    for config in (gpt2, neox, llama):
+        assert config["eos_token_id"] == 2 and config["bos_token_id"] == 1 and config["pad_token_id"] == 3
+
+
+def test_tokenizer_encodes_and_decodes_like_sentencepiece(runs, tmp_path_factory):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    out_dir = exported(tmp_path_factory, "gpt2")[0]
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    sp = spm.SentencePieceProcessor(model_file=runs["data"]["tokenizer"])
+    assert tokenizer.eos_token_id == sp.eos_id() == 2 and tokenizer.eos_token == "</s>"
+    corpus = [json.loads(line)["text"] for line in open(runs["data"]["corpus"], encoding="utf-8")]
+    texts = TEXTS + corpus + ["".join(chr(c) for c in range(32, 1200))]
+    byte_fallback = 0
+    for text in texts:
+        ids = sp.encode(text)
+        assert tokenizer.encode(text, add_special_tokens=False, verbose=False) == ids, repr(text[:60])
+        assert tokenizer.decode(ids) == sp.decode(ids) == text
+        byte_fallback += sum(sp.id_to_piece(i).startswith("<0x") for i in ids)
+    assert byte_fallback > 10  # unseen characters went through byte pieces, on both sides
+    assert tokenizer("x y")["input_ids"] == sp.encode("x y")  # no BOS / EOS added by default
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"position_embedding": "learned", "normalization": "RMSNorm"}, "position_embedding=learned, model.normalization=RMSNorm"),
+    ({"position_embedding": "rope", "activation": "swiglu"}, "normalization=LayerNorm, model.activation=swiglu"),
+    ({"position_embedding": "rope", "normalization": "RMSNorm"}, "normalization=RMSNorm, model.activation=gelu"),
+    ({"position_embedding": "rope", "num_query_groups": 2}, "num_query_groups=2 \\(grouped-query attention\\).*GPT-NeoX"),
+    ({"num_query_groups": 2}, "num_query_groups=2 \\(grouped-query attention\\).*GPT-2"),
+    ({"position_embedding": "rope", "normalization": "RMSNorm", "activation": "swiglu", "qk_layernorm": True},
+     "qk_layernorm"),
+])
+def test_unsupported_combinations_are_named(change, message):
+    from types import SimpleNamespace
+
+    from fpa_megatron.config import ModelConfig
+    from fpa_megatron.export.hf import ExportError, hf_architecture
+
+    model = SimpleNamespace(**{**vars(ModelConfig(position_embedding="learned")), **change})
+    with pytest.raises(ExportError, match=message):
+        hf_architecture(model)
+
+
+def test_refusals_happen_before_anything_is_written(runs, tmp_path):
+    from fpa_megatron.export.cli import main
+
+    ckpt = shutil.copytree(runs["runs"]["neox"]["checkpoint"], tmp_path / "checkpoints" / "iter_0000003")
+    config = yaml.safe_load((ckpt / "config.yaml").read_text())
+    config["model"]["normalization"] = "RMSNorm"  # rotary + RMSNorm + GeLU: no standard architecture
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert main(["hf", "--checkpoint", runs["runs"]["gpt2"]["checkpoint"], "--out", str(tmp_path / "taken")]) == 2
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["file"]
+
+
+def test_missing_transformers_says_what_to_install(monkeypatch):
+    import sys
+
+    from fpa_megatron.export.hf import ExportError, require_transformers
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an environment without the extra looks like
+    with pytest.raises(ExportError, match=r"pip install -e \.\[hf\]"):
+        require_transformers()
