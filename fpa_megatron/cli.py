@@ -1,4 +1,9 @@
-"""`fpa-train --config FILE [key.sub=value ...]`: one pretraining run (launch it under torchrun)."""
+"""`fpa-train --config FILE [key.sub=value ...]`: one pretraining run (launch it under torchrun).
+
+The exit status says how the run ended (fpa_megatron/exit_codes.py): 0 done, 2 config error, 75 preempted
+with a checkpoint, 81 diverged, 82 loss spike, 83 a collective timed out, 1 any other failure. A failing rank
+logs its traceback and one line naming its rank, host and step.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import os
 import sys
 
+from fpa_megatron import exit_codes
 from fpa_megatron.config import ConfigError, load_config
 from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
@@ -27,11 +33,23 @@ def main(argv: list[str] | None = None) -> int:
         layout = check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError) as err:
         print(f"fpa-train: config error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.CONFIG_ERROR
+    from fpa_megatron.logging.run_log import failure_line, is_collective_timeout, setup_logging, where
     from fpa_megatron.training.trainer import train
 
-    train(cfg, layout)
-    return 0
+    log = setup_logging()
+    try:
+        train(cfg, layout)
+    except exit_codes.RunStopped as stop:  # decided by all ranks together: reported once
+        if where.rank == 0:
+            report = log.warning if stop.exit_code == exit_codes.PREEMPTED else log.error
+            report(f"{stop} (exit code {stop.exit_code}: {exit_codes.DESCRIPTIONS[stop.exit_code]})")
+        return stop.exit_code
+    except Exception as err:  # noqa: BLE001 - every rank reports its own failure, then exits non-zero
+        log.error("traceback of the failure:", exc_info=err)
+        log.error(failure_line(err, cfg.parallel.timeout_minutes))
+        return exit_codes.COLLECTIVE_TIMEOUT if is_collective_timeout(err) else exit_codes.FAILED
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

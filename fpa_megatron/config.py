@@ -54,6 +54,10 @@ class ParallelConfig:
 
     tensor: int = 1
     pipeline: int = 1
+    # Every process group (torch's default group, Megatron's TP/PP/DP groups) gives up on a collective after
+    # this long: a rank that stalls or dies makes the others fail with an error naming this key. Generous
+    # enough for a checkpoint save or rank 0 building the dataset indices while the others wait.
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -98,14 +102,36 @@ class DataConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss spikes: lm_loss above factor x the median lm_loss of the last `window` updated steps.
+
+    Checked once `min_history` steps were recorded. policy: warn (log, keep the update), skip (drop the
+    update), rollback (reload the newest complete checkpoint; the batches since it are not replayed: the
+    data position stays), stop (exit with code 82). A rollback with no checkpoint yet skips the step instead.
+    """
+
+    factor: float = 3.0  # a loss 3x the recent median is far outside step-to-step noise
+    window: int = 100
+    min_history: int = 50  # steps recorded before spikes are looked for (the first steps fall fast)
+    policy: str = "rollback"  # warn | skip | rollback | stop
+    max_rollbacks: int = 3  # rollbacks to the same checkpoint before the run stops (exit code 82)
+
+
+@dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 100  # optimizer steps attempted = global batches consumed (skipped steps consume theirs)
     micro_batch_size: int = 4
     global_batch_size: int = 8
     seed: int = 1234
     eval_interval: int = 50  # 0 disables validation
     eval_iters: int = 4
     exit_interval: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = never
+    # A step whose loss or gradients are not finite on any rank is skipped on every rank (no update; the LR
+    # and lambda schedules do not advance; the batch is consumed). More than this many skipped steps in a
+    # row (non-finite, or dropped by spike.policy=skip) stop the run (exit code 81) without saving; 0 stops
+    # at the first one.
+    max_consecutive_skips: int = 5
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 @dataclass

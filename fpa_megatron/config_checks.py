@@ -27,6 +27,7 @@ ACTIVATIONS = ("gelu", "swiglu")
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16")
 ZERO_STAGES = (1, 2)
+SPIKE_POLICIES = ("warn", "skip", "rollback", "stop")
 VOCAB_DIVISIBLE_BY = 128
 
 
@@ -387,6 +388,20 @@ def _check_resume(cfg: RunConfig, world_size: int) -> None:
         check_layout(path, CheckpointLayout.of_run(cfg, world_size))
 
 
+def _check_guard_and_timeout(cfg: RunConfig) -> None:
+    t, spike = cfg.train, cfg.train.spike
+    _number_at_least("parallel.timeout_minutes", cfg.parallel.timeout_minutes, 0.0, strict=True)
+    _int_at_least("train.max_consecutive_skips", t.max_consecutive_skips, 0)
+    _one_of("train.spike.policy", spike.policy, SPIKE_POLICIES)
+    _number_at_least("train.spike.factor", spike.factor, 1.0, strict=True)
+    _int_at_least("train.spike.window", spike.window, 1)
+    _int_at_least("train.spike.min_history", spike.min_history, 1)
+    if spike.min_history > spike.window:
+        _fail(f"train.spike.min_history={spike.min_history} is larger than train.spike.window={spike.window} "
+              f"(the median is taken over at most `window` steps)")
+    _int_at_least("train.spike.max_rollbacks", spike.max_rollbacks, 0)
+
+
 def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     """Check every value of cfg for a run on world_size ranks; return the derived layout.
 
@@ -398,6 +413,7 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     num_microbatches = _check_batch(cfg, data_parallel)
     _check_optimizer(cfg, pipeline)
     _check_fpa(cfg)
+    _check_guard_and_timeout(cfg)
     _check_logging_and_checkpoint(cfg)
     _check_resume(cfg, world_size)
     _check_data(cfg)

@@ -11,6 +11,12 @@
 #   --nproc-per-node P   processes on this node                           [NPROC_PER_NODE, #GPUs or 2]
 #   --rdzv-id ID         use c10d rendezvous at MASTER_ADDR:MASTER_PORT   [RDZV_ID, unset: static]
 #                        with this job id (node ranks are then assigned by torchrun; SLURM uses this)
+#   --max-restarts N     restart the worker group up to N times after a   [MAX_RESTARTS, 0]
+#                        worker fails (a lost rank); the restarted group resumes from the newest
+#                        complete checkpoint by itself (checkpoint.resume: auto). Uses the c10d
+#                        rendezvous (id fpa-MASTER_PORT unless --rdzv-id is given)
+#   --shutdown-timeout S seconds the workers get to finish the step and   [SHUTDOWN_TIMEOUT, 300]
+#                        save a checkpoint after torchrun forwards SIGTERM/SIGUSR1, before SIGKILL
 #   --config CONFIG      the YAML config (or give it as the first positional argument)
 #   --dry-run            print the torchrun command instead of running it
 # Everything after the config (or after --) is passed to the CLI as overrides.
@@ -34,6 +40,8 @@ MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-}"
 RDZV_ID="${RDZV_ID:-}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-300}"
 CONFIG=""
 DRY_RUN=0
 OVERRIDES=()
@@ -53,6 +61,8 @@ while [[ $# -gt 0 ]]; do
         --master-port|--master_port) need_value "$@"; MASTER_PORT="$2"; shift 2 ;;
         --nproc-per-node|--nproc_per_node) need_value "$@"; NPROC_PER_NODE="$2"; shift 2 ;;
         --rdzv-id|--rdzv_id) need_value "$@"; RDZV_ID="$2"; shift 2 ;;
+        --max-restarts|--max_restarts) need_value "$@"; MAX_RESTARTS="$2"; shift 2 ;;
+        --shutdown-timeout|--shutdown_timeout) need_value "$@"; SHUTDOWN_TIMEOUT="$2"; shift 2 ;;
         --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -72,12 +82,16 @@ if [[ -z "$NPROC_PER_NODE" ]]; then
     NPROC_PER_NODE="$(gpu_count)"
     if [[ "$NPROC_PER_NODE" -lt 1 ]]; then NPROC_PER_NODE=2; fi
 fi
-for pair in "nnodes:$NNODES" "node-rank:$NODE_RANK" "master-port:$MASTER_PORT" "nproc-per-node:$NPROC_PER_NODE"; do
+for pair in "nnodes:$NNODES" "node-rank:$NODE_RANK" "master-port:$MASTER_PORT" "nproc-per-node:$NPROC_PER_NODE" \
+        "max-restarts:$MAX_RESTARTS" "shutdown-timeout:$SHUTDOWN_TIMEOUT"; do
     if ! [[ "${pair#*:}" =~ ^[0-9]+$ ]]; then
         echo "torchrun.sh: --${pair%%:*} must be a non-negative integer, got '${pair#*:}'" >&2
         exit 2
     fi
 done
+if [[ -z "$RDZV_ID" && "$MAX_RESTARTS" -gt 0 ]]; then
+    RDZV_ID="fpa-$MASTER_PORT"  # restarts need the c10d rendezvous: the static one keeps a stale store
+fi
 if [[ -z "$RDZV_ID" && "$NODE_RANK" -ge "$NNODES" ]]; then
     echo "torchrun.sh: --node-rank $NODE_RANK must be smaller than --nnodes $NNODES" >&2
     exit 2
@@ -88,11 +102,18 @@ if command -v torchrun >/dev/null 2>&1; then
 else
     LAUNCHER=("${PYTHON:-python}" -m torch.distributed.run)
 fi
-CMD=("${LAUNCHER[@]}" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE")
+# torchrun forwards these signals to every worker (SIGUSR1: SLURM's warning ahead of the time limit); the
+# workers finish the step, save a checkpoint and exit with code 75. A signalled torchrun does not restart.
+ARGS=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS"
+    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$SHUTDOWN_TIMEOUT")
 if [[ -n "$RDZV_ID" ]]; then
-    CMD+=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID")
+    ARGS+=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID")
+    # A fresh store for every attempt: in the store torchrun shares with its workers, a restarted group can
+    # read the previous attempt's addresses and fail to connect (pytorch/pytorch#135712).
+    CMD=(env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "${LAUNCHER[@]}" "${ARGS[@]}")
 else
-    CMD+=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+    CMD=("${LAUNCHER[@]}" "${ARGS[@]}"
+        --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 fi
 CMD+=(-m fpa_megatron.cli --config "$CONFIG" "${OVERRIDES[@]}")
 

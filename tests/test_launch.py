@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -15,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
 SLURM = ROOT / "launch" / "slurm.sbatch"
 CLEAN_ENV_KEYS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "RDZV_ID", "DRY_RUN",
-                  "GPUS_PER_NODE")
+                  "GPUS_PER_NODE", "MAX_RESTARTS", "SHUTDOWN_TIMEOUT")
+# always passed: restarts (none by default), SIGUSR1 forwarded to the workers, their time to save after a signal
+STOP_ARGS = ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "300"]
+NO_RESTARTS = ["--max-restarts", "0"] + STOP_ARGS
+FRESH_STORE = ["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"]
 
 
 def _env(**extra) -> dict:
@@ -25,7 +30,9 @@ def _env(**extra) -> dict:
 
 
 def _launcher_prefix(argv: list[str]) -> list[str]:
-    """Strip `torchrun` or `python -m torch.distributed.run` (whichever the script found)."""
+    """Strip `torchrun` or `python -m torch.distributed.run` (whichever the script found); keep an `env` prefix."""
+    if argv[:2] == FRESH_STORE:
+        return FRESH_STORE + _launcher_prefix(argv[2:])
     if argv[0] == "torchrun" or argv[0].endswith("/torchrun"):
         return argv[1:]
     assert argv[1:3] == ["-m", "torch.distributed.run"], argv
@@ -59,9 +66,9 @@ def test_one_node_defaults():
     # no GPUs here (or an explicit count): NPROC_PER_NODE decides
     argv = _dry_run("configs/demo_cpu.yaml", "train.steps=20", "data.prefixes=[a/b_00000,a/b_00001]",
                     NPROC_PER_NODE="2")
-    assert argv == ["--nnodes", "1", "--nproc-per-node", "2", "--node-rank", "0", "--master-addr", "127.0.0.1",
-                    "--master-port", "29500", "-m", "fpa_megatron.cli", "--config", "configs/demo_cpu.yaml",
-                    "train.steps=20", "data.prefixes=[a/b_00000,a/b_00001]"]
+    assert argv == ["--nnodes", "1", "--nproc-per-node", "2", *NO_RESTARTS, "--node-rank", "0", "--master-addr",
+                    "127.0.0.1", "--master-port", "29500", "-m", "fpa_megatron.cli", "--config",
+                    "configs/demo_cpu.yaml", "train.steps=20", "data.prefixes=[a/b_00000,a/b_00001]"]
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="GPU machine: nproc defaults to the GPU count")
@@ -73,16 +80,16 @@ def test_cpu_default_is_two_processes():
 def test_two_nodes_from_arguments():
     argv = _dry_run("--nnodes", "2", "--node-rank", "1", "--master-addr", "10.1.2.3", "--master-port", "6001",
                     "--nproc-per-node", "8", "--config", "configs/gpt_7b.yaml", "data.mock=true")
-    assert argv == ["--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1", "--master-addr", "10.1.2.3",
-                    "--master-port", "6001", "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml",
+    assert argv == ["--nnodes", "2", "--nproc-per-node", "8", *NO_RESTARTS, "--node-rank", "1", "--master-addr",
+                    "10.1.2.3", "--master-port", "6001", "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml",
                     "data.mock=true"]
 
 
 def test_two_nodes_from_environment_and_arguments_win():
     env = dict(NNODES="2", NODE_RANK="0", MASTER_ADDR="head", MASTER_PORT="7000", NPROC_PER_NODE="4")
     argv = _dry_run("configs/gpt_1.3b.yaml", **env)
-    assert argv[:10] == ["--nnodes", "2", "--nproc-per-node", "4", "--node-rank", "0", "--master-addr", "head",
-                         "--master-port", "7000"]
+    assert argv[:16] == ["--nnodes", "2", "--nproc-per-node", "4", *NO_RESTARTS, "--node-rank", "0",
+                         "--master-addr", "head", "--master-port", "7000"]
     argv = _dry_run("--node-rank", "1", "configs/gpt_1.3b.yaml", **env)
     assert argv[argv.index("--node-rank") + 1] == "1"
 
@@ -90,8 +97,23 @@ def test_two_nodes_from_environment_and_arguments_win():
 def test_rendezvous_mode():
     argv = _dry_run("--nnodes", "4", "--nproc-per-node", "8", "--master-addr", "node-a", "--rdzv-id", "4242",
                     "configs/gpt_7b.yaml")
-    assert argv == ["--nnodes", "4", "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                    "node-a:29500", "--rdzv-id", "4242", "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml"]
+    assert argv == FRESH_STORE + ["--nnodes", "4", "--nproc-per-node", "8", *NO_RESTARTS, "--rdzv-backend", "c10d",
+                                  "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "4242", "-m", "fpa_megatron.cli",
+                                  "--config", "configs/gpt_7b.yaml"]
+
+
+def test_restarts_use_the_c10d_rendezvous_with_a_fresh_store():
+    """--max-restarts N: torchrun restarts the group; the static rendezvous would hand a restarted group the
+    previous attempt's store (its workers then fail to connect), so the c10d one is used."""
+    argv = _dry_run("--max-restarts", "3", "--shutdown-timeout", "60", "configs/demo_cpu.yaml", NPROC_PER_NODE="2",
+                    MASTER_PORT="29611")
+    assert argv == FRESH_STORE + ["--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "3",
+                                  "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                                  "--shutdown-timeout", "60", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                                  "127.0.0.1:29611", "--rdzv-id", "fpa-29611", "-m", "fpa_megatron.cli", "--config",
+                                  "configs/demo_cpu.yaml"]
+    argv = _dry_run("configs/demo_cpu.yaml", MAX_RESTARTS="2", SHUTDOWN_TIMEOUT="30", NPROC_PER_NODE="2")
+    assert argv[argv.index("--max-restarts") + 1] == "2" and argv[argv.index("--shutdown-timeout") + 1] == "30"
 
 
 def test_overrides_with_spaces_survive_quoting():
@@ -105,6 +127,8 @@ def test_overrides_with_spaces_survive_quoting():
     (["--nnodes", "two", "c.yaml"], "--nnodes must be a non-negative integer"),
     (["--bogus", "c.yaml"], "unknown option --bogus"),
     (["--nnodes"], "--nnodes needs a value"),
+    (["--max-restarts", "-1", "c.yaml"], "--max-restarts must be a non-negative integer"),
+    (["--shutdown-timeout", "soon", "c.yaml"], "--shutdown-timeout must be a non-negative integer"),
 ])
 def test_bad_arguments(args, message):
     proc = subprocess.run(["bash", str(TORCHRUN_SH), "--dry-run", *args], env=_env(), capture_output=True,
@@ -127,7 +151,7 @@ def test_slurm_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert shlex.split(proc.stdout) == [
         "srun", "--nodes", "3", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "--chdir", str(ROOT),
-        "torchrun", "--nnodes", "3", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
+        *FRESH_STORE, "torchrun", "--nnodes", "3", "--nproc-per-node", "8", *NO_RESTARTS, "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "gpu07:29500", "--rdzv-id", "4242",
         "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml", "data.prefixes=[/d/x_00000]",
     ]
@@ -135,7 +159,8 @@ def test_slurm_dry_run(tmp_path):
 
 def test_slurm_directives():
     text = SLURM.read_text()
-    for directive in ("#SBATCH --nodes=", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node="):
+    for directive in ("#SBATCH --nodes=", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=",
+                      "#SBATCH --signal=B:USR1@", "#SBATCH --requeue"):
         assert directive in text
     assert "scontrol show hostnames" in text and "head -n1" in text
 
@@ -144,3 +169,46 @@ def test_slurm_needs_a_job():
     proc = subprocess.run(["bash", str(SLURM), "configs/gpt_7b.yaml"], env=_env(DRY_RUN="1"),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "SLURM_JOB_ID" in proc.stderr
+
+
+def _fake_slurm(tmp_path, srun_body: str) -> dict:
+    """Stand-ins for srun (runs `srun_body`) and scontrol (expands the node list, records requeues)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\n'
+        'if [[ "$1" == show ]]; then echo gpu07; else echo "$*" >> "$FAKE_LOG"; fi\n')
+    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\necho started >> "$FAKE_LOG"\n{srun_body}\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    return _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu07",
+                SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT), FAKE_LOG=str(tmp_path / "log"))
+
+
+def test_slurm_forwards_the_time_limit_signal_and_requeues(tmp_path):
+    """SLURM's SIGUSR1 (--signal=B:USR1@...) reaches the batch shell: it passes it to srun, waits for the
+    workers to stop, then requeues the job."""
+    import time
+
+    env = _fake_slurm(tmp_path, 'trap \'echo "srun got USR1" >> "$FAKE_LOG"; exit 1\' USR1\n'
+                                'while :; do sleep 0.05; done')
+    proc = subprocess.Popen(["bash", str(SLURM), "configs/gpt_7b.yaml"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log"
+    deadline = time.monotonic() + 30
+    while not (log.exists() and "started" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=30)
+    assert log.read_text().splitlines() == ["started", "srun got USR1", "requeue 4242"], stderr
+    assert proc.returncode == 1  # what srun (torchrun) returned
+    assert "requeueing job 4242" in stderr
+
+
+@pytest.mark.parametrize("srun_exit,requeued", [(0, False), (1, False), (75, True)])
+def test_slurm_requeues_only_a_preempted_run(tmp_path, srun_exit, requeued):
+    env = _fake_slurm(tmp_path, f"exit {srun_exit}")
+    proc = subprocess.run(["bash", str(SLURM), "configs/gpt_7b.yaml"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == srun_exit
+    assert ("requeue 4242" in (tmp_path / "log").read_text()) == requeued

@@ -1,17 +1,19 @@
 """One-line stdout progress plus TensorBoard scalars and [layers x heads] heatmaps (penalty, attention entropy).
 
 Only the logging rank constructs an enabled `MetricsLogger`; on every other rank it is a no-op, so the
-trainer can call it unconditionally. Tags are stable (see `TAGS`) so runs compare in one TensorBoard.
+trainer can call it unconditionally. Lines go to the run log (`fpa_megatron.logging.run_log`: timestamp and
+rank in front), or to `stream` when one is given. Tags are stable (see `TAGS`) so runs compare in one TensorBoard.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Mapping, Optional, TextIO
 
 import numpy as np
+
+from fpa_megatron.logging.run_log import get_logger
 
 # metric key passed to `log` -> (TensorBoard tag, stdout label, stdout format)
 TAGS: dict[str, tuple[str, str, str]] = {
@@ -21,6 +23,8 @@ TAGS: dict[str, tuple[str, str, str]] = {
     "lambda": ("train/lambda", "lambda", "{:.1e}"),
     "lr": ("train/lr", "lr", "{:.1e}"),
     "grad_norm": ("train/grad_norm", "grad_norm", "{:.3f}"),
+    "skipped_steps": ("train/skipped_steps", "skipped", "{:.0f}"),  # updates dropped by the guard so far
+    "rollbacks": ("train/rollbacks", "rollbacks", "{:.0f}"),
     "tokens_per_s": ("perf/tokens_per_s", "tok/s", "{:.0f}"),
     "tflops": ("perf/tflops", "TFLOP/s", "{:.2f}"),
     "mfu": ("perf/mfu", "MFU", "{:.1%}"),
@@ -104,7 +108,10 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def _print(self, line: str) -> None:
-        print(line, file=self.stream or sys.stdout, flush=True)
+        if self.stream is not None:
+            print(line, file=self.stream, flush=True)
+        else:  # the run log: a timestamp and the rank in front of the line
+            get_logger("metrics").info(line)
 
     def _step_text(self, step: int) -> str:
         return f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"
@@ -186,3 +193,9 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

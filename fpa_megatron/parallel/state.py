@@ -9,6 +9,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from fpa_megatron.config import ParallelConfig
 from fpa_megatron.parallel import cpu_bridge
 
 
@@ -19,27 +20,33 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
-    """Join the torchrun world (env://): NCCL with CUDA, gloo without."""
+DEFAULT_TIMEOUT_MINUTES = ParallelConfig.timeout_minutes
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
+    """Join the torchrun world (env://): NCCL with CUDA, gloo without; collectives give up after timeout_minutes."""
     if torch.distributed.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    torch.distributed.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
-def init_model_parallel(tensor: int, pipeline: int, seed: int) -> None:
+def init_model_parallel(tensor: int, pipeline: int, seed: int,
+                        timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Megatron's groups (TP innermost, then DP, then PP) and the per-TP-rank seeds.
 
     The same `seed` on every rank: weights drawn in full then split (use_cpu_initialization) are then
-    identical for every layout; dropout inside tensor-parallel regions forks a per-TP-rank stream.
+    identical for every layout; dropout inside tensor-parallel regions forks a per-TP-rank stream. Every
+    group gets the same collective timeout as the default group (parallel.timeout_minutes).
     """
     cpu_bridge.install()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline
+        tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+        distributed_timeout_minutes=timeout_minutes,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fpa_megatron.config import ConfigError, RunConfig, run_dir, save_config
+from fpa_megatron.logging.run_log import get_logger
 
 MARKER = "complete"
 LATEST = "latest"
@@ -43,6 +44,7 @@ LAYOUT = "layout.json"
 TRAINER_STATE = "trainer_state.pt"
 ABANDONED = "abandoned"
 TAG_PREFIX = "iter_"
+log = get_logger("checkpoint")
 RESHARDED = "resharded.json"  # written by fpa-reshard in place of the per-rank RNG states
 
 
@@ -403,8 +405,8 @@ class Checkpointer:
         fsync_path(self.root)
         history["abandoned"].append({"tag": path.name, "moved_to": str(target.relative_to(self.root)),
                                      "because": cause})
-        print(f"checkpoint {path.name} is not on this run's lineage ({cause}): moved to {target}; "
-              f"resume: auto will not use it. Delete it when it is no longer needed.", flush=True)
+        log.warning(f"checkpoint {path.name} is not on this run's lineage ({cause}): moved to {target}; "
+                    f"resume: auto will not use it. Delete it when it is no longer needed.")
 
     # -- resuming
 
@@ -412,7 +414,7 @@ class Checkpointer:
         """The checkpoint to resume from per checkpoint.resume (auto: `latest`), or None."""
         path, note = resolve_resume(self.root, self.resume_mode)
         if note and (not dist.is_initialized() or dist.get_rank() == 0):
-            print(f"resume: {note}", flush=True)
+            log.warning(f"resume: {note}")
         return path
 
     def latest(self) -> Optional[Path]:
@@ -421,8 +423,6 @@ class Checkpointer:
         For a rollback: `checkpointer.load(checkpointer.latest(), engine)`. Needs no process group.
         """
         return resolve_latest(self.root)[0]
-
-    newest = latest  # the same checkpoint under the name the spike rollback calls it
 
     def load(self, path: Path, engine) -> dict:
         """Restore model, optimizer (ZeRO partitions), RNG streams; return the trainer state.
@@ -441,7 +441,7 @@ class Checkpointer:
         if rng_file.exists() or not (path / RESHARDED).exists():
             set_rng_state(load_trusted(rng_file))
         elif dist.get_rank() == 0:  # RNG streams do not map across layouts: keep those seeded from train.seed
-            print(f"{path} was resharded (fpa-reshard): RNG streams start from train.seed", flush=True)
+            log.info(f"{path} was resharded (fpa-reshard): RNG streams start from train.seed")
         state = load_trusted(path / TRAINER_STATE)
         self.resumed_from = path
         self._protected.add(path.resolve())

@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from fpa_megatron import faults
 from fpa_megatron.model.attention_penalty import AttentionPenalty, reduce_penalty_record
 from fpa_megatron.parallel.state import compute_device
 
@@ -36,6 +37,8 @@ def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     dtype = torch.promote_types(per_token_loss.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
     mask = loss_mask.reshape(-1).to(dtype)
     loss = (per_token_loss.to(dtype).reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
+    if faults.loss_factor() != 1.0:  # FPA_FAULT drills only (NaN or spike); 1.0 otherwise
+        loss = loss * faults.loss_factor()
     return loss, {"lm_loss": loss.detach().clone()}
 
 

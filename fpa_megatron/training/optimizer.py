@@ -100,11 +100,31 @@ def build_engine(model, cfg: OptimizerConfig, dtype: str, micro_batch_size: int,
     return engine
 
 
-def optimizer_step(engine, lr: float) -> float:
-    """Reduce gradients over DP, clip by the global norm, update with learning rate `lr`; return the norm."""
+def optimizer_step(engine, lr: float) -> tuple[float, bool]:
+    """Reduce gradients over DP, clip by the global norm, update with learning rate `lr`.
+
+    Returns the global gradient norm and whether the update was applied (DeepSpeed drops it by itself when
+    the norm is not finite).
+    """
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     engine.step()
     norm = engine.get_global_grad_norm()
     engine.zero_grad()
-    return float(norm) if norm is not None else float("nan")
+    return (float(norm) if norm is not None else float("nan")), engine.was_step_applied()
+
+
+def discard_gradients(engine) -> None:
+    """Drop this step's gradients without an update: parameters and optimizer state stay bit-identical.
+
+    DeepSpeed has no public call for this; it does exactly this in its own overflow branch of the ZeRO-1/2
+    `step()` (clear the parameters' gradients, release the reduced partitions). Tested bitwise against a run
+    that never saw the dropped batch, for ZeRO-1, ZeRO-2 and pipeline parallelism.
+    """
+    optimizer = engine.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    optimizer._release_preflattened_grad_buffers()
+    for group in optimizer.averaged_gradients:
+        optimizer.averaged_gradients[group] = None
+        optimizer.all_grad_tensors[group] = None
+    engine.zero_grad()

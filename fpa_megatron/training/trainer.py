@@ -1,8 +1,13 @@
 """`train(cfg)`: the whole pretraining run, top to bottom.
 
 Set up the process groups, the GPT with the penalized attention, DeepSpeed ZeRO, the data, the lambda
-schedule, the checkpointer and the logger; resume if there is a checkpoint; then one loop: set lambda_t,
-forward/backward on Megatron's schedule, optimizer step, log, evaluate, checkpoint.
+schedule, the checkpointer, the guard and the logger; resume if there is a checkpoint; then one loop: set
+lambda_t, forward/backward on Megatron's schedule, let the guard decide for all ranks (one all-reduce),
+update or drop the update, log, evaluate, checkpoint.
+
+`step` counts the global batches consumed (a skipped or rolled-back step consumes its batch); `updates` counts
+the optimizer updates applied, which the LR and lambda schedules follow. A deliberate stop (SIGTERM/SIGUSR1,
+divergence, a loss spike) raises `RunStopped` with its exit code (fpa_megatron/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -10,24 +15,33 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from fpa_megatron import faults
 from fpa_megatron.config import RunConfig, run_dir, save_config
 from fpa_megatron.config_checks import ResolvedLayout, check_config
 from fpa_megatron.data.datasets import build_gpt_datasets, micro_batches
+from fpa_megatron.exit_codes import Preempted
 from fpa_megatron.logging.flops import flops_per_token
 from fpa_megatron.logging.metrics_logger import MetricsLogger, memory_gb
+from fpa_megatron.logging.run_log import get_logger, setup_logging, where
 from fpa_megatron.model.attention_stats import attention_summary
 from fpa_megatron.model.gpt import build_gpt_model, make_penalty
 from fpa_megatron.parallel.state import init_distributed, init_model_parallel
 from fpa_megatron.training.attention_diagnostics import AttentionDiagnostics
 from fpa_megatron.training.checkpoint import Checkpointer, checkpoint_root
 from fpa_megatron.training.forward_backward import forward_backward
+from fpa_megatron.training.guard import ROLLBACK, TrainingGuard
 from fpa_megatron.training.lambda_schedule import LambdaSchedule
-from fpa_megatron.training.optimizer import build_engine, lr_at, optimizer_step
+from fpa_megatron.training.optimizer import build_engine, discard_gradients, lr_at, optimizer_step
+from fpa_megatron.training.preemption import StopSignals
+
+log = get_logger("trainer")
 
 
 def evaluate(model, engine, penalty, valid_ds, cfg: RunConfig, layout) -> float:
@@ -49,6 +63,25 @@ def evaluate(model, engine, penalty, valid_ds, cfg: RunConfig, layout) -> float:
     return sum(losses) / len(losses)
 
 
+def roll_back(checkpointer: Checkpointer, engine, lambdas: LambdaSchedule, step: int,
+              updates: int) -> tuple[Optional[Path], int]:
+    """After a loss spike: reload model, optimizer, RNG and lambda from the run's newest checkpoint (`latest`).
+
+    The data position stays where it is, so the batches between that checkpoint and the spike are not
+    replayed. Returns the checkpoint (None if there is none yet: nothing changes) and the update count.
+    """
+    target = checkpointer.latest()
+    if target is None:
+        return None, updates
+    state = checkpointer.load(target, engine)
+    lambdas.load_state_dict(state["lambda_schedule"])
+    if dist.get_rank() == 0:
+        log.warning(f"step {step}: rolled back to {target} (step {state['step']}): model, optimizer and lambda "
+                    f"restored; the batches of steps {state['step'] + 1}-{step} are not replayed, training "
+                    f"continues with the batch of step {step + 1}")
+    return target, state.get("updates", state["step"])
+
+
 def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     """Run (or resume) the pretraining described by cfg; return the per-step metrics of this process.
 
@@ -57,9 +90,10 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if layout is None:
         layout = check_config(cfg, world_size)  # every config error surfaces before any process group exists
-    init_distributed()
-    init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed)
+    init_distributed(cfg.parallel.timeout_minutes)
+    init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed, cfg.parallel.timeout_minutes)
     rank = dist.get_rank()
+    setup_logging(rank)
     out_dir = run_dir(cfg)
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
@@ -77,15 +111,18 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     )
     checkpointer = Checkpointer(checkpoint_root(cfg), cfg.checkpoint.interval, cfg.checkpoint.keep_last,
                                 cfg.checkpoint.resume, cfg)
+    guard = TrainingGuard(cfg.train, model, rank)  # non-finite steps, loss spikes, the stop request
 
-    step, consumed = 0, 0
+    step, consumed, updates = 0, 0, 0
     resume_from = checkpointer.find_resume()
     if resume_from is not None:
         state = checkpointer.load(resume_from, engine)
         step, consumed = state["step"], state["consumed_samples"]
+        updates = state.get("updates", step)
         lambdas.load_state_dict(state["lambda_schedule"])
-        if rank == 0:
-            print(f"resumed from {resume_from} at step {step} ({consumed} samples consumed)", flush=True)
+        if "guard" in state:
+            guard.load_state_dict(state["guard"])
+        log.info(f"resumed from {resume_from} at step {step} ({consumed} samples consumed)")
     batches = micro_batches(train_ds, consumed, cfg.train.micro_batch_size, parallel_state.get_data_parallel_rank(),
                             layout.data_parallel)
     logger = MetricsLogger(str(out_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard, total_steps=steps)
@@ -100,52 +137,74 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     attention = diagnostics.maybe_measure(step) if step == 0 else None  # ... and of the attention curves
     if attention is not None:
         logger.log_attention(step, attention)
-    while step < steps:
-        t0 = time.perf_counter()
-        lam, active = lambdas.value(), lambdas.active()
-        penalty.set_step(lam, active)
-        result = forward_backward(model, batches, penalty, num_microbatches=layout.num_microbatches,
-                                  micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
-                                  engine=engine)
-        lr = lr_at(step, cfg.optimizer, steps)
-        grad_norm = optimizer_step(engine, lr)
-        lambdas.advance()
-        step += 1
-        consumed += global_batch
-        seconds = time.perf_counter() - t0
+    with StopSignals() as stop_signals, logger:  # SIGTERM/SIGUSR1: finish the step, save, exit 75
+        drills = faults.install(rank, lambda: stop_signals.requested)  # FPA_FAULT; nothing unless it is set
+        while step < steps:
+            where.step = step + 1  # named by the failure line if this rank fails now
+            t0 = time.perf_counter()
+            drills.begin_step(step + 1)
+            lam, active = lambdas.value(), lambdas.active()
+            penalty.set_step(lam, active)
+            result = forward_backward(model, batches, penalty, num_microbatches=layout.num_microbatches,
+                                      micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
+                                      engine=engine)
+            lr = lr_at(updates, cfg.optimizer, steps)
+            verdict = guard.check(step + 1, result.lm_loss, result.penalty, stop_signals.requested)
+            if verdict.update:
+                grad_norm, applied = optimizer_step(engine, lr)
+            else:
+                discard_gradients(engine)
+                grad_norm, applied = math.nan, False
+            step += 1
+            consumed += global_batch  # the batch is consumed whatever happened to its update
+            if applied:
+                updates += 1
+                lambdas.advance()
+            rolled_back_to = None
+            if verdict.action == ROLLBACK:  # a loss spike: back to the newest checkpoint, the data moves on
+                rolled_back_to, updates = roll_back(checkpointer, engine, lambdas, step, updates)
+            guard.conclude(step, verdict, applied, result.lm_loss, rolled_back_to)  # raises past its limits
+            seconds = time.perf_counter() - t0
 
-        tokens_per_s = result.tokens / seconds
-        tflops = flops_token * tokens_per_s / world_size / 1e12  # per device
-        metrics = {
-            "lm_loss": result.lm_loss, "penalty": result.penalty, "penalty_weighted": lam * result.penalty,
-            "lambda": lam, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tflops": tflops,
-            "mfu": tflops / cfg.logging.peak_tflops, "iter_time_s": seconds, "mem_gb": memory_gb(),
-        }
-        history.append(dict(metrics, step=step))
-        if step % cfg.logging.interval == 0 or step == 1 or step == steps:
-            logger.log(step, metrics)
-        every = cfg.logging.heatmap_interval or cfg.logging.interval
-        if step % every == 0 or step == steps:  # per-layer scalars and the [layers x heads] heatmap
-            logger.log_penalty(step, result.penalty_matrix.sum(dim=1), result.penalty_matrix)
-        attention = diagnostics.maybe_measure(step, final=step == steps)  # one no-grad micro-batch every N steps
-        if attention is not None:
-            logger.log_attention(step, attention)
-            history[-1].update(attention_summary(attention))
-        if cfg.train.eval_interval > 0 and (step % cfg.train.eval_interval == 0 or step == steps):
-            val_loss = evaluate(model, engine, penalty, valid_ds, cfg, layout)
-            history[-1]["val_loss"] = val_loss
-            logger.log_eval(step, val_loss)
-        trainer_state = {"step": step, "consumed_samples": consumed, "lambda_schedule": lambdas.state_dict()}
-        exiting = cfg.train.exit_interval > 0 and step - first_step >= cfg.train.exit_interval
-        checkpointer.maybe_save(step, engine, trainer_state, final=step == steps, exiting=exiting)
-        if exiting:
-            if rank == 0:
-                print(f"exit_interval reached: stopping at step {step}; rerun to resume", flush=True)
-            break
-    logger.close()
-    if rank == 0 and history:
+            tokens_per_s = result.tokens / seconds
+            tflops = flops_token * tokens_per_s / world_size / 1e12  # per device
+            metrics = {
+                "lm_loss": result.lm_loss, "penalty": result.penalty, "penalty_weighted": lam * result.penalty,
+                "lambda": lam, "lr": lr, "grad_norm": grad_norm, "skipped_steps": guard.skipped_steps,
+                "rollbacks": guard.rollbacks or None, "tokens_per_s": tokens_per_s, "tflops": tflops,
+                "mfu": tflops / cfg.logging.peak_tflops, "iter_time_s": seconds, "mem_gb": memory_gb(),
+            }  # None: not logged
+            history.append(dict(metrics, step=step, applied=applied))
+            if step % cfg.logging.interval == 0 or step == 1 or step == steps or not applied:
+                logger.log(step, metrics)
+            every = cfg.logging.heatmap_interval or cfg.logging.interval
+            if step % every == 0 or step == steps:  # per-layer scalars and the [layers x heads] heatmap
+                logger.log_penalty(step, result.penalty_matrix.sum(dim=1), result.penalty_matrix)
+            attention = diagnostics.maybe_measure(step, final=step == steps)  # one no-grad micro-batch every N steps
+            if attention is not None:
+                logger.log_attention(step, attention)
+                history[-1].update(attention_summary(attention))
+            if cfg.train.eval_interval > 0 and (step % cfg.train.eval_interval == 0 or step == steps):
+                val_loss = evaluate(model, engine, penalty, valid_ds, cfg, layout)
+                history[-1]["val_loss"] = val_loss
+                logger.log_eval(step, val_loss)
+            trainer_state = {"step": step, "consumed_samples": consumed, "updates": updates,
+                             "lambda_schedule": lambdas.state_dict(), "guard": guard.state_dict()}
+            exiting = cfg.train.exit_interval > 0 and step - first_step >= cfg.train.exit_interval
+            if guard.sound:  # the state after a skipped step is never saved
+                checkpointer.maybe_save(step, engine, trainer_state, final=step == steps,
+                                        exiting=exiting or verdict.stop_requested)
+            if verdict.stop_requested:
+                saved = f"checkpoint saved at step {step}" if guard.sound else (
+                    f"no checkpoint at step {step} (its update was skipped); resume from the newest one")
+                raise Preempted(f"{stop_signals.received or 'a stop signal on another rank'}: stopped after step "
+                                f"{step}, {saved}; rerun the same command to resume", step)
+            if exiting:
+                log.info(f"exit_interval reached: stopping at step {step}; rerun to resume")
+                break
+    if history:
         last = history[-1]
-        print(f"done: {step} steps, lm_loss {last['lm_loss']:.4f}"
-              + (f", val_loss {last['val_loss']:.4f} (ppl {math.exp(min(last['val_loss'], 50)):.1f})"
-                 if "val_loss" in last else ""), flush=True)
+        log.info(f"done: {step} steps ({updates} updates, {guard.skipped_steps} skipped), lm_loss {last['lm_loss']:.4f}"
+                 + (f", val_loss {last['val_loss']:.4f} (ppl {math.exp(min(last['val_loss'], 50)):.1f})"
+                    if "val_loss" in last else ""))
     return history

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +18,16 @@ METRICS = {
     "lm_loss": 5.123, "penalty": 0.43, "penalty_weighted": 0.43 * 9.9e-3, "lambda": 9.9e-3, "lr": 3e-4,
     "grad_norm": 1.23, "tokens_per_s": 12345.0, "tflops": 0.01, "mfu": 0.001, "iter_time_s": 0.25, "mem_gb": 1.2,
 }
+
+
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[rank 0\] ")
+
+
+def _logged(out: str) -> list[str]:
+    """The run log's lines without their `<date> <time> [rank 0] ` prefix (which every line must have)."""
+    lines = out.strip().splitlines()
+    assert all(LOG_PREFIX.match(line) for line in lines), lines
+    return [LOG_PREFIX.sub("", line) for line in lines]
 
 
 def _read(log_dir) -> EventAccumulator:
@@ -35,7 +46,7 @@ def test_log_line_and_scalars(tmp_path, capsys):
     logger.log(20, {**METRICS, "lm_loss": 4.5, "loss_scale": 2.0})
     logger.close()
 
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = _logged(capsys.readouterr().out)
     assert lines[0] == ("step 10/300 | lm_loss 5.1230 | penalty 0.43 | lambda*penalty 4.26e-03 | lambda 9.9e-03 | "
                         "lr 3.0e-04 | grad_norm 1.230 | tok/s 12345 | TFLOP/s 0.01 | MFU 0.1% | iter 0.25s | mem 1.2GB")
     assert lines[1].startswith("step 20/300 | lm_loss 4.5000 |") and lines[1].endswith("| loss_scale 2")
@@ -59,7 +70,7 @@ def test_log_eval(tmp_path, capsys):
     logger = MetricsLogger(str(tmp_path), total_steps=300)
     logger.log_eval(50, 4.2)
     logger.close()
-    assert capsys.readouterr().out.strip() == "eval step 50/300 | val_loss 4.2000 | val_ppl 66.69"
+    assert _logged(capsys.readouterr().out) == ["eval step 50/300 | val_loss 4.2000 | val_ppl 66.69"]
     acc = _read(tmp_path)
     assert set(acc.Tags()["scalars"]) == {"val/loss", "val/ppl"}
     assert _scalars(acc, "val/loss")[0] == (50, pytest.approx(4.2))
@@ -119,7 +130,7 @@ def test_stdout_only_without_tensorboard(tmp_path, capsys):
     logger.log(3, {"lm_loss": 2.0})
     logger.log_penalty(3, torch.ones(2), torch.ones(2, 2))
     logger.close()
-    assert capsys.readouterr().out.strip() == "step 3 | lm_loss 2.0000"
+    assert _logged(capsys.readouterr().out) == ["step 3 | lm_loss 2.0000"]
     assert not (tmp_path / "tb").exists()
 
 
@@ -138,9 +149,9 @@ def test_attention_stats_scalars_line_and_entropy_heatmap(tmp_path, capsys):
     logger.close()
 
     c, e, m = (stats[k].numpy() for k in ("collision", "entropy", "max_logit"))
-    assert capsys.readouterr().out.strip() == (
+    assert _logged(capsys.readouterr().out) == [
         f"attention step 40/100 | collision {c.mean():.4f} | entropy {e.mean():.3f} (lowest head 0.010) | "
-        f"max_logit {m.max():.2f}")
+        f"max_logit {m.max():.2f}"]
     acc = _read(tmp_path)
     want = {"attention/collision": c.mean(), "attention/entropy": e.mean(), "attention/entropy_min": 0.01,
             "attention/max_logit": m.max()}

@@ -1,0 +1,143 @@
+"""Fault injection for tests and drills only: the environment variable FPA_FAULT, never a config key.
+
+    FPA_FAULT=nan_loss@12          the LM loss of step 12 is NaN (so are its gradients)
+    FPA_FAULT=nan_loss@12+         ... of every step from 12 on
+    FPA_FAULT=spike@12             the LM loss of step 12 is multiplied by SPIKE_FACTOR
+    FPA_FAULT=kill_rank@12:1       rank 1 kills itself with SIGKILL as step 12 starts
+    FPA_FAULT=stall_rank@12:1      rank 1 stops doing anything as step 12 starts (a hung rank)
+    FPA_FAULT=sigterm@12:1         rank 1 gets SIGTERM as step 12 starts
+    FPA_FAULT=sigterm@12:launcher  torchrun gets SIGTERM (it forwards it to every worker)
+
+Several faults: comma-separated. Steps count from 1 (the step the log line calls `step 12/N`). `:R` picks
+the rank; without it, loss faults hit every rank and the others rank 0. Under torchrun the faults fire only
+in the first attempt (TORCHELASTIC_RESTART_COUNT = 0), so a restarted group runs clean. Unset: a no-op.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+from fpa_megatron.logging.run_log import get_logger
+
+ENV = "FPA_FAULT"
+LOSS_FAULTS = ("nan_loss", "spike")
+PROCESS_FAULTS = ("kill_rank", "stall_rank", "sigterm")
+SPIKE_FACTOR = 100.0
+LAUNCHER = "launcher"
+
+_SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?P<onward>\+)?(?::(?P<target>\d+|launcher))?$")
+log = get_logger("faults")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # one of LOSS_FAULTS + PROCESS_FAULTS
+    step: int
+    onward: bool = False  # also every later step
+    target: Union[int, str, None] = None  # a rank, LAUNCHER, or None (loss faults: every rank; others: rank 0)
+
+    def fires(self, step: int, rank: int) -> bool:
+        if not (step == self.step or (self.onward and step > self.step)):
+            return False
+        if self.target is None:
+            return self.kind in LOSS_FAULTS or rank == 0
+        return self.target == rank or (self.target == LAUNCHER and rank == 0)
+
+
+def parse(spec: str) -> list[Fault]:
+    """'nan_loss@3,kill_rank@4:1' -> [Fault('nan_loss', 3), Fault('kill_rank', 4, target=1)]."""
+    faults = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        match = _SPEC.match(item)
+        if match is None or match["kind"] not in LOSS_FAULTS + PROCESS_FAULTS:
+            raise ValueError(f"{ENV}={spec!r}: cannot read {item!r}; expected KIND@STEP[+][:RANK] with KIND one of "
+                             f"{', '.join(LOSS_FAULTS + PROCESS_FAULTS)}")
+        target = match["target"]
+        if target == LAUNCHER and match["kind"] != "sigterm":
+            raise ValueError(f"{ENV}={spec!r}: only sigterm can target the launcher")
+        if int(match["step"]) < 1:
+            raise ValueError(f"{ENV}={spec!r}: steps count from 1")
+        faults.append(Fault(match["kind"], int(match["step"]), bool(match["onward"]),
+                            int(target) if target and target.isdigit() else target))
+    return faults
+
+
+class FaultInjector:
+    """Fires the faults of FPA_FAULT meant for this rank; `begin_step(step)` once per step."""
+
+    def __init__(self, faults: list[Fault], rank: int, stop_requested: Callable[[], bool] = lambda: False):
+        self.faults, self.rank, self.stop_requested = faults, rank, stop_requested
+        self.loss_factor = 1.0
+
+    @classmethod
+    def from_env(cls, rank: int, stop_requested: Callable[[], bool] = lambda: False) -> "FaultInjector":
+        faults = parse(os.environ.get(ENV, ""))
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if faults and attempt > 0:
+            log.warning(f"{ENV} ignored: this is torchrun's restart attempt {attempt}")
+            faults = []
+        if faults and rank == 0:
+            log.warning(f"{ENV}={os.environ[ENV]}: fault injection is on (tests and drills only)")
+        return cls(faults, rank, stop_requested)
+
+    def begin_step(self, step: int) -> None:
+        self.loss_factor = 1.0
+        for fault in self.faults:
+            if fault.fires(step, self.rank):
+                self._fire(fault, step)
+
+    def _fire(self, fault: Fault, step: int) -> None:
+        if fault.kind == "nan_loss":
+            self.loss_factor = math.nan
+        elif fault.kind == "spike":
+            self.loss_factor = SPIKE_FACTOR
+        elif fault.kind == "kill_rank":
+            log.warning(f"{ENV}: rank {self.rank} kills itself (SIGKILL) at step {step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif fault.kind == "stall_rank":
+            log.warning(f"{ENV}: rank {self.rank} stalls at step {step}")
+            while True:  # a hung rank: ignores everything but SIGKILL
+                time.sleep(3600)
+        elif fault.kind == "sigterm":
+            self._sigterm(fault, step)
+
+    def _sigterm(self, fault: Fault, step: int) -> None:
+        if fault.target != LAUNCHER:
+            log.warning(f"{ENV}: SIGTERM to rank {self.rank} at step {step}")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise RuntimeError(f"{ENV}: sigterm@{step}:launcher needs torchrun (launch/torchrun.sh)")
+        log.warning(f"{ENV}: SIGTERM to the launcher (pid {os.getppid()}) at step {step}")
+        os.kill(os.getppid(), signal.SIGTERM)
+        deadline = time.monotonic() + 60  # wait for the forwarded signal, so the stop step is this one
+        while not self.stop_requested() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+_active: Optional[FaultInjector] = None
+
+
+def install(rank: int, stop_requested: Callable[[], bool] = lambda: False) -> FaultInjector:
+    """Read FPA_FAULT for this rank and make it the injector that `loss_factor()` consults."""
+    global _active
+    _active = FaultInjector.from_env(rank, stop_requested)
+    return _active
+
+
+def loss_factor() -> float:
+    """What the LM loss of this micro-batch is multiplied by: 1.0 unless a loss fault fires at this step.
+
+    Only training steps are hit: evaluation runs without autograd.
+    """
+    if _active is None or not torch.is_grad_enabled():
+        return 1.0
+    return _active.loss_factor
