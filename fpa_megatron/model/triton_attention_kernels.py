@@ -58,6 +58,22 @@ def dot_dtype(dtype) -> tl.dtype:
 
 
 @triton.jit
+def _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len,
+                   MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The K and V tiles [BN, D] at key positions cols (zeros past seq_len) and q . k [BM, BN], unscaled."""
+    k_ptrs = k_base + cols[:, None] * stride_ks + dims[None, :]  # [BN, D]
+    v_ptrs = v_base + cols[:, None] * stride_vs + dims[None, :]
+    if MASKED:
+        k_tile = tl.load(k_ptrs, mask=cols[:, None] < seq_len, other=0.0)
+        v_tile = tl.load(v_ptrs, mask=cols[:, None] < seq_len, other=0.0)
+    else:
+        k_tile = tl.load(k_ptrs)
+        v_tile = tl.load(v_ptrs)
+    qk = tl.dot(q_tile.to(DOT_DTYPE), tl.trans(k_tile).to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    return k_tile, v_tile, qk
+
+
+@triton.jit
 def _fwd_key_tiles(acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, stride_ks, stride_vs,
                    rows, dims, key_start, key_end, seq_len, softmax_scale,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr, MASKED: tl.constexpr,
@@ -65,16 +81,8 @@ def _fwd_key_tiles(acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, st
     """Online softmax of one query tile over the key tiles [key_start, key_end) (step BLOCK_N)."""
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # [BN] key positions
-        k_ptrs = k_base + cols[:, None] * stride_ks + dims[None, :]  # [BN, D]
-        v_ptrs = v_base + cols[:, None] * stride_vs + dims[None, :]
-        if MASKED:
-            k_tile = tl.load(k_ptrs, mask=cols[:, None] < seq_len, other=0.0)
-            v_tile = tl.load(v_ptrs, mask=cols[:, None] < seq_len, other=0.0)
-        else:
-            k_tile = tl.load(k_ptrs)
-            v_tile = tl.load(v_ptrs)
-        qk = tl.dot(q_tile.to(DOT_DTYPE), tl.trans(k_tile).to(DOT_DTYPE),
-                    input_precision=DOT_PRECISION)  # [BM, BN] q . k, unscaled
+        k_tile, v_tile, qk = _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len,
+                                            MASKED, DOT_DTYPE, DOT_PRECISION)  # [BN, D], [BN, D], [BM, BN]
         scores2 = qk * (softmax_scale * LOG2E)  # t_ij, base-2 scores
         if MASKED:
             visible = cols[None, :] < seq_len  # [1, BN] -> [BM, BN]
@@ -184,6 +192,24 @@ def attn_bwd_preprocess_kernel(Out, DOut, Collision, GradPenalty, Delta,
 
 
 @triton.jit
+def _penalized_score_grad(p, dp, qk, delta, grad_penalty, visible, softmax_scale, PENALTY: tl.constexpr,
+                          HAS_GRAD_PENALTY: tl.constexpr, MASKED: tl.constexpr):
+    """dS of a tile (either orientation; delta and grad_penalty come broadcastable to it): the softmax
+    backward p (dP - D), plus the penalty's terms with incoming gradient g per row: probs 2 g p^2,
+    logits 2 g s on the visible entries."""
+    if HAS_GRAD_PENALTY and PENALTY == PENALTY_PROBS:
+        ds = p * (dp + 2.0 * grad_penalty * p - delta)
+    else:
+        ds = p * (dp - delta)
+    if HAS_GRAD_PENALTY and PENALTY == PENALTY_LOGITS:
+        extra = 2.0 * grad_penalty * (qk * softmax_scale)
+        if MASKED:
+            extra = tl.where(visible, extra, 0.0)
+        ds += extra
+    return ds
+
+
+@triton.jit
 def _dkdv_query_tiles(dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride_dos, row_base,
                       Lse2, Delta, GradPenalty, cols, dims, row_start, row_end, seq_len, softmax_scale,
                       BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr,
@@ -211,6 +237,7 @@ def _dkdv_query_tiles(dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride
         qk_t = tl.dot(k_tile.to(DOT_DTYPE), tl.trans(q_tile).to(DOT_DTYPE),
                       input_precision=DOT_PRECISION)  # [BN, BM] q . k, unscaled
         p_t = tl.math.exp2(qk_t * (softmax_scale * LOG2E) - lse2[None, :])  # [BN, BM] probabilities
+        visible = True  # every entry, unless the tile is masked
         if MASKED:
             visible = rows[None, :] < seq_len
             if CAUSAL:
@@ -226,15 +253,8 @@ def _dkdv_query_tiles(dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride
                 grad_penalty = tl.load(GradPenalty + row_base + rows, mask=rows < seq_len, other=0.0)[None, :]
             else:
                 grad_penalty = tl.load(GradPenalty + row_base + rows)[None, :]
-        if HAS_GRAD_PENALTY and PENALTY == PENALTY_PROBS:
-            ds_t = p_t * (dp_t + 2.0 * grad_penalty * p_t - delta[None, :])  # [BN, BM]
-        else:
-            ds_t = p_t * (dp_t - delta[None, :])
-        if HAS_GRAD_PENALTY and PENALTY == PENALTY_LOGITS:  # + 2 g_i s_ij on the visible entries
-            extra = 2.0 * grad_penalty * (qk_t * softmax_scale)
-            if MASKED:
-                extra = tl.where(visible, extra, 0.0)
-            ds_t += extra
+        ds_t = _penalized_score_grad(p_t, dp_t, qk_t, delta[None, :], grad_penalty, visible, softmax_scale,
+                                     PENALTY, HAS_GRAD_PENALTY, MASKED)  # [BN, BM]
         dk = tl.dot(ds_t.to(q_tile.dtype).to(DOT_DTYPE), q_tile.to(DOT_DTYPE), dk,
                     input_precision=DOT_PRECISION)  # [BN, D] += dS^T Q
     return dk, dv
@@ -309,18 +329,11 @@ def _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base
                   DOT_PRECISION: tl.constexpr):
     """Accumulate dQ [BM, D] of one query tile over the key tiles [key_start, key_end)."""
     for start_n in range(key_start, key_end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)  # [BN]
-        k_ptrs = k_base + cols[:, None] * stride_ks + dims[None, :]
-        v_ptrs = v_base + cols[:, None] * stride_vs + dims[None, :]
-        if MASKED:
-            k_tile = tl.load(k_ptrs, mask=cols[:, None] < seq_len, other=0.0)  # [BN, D]
-            v_tile = tl.load(v_ptrs, mask=cols[:, None] < seq_len, other=0.0)
-        else:
-            k_tile = tl.load(k_ptrs)
-            v_tile = tl.load(v_ptrs)
-        qk = tl.dot(q_tile.to(DOT_DTYPE), tl.trans(k_tile).to(DOT_DTYPE),
-                    input_precision=DOT_PRECISION)  # [BM, BN] q . k, unscaled
+        cols = start_n + tl.arange(0, BLOCK_N)  # [BN] key positions
+        k_tile, v_tile, qk = _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len,
+                                            MASKED, DOT_DTYPE, DOT_PRECISION)  # [BN, D], [BN, D], [BM, BN]
         p = tl.math.exp2(qk * (softmax_scale * LOG2E) - lse2[:, None])
+        visible = True  # every entry, unless the tile is masked
         if MASKED:
             visible = cols[None, :] < seq_len
             if CAUSAL:
@@ -328,15 +341,8 @@ def _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do_tile.to(DOT_DTYPE), tl.trans(v_tile).to(DOT_DTYPE),
                     input_precision=DOT_PRECISION)  # [BM, BN] dP = dO V^T
-        if HAS_GRAD_PENALTY and PENALTY == PENALTY_PROBS:
-            ds = p * (dp + 2.0 * grad_penalty * p - delta[:, None])  # [BM, BN]
-        else:
-            ds = p * (dp - delta[:, None])
-        if HAS_GRAD_PENALTY and PENALTY == PENALTY_LOGITS:  # + 2 g_i s_ij on the visible entries
-            extra = 2.0 * grad_penalty * (qk * softmax_scale)
-            if MASKED:
-                extra = tl.where(visible, extra, 0.0)
-            ds += extra
+        ds = _penalized_score_grad(p, dp, qk, delta[:, None], grad_penalty, visible, softmax_scale,
+                                   PENALTY, HAS_GRAD_PENALTY, MASKED)  # [BM, BN]
         dq = tl.dot(ds.to(k_tile.dtype).to(DOT_DTYPE), k_tile.to(DOT_DTYPE), dq,
                     input_precision=DOT_PRECISION)  # [BM, D] += dS K
     return dq

@@ -99,13 +99,7 @@ def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]], ti
     ax.set(title=title, xlabel="step", ylabel=ylabel)
     if logy:
         ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def plot_points(path: Path, x: Sequence, series: dict[str, list[list[float]]], title: str, xlabel: str, ylabel: str,
@@ -124,6 +118,11 @@ def plot_points(path: Path, x: Sequence, series: dict[str, list[list[float]]], t
     if logx:
         ax.set_xscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    _save(plt, fig, ax, path)
+
+
+def _save(plt, fig, ax, path: Path) -> None:
+    """Grid, legend (if any line is labelled), PNG at path."""
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)

@@ -133,7 +133,10 @@ class Study:
     def common(self, steps: int, eval_interval: int, stats_interval: int, log_interval: int) -> dict:
         return {
             "parallel": {"tensor": 1, "pipeline": 1},
-            "train": {"steps": steps, "eval_interval": eval_interval, "eval_iters": self.size.get("eval_iters", 4)},
+            # the studies observe instability, so the guard only warns: a spike keeps its update (no skip,
+            # no rollback) and a diverged run goes on to its last step instead of stopping
+            "train": {"steps": steps, "eval_interval": eval_interval, "eval_iters": self.size.get("eval_iters", 4),
+                      "max_consecutive_skips": steps, "spike": {"policy": "warn"}},
             "checkpoint": {"resume": "none", "save_at_end": False, "keep_last": 1},
             "logging": {"interval": log_interval, "attention_stats_interval": stats_interval, "tensorboard": True,
                         "heatmap_interval": stats_interval, "peak_tflops": 1.0},
