@@ -19,7 +19,8 @@ import torch
 
 from fpa_megatron.config import RunConfig, load_config
 from fpa_megatron.parallel.weights import is_gated_fc1, join_shards, tensor_parallel_dim
-from fpa_megatron.training.checkpoint import MARKER, CheckpointLayout, complete_checkpoints
+from fpa_megatron.training.checkpoint import (MARKER, TRAINER_STATE, CheckpointLayout, load_trusted,
+                                             resolve_latest)
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 TIED_COPY = "output_layer.weight"  # the last stage's copy of tied word embeddings
@@ -59,7 +60,7 @@ class ModelCheckpoint:
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """An iter_XXXXXXX directory from itself, a checkpoint root or a run directory (`<run>/checkpoints`).
 
-    In a root, the checkpoint its `latest` file names, else the newest complete one. Only complete checkpoints
+    In a root, what `resume: auto` takes there (`latest`, else the lineage's newest). Only complete checkpoints
     (with the marker written after every rank finished) count.
     """
     path = Path(path)
@@ -71,12 +72,9 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no {MARKER!r} marker: a run stopped "
                               f"while saving it); use an earlier one")
     for root in (path, path / "checkpoints"):
-        latest = root / "latest"
-        if latest.is_file() and (root / latest.read_text().strip() / MARKER).exists():
-            return root / latest.read_text().strip()
-        found = complete_checkpoints(root)
-        if found:
-            return found[-1]
+        found, _ = resolve_latest(root)  # what `resume: auto` would take there
+        if found is not None:
+            return found
     raise CheckpointError(f"no complete checkpoint (iter_*/{MARKER}) in {str(path)!r} or {str(path / 'checkpoints')!r}")
 
 
@@ -188,10 +186,10 @@ def _join_stages(path: Path, cfg: RunConfig, stage_pieces: list[dict[str, list]]
 
 
 def _trainer_state(path: Path) -> dict:
-    file = path / "trainer_state.pt"
-    if file.is_file():
-        return torch.load(file, map_location="cpu", weights_only=True)
-    raise CheckpointError(f"checkpoint {str(path)!r} has no trainer_state.pt")
+    file = path / TRAINER_STATE
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {TRAINER_STATE}")
+    return load_trusted(file)
 
 
 def _check_complete(path: Path, cfg: RunConfig, state: dict) -> None:

@@ -37,7 +37,8 @@ import torch
 from fpa_megatron.config import ConfigError, RunConfig, save_config
 from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, split_shard,
                                            tensor_parallel_dim)
-from fpa_megatron.training.checkpoint import MARKER, RESHARDED, write_layout
+from fpa_megatron.training.checkpoint import (LATEST, MARKER, RESHARDED, TRAINER_STATE, fsync_path, save_durable,
+                                             write_atomic, write_layout)
 from fpa_megatron.training.checkpoint_reader import (CheckpointError, CheckpointLayout, ModelCheckpoint,
                                                      model_parallel_coordinates, read_model_checkpoint)
 
@@ -420,7 +421,7 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
             log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {new.data} "
                 f"ZeRO partition(s)")
             write_rank(state, new_cfg, new, mp, tp, pp, iter_dir)
-        torch.save(model.trainer_state, iter_dir / "trainer_state.pt")
+        save_durable(model.trainer_state, iter_dir / TRAINER_STATE)
         save_config(new_cfg, iter_dir / "config.yaml")
         write_layout(iter_dir, new, model.step)
         (iter_dir / RESHARDED).write_text(json.dumps({
@@ -433,8 +434,12 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise
-    (iter_dir / MARKER).write_text(f"{model.step}\n")
-    (out / "latest").write_text(ckpt.name + "\n")
+    for file in iter_dir.iterdir():  # durable before the marker, as the trainer's saves are
+        fsync_path(file)
+    fsync_path(iter_dir)
+    fsync_path(out)
+    write_atomic(iter_dir / MARKER, f"{model.step}\n")
+    write_atomic(out / LATEST, ckpt.name + "\n")
 
     overrides = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
     if new_cfg.model.make_vocab_size_divisible_by != cfg.model.make_vocab_size_divisible_by:
