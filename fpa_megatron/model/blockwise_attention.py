@@ -5,12 +5,15 @@ computes the same output, the same per-row penalty and the same gradients tile b
 
 - forward: query blocks (`block_size` rows) in the outer loop, key tiles (up to `key_block_size` keys) up to
   the diagonal in the inner loop (keys that the causal mask hides entirely are never computed), with an
-  online softmax that keeps per row the running max m, the normalizer l = sum_j exp(s_ij - m) and, for the
-  penalty, q2 = sum_j exp(2 (s_ij - m)).
-  The collision term is then c_i = q2_i / l_i^2 = sum_j p_ij^2 (the LSE identity, docs/fpa_math.md section 3).
+  online softmax that keeps per row the running max, the normalizer `row_sum = sum_j 2^(s_ij - max)` and,
+  for the penalty, `row_sq_sum = sum_j 2^(2 (s_ij - max))`. The collision term is then
+  c_i = row_sq_sum / row_sum^2 = sum_j p_ij^2 (the LSE identity, docs/fpa_math.md section 3).
   Only the inputs, the output, the log-sum-exp and c are saved.
 - backward: recomputes each tile's probabilities from the saved log-sum-exp and adds the penalty's terms
   to dP and D (docs/fpa_math.md section 2), for an arbitrary upstream gradient g of the per-row penalty.
+
+Scores are kept in base-2 units (q is scaled by softmax_scale * log2(e)), so every exponential is an
+`exp2`: the same probabilities, and on CPU about half the time of `exp`, the largest elementwise cost here.
 
 Layout: grouped-query attention folds the query heads of one key/value head into the rows,
 q [b, hkv * group, s, d] -> [b * hkv, s * group, d] (row r = position r // group, head r % group), so every
@@ -24,6 +27,7 @@ The reference is `eager_attention` (attention_penalty.py): explicit [b, h, s, s]
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -33,10 +37,11 @@ from fpa_megatron.model.attention_penalty import TARGETS, eager_attention  # noq
 
 
 # Query rows per block and keys per tile: narrow query blocks against wide key tiles were the fastest at one
-# thread per process (64 x 2048: 1.0-1.2x the time of torch's fused SDPA at S = 1024-2048, fwd + bwd with the
+# thread per process (64 x 2048: 1.1-1.2x the time of torch's fused SDPA at S = 2048, fwd + bwd with the
 # penalty; square 128 x 128 tiles: 1.25-1.3x; benchmarks/train_throughput.py --long for the whole step).
 DEFAULT_BLOCK_SIZE = 64  # the default of model.attention_block_size too
 KEY_BLOCK_SIZE = 2048
+LOG2E = math.log2(math.e)  # natural -> base-2 units: exp(x) = 2^(x * LOG2E)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,7 +49,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# blockwise kernel
+# layout and tiles
 
 
 def _fold_heads(x: Tensor, group: int) -> Tensor:
@@ -68,43 +73,119 @@ def _unfold_heads(x: Tensor, b: int, group: int) -> Tensor:
     return x.reshape(b, hkv * group, s, *rest)
 
 
-def _blocks(s: int, block: int):
-    """(start, end) of the query blocks along a sequence of length s; the last one may be shorter."""
-    return [(i, min(i + block, s)) for i in range(0, s, block)]
+class _Tiles:
+    """The query blocks and key tiles of one call, and the causal mask of the diagonal block.
+
+    Query block [i0, i1) (folded rows [i0 * group, i1 * group)) attends to keys [0, i1) when causal (later
+    keys are never computed), else [0, s), cut every key_block keys; key_block is a multiple of the block, so
+    the causal diagonal [i0, i1) always lies at the end of the block's last key tile.
+    """
+
+    def __init__(self, s: int, group: int, causal: bool, block: int, key_block: int, dtype, device):
+        self.s, self.group, self.causal, self.block, self.key_block = s, group, causal, block, key_block
+        self.dtype, self.device = dtype, device
+        self._future: dict = {}
+
+    def blocks(self):
+        """(i0, i1, key tiles [(j0, j1), ...]) per query block; the last block may be shorter."""
+        for i0 in range(0, self.s, self.block):
+            i1 = min(i0 + self.block, self.s)
+            end = i1 if self.causal else self.s
+            yield i0, i1, [(j, min(j + self.key_block, end)) for j in range(0, end, self.key_block)]
+
+    def diagonal(self, i0: int, i1: int, j0: int, j1: int) -> Optional[int]:
+        """Column of key tile [j0, j1) where the causal diagonal block starts, None if the tile has none."""
+        return i0 - j0 if self.causal and j1 == i1 else None
+
+    def future(self, size: int) -> tuple[Tensor, Tensor]:
+        """The diagonal block's [size * group, size] causal mask: True on the keys in each row's future, and
+        the same as an additive bias (0 / -inf; adding it is several times cheaper than masked_fill_)."""
+        if size not in self._future:
+            mask = torch.ones(size, size, dtype=torch.bool, device=self.device).triu(1)
+            mask = mask.repeat_interleave(self.group, dim=0)
+            bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(mask, float("-inf"))
+            self._future[size] = mask, bias
+        return self._future[size]
 
 
-def _key_tiles(i0: int, i1: int, s: int, causal: bool, key_block: int):
-    """(start, end) of the key tiles that query block [i0, i1) attends to: keys [0, i1) when causal (later
-    keys are never computed), else [0, s), cut every key_block keys. key_block is a multiple of the query
-    block, so the causal diagonal [i0, i1) always lies at the end of the last tile."""
-    end = i1 if causal else s
-    return [(j, min(j + key_block, end)) for j in range(0, end, key_block)]
+# ----------------------------------------------------------------------------------------------------------
+# one query block, forward and backward
 
 
-def _diagonal_mask(size: int, group: int, device) -> Tensor:
-    """[size * group, size] bool, True where the key is in the future of the row's query (diagonal tile)."""
-    return torch.ones(size, size, dtype=torch.bool, device=device).triu(1).repeat_interleave(group, dim=0)
+def _sq_sum(x: Tensor) -> Tensor:
+    """sum over the last dim of x^2, [n, rows, 1]: one fused pass, no [n, rows, cols] temporary."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
 
 
-class _DiagonalMasks:
-    """The diagonal tile's causal mask per tile size, as a bool mask and as an additive bias (0 / -inf):
-    adding the bias is one vectorized pass, several times cheaper than masked_fill_ with a broadcast mask."""
+def _visible_sq_sum(scores: Tensor, diag: Optional[int], future: Tensor) -> Tensor:
+    """sum of scores^2 over the keys each row sees, [n, rows, 1]; `future` masks the diagonal block."""
+    if diag is None:
+        return _sq_sum(scores)
+    return _sq_sum(scores[:, :, :diag]) + _sq_sum(scores[:, :, diag:].masked_fill(future, 0.0))
 
-    def __init__(self, group: int, dtype: torch.dtype, device):
-        self.group, self.dtype, self.device = group, dtype, device
-        self._masks: dict = {}
-        self._biases: dict = {}
 
-    def mask(self, size: int) -> Tensor:
-        if size not in self._masks:
-            self._masks[size] = _diagonal_mask(size, self.group, self.device)
-        return self._masks[size]
+def _forward_block(q_tile: Tensor, k_t: Tensor, v: Tensor, i0: int, i1: int, key_tiles, tiles: _Tiles,
+                   target: Optional[str]):
+    """Output [n, rows, d], base-2 log-sum-exp [n, rows, 1] and row penalty [n, rows, 1] (None when target is
+    None) of one query block, online over its key tiles. q_tile [n, rows, d] is in base-2 units."""
+    n, rows, d = q_tile.shape
+    row_max = torch.full((n, rows, 1), float("-inf"), dtype=q_tile.dtype, device=q_tile.device)
+    row_sum = torch.zeros_like(row_max)
+    row_sq_sum = torch.zeros_like(row_max)  # probs: sum_j 2^(2 (s - max)); logits: sum_j s^2 (base-2 units)
+    out = torch.zeros(n, rows, d, dtype=q_tile.dtype, device=q_tile.device)
+    for j0, j1 in key_tiles:
+        scores = torch.bmm(q_tile, k_t[:, :, j0:j1])  # [n, rows, cols]
+        diag = tiles.diagonal(i0, i1, j0, j1)
+        if target == "logits":
+            row_sq_sum += _visible_sq_sum(scores, diag, tiles.future(i1 - i0)[0])
+        if diag is not None:
+            scores[:, :, diag:].add_(tiles.future(i1 - i0)[1])  # -inf on the keys in the future
+        new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))
+        probs = scores.sub_(new_max).exp2_()  # unnormalized probabilities, in place
+        rescale = torch.exp2(row_max - new_max)  # what was accumulated under the old max
+        row_sum.mul_(rescale).add_(probs.sum(-1, keepdim=True))
+        out.mul_(rescale).baddbmm_(probs, v[:, j0:j1])
+        if target == "probs":
+            row_sq_sum.mul_(rescale.square()).add_(_sq_sum(probs))
+        row_max = new_max
+    if target == "probs":
+        penalty = row_sq_sum / row_sum.square()
+    else:
+        penalty = row_sq_sum / LOG2E ** 2 if target == "logits" else None
+    return out.div_(row_sum), row_max + torch.log2(row_sum), penalty
 
-    def bias(self, size: int) -> Tensor:
-        if size not in self._biases:
-            zeros = torch.zeros(size * self.group, size, dtype=self.dtype, device=self.device)
-            self._biases[size] = zeros.masked_fill_(self.mask(size), float("-inf"))
-        return self._biases[size]
+
+def _backward_block(q_tile, out_grad_tile, lse_tile, d_tile, g2_tile, k, k_t, v_t, dk, dv, i0, i1, key_tiles,
+                    tiles: _Tiles, target: Optional[str]) -> Tensor:
+    """dQ [n, rows, d] of one query block (unscaled: times softmax_scale later); adds its share to dk, dv.
+    Rows: q_tile in base-2 units, out_grad_tile dO, lse_tile base-2 LSE, d_tile D (+ 2 g c for probs),
+    g2_tile 2 g of the penalty (None without it). dS = P (dP + 2 g P - D'); for logits dS += 2 g S."""
+    dq_tile = torch.zeros_like(q_tile)
+    for j0, j1 in key_tiles:
+        scores = torch.bmm(q_tile, k_t[:, :, j0:j1])  # recomputed [n, rows, cols]
+        diag = tiles.diagonal(i0, i1, j0, j1)
+        if target == "logits":
+            score_grad = scores * (g2_tile / LOG2E)  # 2 g s in natural units; masked entries zeroed below
+        probs = scores.sub_(lse_tile)
+        if diag is not None:
+            probs[:, :, diag:].add_(tiles.future(i1 - i0)[1])
+        probs = probs.exp2_()  # [n, rows, cols]
+        dv[:, j0:j1].baddbmm_(probs.transpose(1, 2), out_grad_tile)
+        probs_grad = torch.bmm(out_grad_tile, v_t[:, :, j0:j1])  # dP
+        if target == "probs":
+            probs_grad.addcmul_(probs, g2_tile)  # + 2 g p
+        scores_grad = probs_grad.sub_(d_tile).mul_(probs)  # dS = p (dP - D)
+        if target == "logits":
+            scores_grad.add_(score_grad)
+            if diag is not None:
+                scores_grad[:, :, diag:].masked_fill_(tiles.future(i1 - i0)[0], 0.0)
+        dq_tile.baddbmm_(scores_grad, k[:, j0:j1])
+        dk[:, j0:j1].baddbmm_(scores_grad.transpose(1, 2), q_tile)
+    return dq_tile
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the autograd function
 
 
 class BlockwiseAttention(torch.autograd.Function):
@@ -116,72 +197,37 @@ class BlockwiseAttention(torch.autograd.Function):
         b, hq, s, d = q.shape
         group = hq // k.shape[1]
         acc = _acc_dtype(q.dtype)
-        # Scale folded into q once; float32 (or float64) copies of the inputs, [n = b * hkv, rows, d].
-        qs = _fold_heads(q.to(acc) * softmax_scale, group)  # [n, s * group, d]
-        kT = k.to(acc).reshape(-1, s, d).transpose(1, 2)  # [n, d, s]
-        vf = v.to(acc).reshape(-1, s, d)  # [n, s, d]
-        n = vf.shape[0]
-        out = torch.empty(n, s * group, d, dtype=acc, device=q.device)
-        lse = torch.empty(n, s * group, dtype=acc, device=q.device)
-        penalty = torch.empty(n, s * group, dtype=acc, device=q.device) if compute_penalty else None
-        masks = _DiagonalMasks(group, acc, q.device)
-        logits_penalty = compute_penalty and target == "logits"
-        probs_penalty = compute_penalty and target == "probs"
+        # float32 (or float64) copies, [n = b * hkv, rows, d]; the scale and log2(e) folded into q once.
+        q_rows = _fold_heads(q.to(acc) * (softmax_scale * LOG2E), group)  # [n, s * group, d]
+        k_t = k.to(acc).reshape(-1, s, d).transpose(1, 2)  # [n, d, s]
+        v_rows = v.to(acc).reshape(-1, s, d)  # [n, s, d]
+        out, lse = torch.empty_like(q_rows), torch.empty(q_rows.shape[:2], dtype=acc, device=q.device)
+        penalty = torch.empty_like(lse) if compute_penalty else None
+        tiles = _Tiles(s, group, causal, block_size, key_block, acc, q.device)
+        block_target = target if compute_penalty else None
 
-        for i0, i1 in _blocks(s, block_size):
-            r0, r1 = i0 * group, i1 * group
-            q_t = qs[:, r0:r1]  # [n, rows, d]
-            m = l = q2 = o = None  # running max, normalizer, sum of squared exponentials, output [n, rows(, d)]
-            for j0, j1 in _key_tiles(i0, i1, s, causal, key_block):
-                st = torch.bmm(q_t, kT[:, :, j0:j1])  # scores [n, rows, cols]
-                diagonal = st[:, :, i0 - j0:] if causal and j1 == i1 else None  # the causal diagonal, a view
-                if logits_penalty:  # sum of s^2 over unmasked keys
-                    sq = torch.linalg.vector_norm(st if diagonal is None else st[:, :, :i0 - j0], dim=-1,
-                                                  keepdim=True).square_()
-                    if diagonal is not None:
-                        unmasked = diagonal.masked_fill(masks.mask(i1 - i0), 0.0)
-                        sq += torch.linalg.vector_norm(unmasked, dim=-1, keepdim=True).square_()
-                if diagonal is not None:
-                    diagonal.add_(masks.bias(i1 - i0))  # -inf on the keys in the future
-                m_tile = st.amax(-1, keepdim=True)  # [n, rows, 1]
-                m_new = m_tile if m is None else torch.maximum(m, m_tile)
-                p = st.sub_(m_new).exp_()  # unnormalized probabilities, in place
-                l_tile = p.sum(-1, keepdim=True)
-                if probs_penalty:  # sum_j p_ij^2 as a squared norm: one fused pass, no [n, rows, cols] temporary
-                    sq = torch.linalg.vector_norm(p, dim=-1, keepdim=True).square_()
-                if m is None:
-                    l, o, q2 = l_tile, torch.bmm(p, vf[:, j0:j1]), (sq if compute_penalty else None)
-                else:
-                    alpha = torch.exp(m - m_new)  # rescales what was accumulated under the old max
-                    l = l.mul_(alpha).add_(l_tile)
-                    o = o.mul_(alpha).baddbmm_(p, vf[:, j0:j1])
-                    if probs_penalty:
-                        q2 = q2.mul_(alpha.square()).add_(sq)
-                    elif logits_penalty:
-                        q2 = q2.add_(sq)
-                m = m_new
-            out[:, r0:r1] = o.div_(l)
-            lse[:, r0:r1] = (m + torch.log(l)).squeeze(-1)
-            if compute_penalty:
-                penalty[:, r0:r1] = (q2 / l.square() if probs_penalty else q2).squeeze(-1)
+        for i0, i1, key_tiles in tiles.blocks():
+            r0, r1 = i0 * group, i1 * group  # the block's folded rows
+            out_t, lse_t, penalty_t = _forward_block(q_rows[:, r0:r1], k_t, v_rows, i0, i1, key_tiles, tiles,
+                                                     block_target)
+            out[:, r0:r1], lse[:, r0:r1] = out_t, lse_t.squeeze(-1)
+            if penalty is not None:
+                penalty[:, r0:r1] = penalty_t.squeeze(-1)
 
         out = _unfold_heads(out, b, group).to(q.dtype)  # [b, hq, s, d]
         if penalty is not None:
             penalty = _unfold_heads(penalty, b, group)  # [b, hq, s]
         # The collision term c enters the backward (D' = D + 2 g c); for logits nothing more is needed.
-        saved_penalty = penalty if probs_penalty else None
-        ctx.save_for_backward(q, k, v, out, lse, saved_penalty)
+        ctx.save_for_backward(q, k, v, out, lse, penalty if block_target == "probs" else None)
         ctx.softmax_scale, ctx.target, ctx.causal = softmax_scale, target, causal
         ctx.block_size, ctx.key_block, ctx.compute_penalty = block_size, key_block, compute_penalty
         ctx.set_materialize_grads(False)
-        if penalty is not None:
-            return out, penalty
-        return out, None
+        return out, penalty
 
     @staticmethod
     def backward(ctx, grad_out: Optional[Tensor], grad_penalty: Optional[Tensor]):
         q, k, v, out, lse, collision = ctx.saved_tensors
-        scale, target, causal = ctx.softmax_scale, ctx.target, ctx.causal
+        scale, target = ctx.softmax_scale, ctx.target
         b, hq, s, d = q.shape
         group = hq // k.shape[1]
         acc = _acc_dtype(q.dtype)
@@ -191,53 +237,32 @@ class BlockwiseAttention(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
 
-        qs = _fold_heads(q.to(acc) * scale, group)  # [n, s * group, d]
-        kf = k.to(acc).reshape(-1, s, d)
-        vf = v.to(acc).reshape(-1, s, d)
-        kT, vT = kf.transpose(1, 2), vf.transpose(1, 2)  # [n, d, s]
-        do = _fold_heads(grad_out.to(acc), group)  # [n, s * group, d]
+        q_rows = _fold_heads(q.to(acc) * (scale * LOG2E), group)  # [n, s * group, d], base-2 units
+        k_rows = k.to(acc).reshape(-1, s, d)
+        v_t = v.to(acc).reshape(-1, s, d).transpose(1, 2)  # [n, d, s]
+        out_grad = _fold_heads(grad_out.to(acc), group)  # [n, s * group, d]
         # D_i = rowsum(dO * O); the probs penalty adds 2 g_i c_i to it (and 2 g_i p_ij to dP_ij).
-        D = torch.linalg.vecdot(do, _fold_heads(out.to(acc), group))  # [n, s * group]
-        g2 = None
+        d_rows = torch.linalg.vecdot(out_grad, _fold_heads(out.to(acc), group))  # [n, s * group]
+        g2_rows = None
         if g is not None:
-            g2 = _fold_heads(2.0 * g.to(acc), group)  # [n, s * group]
+            g2_rows = _fold_heads(2.0 * g.to(acc), group)  # [n, s * group]
             if target == "probs":
-                D = D.addcmul_(g2, _fold_heads(collision, group))
-        dq = torch.empty_like(qs)
-        dk = torch.zeros_like(kf)
-        dv = torch.zeros_like(vf)
-        masks = _DiagonalMasks(group, acc, q.device)
+                d_rows = d_rows.addcmul_(g2_rows, _fold_heads(collision, group))
+        dq = torch.empty_like(q_rows)
+        dk = torch.zeros_like(k_rows)
+        dv = torch.zeros_like(k_rows)
+        tiles = _Tiles(s, group, ctx.causal, ctx.block_size, ctx.key_block, acc, q.device)
+        block_target = target if g is not None else None
 
-        for i0, i1 in _blocks(s, ctx.block_size):
+        for i0, i1, key_tiles in tiles.blocks():
             r0, r1 = i0 * group, i1 * group
-            q_t, do_t = qs[:, r0:r1], do[:, r0:r1]  # [n, rows, d]
-            lse_t, D_t = lse[:, r0:r1].unsqueeze(-1), D[:, r0:r1].unsqueeze(-1)  # [n, rows, 1]
-            g2_t = g2[:, r0:r1].unsqueeze(-1) if g2 is not None else None
-            dq_t = None
-            for j0, j1 in _key_tiles(i0, i1, s, causal, ctx.key_block):
-                st = torch.bmm(q_t, kT[:, :, j0:j1])  # recomputed scores [n, rows, cols]
-                diagonal = causal and j1 == i1  # the tile's last i1 - i0 keys are the causal diagonal
-                if g2_t is not None and target == "logits":
-                    ds_extra = st * g2_t  # 2 g_i s_ij (masked entries zeroed below)
-                p = st.sub_(lse_t)
-                if diagonal:
-                    p[:, :, i0 - j0:].add_(masks.bias(i1 - i0))
-                p = p.exp_()  # probabilities [n, rows, cols]
-                dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do_t)
-                dp = torch.bmm(do_t, vT[:, :, j0:j1])  # [n, rows, cols]
-                if g2_t is not None and target == "probs":
-                    dp = dp.addcmul_(p, g2_t)  # + 2 g_i p_ij
-                ds = dp.sub_(D_t).mul_(p)  # p (dP - D)
-                if g2_t is not None and target == "logits":
-                    ds = ds.add_(ds_extra)
-                    if diagonal:
-                        ds[:, :, i0 - j0:].masked_fill_(masks.mask(i1 - i0), 0.0)
-                dq_t = torch.bmm(ds, kf[:, j0:j1]) if dq_t is None else dq_t.baddbmm_(ds, kf[:, j0:j1])
-                dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q_t)  # scale is already in q_t
-            dq[:, r0:r1] = dq_t
+            dq[:, r0:r1] = _backward_block(
+                q_rows[:, r0:r1], out_grad[:, r0:r1], lse[:, r0:r1, None], d_rows[:, r0:r1, None],
+                None if g2_rows is None else g2_rows[:, r0:r1, None], k_rows, k_rows.transpose(1, 2), v_t,
+                dk, dv, i0, i1, key_tiles, tiles, block_target)
 
         dq = _unfold_heads(dq.mul_(scale), b, group).to(q.dtype)
-        dk = dk.reshape(k.shape).to(k.dtype)
+        dk = dk.mul_(1.0 / LOG2E).reshape(k.shape).to(k.dtype)  # dS^T Q used q in base-2 units
         dv = dv.reshape(v.shape).to(v.dtype)
         return dq, dk, dv, None, None, None, None, None, None
 
