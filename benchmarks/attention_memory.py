@@ -2,8 +2,10 @@
 
 Forward + backward of the core attention alone, batch 1, 8 heads, head dim 64, float32, causal, FPA penalty
 on the post-softmax probabilities (the loss is sum(out * dout) + sum(row_penalty), so both gradients flow),
-at S = 1024, 2048, 4096, 8192. Cases: `eager` (explicit [b, h, s, s] scores), `blockwise` (tiled, penalty on)
-and `blockwise_off` (tiled, compute_penalty=False).
+at S = 1024, 2048, 4096, 8192. Cases: `eager` (explicit [b, h, s, s] scores), `blockwise` (tiled, penalty on),
+`blockwise_off` (tiled, compute_penalty=False) and, timed only, `sdpa` (torch's fused attention, no penalty:
+what `attention_impl: auto` runs when the penalty is off), so `bw / sdpa` is the price of the penalized
+kernel against the fastest unpenalized one.
 
 Peak memory (CPU, where torch has no max_memory_allocated): every (S, case) runs in a fresh subprocess that
 builds the inputs, warms the libraries up at a small S, then resets the kernel's resident-set high-water
@@ -20,7 +22,7 @@ at S = 4096; blockwise peak S = 8192 over S = 4096 <= 2.2 (linear); blockwise ti
 S >= 2048; penalty on / off within blockwise <= 1.10x.
 
     python benchmarks/attention_memory.py [--seqs 1024 2048 4096 8192] [--block-size 64] [--rounds 5]
-        [--threads 2] [--skip-memory] [--skip-time]
+        [--threads 2] [--batch 1] [--head-dim 64] [--skip-memory] [--skip-time]
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from fpa_megatron.model.blockwise_attention import DEFAULT_BLOCK_SIZE, blockwise_attention, eager_attention
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
-CASES = ("eager", "blockwise", "blockwise_off")
+CASES = ("eager", "blockwise", "blockwise_off", "sdpa")
 
 
 def make_inputs(seq: int, seed: int = 0):
@@ -51,9 +54,11 @@ def make_inputs(seq: int, seed: int = 0):
 
 def step(case: str, q, k, v, dout, block_size: int) -> None:
     """One forward + backward of the attention layer; gradients land in q.grad, k.grad, v.grad."""
-    scale = HEAD_DIM ** -0.5
+    scale = q.shape[-1] ** -0.5
     if case == "eager":
         out, row_penalty = eager_attention(q, k, v, scale)
+    elif case == "sdpa":  # torch's fused attention without the penalty: what `auto` runs with FPA off
+        out, row_penalty = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), None
     else:
         out, row_penalty = blockwise_attention(q, k, v, scale, block_size=block_size,
                                                compute_penalty=case == "blockwise")
@@ -85,7 +90,8 @@ def child_peak(case: str, seq: int, block_size: int) -> None:
 
 def measure_peak(case: str, seq: int, block_size: int, threads: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, __file__, "--child", case, str(seq), "--block-size", str(block_size)]
+    cmd = [sys.executable, __file__, "--child", case, str(seq), "--block-size", str(block_size),
+           "--batch", str(BATCH), "--head-dim", str(HEAD_DIM)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
 
@@ -119,15 +125,19 @@ def _ratio(paired) -> str:
 
 
 def main():
+    global BATCH, HEAD_DIM  # --batch, --head-dim
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    BATCH, HEAD_DIM = args.batch, args.head_dim
     torch.set_num_threads(args.threads)
     if args.child:
         child_peak(args.child[0], int(args.child[1]), args.block_size)
@@ -150,15 +160,16 @@ def main():
 
     print()
     print("|     S | eager peak MiB | blockwise peak MiB | peak bw/eager | eager s | blockwise s | time bw/eager "
-          "| bw penalty off s | bw on/off (paired) |")
+          "| bw penalty off s | bw on/off (paired) | sdpa s | bw / sdpa |")
     print("|------:|---------------:|-------------------:|--------------:|--------:|------------:|--------------:"
-          "|-----------------:|-------------------:|")
+          "|-----------------:|-------------------:|-------:|----------:|")
     for seq in args.seqs:
         pe, pb = peaks.get((seq, "eager")), peaks.get((seq, "blockwise"))
-        te, tb, to = (times.get((seq, c)) for c in CASES)
+        te, tb, to, ts = (times.get((seq, c)) for c in CASES)
         print(f"| {seq:5d} | {fmt(pe, '14.1f')} | {fmt(pb, '18.1f')} | {fmt(pb / pe if pe else None, '13.3f')} "
               f"| {fmt(te, '7.3f')} | {fmt(tb, '11.3f')} | {fmt(tb / te if te else None, '13.2f')} "
-              f"| {fmt(to, '16.3f')} | {_ratio(on_off.get(seq)):>18s} |")
+              f"| {fmt(to, '16.3f')} | {_ratio(on_off.get(seq)):>18s} | {fmt(ts, '6.3f')} "
+              f"| {fmt(tb / ts if ts else None, '9.2f')} |")
 
     print("\ntargets:")
     checks = []

@@ -37,8 +37,8 @@ from fpa_megatron.model.attention_penalty import TARGETS, eager_attention  # noq
 
 
 # Query rows per block and keys per tile: narrow query blocks against wide key tiles were the fastest at one
-# thread per process (64 x 2048: 1.1-1.2x the time of torch's fused SDPA at S = 2048, fwd + bwd with the
-# penalty; square 128 x 128 tiles: 1.25-1.3x; benchmarks/train_throughput.py --long for the whole step).
+# thread per process (64 x 2048: 1.04x the time of torch's fused SDPA at S = 2048, d = 32, fwd + bwd with the
+# penalty, benchmarks/attention_memory.py; 128- and 256-query blocks were slower).
 DEFAULT_BLOCK_SIZE = 64  # the default of model.attention_block_size too
 KEY_BLOCK_SIZE = 2048
 LOG2E = math.log2(math.e)  # natural -> base-2 units: exp(x) = 2^(x * LOG2E)
