@@ -92,6 +92,17 @@ def write_atomic(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
+def mark_complete(path: Path, step: int) -> None:
+    """Make checkpoint directory `path` durable (its files, itself, its name in the root), then write its
+    marker: a checkpoint counts only once everything in it would survive a crash."""
+    for file in path.iterdir():
+        if file.is_file():
+            fsync_path(file)
+    fsync_path(path)
+    fsync_path(path.parent)  # the directory entry of iter_... itself
+    write_atomic(path / MARKER, f"{step}\n")
+
+
 def save_durable(obj: Any, path: Path) -> None:
     """torch.save and fsync (the caller makes the directory entry durable)."""
     with open(path, "wb") as f:
@@ -330,12 +341,7 @@ class Checkpointer:
 
     def _commit(self, path: Path) -> None:
         """Rank 0, after every rank's files are durable: directory, marker, history, latest, then prune."""
-        for file in path.iterdir():  # whatever else was written in it on this node
-            if file.is_file():
-                fsync_path(file)
-        fsync_path(path)
-        fsync_path(self.root)  # the directory entry of iter_... itself
-        write_atomic(path / MARKER, f"{int(path.name[len(TAG_PREFIX):])}\n")
+        mark_complete(path, int(path.name[len(TAG_PREFIX):]))  # also whatever else was written in it on this node
         history = read_history(self.root)
         history["lineage"] = [t for t in history["lineage"] if t != path.name] + [path.name]
         _write_history(self.root, history)

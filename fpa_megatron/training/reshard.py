@@ -37,7 +37,7 @@ import torch
 from fpa_megatron.config import ConfigError, RunConfig, save_config
 from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, split_shard,
                                            tensor_parallel_dim)
-from fpa_megatron.training.checkpoint import (LATEST, MARKER, RESHARDED, TRAINER_STATE, fsync_path, save_durable,
+from fpa_megatron.training.checkpoint import (LATEST, RESHARDED, TRAINER_STATE, mark_complete, save_durable,
                                              write_atomic, write_layout)
 from fpa_megatron.training.checkpoint_reader import (CheckpointError, CheckpointLayout, ModelCheckpoint,
                                                      model_parallel_coordinates, read_model_checkpoint)
@@ -434,11 +434,7 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise
-    for file in iter_dir.iterdir():  # durable before the marker, as the trainer's saves are
-        fsync_path(file)
-    fsync_path(iter_dir)
-    fsync_path(out)
-    write_atomic(iter_dir / MARKER, f"{model.step}\n")
+    mark_complete(iter_dir, model.step)  # durable before the marker, as the trainer's saves are
     write_atomic(out / LATEST, ckpt.name + "\n")
 
     overrides = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
