@@ -73,6 +73,12 @@ def _unfold_heads(x: Tensor, b: int, group: int) -> Tensor:
     return x.reshape(b, hkv * group, s, *rest)
 
 
+def _base2_query_rows(q: Tensor, softmax_scale: float, group: int, acc: torch.dtype) -> Tensor:
+    """q [b, hq, s, d] as folded rows [n, s * group, d] in acc, scaled by softmax_scale * log2(e): q . k is then
+    the score in base-2 units. Forward and backward both build it (the backward recomputes, saving memory)."""
+    return _fold_heads(q.to(acc) * (softmax_scale * LOG2E), group)
+
+
 class _Tiles:
     """The query blocks and key tiles of one call, and the causal mask of the diagonal block.
 
@@ -198,7 +204,7 @@ class BlockwiseAttention(torch.autograd.Function):
         group = hq // k.shape[1]
         acc = _acc_dtype(q.dtype)
         # float32 (or float64) copies, [n = b * hkv, rows, d]; the scale and log2(e) folded into q once.
-        q_rows = _fold_heads(q.to(acc) * (softmax_scale * LOG2E), group)  # [n, s * group, d]
+        q_rows = _base2_query_rows(q, softmax_scale, group, acc)  # [n, s * group, d]
         k_t = k.to(acc).reshape(-1, s, d).transpose(1, 2)  # [n, d, s]
         v_rows = v.to(acc).reshape(-1, s, d)  # [n, s, d]
         out, lse = torch.empty_like(q_rows), torch.empty(q_rows.shape[:2], dtype=acc, device=q.device)
@@ -237,8 +243,9 @@ class BlockwiseAttention(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
 
-        q_rows = _fold_heads(q.to(acc) * (scale * LOG2E), group)  # [n, s * group, d], base-2 units
+        q_rows = _base2_query_rows(q, scale, group, acc)  # [n, s * group, d]
         k_rows = k.to(acc).reshape(-1, s, d)
+        k_t = k_rows.transpose(1, 2)  # [n, d, s]
         v_t = v.to(acc).reshape(-1, s, d).transpose(1, 2)  # [n, d, s]
         out_grad = _fold_heads(grad_out.to(acc), group)  # [n, s * group, d]
         # D_i = rowsum(dO * O); the probs penalty adds 2 g_i c_i to it (and 2 g_i p_ij to dP_ij).
@@ -258,7 +265,7 @@ class BlockwiseAttention(torch.autograd.Function):
             r0, r1 = i0 * group, i1 * group
             dq[:, r0:r1] = _backward_block(
                 q_rows[:, r0:r1], out_grad[:, r0:r1], lse[:, r0:r1, None], d_rows[:, r0:r1, None],
-                None if g2_rows is None else g2_rows[:, r0:r1, None], k_rows, k_rows.transpose(1, 2), v_t,
+                None if g2_rows is None else g2_rows[:, r0:r1, None], k_rows, k_t, v_t,
                 dk, dv, i0, i1, key_tiles, tiles, block_target)
 
         dq = _unfold_heads(dq.mul_(scale), b, group).to(q.dtype)
