@@ -50,10 +50,13 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Model-parallel layout; data parallel = world_size / (tensor * pipeline)."""
+    """Model-parallel layout; data parallel = world_size / (tensor * context * pipeline)."""
 
     tensor: int = 1
     pipeline: int = 1
+    context: int = 1  # context parallelism: each sequence split over this many ranks (2 x context chunks)
+    sequence_parallel: bool = False  # Megatron's sequence parallelism inside the TP group (needs tensor > 1)
+    virtual_pipeline: int = 1  # model chunks per pipeline stage (the interleaved 1F1B schedule; needs pipeline > 1)
     # Every process group (torch's default group, Megatron's TP/PP/DP groups) gives up on a collective after
     # this long: a rank that stalls or dies makes the others fail with an error naming this key. Generous
     # enough for a checkpoint save or rank 0 building the dataset indices while the others wait.
@@ -140,6 +143,8 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps; 0 = only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto | none | <path of a checkpoint directory>
+    init_from: Optional[str] = None  # weights only (e.g. from fpa-import): step 0, a fresh optimizer
+    interval_minutes: float = 0.0  # also save when this much wall-clock time passed since the last save; 0 = off
     save_at_end: bool = True
 
 

@@ -47,6 +47,9 @@ class ResolvedLayout:
     num_query_groups: int
     kv_channels: int  # hidden_size / num_attention_heads
     tokenizer_vocab_size: Optional[int]  # None when no tokenizer is configured
+    context_parallel: int = 1
+    virtual_pipeline: int = 1
+    sequence_parallel: bool = False
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
@@ -205,11 +208,32 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
         _fail(f"model.ffn_hidden_size={ffn} is not divisible by parallel.tensor={p.tensor}")
     if m.num_layers % p.pipeline:
         _fail(f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}")
-    model_parallel = p.tensor * p.pipeline
+    _check_context_parallel(cfg)
+    _check_sequence_parallel(cfg)
+    _check_virtual_pipeline(cfg)
+    model_parallel = p.tensor * p.context * p.pipeline
     if world_size % model_parallel:
-        _fail(f"world_size={world_size} is not divisible by parallel.tensor * parallel.pipeline = "
-              f"{p.tensor} * {p.pipeline} = {model_parallel}")
+        _fail(f"world_size={world_size} is not divisible by parallel.tensor * parallel.context * parallel.pipeline"
+              f" = {p.tensor} * {p.context} * {p.pipeline} = {model_parallel}")
     return p.tensor, p.pipeline, world_size // model_parallel
+
+
+def _check_context_parallel(cfg: RunConfig) -> None:
+    _int_at_least("parallel.context", cfg.parallel.context, 1)
+    if cfg.parallel.context > 1:
+        _fail(f"parallel.context={cfg.parallel.context}: context parallelism is not supported yet (use 1)")
+
+
+def _check_sequence_parallel(cfg: RunConfig) -> None:
+    if cfg.parallel.sequence_parallel:
+        _fail("parallel.sequence_parallel=true: sequence parallelism is not supported yet (use false)")
+
+
+def _check_virtual_pipeline(cfg: RunConfig) -> None:
+    _int_at_least("parallel.virtual_pipeline", cfg.parallel.virtual_pipeline, 1)
+    if cfg.parallel.virtual_pipeline > 1:
+        _fail(f"parallel.virtual_pipeline={cfg.parallel.virtual_pipeline}: the interleaved pipeline is not "
+              f"supported yet (use 1)")
 
 
 def _check_batch(cfg: RunConfig, data_parallel: int) -> int:
@@ -433,4 +457,7 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
         num_query_groups=m.num_query_groups or m.num_attention_heads,
         kv_channels=m.hidden_size // m.num_attention_heads,
         tokenizer_vocab_size=tok_size,
+        context_parallel=cfg.parallel.context,
+        virtual_pipeline=cfg.parallel.virtual_pipeline,
+        sequence_parallel=cfg.parallel.sequence_parallel,
     )

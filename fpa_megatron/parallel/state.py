@@ -34,8 +34,9 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
 
 
 def init_model_parallel(tensor: int, pipeline: int, seed: int,
-                        timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
-    """Megatron's groups (TP innermost, then DP, then PP) and the per-TP-rank seeds.
+                        timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, *, context: int = 1,
+                        virtual_pipeline: int = 1) -> None:
+    """Megatron's groups (TP innermost, then CP, DP, PP) and the per-TP-rank seeds.
 
     The same `seed` on every rank: weights drawn in full then split (use_cpu_initialization) are then
     identical for every layout; dropout inside tensor-parallel regions forks a per-TP-rank stream. Every
@@ -46,6 +47,8 @@ def init_model_parallel(tensor: int, pipeline: int, seed: int,
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+        context_parallel_size=context,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
         distributed_timeout_minutes=timeout_minutes,
     )
     torch.manual_seed(seed)

@@ -91,7 +91,8 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     if layout is None:
         layout = check_config(cfg, world_size)  # every config error surfaces before any process group exists
     init_distributed(cfg.parallel.timeout_minutes)
-    init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed, cfg.parallel.timeout_minutes)
+    init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed, cfg.parallel.timeout_minutes,
+                        context=cfg.parallel.context, virtual_pipeline=cfg.parallel.virtual_pipeline)
     rank = dist.get_rank()
     setup_logging(rank)
     out_dir = run_dir(cfg)
