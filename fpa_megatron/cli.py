@@ -13,7 +13,7 @@ import sys
 
 from fpa_megatron import exit_codes
 from fpa_megatron.config import ConfigError, load_config
-from fpa_megatron.quiet import quiet_optional_dependency_warnings
+from fpa_megatron.quiet import quiet_optional_dependency_warnings, quiet_training_notices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"fpa-train: config error: {err}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
+    quiet_training_notices()
     from fpa_megatron.logging.run_log import failure_line, is_collective_timeout, setup_logging, where
     from fpa_megatron.training.trainer import train
 

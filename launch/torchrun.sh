@@ -105,7 +105,7 @@ fi
 # torchrun forwards these signals to every worker (SIGUSR1: SLURM's warning ahead of the time limit); the
 # workers finish the step, save a checkpoint and exit with code 75. A signalled torchrun does not restart.
 ARGS=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS"
-    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$SHUTDOWN_TIMEOUT")
+    --signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" --shutdown-timeout "$SHUTDOWN_TIMEOUT")
 if [[ -n "$RDZV_ID" ]]; then
     ARGS+=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID")
     # A fresh store for every attempt: in the store torchrun shares with its workers, a restarted group can

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
-    "$PY" -m pip install --quiet "torch==2.13.0"
+    "$PY" -m pip install --quiet --root-user-action=ignore "torch==2.13.0"
 fi
-DS_BUILD_OPS=0 "$PY" -m pip install --quiet -e ".[dev]"
+DS_BUILD_OPS=0 "$PY" -m pip install --quiet --root-user-action=ignore -e ".[dev]"

