@@ -4,6 +4,8 @@
     FPA_FAULT=nan_loss@12+         ... of every step from 12 on
     FPA_FAULT=spike@12             the LM loss of step 12 is multiplied by SPIKE_FACTOR
     FPA_FAULT=kill_rank@12:1       rank 1 kills itself with SIGKILL as step 12 starts
+    FPA_FAULT=kill_node@12:1       rank 1's node is lost as step 12 starts: its torchrun agent and the rank
+                                   itself get SIGKILL (with one rank per node: the whole node)
     FPA_FAULT=stall_rank@12:1      rank 1 stops doing anything as step 12 starts (a hung rank)
     FPA_FAULT=sigterm@12:1         rank 1 gets SIGTERM as step 12 starts
     FPA_FAULT=sigterm@12:launcher  torchrun gets SIGTERM (it forwards it to every worker)
@@ -29,7 +31,7 @@ from fpa_megatron.logging.run_log import get_logger
 
 ENV = "FPA_FAULT"
 LOSS_FAULTS = ("nan_loss", "spike")
-PROCESS_FAULTS = ("kill_rank", "stall_rank", "sigterm")
+PROCESS_FAULTS = ("kill_rank", "kill_node", "stall_rank", "sigterm")
 SPIKE_FACTOR = 100.0
 LAUNCHER = "launcher"
 
@@ -101,6 +103,12 @@ class FaultInjector:
             self.loss_factor = SPIKE_FACTOR
         elif fault.kind == "kill_rank":
             log.warning(f"{ENV}: rank {self.rank} kills itself (SIGKILL) at step {step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif fault.kind == "kill_node":
+            if "TORCHELASTIC_RUN_ID" not in os.environ:
+                raise RuntimeError(f"{ENV}: kill_node@{step} needs torchrun (launch/torchrun.sh)")
+            log.warning(f"{ENV}: rank {self.rank} kills its node (agent pid {os.getppid()} and itself) at step {step}")
+            os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
         elif fault.kind == "stall_rank":
             log.warning(f"{ENV}: rank {self.rank} stalls at step {step}")

@@ -15,6 +15,14 @@
 #                        worker fails (a lost rank); the restarted group resumes from the newest
 #                        complete checkpoint by itself (checkpoint.resume: auto). Uses the c10d
 #                        rendezvous (id fpa-MASTER_PORT unless --rdzv-id is given)
+#   --external-store     the c10d rendezvous store runs outside the agents [EXTERNAL_STORE, 0]
+#                        at MASTER_ADDR:MASTER_PORT, started there first with
+#                        `python -m fpa_megatron.parallel.rendezvous_store --port PORT` on a
+#                        host that outlives the nodes (slurm.sbatch: the batch host). Without it,
+#                        node 0's agent hosts the store and losing node 0 ends the job; with it,
+#                        any lost node can rejoin and the group restarts (--max-restarts)
+#   --join-timeout S     seconds a restarting group waits for a lost node [JOIN_TIMEOUT, the
+#                        to come back before the job fails                 config's parallel.timeout_minutes]
 #   --shutdown-timeout S seconds the workers get to finish the step and   [SHUTDOWN_TIMEOUT, 300]
 #                        save a checkpoint after torchrun forwards SIGTERM/SIGUSR1, before SIGKILL
 #   --config CONFIG      the YAML config (or give it as the first positional argument)
@@ -42,6 +50,8 @@ NPROC_PER_NODE="${NPROC_PER_NODE:-}"
 RDZV_ID="${RDZV_ID:-}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-300}"
+EXTERNAL_STORE="${EXTERNAL_STORE:-0}"
+JOIN_TIMEOUT="${JOIN_TIMEOUT:-}"
 CONFIG=""
 DRY_RUN=0
 OVERRIDES=()
@@ -63,6 +73,8 @@ while [[ $# -gt 0 ]]; do
         --rdzv-id|--rdzv_id) need_value "$@"; RDZV_ID="$2"; shift 2 ;;
         --max-restarts|--max_restarts) need_value "$@"; MAX_RESTARTS="$2"; shift 2 ;;
         --shutdown-timeout|--shutdown_timeout) need_value "$@"; SHUTDOWN_TIMEOUT="$2"; shift 2 ;;
+        --external-store) EXTERNAL_STORE=1; shift ;;
+        --join-timeout|--join_timeout) need_value "$@"; JOIN_TIMEOUT="$2"; shift 2 ;;
         --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -89,7 +101,11 @@ for pair in "nnodes:$NNODES" "node-rank:$NODE_RANK" "master-port:$MASTER_PORT" "
         exit 2
     fi
 done
-if [[ -z "$RDZV_ID" && "$MAX_RESTARTS" -gt 0 ]]; then
+if [[ -n "$JOIN_TIMEOUT" && ! "$JOIN_TIMEOUT" =~ ^[0-9]+$ ]]; then
+    echo "torchrun.sh: --join-timeout must be a non-negative integer, got '$JOIN_TIMEOUT'" >&2
+    exit 2
+fi
+if [[ -z "$RDZV_ID" && ( "$MAX_RESTARTS" -gt 0 || "$EXTERNAL_STORE" == 1 ) ]]; then
     RDZV_ID="fpa-$MASTER_PORT"  # restarts need the c10d rendezvous: the static one keeps a stale store
 fi
 if [[ -z "$RDZV_ID" && "$NODE_RANK" -ge "$NNODES" ]]; then
@@ -107,7 +123,15 @@ fi
 ARGS=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS"
     --signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" --shutdown-timeout "$SHUTDOWN_TIMEOUT")
 if [[ -n "$RDZV_ID" ]]; then
-    ARGS+=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID")
+    if [[ -z "$JOIN_TIMEOUT" ]]; then  # as long as a collective may wait for a stalled rank
+        JOIN_TIMEOUT="$("${PYTHON:-python3}" -c 'import sys; from fpa_megatron.config import load_config
+print(round(load_config(sys.argv[1], sys.argv[2:]).parallel.timeout_minutes * 60))' "$CONFIG" "${OVERRIDES[@]}" \
+            2>/dev/null || echo 1800)"  # a bad config: fpa-train names the error itself
+    fi
+    RDZV_CONF="join_timeout=$JOIN_TIMEOUT"
+    if [[ "$EXTERNAL_STORE" == 1 ]]; then RDZV_CONF+=",is_host=false"; fi
+    ARGS+=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID"
+        --rdzv-conf "$RDZV_CONF")
     # A fresh store for every attempt: in the store torchrun shares with its workers, a restarted group can
     # read the previous attempt's addresses and fail to connect (pytorch/pytorch#135712).
     CMD=(env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "${LAUNCHER[@]}" "${ARGS[@]}")

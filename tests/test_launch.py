@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fpa_megatron.testing import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
 SLURM = ROOT / "launch" / "slurm.sbatch"
@@ -101,8 +103,9 @@ def test_rendezvous_mode():
     argv = _dry_run("--nnodes", "4", "--nproc-per-node", "8", "--master-addr", "node-a", "--rdzv-id", "4242",
                     "configs/gpt_7b.yaml")
     assert argv == FRESH_STORE + ["--nnodes", "4", "--nproc-per-node", "8", *NO_RESTARTS, "--rdzv-backend", "c10d",
-                                  "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "4242", "-m", "fpa_megatron.cli",
-                                  "--config", "configs/gpt_7b.yaml"]
+                                  "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "4242",
+                                  "--rdzv-conf", "join_timeout=1800",  # gpt_7b's parallel.timeout_minutes
+                                  "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml"]
 
 
 def test_restarts_use_the_c10d_rendezvous_with_a_fresh_store():
@@ -113,10 +116,22 @@ def test_restarts_use_the_c10d_rendezvous_with_a_fresh_store():
     assert argv == FRESH_STORE + ["--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "3",
                                   "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
                                   "--shutdown-timeout", "60", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                                  "127.0.0.1:29611", "--rdzv-id", "fpa-29611", "-m", "fpa_megatron.cli", "--config",
-                                  "configs/demo_cpu.yaml"]
+                                  "127.0.0.1:29611", "--rdzv-id", "fpa-29611", "--rdzv-conf", "join_timeout=1800",
+                                  "-m", "fpa_megatron.cli", "--config", "configs/demo_cpu.yaml"]
     argv = _dry_run("configs/demo_cpu.yaml", MAX_RESTARTS="2", SHUTDOWN_TIMEOUT="30", NPROC_PER_NODE="2")
     assert argv[argv.index("--max-restarts") + 1] == "2" and argv[argv.index("--shutdown-timeout") + 1] == "30"
+
+
+def test_external_store_and_join_timeout():
+    """--external-store: the agents only join the store (is_host=false), so no node's loss takes it down; a
+    restarting group waits for a lost node as long as parallel.timeout_minutes (or --join-timeout) says."""
+    argv = _dry_run("--nnodes", "2", "--external-store", "configs/demo_cpu.yaml", "parallel.timeout_minutes=2",
+                    NPROC_PER_NODE="1", MASTER_PORT="29612")
+    rdzv = argv[argv.index("--rdzv-backend"):argv.index("-m")]
+    assert rdzv == ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29612", "--rdzv-id", "fpa-29612",
+                    "--rdzv-conf", "join_timeout=120,is_host=false"]
+    argv = _dry_run("--rdzv-id", "7", "--join-timeout", "45", "configs/demo_cpu.yaml", NPROC_PER_NODE="1")
+    assert argv[argv.index("--rdzv-conf") + 1] == "join_timeout=45"
 
 
 def test_overrides_with_spaces_survive_quoting():
@@ -132,6 +147,7 @@ def test_overrides_with_spaces_survive_quoting():
     (["--nnodes"], "--nnodes needs a value"),
     (["--max-restarts", "-1", "c.yaml"], "--max-restarts must be a non-negative integer"),
     (["--shutdown-timeout", "soon", "c.yaml"], "--shutdown-timeout must be a non-negative integer"),
+    (["--join-timeout", "1m", "c.yaml"], "--join-timeout must be a non-negative integer"),
 ])
 def test_bad_arguments(args, message):
     proc = subprocess.run(["bash", str(TORCHRUN_SH), "--dry-run", *args], env=_env(), capture_output=True,
@@ -152,10 +168,13 @@ def test_slurm_dry_run(tmp_path):
     proc = subprocess.run(["bash", str(SLURM), "configs/gpt_7b.yaml", "data.prefixes=[/d/x_00000]"], env=env,
                           capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert shlex.split(proc.stdout) == [
+    store, srun = proc.stdout.splitlines()
+    # the batch host runs the rendezvous store; every node's agent only joins it
+    assert shlex.split(store) == ["python3", "-m", "fpa_megatron.parallel.rendezvous_store", "--port", "29500"]
+    assert shlex.split(srun) == [
         "srun", "--nodes", "3", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "--chdir", str(ROOT),
         *FRESH_STORE, "torchrun", "--nnodes", "3", "--nproc-per-node", "8", *NO_RESTARTS, "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", "gpu07:29500", "--rdzv-id", "4242",
+        "--rdzv-endpoint", "gpu07:29500", "--rdzv-id", "4242", "--rdzv-conf", "join_timeout=1800,is_host=false",
         "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml", "data.prefixes=[/d/x_00000]",
     ]
 
@@ -185,7 +204,8 @@ def _fake_slurm(tmp_path, srun_body: str) -> dict:
     for tool in ("scontrol", "srun"):
         (bin_dir / tool).chmod(0o755)
     return _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu07",
-                SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT), FAKE_LOG=str(tmp_path / "log"))
+                SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT), FAKE_LOG=str(tmp_path / "log"),
+                MASTER_PORT=str(free_port()))  # the script hosts the rendezvous store on it
 
 
 def test_slurm_forwards_the_time_limit_signal_and_requeues(tmp_path):

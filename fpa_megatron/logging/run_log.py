@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 LOGGER_NAME = "fpa_megatron"
@@ -28,6 +28,9 @@ class Where:
     rank: int = 0
     host: str = socket.gethostname()
     step: Optional[int] = None
+    node: int = 0  # torchrun's node rank (GROUP_RANK)
+    # node rank -> (host, its ranks), for the whole job (`record_job_nodes`); empty until then
+    nodes: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
 
 
 where = Where()
@@ -95,11 +98,32 @@ def is_collective_timeout(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and bool(_TIMEOUT.search(str(err)))
 
 
+_PEER_LOST = re.compile(r"by peer|connection refused|broken pipe", re.IGNORECASE)
+
+
+def record_job_nodes(node: int, nodes: dict[int, tuple[str, list[int]]]) -> None:
+    """Remember this process's node and every node of the job, so that a failure line can name the others."""
+    where.node, where.nodes = node, nodes
+
+
+def _other_nodes() -> str:
+    """'node 1 (host h1, rank 1)' for every node of the job but this one; '' on a one-node job."""
+    others = [f"node {node} (host {host}, rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))})"
+              for node, (host, ranks) in sorted(where.nodes.items()) if node != where.node]
+    return ", ".join(others)
+
+
 def failure_line(err: BaseException, timeout_minutes: Optional[float] = None) -> str:
-    """One line naming the rank, host and step that failed, and why."""
+    """One line naming the rank, host and step that failed, and why; when a peer was lost or stalled on a
+    multi-node job, also the other nodes (on a two-node job, the lost one)."""
     at = f"at step {where.step}" if where.step is not None else "during setup"
     reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    if timeout_minutes is not None and is_collective_timeout(err):
+    timed_out = timeout_minutes is not None and is_collective_timeout(err)
+    if timed_out:
         reason = (f"a collective did not complete within parallel.timeout_minutes={timeout_minutes:g} "
                   f"({timeout_minutes * 60:g} s): another rank stalled or died ({reason})")
+    others = _other_nodes()
+    if others and (timed_out or _PEER_LOST.search(str(err))):
+        lost = "the lost or stalled peer is on" if len(where.nodes) == 2 else "a peer was lost or stalled on one of"
+        reason = f"{lost} {others}: {reason}"
     return f"rank {where.rank} (host {where.host}) failed {at}: {reason}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -10,6 +11,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from fpa_megatron.config import ParallelConfig
+from fpa_megatron.logging.run_log import record_job_nodes
 from fpa_megatron.parallel import cpu_bridge
 
 
@@ -31,6 +33,18 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    _record_job_nodes()
+
+
+def _record_job_nodes() -> None:
+    """Every rank's node (torchrun's GROUP_RANK) and host, once: a failure line then names the other nodes."""
+    me = (int(os.environ.get("GROUP_RANK", "0")), socket.gethostname())
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, me)
+    nodes: dict[int, tuple[str, list[int]]] = {}
+    for rank, (node, host) in enumerate(everyone):
+        nodes.setdefault(node, (host, []))[1].append(rank)
+    record_job_nodes(me[0], nodes)
 
 
 def init_model_parallel(tensor: int, pipeline: int, seed: int,
