@@ -123,7 +123,7 @@ def plan_shards(units: list[int], num_shards: int) -> list[list[tuple[int, int, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# worker side (spawned processes: numpy + sentencepiece only)
+# worker side (spawned processes: numpy + sentencepiece or tokenizers only)
 
 _progress_queue = None
 _processors: dict = {}
@@ -144,12 +144,11 @@ def _noop() -> None:
 
 
 def _processor(path: str):
+    """The worker's tokenizer for `path` (sentencepiece or tokenizer.json), loaded once."""
     if path not in _processors:
-        from data_prep.tokenizer import load_processor
+        from data_prep.tokenizer import load_tokenizer
 
-        sp = load_processor(path)
-        first = sp.encode("x", out_type=str)
-        _processors[path] = (sp, bool(first) and first[0].startswith("\u2581"))
+        _processors[path] = load_tokenizer(path)
     return _processors[path]
 
 
@@ -172,14 +171,14 @@ def split_points(text: str, piece_chars: int) -> list[tuple[int, int]]:
     return out
 
 
-def _pieces(sp, text: str, piece_chars: int, dummy_prefix: bool, eod: int, dtype):
+def _pieces(tok, text: str, piece_chars: int, eod: int, dtype):
     import numpy as np
 
     for start, end in split_points(text, piece_chars):
         piece = text[start:end]
-        if start > 0 and dummy_prefix and piece.startswith(" "):
+        if start > 0 and tok.dummy_prefix and piece.startswith(" "):
             piece = piece[1:]  # the model's dummy prefix stands for this space
-        yield np.array(sp.encode(piece), dtype=dtype)
+        yield np.array(tok.encode(piece), dtype=dtype)
     yield np.array([eod], dtype=dtype)
 
 
@@ -219,7 +218,7 @@ class ShardEncoder:
         self.index = job["index"]
         self.keys = job["keys"]
         self.dtype = np.dtype(job["dtype"])
-        self.sp, self.dummy_prefix = _processor(job["tokenizer"])
+        self.tok = _processor(job["tokenizer"])
         self.prefixes = {k: os.path.join(job["out_dir"], p) for k, p in job["prefixes"].items()}
         writer_cls = WRITERS[job["index_writer"]]
         self.writers = {k: writer_cls(bin_path(p) + ".tmp", self.dtype.name) for k, p in self.prefixes.items()}
@@ -260,10 +259,10 @@ class ShardEncoder:
         text = fields[key]
         try:
             n = self._write_document(key, text)
-        except (RuntimeError, UnicodeError):
+        except (RuntimeError, UnicodeError, TypeError):
             try:
                 text.encode("utf-8")
-            except UnicodeEncodeError as err:  # a lone surrogate from a JSON escape: sentencepiece refuses it
+            except UnicodeEncodeError as err:  # a lone surrogate from a JSON escape: the tokenizer refuses it
                 self.reject(info, loc, key, "invalid_unicode", f"char {err.start}: {err.reason}",
                             text[:200].encode("utf-8", "replace").decode("utf-8"))
                 return
@@ -278,11 +277,11 @@ class ShardEncoder:
 
         piece_chars = self.job["piece_chars"]
         if len(text) <= piece_chars:
-            ids = self.sp.EncodeAsIds(text)
+            ids = self.tok.encode(text)
             ids.append(self.job["eod_id"])
             self.writers[key].add_document(np.array(ids, dtype=self.dtype))
             return len(ids)
-        pieces = _pieces(self.sp, text, piece_chars, self.dummy_prefix, self.job["eod_id"], self.dtype)
+        pieces = _pieces(self.tok, text, piece_chars, self.job["eod_id"], self.dtype)
         n = self.writers[key].add_document_pieces(pieces)
         self.long_docs += 1
         self.longest = max(self.longest, len(text))
