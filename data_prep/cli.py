@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
             texts(), args.out, vocab_size=args.vocab_size, model_type=args.model_type,
             character_coverage=args.character_coverage, byte_fallback=args.byte_fallback,
             sample_size=args.sample_size, seed=args.seed, user_defined_symbols=_csv(args.user_defined_symbols),
-            control_symbols=_csv(args.control_symbols), eod_piece=args.eod_piece or "</s>", normalization=args.normalization,
+            control_symbols=_csv(args.control_symbols), eod_piece=args.eod_piece or "</s>",
+            normalization=args.normalization,
             add_dummy_prefix=args.add_dummy_prefix, split_digits=args.split_digits, num_threads=args.threads or None,
             extra_settings=inputs,
         )

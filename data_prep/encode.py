@@ -129,27 +129,27 @@ _progress_queue = None
 _processors: dict = {}
 
 
-def _init_worker(progress_queue, tokenizer_path: str) -> None:
+def _init_worker(progress_queue, tokenizer_path: str, eod_piece: str) -> None:
     global _progress_queue
     from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
     quiet_optional_dependency_warnings()  # --index-writer megatron imports megatron.core in the worker
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _progress_queue = progress_queue
-    _processor(tokenizer_path)
+    _processor(tokenizer_path, eod_piece)
 
 
 def _noop() -> None:
     """Submitted once per worker at pool start: makes the pool spawn its processes right away."""
 
 
-def _processor(path: str):
-    """The worker's tokenizer for `path` (sentencepiece or tokenizer.json), loaded once."""
-    if path not in _processors:
+def _processor(path: str, eod_piece: str):
+    """The worker's tokenizer for `path` (sentencepiece or tokenizer.json) with the run's EOD, loaded once."""
+    if (path, eod_piece) not in _processors:
         from data_prep.tokenizer import load_tokenizer
 
-        _processors[path] = load_tokenizer(path)
-    return _processors[path]
+        _processors[path, eod_piece] = load_tokenizer(path, eod_piece)
+    return _processors[path, eod_piece]
 
 
 def split_points(text: str, piece_chars: int) -> list[tuple[int, int]]:
@@ -218,7 +218,7 @@ class ShardEncoder:
         self.index = job["index"]
         self.keys = job["keys"]
         self.dtype = np.dtype(job["dtype"])
-        self.tok = _processor(job["tokenizer"])
+        self.tok = _processor(job["tokenizer"], job["eod_piece"])
         self.prefixes = {k: os.path.join(job["out_dir"], p) for k, p in job["prefixes"].items()}
         writer_cls = WRITERS[job["index_writer"]]
         self.writers = {k: writer_cls(bin_path(p) + ".tmp", self.dtype.name) for k, p in self.prefixes.items()}
@@ -507,7 +507,7 @@ def run_encode(opts: EncodeOptions) -> tuple[dict, int]:
     t0 = time.time()
     plain_dir = _fresh_decompressed_dir(out_dir)
     # workers start (spawn, imports, tokenizer load) while the parent checksums and measures the inputs
-    pool = WorkerPool(max(1, opts.workers or available_cores()), tok.path)
+    pool = WorkerPool(max(1, opts.workers or available_cores()), tok.path, tok.eod_piece)
     try:
         return _run_encode(opts, specs, tok, out_dir, pool, plain_dir, t0)
     finally:
@@ -528,12 +528,12 @@ def _fresh_decompressed_dir(out_dir: str) -> str:
 class WorkerPool:
     """A spawn-context process pool whose workers report progress through a queue."""
 
-    def __init__(self, workers: int, tokenizer_path: str):
+    def __init__(self, workers: int, tokenizer_path: str, eod_piece: str):
         ctx = mp.get_context("spawn")
         self.workers = workers
         self.queue = ctx.Queue()
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(self.queue, tokenizer_path))
+                                            initargs=(self.queue, tokenizer_path, eod_piece))
         for _ in range(workers):
             self.executor.submit(_noop)
 
@@ -611,6 +611,7 @@ def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool,
                 "segments": [(infos[i].to_dict(), a, b) for i, a, b in plan[k]],
                 "keys": keys,
                 "tokenizer": tok.path,
+                "eod_piece": tok.eod_piece,
                 "eod_id": tok.eod_id,
                 "dtype": tok.dtype_name,
                 "piece_chars": opts.piece_chars,

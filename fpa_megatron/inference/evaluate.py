@@ -260,8 +260,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                         "their data must be on this machine: no download) or task YAML files")
     parser.add_argument("--include-path", action="append", default=None, metavar="DIR",
                         help="--tasks: a directory of task YAMLs to add to lm-eval's (repeatable)")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: the task's)")
-    parser.add_argument("--limit", type=float, default=None, help="--tasks: first N documents per task (< 1: a fraction)")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="--tasks: few-shot examples (default: the task's)")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="--tasks: first N documents per task (< 1: a fraction)")
     parser.add_argument("--output", default=None, help="--tasks: write the results as JSON to this file")
     parser.add_argument("--seed", type=int, default=1234, help="--tasks: seed of lm-eval's few-shot sampling")
     parser.add_argument("--batches", type=int, default=None, help="--split: global batches (default train.eval_iters)")

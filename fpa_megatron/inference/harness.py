@@ -3,9 +3,9 @@
 The model is the transformers model `fpa-export hf` writes (an exported directory, or a training checkpoint
 converted in memory by the same code), wrapped in a small `lm_eval.api.model.TemplateLM`: the harness's own
 request handling (context / continuation split, empty contexts prefixed with EOD), scored here in float32 over the
-real vocabulary (the export drops the padding rows). Why not lm-eval's `HFLM`: it needs `accelerate` (and `peft`) at import, and would have to be fed
-an exported directory; this class is ~100 lines over the model and tokenizer we already load, and scores a
-checkpoint and its export identically.
+real vocabulary (the export drops the padding rows). Why not lm-eval's `HFLM`: it needs `accelerate` (and `peft`)
+at import and would have to be fed an exported directory; this class is ~100 lines over the model and tokenizer we
+already load, and scores a checkpoint and its export identically.
 
 Offline: HF_DATASETS_OFFLINE and HF_HUB_OFFLINE are set before lm-eval (and `datasets`) import, so a task whose
 data is not on this machine fails instead of downloading. Local tasks: a task YAML (any directory, or
