@@ -75,7 +75,7 @@ def load_run_tokenizer(path: str):
         raise ConfigError(f"data.tokenizer={path!r} does not exist")
     try:
         return load_tokenizer(str(path))
-    except PrepError as err:
+    except PrepError as err:  # (training takes EOD from the tokenizer's eos: a tokenizer_config.json eos_token)
         raise ConfigError(f"data.tokenizer={path!r} cannot be used: {err}") from None
 
 
