@@ -73,9 +73,9 @@ def load_processor(path: str):
     try:
         ok = sp.Load(path)
     except Exception as err:  # noqa: BLE001 - sentencepiece raises OSError/RuntimeError on bad files
-        raise PrepError(f"cannot load tokenizer {path}: {err}") from None
+        raise PrepError(f"cannot load tokenizer {path} as a sentencepiece model: {err}") from None
     if ok is False:
-        raise PrepError(f"cannot load tokenizer {path}")
+        raise PrepError(f"cannot load tokenizer {path} as a sentencepiece model")
     return sp
 
 
@@ -206,7 +206,7 @@ class HuggingFaceFile(Tokenizer):
         try:
             self.backend = Backend.from_file(path)
         except Exception as err:  # noqa: BLE001 - tokenizers raises a plain Exception on bad files
-            raise PrepError(f"cannot load tokenizer {path}: {err}") from None
+            raise PrepError(f"cannot load tokenizer {path} as a Hugging Face tokenizer.json: {err}") from None
         self.path = path
         vocab = self.backend.get_vocab(with_added_tokens=True)
         self.vocab_size = max(len(vocab), max(vocab.values(), default=-1) + 1)  # the embedding rows it needs
