@@ -374,7 +374,14 @@ def _check_encoded_with_tokenizer(cfg: RunConfig) -> None:
         if Path(prefix).name not in names:
             continue  # the manifest describes other datasets
         if ours is None:
-            ours = load_run_tokenizer(d.tokenizer).sha256
+            tok = load_run_tokenizer(d.tokenizer)
+            ours = tok.sha256
+        if recorded.get("sha256") == ours and recorded.get("eod_id", tok.eod_id) != tok.eod_id:
+            _fail(f"data.prefixes[{i}]={str(prefix)!r} was encoded with the end-of-document token "
+                  f"{recorded.get('eod_piece')!r}={recorded.get('eod_id')} (fpa-prep encode --eod-piece, per "
+                  f"{manifest_path}), but training, export and generation take EOD from data.tokenizer's eos "
+                  f"{tok.eod_piece!r}={tok.eod_id}: make that token the tokenizer's eos, or encode again without "
+                  f"--eod-piece")
         if recorded.get("sha256") != ours:
             _fail(f"data.prefixes[{i}]={str(prefix)!r} was encoded with the tokenizer {recorded.get('path')!r} "
                   f"(sha256 {str(recorded.get('sha256'))[:12]}..., per {manifest_path}), but data.tokenizer="

@@ -123,6 +123,14 @@ def test_training_config_errors_name_the_tokenizer(run, tmp_path):
     moved = shutil.copytree(run["tokenizer_dir"], tmp_path / "moved")
     values["data"]["tokenizer"] = str(moved / "tokenizer.json")
     assert check_config(config_from_dict(values), 2).tokenizer_vocab_size == BPE_VOCAB
+    # data encoded with another EOD (--eod-piece) than the tokenizer's eos, which training and export use
+    piece = Tokenizer.from_file(run["tokenizer"]).id_to_token(40)
+    assert prep(["encode", "-i", run["corpus"], "--tokenizer", run["tokenizer_dir"], "--out-dir", str(tmp_path / "eod"),
+                 "--eod-piece", piece, "--workers", "1", "--num-shards", "1", "--no-progress"]) == 0
+    eod_values = json.loads(json.dumps(values))
+    eod_values["data"]["prefixes"] = [str(tmp_path / "eod" / "data_00000")]
+    with pytest.raises(ConfigError, match=f"end-of-document token '{piece}'=40 .*eos '<\\|endoftext\\|>'=0"):
+        check_config(config_from_dict(eod_values), 2)
     # a model vocabulary smaller than the tokenizer's
     values["model"]["vocab_size"] = BPE_VOCAB - 1
     with pytest.raises(ConfigError, match=f"model.vocab_size={BPE_VOCAB - 1} is smaller than the vocabulary"):
