@@ -160,9 +160,14 @@ def run_tasks(checkpoint: str, tasks: str, include_path: Optional[list[str]] = N
     config = loaded.model.config
     max_length = getattr(config, "max_position_embeddings", None) or config.n_positions
     lm = harness_lm(loaded.model, loaded.tokenizer, loaded.tokenizer_spec.eod_id, max_length, batch_size)
-    return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot,
-                                   limit=limit, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                   torch_random_seed=seed, fewshot_random_seed=seed)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot,
+                                       limit=limit, log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                       torch_random_seed=seed, fewshot_random_seed=seed)
+    except ConnectionError as err:  # datasets in offline mode, asked for data it does not have
+        raise ValueError(f"--tasks {tasks}: the task's data is not on this machine and nothing is downloaded "
+                         f"({err}); fill the Hugging Face datasets cache (HF_DATASETS_CACHE) on a machine with "
+                         f"network access, or write a task YAML over local files") from None
 
 
 def results_table(results: dict) -> str:
