@@ -116,10 +116,11 @@ def tokenizer_spec(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None) 
 def hf_tokenizer(spec: TokenizerSpec, model_max_length: int):
     """A `transformers` fast tokenizer that encodes exactly like the run's tokenizer.
 
-    A tokenizer.json is used as it is (its own special tokens; eos = the EOD token). For a sentencepiece model,
-    transformers' own converter builds the `tokenizers` pipeline from the model's settings (identity
-    normalization, no dummy prefix, byte fallback, BPE merges ranked by piece score); special pieces written as
-    text stay text (split_special_tokens), as sentencepiece treats them. No BOS/EOS is added.
+    A tokenizer.json is used as it is (its special tokens and post-processor: `tokenizer(text)` adds what the library
+    adds; training, fpa-generate and fpa-eval encode without special tokens); eos = the EOD token. For a
+    sentencepiece model, transformers' own converter builds the `tokenizers` pipeline from the model's settings
+    (identity normalization, no dummy prefix, byte fallback, BPE merges ranked by piece score); special pieces
+    written as text stay text (split_special_tokens), as sentencepiece treats them; no BOS/EOS is added.
     """
     require_transformers()
     from transformers import PreTrainedTokenizerFast
