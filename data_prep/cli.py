@@ -34,18 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mb", type=float, default=8.0, help="size budget in MiB of text (default 8)")
     p.add_argument("--name", default="stdlib")
 
-    p = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer on a seeded sample of the corpus")
+    p = sub.add_parser("tokenizer", help="train a sentencepiece (default) or byte-level BPE tokenizer on a seeded "
+                                         "sample of the corpus")
     _add_input_args(p)
-    p.add_argument("--out", required=True, help="output prefix: writes <out>.model, <out>.vocab, <out>.json")
+    p.add_argument("--type", choices=TOKENIZER_TYPES, default="sentencepiece",
+                   help="sentencepiece (default: <out>.model) or bpe-bytelevel (a Hugging Face tokenizer.json, GPT-2's "
+                        "byte-level scheme, trained with the tokenizers library)")
+    p.add_argument("--out", required=True, help="sentencepiece: output prefix, writes <out>.model, <out>.vocab, "
+                                                "<out>.json; bpe-bytelevel: output directory, writes tokenizer.json, "
+                                                "tokenizer_config.json, settings.json")
     p.add_argument("--text-key", default="text", help="JSON field / column holding the text (default: text)")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece model type")
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
                    help="encode characters outside the vocabulary as UTF-8 bytes (default: on)")
     p.add_argument("--sample-size", type=int, default=300_000, help="lines sampled from the corpus (default 300000)")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed (default 1234)")
-    p.add_argument("--eod-piece", default="</s>", help="the end-of-document piece (sentencepiece eos), default </s>")
+    p.add_argument("--eod-piece", default=None,
+                   help="the end-of-document piece: the tokenizer's eos (default </s>; bpe-bytelevel <|endoftext|>)")
+    p.add_argument("--special-tokens", default="", help="bpe-bytelevel: comma-separated special tokens after EOD")
     p.add_argument("--user-defined-symbols", default="", help="comma-separated pieces always kept whole")
     p.add_argument("--control-symbols", default="", help="comma-separated special tokens never produced from text")
     p.add_argument("--normalization", default="identity", choices=["identity", "nfkc", "nmt_nfkc", "nfkc_cf"],
@@ -56,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode", help="tokenize inputs into Megatron .bin/.idx shards (resumable)")
     _add_input_args(p)
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    p.add_argument("--tokenizer", required=True,
+                   help="sentencepiece .model, Hugging Face tokenizer.json, or a directory holding a tokenizer.json")
     p.add_argument("--out-dir", required=True, help="output directory (one encode per directory)")
     p.add_argument("--name", default="data", help="shard file prefix: <name>_<NNNNN>.bin/.idx (default: data)")
     p.add_argument("--text-key", action="append", dest="text_keys", metavar="KEY",
@@ -70,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--piece-chars", type=int, default=1_000_000,
                    help="documents longer than this are tokenized in pieces of at most this many characters "
                         "(bounded memory) and stored whole (default 1000000)")
-    p.add_argument("--eod-piece", default=None, help="end-of-document piece (default: the model's eos)")
+    p.add_argument("--eod-piece", default=None,
+                   help="end-of-document piece (default: the tokenizer's eos; for a tokenizer.json the eos_token of "
+                        "the tokenizer_config.json next to it, else <|endoftext|> or </s> if it has one)")
     p.add_argument("--max-line-bytes", type=int, default=0,
                    help="reject a JSON line longer than this many bytes, reading past it in bounded memory "
                         "(default 0: 256 MiB)")
@@ -102,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="print counts and decode the first tokens of a few documents")
     p.add_argument("prefix", help="dataset prefix (without .bin/.idx)")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: from the encode manifest)")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece .model or tokenizer.json (default: from the encode manifest)")
     p.add_argument("--docs", type=int, default=3)
     p.add_argument("--tokens", type=int, default=48)
     return parser
+
+
+TOKENIZER_TYPES = ("sentencepiece", "bpe-bytelevel")
 
 
 def _csv(value: str) -> tuple:
@@ -139,13 +154,28 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     yield text
 
+        inputs = {"inputs": [i.describe() for i in infos], "text_key": args.text_key}
+        if args.type == "bpe-bytelevel":
+            from data_prep.tokenizer import BYTELEVEL_EOD, train_bytelevel_bpe
+
+            settings = train_bytelevel_bpe(
+                texts(), args.out, vocab_size=args.vocab_size, sample_size=args.sample_size, seed=args.seed,
+                eod_piece=args.eod_piece or BYTELEVEL_EOD, special_tokens=_csv(args.special_tokens),
+                extra_settings=inputs)
+            print(f"tokenizer: {args.out}/tokenizer.json (vocab {settings['vocab_size']}, byte-level BPE, "
+                  f"EOD {settings['eod']['piece']!r}={settings['eod']['id']}); sampled "
+                  f"{settings['sample']['lines_sampled']:,} of {settings['sample']['lines_seen']:,} lines from "
+                  f"{settings['sample']['documents_seen']:,} documents ({rejected} unusable records skipped) "
+                  f"in {settings['seconds']['total']:.1f} s; settings: {args.out}/settings.json")
+            return 0
         settings = train_tokenizer(
             texts(), args.out, vocab_size=args.vocab_size, model_type=args.model_type,
             character_coverage=args.character_coverage, byte_fallback=args.byte_fallback,
             sample_size=args.sample_size, seed=args.seed, user_defined_symbols=_csv(args.user_defined_symbols),
-            control_symbols=_csv(args.control_symbols), eod_piece=args.eod_piece, normalization=args.normalization,
+            control_symbols=_csv(args.control_symbols), eod_piece=args.eod_piece or "</s>",
+            normalization=args.normalization,
             add_dummy_prefix=args.add_dummy_prefix, split_digits=args.split_digits, num_threads=args.threads or None,
-            extra_settings={"inputs": [i.describe() for i in infos], "text_key": args.text_key},
+            extra_settings=inputs,
         )
         settings["sample"]["records_skipped"] = rejected
         print(f"tokenizer: {args.out}.model (vocab {settings['vocab_size']}, {settings['model_type']}, "

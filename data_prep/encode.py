@@ -123,34 +123,33 @@ def plan_shards(units: list[int], num_shards: int) -> list[list[tuple[int, int, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# worker side (spawned processes: numpy + sentencepiece only)
+# worker side (spawned processes: numpy + sentencepiece or tokenizers only)
 
 _progress_queue = None
 _processors: dict = {}
 
 
-def _init_worker(progress_queue, tokenizer_path: str) -> None:
+def _init_worker(progress_queue, tokenizer_path: str, eod_piece: str) -> None:
     global _progress_queue
     from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
     quiet_optional_dependency_warnings()  # --index-writer megatron imports megatron.core in the worker
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _progress_queue = progress_queue
-    _processor(tokenizer_path)
+    _processor(tokenizer_path, eod_piece)
 
 
 def _noop() -> None:
     """Submitted once per worker at pool start: makes the pool spawn its processes right away."""
 
 
-def _processor(path: str):
-    if path not in _processors:
-        from data_prep.tokenizer import load_processor
+def _processor(path: str, eod_piece: str):
+    """The worker's tokenizer for `path` (sentencepiece or tokenizer.json) with the run's EOD, loaded once."""
+    if (path, eod_piece) not in _processors:
+        from data_prep.tokenizer import load_tokenizer
 
-        sp = load_processor(path)
-        first = sp.encode("x", out_type=str)
-        _processors[path] = (sp, bool(first) and first[0].startswith("\u2581"))
-    return _processors[path]
+        _processors[path, eod_piece] = load_tokenizer(path, eod_piece)
+    return _processors[path, eod_piece]
 
 
 def split_points(text: str, piece_chars: int) -> list[tuple[int, int]]:
@@ -172,14 +171,14 @@ def split_points(text: str, piece_chars: int) -> list[tuple[int, int]]:
     return out
 
 
-def _pieces(sp, text: str, piece_chars: int, dummy_prefix: bool, eod: int, dtype):
+def _pieces(tok, text: str, piece_chars: int, eod: int, dtype):
     import numpy as np
 
     for start, end in split_points(text, piece_chars):
         piece = text[start:end]
-        if start > 0 and dummy_prefix and piece.startswith(" "):
+        if start > 0 and tok.dummy_prefix and piece.startswith(" "):
             piece = piece[1:]  # the model's dummy prefix stands for this space
-        yield np.array(sp.encode(piece), dtype=dtype)
+        yield np.array(tok.encode(piece), dtype=dtype)
     yield np.array([eod], dtype=dtype)
 
 
@@ -219,7 +218,7 @@ class ShardEncoder:
         self.index = job["index"]
         self.keys = job["keys"]
         self.dtype = np.dtype(job["dtype"])
-        self.sp, self.dummy_prefix = _processor(job["tokenizer"])
+        self.tok = _processor(job["tokenizer"], job["eod_piece"])
         self.prefixes = {k: os.path.join(job["out_dir"], p) for k, p in job["prefixes"].items()}
         writer_cls = WRITERS[job["index_writer"]]
         self.writers = {k: writer_cls(bin_path(p) + ".tmp", self.dtype.name) for k, p in self.prefixes.items()}
@@ -260,10 +259,10 @@ class ShardEncoder:
         text = fields[key]
         try:
             n = self._write_document(key, text)
-        except (RuntimeError, UnicodeError):
+        except (RuntimeError, UnicodeError, TypeError):
             try:
                 text.encode("utf-8")
-            except UnicodeEncodeError as err:  # a lone surrogate from a JSON escape: sentencepiece refuses it
+            except UnicodeEncodeError as err:  # a lone surrogate from a JSON escape: the tokenizer refuses it
                 self.reject(info, loc, key, "invalid_unicode", f"char {err.start}: {err.reason}",
                             text[:200].encode("utf-8", "replace").decode("utf-8"))
                 return
@@ -278,11 +277,11 @@ class ShardEncoder:
 
         piece_chars = self.job["piece_chars"]
         if len(text) <= piece_chars:
-            ids = self.sp.EncodeAsIds(text)
+            ids = self.tok.encode(text)
             ids.append(self.job["eod_id"])
             self.writers[key].add_document(np.array(ids, dtype=self.dtype))
             return len(ids)
-        pieces = _pieces(self.sp, text, piece_chars, self.dummy_prefix, self.job["eod_id"], self.dtype)
+        pieces = _pieces(self.tok, text, piece_chars, self.job["eod_id"], self.dtype)
         n = self.writers[key].add_document_pieces(pieces)
         self.long_docs += 1
         self.longest = max(self.longest, len(text))
@@ -508,7 +507,7 @@ def run_encode(opts: EncodeOptions) -> tuple[dict, int]:
     t0 = time.time()
     plain_dir = _fresh_decompressed_dir(out_dir)
     # workers start (spawn, imports, tokenizer load) while the parent checksums and measures the inputs
-    pool = WorkerPool(max(1, opts.workers or available_cores()), tok.path)
+    pool = WorkerPool(max(1, opts.workers or available_cores()), tok.path, tok.eod_piece)
     try:
         return _run_encode(opts, specs, tok, out_dir, pool, plain_dir, t0)
     finally:
@@ -529,12 +528,12 @@ def _fresh_decompressed_dir(out_dir: str) -> str:
 class WorkerPool:
     """A spawn-context process pool whose workers report progress through a queue."""
 
-    def __init__(self, workers: int, tokenizer_path: str):
+    def __init__(self, workers: int, tokenizer_path: str, eod_piece: str):
         ctx = mp.get_context("spawn")
         self.workers = workers
         self.queue = ctx.Queue()
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(self.queue, tokenizer_path))
+                                            initargs=(self.queue, tokenizer_path, eod_piece))
         for _ in range(workers):
             self.executor.submit(_noop)
 
@@ -612,6 +611,7 @@ def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool,
                 "segments": [(infos[i].to_dict(), a, b) for i, a, b in plan[k]],
                 "keys": keys,
                 "tokenizer": tok.path,
+                "eod_piece": tok.eod_piece,
                 "eod_id": tok.eod_id,
                 "dtype": tok.dtype_name,
                 "piece_chars": opts.piece_chars,

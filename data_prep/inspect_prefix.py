@@ -13,14 +13,23 @@ from data_prep.common import PrepError
 from data_prep.indexed import bin_path, idx_path
 
 
-def find_tokenizer(prefix: str) -> Optional[str]:
+def _manifest_tokenizer(prefix: str) -> dict:
     manifest = os.path.join(os.path.dirname(os.path.abspath(prefix)), "manifest.json")
     try:
         with open(manifest) as f:
-            path = json.load(f)["tokenizer"]["path"]
-    except (OSError, ValueError, KeyError):
-        return None
-    return path if os.path.isfile(path) else None
+            return dict(json.load(f)["tokenizer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def find_tokenizer(prefix: str) -> Optional[str]:
+    path = _manifest_tokenizer(prefix).get("path")
+    return path if path and os.path.isfile(path) else None
+
+
+def find_eod_piece(prefix: str) -> Optional[str]:
+    """The EOD piece the encode used (its --eod-piece, or the tokenizer's eos), per the manifest."""
+    return _manifest_tokenizer(prefix).get("eod_piece")
 
 
 def inspect_prefix(prefix: str, tokenizer: Optional[str] = None, docs: int = 3, tokens: int = 32) -> str:
@@ -44,19 +53,21 @@ def inspect_prefix(prefix: str, tokenizer: Optional[str] = None, docs: int = 3, 
     ]
     if len(lengths):
         out.append(f"sequence length: min {lengths.min():,}, mean {lengths.mean():,.1f}, max {lengths.max():,}")
-    tokenizer = tokenizer or find_tokenizer(prefix)
-    sp = None
+    eod_piece = None
+    if not tokenizer:
+        tokenizer, eod_piece = find_tokenizer(prefix), find_eod_piece(prefix)
+    tok = None
     if tokenizer:
-        from data_prep.tokenizer import load_processor
+        from data_prep.tokenizer import load_tokenizer
 
-        sp = load_processor(tokenizer)
-        eod = sp.eos_id()
-        if len(lengths) and eod >= 0:
+        tok = load_tokenizer(tokenizer, eod_piece)
+        eod = tok.eod_id
+        if len(lengths):
             checked = min(n_docs, 10000)
             last_sequences = doc_idx[1 : checked + 1] - 1  # the last sequence of each document
             ends = sum(int(ds.get(int(i), offset=int(lengths[i]) - 1, length=1)[0]) == eod for i in last_sequences)
-            out.append(f"tokenizer: {tokenizer} (vocab {sp.vocab_size()}); documents ending in EOD "
-                       f"{sp.id_to_piece(eod)!r}: {ends:,} of the first {checked:,}")
+            out.append(f"tokenizer: {tokenizer} (vocab {tok.vocab_size}); documents ending in EOD "
+                       f"{tok.eod_piece!r}: {ends:,} of the first {checked:,}")
     else:
         out.append("tokenizer: none found (pass --tokenizer to decode)")
     for d in range(min(docs, n_docs)):
@@ -64,6 +75,6 @@ def inspect_prefix(prefix: str, tokenizer: Optional[str] = None, docs: int = 3, 
         ids = np.concatenate([ds[i] for i in range(first, last)]) if last > first else np.zeros(0, np.int64)
         head = [int(t) for t in ids[:tokens]]
         out.append(f"--- document {d}: {len(ids):,} tokens; first {len(head)}: {head}")
-        if sp is not None:
-            out.append("    " + repr(sp.decode(head)))
+        if tok is not None:
+            out.append("    " + repr(tok.decode(head)))
     return "\n".join(out)

@@ -98,7 +98,7 @@ class DataConfig:
     prefixes: list = field(default_factory=list)  # paths to <prefix>.bin/.idx
     weights: Optional[list] = None  # None = by size (Megatron blends prefixes in proportion to their samples)
     split: str = "98,1,1"
-    tokenizer: Optional[str] = None  # sentencepiece .model file
+    tokenizer: Optional[str] = None  # sentencepiece .model, Hugging Face tokenizer.json or a directory with one
     cache_dir: Optional[str] = None  # where GPTDataset keeps its index caches
     mock: bool = False  # synthetic data (tests, benchmarks): no prefixes needed
     eod_mask_loss: bool = False  # no LM loss where the input token is EOD (Megatron-LM's --eod-mask-loss)

@@ -8,7 +8,6 @@ It does not modify the config.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -66,17 +65,23 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int =
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def tokenizer_vocab_size(path: str) -> int:
-    """Vocabulary size of a sentencepiece model file, or ConfigError naming data.tokenizer."""
-    if not Path(path).is_file():
-        raise ConfigError(f"data.tokenizer={path!r} does not exist")
-    import sentencepiece as spm
+def load_run_tokenizer(path: str):
+    """data.tokenizer (a sentencepiece .model, a tokenizer.json or a directory with one) loaded by fpa-prep's
+    loader, or ConfigError naming data.tokenizer."""
+    from data_prep.common import PrepError
+    from data_prep.tokenizer import load_tokenizer
 
+    if not Path(path).exists():
+        raise ConfigError(f"data.tokenizer={path!r} does not exist")
     try:
-        processor = spm.SentencePieceProcessor(model_file=str(path))
-    except Exception as err:  # noqa: BLE001 - sentencepiece raises plain RuntimeError/OSError
-        raise ConfigError(f"data.tokenizer={path!r} could not be loaded by sentencepiece: {err}") from None
-    return int(processor.get_piece_size())
+        return load_tokenizer(str(path))
+    except PrepError as err:  # (training takes EOD from the tokenizer's eos: a tokenizer_config.json eos_token)
+        raise ConfigError(f"data.tokenizer={path!r} cannot be used: {err}") from None
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    """Vocabulary size of the tokenizer at `path`, or ConfigError naming data.tokenizer."""
+    return int(load_run_tokenizer(path).vocab_size)
 
 
 # ------------------------------------------------------------------------------------------ small helpers
@@ -369,8 +374,14 @@ def _check_encoded_with_tokenizer(cfg: RunConfig) -> None:
         if Path(prefix).name not in names:
             continue  # the manifest describes other datasets
         if ours is None:
-            with open(d.tokenizer, "rb") as f:
-                ours = hashlib.sha256(f.read()).hexdigest()
+            tok = load_run_tokenizer(d.tokenizer)
+            ours = tok.sha256
+        if recorded.get("sha256") == ours and recorded.get("eod_id", tok.eod_id) != tok.eod_id:
+            _fail(f"data.prefixes[{i}]={str(prefix)!r} was encoded with the end-of-document token "
+                  f"{recorded.get('eod_piece')!r}={recorded.get('eod_id')} (fpa-prep encode --eod-piece, per "
+                  f"{manifest_path}), but training, export and generation take EOD from data.tokenizer's eos "
+                  f"{tok.eod_piece!r}={tok.eod_id}: make that token the tokenizer's eos, or encode again without "
+                  f"--eod-piece")
         if recorded.get("sha256") != ours:
             _fail(f"data.prefixes[{i}]={str(prefix)!r} was encoded with the tokenizer {recorded.get('path')!r} "
                   f"(sha256 {str(recorded.get('sha256'))[:12]}..., per {manifest_path}), but data.tokenizer="

@@ -194,3 +194,72 @@ def exported(tmp_path_factory, family: str) -> tuple[Path, str, int]:
             status = main(["hf", "--checkpoint", run["checkpoint"], "--out", str(out_dir), "--overwrite"])
         _CACHE[key] = (out_dir, printed.getvalue(), status)
     return _CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one small run on a Hugging Face tokenizer: a byte-level BPE tokenizer.json trained by `fpa-prep tokenizer`
+
+BPE_VOCAB = 300
+BPE_TEXTS = TEXTS + [  # code, whitespace runs, bytes never seen in training, the EOD token written as text
+    "class A:\n\tdef __init__(self):\n\t\tself.x = {'k': [1, 2]}  # ok\n",
+    "a  b   c    d\t\t\te\n\n\n\nf \r\n g",
+    "\x00\x01\x7f \u00ad\u200b\ufeff \U0010fffd \u0300\u0301 ﷺ",
+    "text <|endoftext|> more text",
+]
+
+
+def _train_only(values: dict) -> list:
+    from fpa_megatron.config import config_from_dict
+    from fpa_megatron.training.trainer import train
+
+    return train(config_from_dict(values))
+
+
+def bytelevel_run(tmp_path_factory) -> dict:
+    """fpa-prep tokenizer --type bpe-bytelevel -> encode -> merge -> a GPT-2 trained 3 steps at TP2 (2 gloo ranks)
+    -> fpa-export hf (once per session): {tokenizer, corpus, prefix, shards, values, checkpoint, export, history}."""
+    if "bytelevel" in _CACHE:
+        return _CACHE["bytelevel"]
+    import contextlib
+    import io
+    import json
+
+    from data_prep.builtin_corpus import gather
+    from data_prep.cli import main as prep
+    from fpa_megatron.export.cli import main as export
+    from fpa_megatron.testing import run_distributed
+
+    root = tmp_path_factory.mktemp("bytelevel_run")
+    docs = [d["text"] for d in gather(1 << 16)] + [t for t in BPE_TEXTS if t.strip()]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        assert prep(["tokenizer", "--type", "bpe-bytelevel", "-i", str(corpus), "--out", str(root / "tok"),
+                     "--vocab-size", str(BPE_VOCAB), "--sample-size", "4000", "--seed", "1"]) == 0
+        assert prep(["encode", "-i", str(corpus), "--tokenizer", str(root / "tok"), "--out-dir", str(root / "shards"),
+                     "--name", "corpus", "--num-shards", "1", "--workers", "1", "--no-progress"]) == 0
+        assert prep(["merge", str(root / "shards")]) == 0
+    run_dir = root / "run"
+    values = {
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": SEQ, "init_std": 0.2,
+                  **FAMILIES["gpt2"]},
+        "parallel": {"tensor": 2, "pipeline": 1},
+        "fpa": {"lambda0": 0.05, "gamma": 0.9},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "zero_stage": 1},
+        "data": {"prefixes": [str(root / "shards" / "corpus")], "tokenizer": str(root / "tok"), "split": "90,5,5"},
+        "train": {"steps": STEPS, "micro_batch_size": MICRO, "global_batch_size": GLOBAL, "seed": 5,
+                  "eval_interval": 0},
+        "checkpoint": {"dir": str(run_dir / "checkpoints"), "resume": "none"},
+        "logging": {"dir": str(root), "run_name": "run", "interval": 1, "tensorboard": False},
+    }
+    history = run_distributed(_train_only, 2, values, timeout_s=600)[0]
+    (checkpoint,) = sorted((run_dir / "checkpoints").glob("iter_*"))
+    out_dir = root / "hf"
+    with quiet:
+        assert export(["hf", "--checkpoint", str(checkpoint), "--out", str(out_dir)]) == 0
+    _CACHE["bytelevel"] = {"tokenizer": str(root / "tok" / "tokenizer.json"), "tokenizer_dir": str(root / "tok"),
+                           "corpus": str(corpus), "docs": docs, "prefix": str(root / "shards" / "corpus"),
+                           "shards": str(root / "shards"), "values": values, "checkpoint": str(checkpoint),
+                           "export": str(out_dir), "history": history}
+    return _CACHE["bytelevel"]

@@ -1,6 +1,6 @@
 """Training-side data: Megatron-core GPT datasets over `fpa-prep` outputs, and resumable DP micro-batches.
 
-- `SentencePieceTokenizer`: a `MegatronTokenizerBase` over a sentencepiece model (EOD = eos), what
+- `FileTokenizer`: a `MegatronTokenizerBase` over a sentencepiece model or a tokenizer.json (EOD = eos), what
   `GPTDatasetConfig` needs (vocab_size, eod, pad, unique_identifiers for the index cache).
 - `build_gpt_datasets(...)`: train/valid/test through `BlendedMegatronDatasetBuilder(GPTDataset, ...)`
   (blend by weight, split string), or `MockGPTDataset` with mock=True. Works with or without a
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from collections import OrderedDict
 from typing import Callable, Iterator, Optional, Sequence
@@ -29,67 +28,64 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-class SentencePieceTokenizer(MegatronTokenizerBase):
-    """Megatron tokenizer interface over a sentencepiece model; EOD is the model's eos (or eod_piece)."""
+class FileTokenizer(MegatronTokenizerBase):
+    """Megatron tokenizer interface over a sentencepiece .model or a Hugging Face tokenizer.json (fpa-prep's
+    `load_tokenizer`, so ids equal the encode's); EOD is the tokenizer's eos (or eod_piece)."""
 
     def __init__(self, model_path: str, eod_piece: Optional[str] = None):
-        import sentencepiece as spm
+        from data_prep.common import PrepError
+        from data_prep.tokenizer import load_tokenizer
 
-        if not os.path.isfile(model_path):
+        if not os.path.exists(model_path):
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
-        super().__init__(os.path.abspath(model_path), {"library": "sentencepiece"})
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
-        with open(model_path, "rb") as f:
-            self._sha256 = hashlib.sha256(f.read()).hexdigest()
-        if eod_piece is not None:
-            self._eod = self._sp.piece_to_id(eod_piece)
-        else:
-            self._eod = self._sp.eos_id()
-        if self._eod < 0:
-            raise ValueError(f"tokenizer {model_path} has no eos piece; pass eod_piece")
+        try:
+            self._tok = load_tokenizer(model_path, eod_piece)
+        except PrepError as err:
+            raise ValueError(str(err)) from None
+        super().__init__(self._tok.path, {"library": self._tok.kind})
 
     def tokenize(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        return self._tok.encode(text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        return self._tok.decode(ids)
 
     @property
     def vocab(self) -> dict:
-        return {self._sp.id_to_piece(i): i for i in range(self._sp.vocab_size())}
+        return {self._tok.id_to_piece(i): i for i in range(self._tok.vocab_size)}
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.vocab_size()
+        return self._tok.vocab_size
 
     def apply_chat_template(self, *args, **kwargs):
         raise NotImplementedError("no chat template for a pretraining tokenizer")
 
     @property
     def eod(self) -> int:
-        return self._eod
+        return self._tok.eod_id
 
     @property
     def eos(self) -> int:
-        return self._sp.eos_id()
+        return self._tok.eod_id
 
     @property
     def bos(self) -> int:
-        return self._sp.bos_id()
+        return -1 if self._tok.bos_id is None else self._tok.bos_id
 
     @property
     def pad(self) -> int:
-        """The pad id, or -1 (never a token) when the model has none."""
-        return self._sp.pad_id()
+        """The pad id, or -1 (never a token) when the tokenizer has none."""
+        return -1 if self._tok.pad_id is None else self._tok.pad_id
 
     @property
     def unk(self) -> int:
-        return self._sp.unk_id()
+        return -1 if self._tok.unk_id is None else self._tok.unk_id
 
     @property
     def unique_identifiers(self) -> OrderedDict:
-        """Part of GPTDataset's cache key: the model's content, not its path."""
-        return OrderedDict(cls=type(self).__name__, sha256=self._sha256, eod=self._eod)
+        """Part of GPTDataset's cache key: the tokenizer's content, not its path."""
+        return OrderedDict(cls=type(self).__name__, sha256=self._tok.sha256, eod=self.eod)
 
 
 class MockTokenizer(MegatronTokenizerBase):
@@ -147,9 +143,9 @@ class _Builder(BlendedMegatronDatasetBuilder):
 
 
 def build_tokenizer(tokenizer_model: Optional[str], mock_vocab_size: int = 8192) -> MegatronTokenizerBase:
-    """The sentencepiece adapter for a model path, or a MockTokenizer when there is none."""
+    """The adapter for a tokenizer path (sentencepiece or tokenizer.json), or a MockTokenizer when there is none."""
     if tokenizer_model:
-        return SentencePieceTokenizer(tokenizer_model)
+        return FileTokenizer(tokenizer_model)
     return MockTokenizer(mock_vocab_size)
 
 

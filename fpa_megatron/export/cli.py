@@ -45,7 +45,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf.add_argument("--checkpoint", required=True,
                     help="an iter_XXXXXXX directory, a checkpoint root or a run directory")
     hf.add_argument("--out", required=True, help="output directory")
-    hf.add_argument("--tokenizer", default=None, help="the run's sentencepiece model, if it moved since training")
+    hf.add_argument("--tokenizer", default=None,
+                    help="the run's tokenizer (.model or tokenizer.json), if it moved since training")
     hf.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     args = parser.parse_args(argv)
 

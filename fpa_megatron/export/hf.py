@@ -1,5 +1,6 @@
 """Hugging Face `transformers` export: a checkpoint's model as the standard architecture that computes the same
-function, and its sentencepiece tokenizer as a `tokenizer.json`; both load with no custom code.
+function, and its tokenizer (sentencepiece, converted; or the run's tokenizer.json) as a `tokenizer.json`; both
+load with no custom code.
 
 Model families (the only combinations with a faithful standard target):
   learned positions + LayerNorm + GeLU            -> GPT-2 (exact erf GeLU: activation_function "gelu")
@@ -83,47 +84,57 @@ def hf_architecture(m: ModelConfig) -> str:
 class TokenizerSpec:
     """What the export needs to know about the run's tokenizer."""
 
-    path: Optional[str]  # sentencepiece .model, or None (mock data: no tokenizer to export)
+    path: Optional[str]  # sentencepiece .model or tokenizer.json, or None (mock data: no tokenizer to export)
     vocab_size: int
     eod_id: int
     bos_id: Optional[int] = None
     pad_id: Optional[int] = None
     unk_id: Optional[int] = None
+    kind: str = "sentencepiece"  # or "huggingface" (a tokenizer.json)
 
 
 def tokenizer_spec(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None) -> TokenizerSpec:
     """The run's tokenizer (data.tokenizer, or `tokenizer_path` if it moved); EOD = its eos, as in training."""
+    from data_prep.common import PrepError
+    from data_prep.tokenizer import load_tokenizer
+
     path = tokenizer_path or ckpt.config.data.tokenizer
     if path is None:  # mock data: the MockTokenizer's vocabulary and EOD
         vocab = ckpt.config.model.vocab_size
         if vocab is None:
             raise ExportError("the run has neither data.tokenizer nor model.vocab_size: cannot tell the vocabulary")
         return TokenizerSpec(None, vocab, vocab - 1)
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ExportError(f"tokenizer {path!r} (data.tokenizer of the run) not found: pass --tokenizer PATH")
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    if sp.eos_id() < 0:
-        raise ExportError(f"tokenizer {path!r} has no eos piece (the end-of-document token)")
-
-    def optional(i: int) -> Optional[int]:
-        return i if i >= 0 else None
-
-    return TokenizerSpec(str(path), sp.vocab_size(), sp.eos_id(), optional(sp.bos_id()), optional(sp.pad_id()),
-                         optional(sp.unk_id()))
+    try:
+        tok = load_tokenizer(str(path))
+    except PrepError as err:
+        raise ExportError(str(err)) from None
+    return TokenizerSpec(tok.path, tok.vocab_size, tok.eod_id, tok.bos_id, tok.pad_id, tok.unk_id, tok.kind)
 
 
 def hf_tokenizer(spec: TokenizerSpec, model_max_length: int):
-    """A `transformers` fast tokenizer that encodes exactly like the sentencepiece model.
+    """A `transformers` fast tokenizer that encodes exactly like the run's tokenizer.
 
-    transformers' own converter builds the `tokenizers` pipeline from the model's settings (identity
-    normalization, no dummy prefix, byte fallback, BPE merges ranked by piece score). Special pieces written as
-    text stay text (split_special_tokens), as sentencepiece treats them; no BOS/EOS is added.
+    A tokenizer.json is used as it is (its special tokens and post-processor: `tokenizer(text)` adds what the library
+    adds; training, fpa-generate and fpa-eval encode without special tokens); eos = the EOD token. For a
+    sentencepiece model, transformers' own converter builds the `tokenizers` pipeline from the model's settings
+    (identity normalization, no dummy prefix, byte fallback, BPE merges ranked by piece score); special pieces
+    written as text stay text (split_special_tokens), as sentencepiece treats them; no BOS/EOS is added.
     """
     require_transformers()
-    from sentencepiece import sentencepiece_model_pb2
     from transformers import PreTrainedTokenizerFast
+
+    if spec.kind == "huggingface":
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(spec.path)
+        special = {key: backend.id_to_token(index) for key, index in (
+            ("eos_token", spec.eod_id), ("bos_token", spec.bos_id), ("pad_token", spec.pad_id),
+            ("unk_token", spec.unk_id)) if index is not None}
+        return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
+                                       clean_up_tokenization_spaces=False, **special)
+    from sentencepiece import sentencepiece_model_pb2
     from transformers.convert_slow_tokenizer import SpmConverter
 
     proto = sentencepiece_model_pb2.ModelProto()

@@ -1,4 +1,5 @@
-"""`fpa-eval --checkpoint DIR (--data PREFIX|FILE.jsonl | --split valid|test)`: LM loss and perplexity.
+"""`fpa-eval --checkpoint DIR (--data PREFIX|FILE.jsonl | --split valid|test | --tasks NAMES|YAML)`: LM loss and
+perplexity, or downstream tasks through lm-evaluation-harness (`--tasks`, see inference/harness.py).
 
 Model: a training checkpoint (any layout) runs as one TP1 x PP1 Megatron GPT in this process, the trainer's own
 model code with its padded vocabulary, so the numbers are the trainer's; an `fpa-export hf` directory runs in
@@ -255,10 +256,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="indexed dataset prefix (PREFIX.bin/.idx) or a .jsonl file of documents")
     source.add_argument("--split", choices=SPLITS, help="the run's own data config: its validation or test split")
+    source.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: names (e.g. hellaswag,arc_easy; "
+                                        "their data must be on this machine: no download) or task YAML files")
+    parser.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                        help="--tasks: a directory of task YAMLs to add to lm-eval's (repeatable)")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="--tasks: few-shot examples (default: the task's)")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="--tasks: first N documents per task (< 1: a fraction)")
+    parser.add_argument("--output", default=None, help="--tasks: write the results as JSON to this file")
+    parser.add_argument("--seed", type=int, default=1234, help="--tasks: seed of lm-eval's few-shot sampling")
     parser.add_argument("--batches", type=int, default=None, help="--split: global batches (default train.eval_iters)")
     parser.add_argument("--text-key", default="text", help=".jsonl: the field holding the text")
     parser.add_argument("--batch-size", type=int, default=8, help="--data: sequences per forward pass")
-    parser.add_argument("--tokenizer", default=None, help="the run's sentencepiece model, if it moved")
+    parser.add_argument("--tokenizer", default=None, help="the run's tokenizer (.model or tokenizer.json), if it moved")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -267,6 +278,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from fpa_megatron.training.checkpoint_reader import CheckpointError
 
     quiet_transformers()
+    if args.tasks is not None:
+        return _main_tasks(args)
     try:
         result = evaluate(args.checkpoint, args.data, args.split, args.batches, args.text_key, args.batch_size,
                           args.tokenizer, progress=not args.no_progress)
@@ -275,6 +288,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     print(f"{result.source}")
     print(f"loss {result.loss:.6f} | perplexity {result.perplexity:.3f} | {result.tokens:,} tokens")
+    return 0
+
+
+def _main_tasks(args) -> int:
+    """--tasks: lm-eval on the model; the table on stdout, the JSON in --output."""
+    from fpa_megatron.config import ConfigError
+    from fpa_megatron.export.hf import ExportError
+    from fpa_megatron.inference.harness import results_table, run_tasks, write_results
+    from fpa_megatron.training.checkpoint_reader import CheckpointError
+
+    try:
+        results = run_tasks(args.checkpoint, args.tasks, args.include_path, args.num_fewshot, args.limit,
+                            args.batch_size, args.tokenizer, args.seed)
+    except (CheckpointError, ConfigError, ExportError, FileNotFoundError, ImportError, ValueError) as err:
+        print(f"fpa-eval: {err}", file=sys.stderr)
+        return 2
+    print(results_table(results))
+    if args.output:
+        write_results(results, args.output)
+        print(f"results: {args.output}")
     return 0
 
 

@@ -75,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample within top-p probability mass")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--tokenizer", default=None, help="the run's sentencepiece model, if it moved")
+    parser.add_argument("--tokenizer", default=None, help="the run's tokenizer (.model or tokenizer.json), if it moved")
     args = parser.parse_args(argv)
 
     from fpa_megatron.export.hf import ExportError, load_hf, quiet_transformers

@@ -351,7 +351,7 @@ def vocab_divisor(cfg: RunConfig, padded_old: int, tensor: int) -> int:
     from fpa_megatron.config_checks import padded_vocab_size, tokenizer_vocab_size
 
     vocab = cfg.model.vocab_size
-    if vocab is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
+    if vocab is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
         vocab = tokenizer_vocab_size(cfg.data.tokenizer)
     divisor = cfg.model.make_vocab_size_divisible_by
     if vocab is not None and padded_vocab_size(vocab, tensor, divisor) == padded_old:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fpa_megatron.data.datasets import (
+    FileTokenizer,
     MicroBatchSampler,
-    SentencePieceTokenizer,
     build_gpt_datasets,
     micro_batches,
 )
@@ -148,7 +148,7 @@ def test_tokenizer_adapter_matches_sentencepiece(tokenizer_model):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
-    tok = SentencePieceTokenizer(tokenizer_model)
+    tok = FileTokenizer(tokenizer_model)
     text = "the quick brown fox 123 ünïcode"
     assert tok.tokenize(text) == sp.encode(text)
     assert tok.detokenize(tok.tokenize(text)) == sp.decode(sp.encode(text))
