@@ -19,9 +19,8 @@ import sys
 import tempfile
 
 from fpa_megatron.config import load_config
-from fpa_megatron.config_checks import check_config
-from fpa_megatron.planner.memory import GIB, Layout, step_memory
-from fpa_megatron.planner.search import planning_config
+from fpa_megatron.planner.memory import GIB, step_memory
+from fpa_megatron.planner.search import own_layout, planning_config
 
 
 def run_overrides(args, log_dir: str) -> list[str]:
@@ -34,14 +33,8 @@ def run_overrides(args, log_dir: str) -> list[str]:
 
 def prediction(cfg) -> dict:
     """The planner's memory terms for cfg's own layout on one GPU."""
-    plan_cfg = planning_config(cfg)
-    resolved = check_config(plan_cfg, 1)
-    p = cfg.parallel
-    layout = Layout(tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline, context=p.context,
-                    data=resolved.data_parallel, sequence_parallel=p.sequence_parallel,
-                    zero_stage=cfg.optimizer.zero_stage, recompute=cfg.model.recompute,
-                    micro_batch_size=cfg.train.micro_batch_size, num_microbatches=resolved.num_microbatches)
-    memory = step_memory(plan_cfg, layout, resolved.padded_vocab_size, device="cuda")
+    layout, padded_vocab = own_layout(cfg, 1)
+    memory = step_memory(planning_config(cfg), layout, padded_vocab, device="cuda")
     return {"layout": layout.name(), "predicted_tensor_gb": memory["tensors"] / GIB,
             "predicted_total_gb": memory["total"] / GIB,
             "terms_gb": {k: memory[k] / GIB for k in ("weights", "gradients", "master_fp32", "adam_moments",

@@ -84,3 +84,15 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gb: float, hw: Hardware) -> dict:
     rows.sort(key=lambda r: (not r["fits"], round(r["time"]["step_s"], 6), r["memory"]["total"]))
     return {"gpus": gpus, "gpu_memory_gb": gpu_memory_gb, "hardware": hw, "layouts": rows,
             "rejected_by_config_checks": rejected}
+
+
+def own_layout(cfg: RunConfig, gpus: int) -> tuple[Layout, int]:
+    """The layout cfg itself asks for on `gpus` GPUs (checked by config_checks) and its padded vocabulary."""
+    plan_cfg = planning_config(cfg)
+    resolved = check_config(plan_cfg, gpus)
+    p = cfg.parallel
+    layout = Layout(tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline, context=p.context,
+                    data=resolved.data_parallel, sequence_parallel=p.sequence_parallel,
+                    zero_stage=cfg.optimizer.zero_stage, recompute=cfg.model.recompute,
+                    micro_batch_size=cfg.train.micro_batch_size, num_microbatches=resolved.num_microbatches)
+    return layout, resolved.padded_vocab_size

@@ -106,3 +106,23 @@ def test_missing_config_file(capsys):
     with pytest.raises(SystemExit):
         main(["configs/nope.yaml", "--gpus", "1", "--gpu-memory", "80"])
     assert "config file 'configs/nope.yaml' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,gpus", [("gpt_125m", 8), ("gpt_1.3b", 8), ("gpt_7b", 8)])
+def test_preset_headers_quote_their_plan(preset, gpus):
+    """The memory a preset's header quotes for its own layout is what the planner computes for it."""
+    import re
+    from pathlib import Path
+
+    from fpa_megatron.config import load_config
+    from fpa_megatron.planner.search import own_layout, planning_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{preset}.yaml"
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    quoted = re.search(r"holds ([\d.]+) GiB of tensors per GPU \(activations ([\d.]+)\), ([\d.]+) GiB with", header)
+    assert quoted, header
+    cfg = load_config(path)
+    layout, vocab = own_layout(cfg, gpus)
+    memory = step_memory(planning_config(cfg), layout, vocab)
+    assert [float(x) for x in quoted.groups()] == [round(memory[k] / GIB, 1)
+                                                   for k in ("tensors", "activations", "total")]
