@@ -126,3 +126,34 @@ def test_preset_headers_quote_their_plan(preset, gpus):
     memory = step_memory(planning_config(cfg), layout, vocab)
     assert [float(x) for x in quoted.groups()] == [round(memory[k] / GIB, 1)
                                                    for k in ("tensors", "activations", "total")]
+
+
+def test_step_time_terms():
+    """Compute at the stated MFU, the bubble (p-1)/(m v), and links chosen by the groups' span."""
+    from dataclasses import replace
+
+    from fpa_megatron.logging.flops import flops_per_token
+    from fpa_megatron.planner.time import Hardware, step_time
+
+    cfg = config_from_dict({"model": dict(num_layers=8, hidden_size=256, num_attention_heads=4, seq_length=1024,
+                                          vocab_size=1024, dtype="bf16"),
+                            "train": dict(global_batch_size=64, micro_batch_size=1)})
+    hw = Hardware(tflops=100.0, mfu=0.5, intra_gbps=800.0, inter_gbps=100.0)
+    base = step_time(cfg, Layout(data=8, num_microbatches=8), 1024, 10**6, hw)
+    flops = 64 * 1024 * flops_per_token(cfg.model, 1024, causal=True) / 8
+    assert base["compute_s"] == pytest.approx(flops / (100e12 * 0.5))
+    assert base["bubble_s"] == 0 and base["tp_comm_s"] == 0
+    pp4 = step_time(cfg, Layout(pipeline=4, data=2, num_microbatches=32), 1024, 10**6, hw)
+    assert pp4["bubble_s"] == pytest.approx(pp4["compute_s"] * 3 / 32)
+    vp2 = step_time(cfg, Layout(pipeline=4, virtual_pipeline=2, data=2, num_microbatches=32), 1024, 10**6, hw)
+    assert vp2["bubble_s"] == pytest.approx(pp4["bubble_s"] / 2)
+    # DP over 8 GPUs stays in the node (intra link); over 16 it crosses nodes (inter link)
+    faster_inter = replace(hw, inter_gbps=200.0)
+    assert step_time(cfg, Layout(data=8, num_microbatches=8), 1024, 10**6, faster_inter)["dp_comm_s"] == \
+        base["dp_comm_s"] == pytest.approx(2 * 7 / 8 * 2e6 / (800e9 / 8))
+    dp16 = Layout(data=16, num_microbatches=4)
+    assert step_time(cfg, dp16, 1024, 10**6, faster_inter)["dp_comm_s"] == pytest.approx(
+        step_time(cfg, dp16, 1024, 10**6, hw)["dp_comm_s"] / 2)
+    tp2 = step_time(cfg, Layout(tensor=2, data=4, num_microbatches=16), 1024, 10**6, hw)
+    # 8 layers x 16 micro-batches x (fwd, bwd) x 2 all-reduces of s*b*h bf16, ring over 2 ranks, intra link
+    assert tp2["tp_comm_s"] == pytest.approx(8 * 16 * 2 * 2 * (2 * 1 / 2 * 1024 * 256 * 2) / (800e9 / 8))
