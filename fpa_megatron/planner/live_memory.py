@@ -4,7 +4,8 @@ A TorchDispatchMode that sees every tensor an op returns (forward, backward, rec
 registers each new storage once with its size, and drops it when torch frees the storage (a weakref
 finalizer on the storage object, which torch keeps alive exactly as long as the storage). `peak` is the
 largest sum of live bytes seen between two ops. Storages that existed before the mode (parameters, inputs)
-are not counted: an output that shares an input's storage the mode has not seen is one of them. Used by the planner's tests to check its memory model against what a real step holds.
+are not counted: an output that shares an input's storage the mode has not seen is one of them. The
+planner's tests check its memory model against what a real step holds with it.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def zero_rank(zero_stage: int, dtype: str):
     model = build_gpt_model(cfg.model, VOCAB, penalty, seed=5)
     engine = build_engine(model, cfg.optimizer, dtype, 1, 1)
     seq = cfg.model.seq_length
-    tokens = torch.randint(0, VOCAB, (1, seq + 1), generator=torch.Generator().manual_seed(torch.distributed.get_rank()))
+    generator = torch.Generator().manual_seed(torch.distributed.get_rank())
+    tokens = torch.randint(0, VOCAB, (1, seq + 1), generator=generator)
     batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(1, seq),
                  position_ids=torch.arange(seq).expand(1, seq))
     forward_backward(model, iter([batch]), penalty, num_microbatches=1, micro_batch_size=1, seq_length=seq,
