@@ -74,6 +74,8 @@ def measure_rank(cases):
         tp, pp, _, cp, seq = case[:5]
         init_model_parallel(tp, pp, seed=0, context=cp)
         penalty = make_penalty(cfg.model, cfg.fpa)
+        # when SP / CP land: build with cfg.parallel.sequence_parallel the way the trainer does, and give each
+        # CP rank its chunks of the batch (Megatron's get_batch_on_this_cp_rank)
         model = build_gpt_model(cfg.model, VOCAB, penalty, seed=5)
         penalty.set_step(0.5, True)
         tokens = torch.randint(0, VOCAB, (MICROBATCHES, seq + 1), generator=torch.Generator().manual_seed(0))
