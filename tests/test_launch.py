@@ -17,6 +17,7 @@ from fpa_megatron.testing import free_port
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
 SLURM = ROOT / "launch" / "slurm.sbatch"
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
 CLEAN_ENV_KEYS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "RDZV_ID", "DRY_RUN",
                   "GPUS_PER_NODE", "MAX_RESTARTS", "SHUTDOWN_TIMEOUT")
 # always passed: restarts (none by default), SIGUSR1 forwarded to the workers, their time to save after a signal
@@ -235,3 +236,22 @@ def test_slurm_requeues_only_a_preempted_run(tmp_path, srun_exit, requeued):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == srun_exit
     assert ("requeue 4242" in (tmp_path / "log").read_text()) == requeued
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="GPU machine: the script would run")
+def test_gpu_check_fails_clearly_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    proc = subprocess.run(["bash", str(GPU_CHECK)], env=_env(OUT=str(tmp_path)), capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 3
+    assert "gpu_check.sh: no CUDA device is available" in proc.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_gpu_check_bad_argument():
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--fast"], env=_env(), capture_output=True, text=True,
+                          timeout=30, cwd=ROOT)
+    assert proc.returncode == 2 and "unknown argument --fast" in proc.stderr
