@@ -37,10 +37,12 @@ import torch
 from fpa_megatron.config import ConfigError, RunConfig, save_config
 from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, split_shard,
                                            tensor_parallel_dim)
-from fpa_megatron.training.checkpoint import (LATEST, RESHARDED, TRAINER_STATE, mark_complete, save_durable,
-                                             write_atomic, write_layout)
+from fpa_megatron.training.checkpoint import (LATEST, RESHARDED, TRAINER_STATE, load_deepspeed_file, mark_complete,
+                                             save_durable, write_atomic, write_layout)
 from fpa_megatron.training.checkpoint_reader import (CheckpointError, CheckpointLayout, ModelCheckpoint,
-                                                     model_parallel_coordinates, read_model_checkpoint)
+                                                     model_parallel_coordinates, read_model_checkpoint,
+                                                     resolve_checkpoint_dir, verify_checkpoint)
+from fpa_megatron.training.integrity import CheckpointIntegrityError
 
 MODEL_FILE = "mp_rank_{mp:02d}_model_states.pt"
 ZERO_FILE = "{prefix}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
@@ -78,11 +80,14 @@ class GlobalState:
 
 
 def _load(path: Path, hint: str = ""):
-    """DeepSpeed's files hold its own classes (loss scaler, fragment addresses), so not weights_only; mmap keeps
-    the tensors on disk until a slice of them is needed. These are files written by our own runs."""
+    """DeepSpeed's files, weights_only with DeepSpeed's own classes (loss scaler, fragment addresses) allowed;
+    mmap keeps the tensors on disk until a slice of them is needed."""
     if not path.is_file():
         raise ReshardError(f"checkpoint file {str(path)!r} is missing" + (f"; {hint}" if hint else ""))
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        return load_deepspeed_file(path, mmap=True)
+    except CheckpointIntegrityError as err:
+        raise ReshardError(str(err)) from None
 
 
 def zero_file_prefix(ckpt: Path) -> str:
@@ -399,7 +404,8 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     out = Path(out)
     if out.exists():
         raise ReshardError(f"--out {out} already exists; choose a new directory (nothing was written)")
-    model = read_model_checkpoint(checkpoint)
+    verify_checkpoint(resolve_checkpoint_dir(checkpoint))  # every file: the optimizer's are read too
+    model = read_model_checkpoint(checkpoint, verify=False)
     ckpt, cfg, src = model.path, model.config, model.layout
     new = new_layout(src, tensor, pipeline, data_parallel, world_size)
     new_cfg = copy.deepcopy(cfg)
