@@ -346,12 +346,14 @@ class Checkpointer:
     Rank 0 alone writes the marker, `latest`, `history.json`, and moves or prunes directories.
     """
 
+    clock = staticmethod(time.monotonic)  # the wall clock of interval_minutes (tests freeze it on one rank)
+
     def __init__(self, root: str | Path, interval: int, keep_last: int, resume: str, cfg: RunConfig,
-                 interval_minutes: float = 0.0, clock=time.monotonic):
+                 interval_minutes: float = 0.0):
         self.root = Path(root)
         self.interval, self.keep_last, self.resume_mode, self.cfg = interval, keep_last, resume, cfg
-        self.interval_minutes, self.clock = interval_minutes, clock
-        self.last_save_time = clock()  # the wall-clock interval counts from the start, then from each save
+        self.interval_minutes = interval_minutes
+        self.last_save_time = self.clock()  # the wall-clock interval counts from the start, then from each save
         self.resumed_from: Optional[Path] = None  # the checkpoint this run last loaded (resume or rollback)
         self._protected: set[Path] = set()  # every checkpoint this run loaded: never pruned
         self._verified: Optional[Path] = None  # the checkpoint find_resume verified on every rank
