@@ -106,6 +106,14 @@ def checkpoint_problem(path: Path, names: Optional[Iterable[str]] = None) -> Opt
     return None
 
 
+def one_file_problem(file: Path) -> Optional[str]:
+    """file_problem of one file of a checkpoint against that checkpoint's marker (the other files not looked at)."""
+    files = read_marker(file.parent).files
+    if files is not None and file.name not in files and file.is_file():
+        return f"{file} is not listed in {file.parent / MARKER} (added after the save?)"
+    return file_problem(file, None if files is None else files.get(file.name))
+
+
 def has_checksums(path: Path) -> bool:
     try:
         return read_marker(Path(path)).files is not None
