@@ -121,13 +121,6 @@ def has_checksums(path: Path) -> bool:
         return False
 
 
-def check_checkpoint(path: Path, names: Optional[Iterable[str]] = None) -> None:
-    """checkpoint_problem, raised as CheckpointIntegrityError."""
-    problem = checkpoint_problem(path, names)
-    if problem:
-        raise CheckpointIntegrityError(f"checkpoint {path} is damaged: {problem}")
-
-
 def agree_on_problem(problem: Optional[str]) -> Optional[str]:
     """Every rank's verdict combined: one all-reduce of a flag; only when some rank failed are the reasons
     gathered (so that every rank can name the file). Returns the first rank's problem, or None."""
