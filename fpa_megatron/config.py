@@ -2,6 +2,11 @@
 
 `load_config(path, overrides)` builds a `RunConfig`; `fpa_megatron.config_checks.check_config` validates it
 before any process group starts; `save_config` writes the resolved config next to a run.
+
+A string field keeps its value as written: YAML 1.1 would read `run_name: off` as False, `1_000` as 1000,
+`2024-01-01` as a date, so files and overrides are read with `TextKeepingLoader`, which keeps every plain
+scalar's text next to what YAML made of it (`Scalar`); str fields take the text, typed fields the YAML value.
+Only null / ~ / an empty value make an Optional[str] field None.
 """
 
 from __future__ import annotations
@@ -17,6 +22,41 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config value; the message names the key and the value."""
+
+
+class Scalar(str):
+    """A plain YAML scalar: its text as written (the str) and what YAML 1.1 resolved it to (`.value`)."""
+
+    value: Any
+
+
+class TextKeepingLoader(yaml.SafeLoader):
+    """SafeLoader whose plain booleans, numbers and timestamps come back as `Scalar`s (text + YAML value)."""
+
+
+def _keep_text(loader: TextKeepingLoader, node: yaml.ScalarNode, constructor) -> Scalar:
+    scalar = Scalar(node.value)
+    scalar.value = constructor(loader, node)
+    return scalar
+
+
+for _tag, _constructor in dict(yaml.SafeLoader.yaml_constructors).items():
+    if _tag and _tag.rsplit(":", 1)[-1] in ("bool", "int", "float", "timestamp"):
+        TextKeepingLoader.add_constructor(_tag, lambda loader, node, c=_constructor: _keep_text(loader, node, c))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML with plain scalars' text kept (TextKeepingLoader)."""
+    return yaml.load(text, Loader=TextKeepingLoader)
+
+
+def _typed(value: Any) -> Any:
+    """What YAML made of a value (lists element-wise), for fields that are not strings."""
+    if isinstance(value, Scalar):
+        return value.value
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return value
 
 
 @dataclass
@@ -95,7 +135,7 @@ class OptimizerConfig:
 class DataConfig:
     """Megatron indexed datasets blended by weight and split train/valid/test."""
 
-    prefixes: list = field(default_factory=list)  # paths to <prefix>.bin/.idx
+    prefixes: list[str] = field(default_factory=list)  # paths to <prefix>.bin/.idx
     weights: Optional[list] = None  # None = by size (Megatron blends prefixes in proportion to their samples)
     split: str = "98,1,1"
     tokenizer: Optional[str] = None  # sentencepiece .model, Hugging Face tokenizer.json or a directory with one
@@ -151,7 +191,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     dir: str = "runs"
-    run_name: Optional[str] = None  # None = the config file's stem
+    run_name: Optional[str] = None  # None = the config file's stem (null, ~ or empty; any other value is its text)
     interval: int = 10
     tensorboard: bool = True
     heatmap_interval: int = 0  # per-layer penalty + [layers x heads] heatmap every N steps; 0 = logging.interval
@@ -172,20 +212,29 @@ class RunConfig:
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the key."""
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the key.
+
+    A str field takes a Scalar's text; every other type takes what YAML resolved (see the module doc)."""
     hint = annotation
     origin = typing.get_origin(hint)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if value is None or (args[0] is not str and isinstance(value, str)
+                             and value.lower() in ("null", "none", "~")):
             return None
         hint = args[0]
     if hint in ("list", list) or typing.get_origin(hint) is list:
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if isinstance(value, str) and not isinstance(value, Scalar):
+            value = load_yaml(value) if value.strip().startswith("[") else value.split(",")
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return list(value)
+            raise ConfigError(f"{key}: expected a list, got {_typed(value)!r}")
+        item = (typing.get_args(hint) or (Any,))[0]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)  # a Scalar: the text as written
+    value = _typed(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -209,10 +258,6 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
     return value
 
 
@@ -244,7 +289,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -271,7 +316,7 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     cfg = config_from_dict(values, overrides)

@@ -8,15 +8,13 @@ It does not modify the config.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from fpa_megatron.config import ConfigError, RunConfig
+from fpa_megatron.data.data_checks import check_data, parse_split  # noqa: F401 - parse_split: part of this API
 from fpa_megatron.model.attention_options import ATTENTION_IMPLS, FPA_NORMALIZATIONS, FPA_TARGETS
 from fpa_megatron.training.lambda_schedule import LambdaSchedule
 
@@ -117,18 +115,6 @@ def _number_at_least(key: str, value: Any, minimum: float, strict: bool = False)
 def _probability(key: str, value: Any) -> None:
     if not _is_number(value) or not 0.0 <= value < 1.0:
         _fail(f"{key}={value!r} must be in [0, 1)")
-
-
-def parse_split(split: Any) -> tuple[float, float, float]:
-    """'98,1,1' -> (98.0, 1.0, 1.0): three non-negative numbers with a positive sum (train,valid,test)."""
-    parts = str(split).replace("/", ",").split(",")
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
-        _fail(f"data.split={split!r} must be three non-negative numbers 'train,valid,test' with a positive sum")
-    return values  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------ the sections
@@ -295,100 +281,6 @@ def _check_fpa(cfg: RunConfig) -> None:
         _fail(str(err))
 
 
-def _check_data(cfg: RunConfig) -> None:
-    d = cfg.data
-    parse_split(d.split)
-    if not isinstance(d.eod_mask_loss, bool):
-        _fail(f"data.eod_mask_loss={d.eod_mask_loss!r} must be true or false")
-    if d.weights is not None:
-        if len(d.weights) != len(d.prefixes):
-            _fail(f"data.weights={d.weights!r} has {len(d.weights)} entries but data.prefixes has "
-                  f"{len(d.prefixes)}")
-        if not all(_is_number(w) and w > 0 for w in d.weights):
-            _fail(f"data.weights={d.weights!r} must all be positive numbers (Megatron's dataset builder rejects a "
-                  f"weight of 0: drop that prefix from data.prefixes instead)")
-    if d.mock:
-        return
-    if not d.prefixes:
-        _fail("data.prefixes=[] is empty: set data.prefixes=[path/prefix,...] (each with .bin and .idx) "
-              "or data.mock=true")
-    for i, prefix in enumerate(d.prefixes):
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(f"{prefix}{suffix}"):
-                _fail(f"data.prefixes[{i}]={str(prefix)!r}: {prefix}{suffix} does not exist")
-    _check_splits(cfg)
-
-
-INDEX_MAGIC = b"MMIDIDX\x00\x00"  # Megatron-core's .idx header: magic, version 1 (<Q), dtype code (<B), counts
-
-
-def index_sequence_count(prefix: str) -> int:
-    """Number of sequences in `<prefix>.idx` (what Megatron splits a GPT dataset by), from its 26-byte header.
-
-    Read directly: Megatron's IndexedDataset maps the whole index, and leaves an object whose __del__ fails
-    when the header is bad."""
-    path = f"{prefix}.idx"
-    with open(path, "rb") as f:
-        header = f.read(26)
-    if len(header) < 26 or header[:9] != INDEX_MAGIC or struct.unpack("<Q", header[9:17])[0] != 1:
-        _fail(f"{path} is not a Megatron-core index file (bad or truncated header)")
-    return struct.unpack("<Q", header[18:26])[0]
-
-
-def _check_splits(cfg: RunConfig) -> None:
-    """Every split that gets a share must get a sequence of every prefix (Megatron's builder cannot build an
-    empty split), and evaluation needs a validation split at all."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
-
-    d, t = cfg.data, cfg.train
-    if t.eval_interval > 0 and parse_split(d.split)[1] == 0:
-        _fail(f"train.eval_interval={t.eval_interval} evaluates on the validation split, but data.split="
-              f"{d.split!r} gives it no share: set one (e.g. data.split='98,1,1') or train.eval_interval=0")
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(str(d.split).replace("/", ",")))
-    for i, prefix in enumerate(d.prefixes):
-        count = index_sequence_count(prefix)
-        for name, bookends in zip(("train", "validation", "test"), matrix):
-            if bookends is not None and round(bookends[0] * count) == round(bookends[1] * count):
-                _fail(f"data.prefixes[{i}]={str(prefix)!r} has {count} documents, and its {name} split under "
-                      f"data.split={d.split!r} gets none of them (Megatron cannot build an empty split): use the "
-                      f"merged dataset or a larger prefix, or give that split no share")
-
-
-def _check_encoded_with_tokenizer(cfg: RunConfig) -> None:
-    """A prefix written by `fpa-prep encode` records its tokenizer's sha256 in manifest.json next to it;
-    token ids only mean something under that tokenizer. Data without a manifest is not checked."""
-    d = cfg.data
-    if d.mock or d.tokenizer is None:
-        return
-    ours = None
-    for i, prefix in enumerate(d.prefixes):
-        manifest_path = Path(prefix).parent / "manifest.json"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            recorded = manifest["tokenizer"]
-            names = {ds.get("merged_prefix") for ds in manifest["datasets"].values()}
-            names |= {s for ds in manifest["datasets"].values() for s in ds.get("shards", [])}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # no (readable) manifest: data from elsewhere
-        if Path(prefix).name not in names:
-            continue  # the manifest describes other datasets
-        if ours is None:
-            tok = load_run_tokenizer(d.tokenizer)
-            ours = tok.sha256
-        if recorded.get("sha256") == ours and recorded.get("eod_id", tok.eod_id) != tok.eod_id:
-            _fail(f"data.prefixes[{i}]={str(prefix)!r} was encoded with the end-of-document token "
-                  f"{recorded.get('eod_piece')!r}={recorded.get('eod_id')} (fpa-prep encode --eod-piece, per "
-                  f"{manifest_path}), but training, export and generation take EOD from data.tokenizer's eos "
-                  f"{tok.eod_piece!r}={tok.eod_id}: make that token the tokenizer's eos, or encode again without "
-                  f"--eod-piece")
-        if recorded.get("sha256") != ours:
-            _fail(f"data.prefixes[{i}]={str(prefix)!r} was encoded with the tokenizer {recorded.get('path')!r} "
-                  f"(sha256 {str(recorded.get('sha256'))[:12]}..., per {manifest_path}), but data.tokenizer="
-                  f"{d.tokenizer!r} is another model (sha256 {ours[:12]}...): its token ids would be read as other "
-                  f"pieces. Set data.tokenizer to the encoding tokenizer, or encode the data again with this one")
-
-
 def _check_vocab(cfg: RunConfig) -> tuple[int, Optional[int]]:
     tok_size = tokenizer_vocab_size(cfg.data.tokenizer) if cfg.data.tokenizer is not None else None
     vocab = cfg.model.vocab_size
@@ -410,6 +302,7 @@ def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
     _number_at_least("logging.peak_tflops", lg.peak_tflops, 0.0, strict=True)
     _int_at_least("checkpoint.interval", ck.interval, 0)
     _int_at_least("checkpoint.keep_last", ck.keep_last, 1)
+    _number_at_least("checkpoint.interval_minutes", ck.interval_minutes, 0.0)
 
 
 def _check_resume(cfg: RunConfig, world_size: int) -> None:
@@ -451,9 +344,8 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     _check_guard_and_timeout(cfg)
     _check_logging_and_checkpoint(cfg)
     _check_resume(cfg, world_size)
-    _check_data(cfg)
     vocab, tok_size = _check_vocab(cfg)
-    _check_encoded_with_tokenizer(cfg)
+    check_data(cfg, tok_size or vocab)  # files, sizes and token dtype of every prefix
     m = cfg.model
     return ResolvedLayout(
         world_size=world_size,

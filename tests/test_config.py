@@ -502,3 +502,38 @@ def test_demo_config_on_two_cpu_ranks(tokenizer):
     raw = yaml.safe_load((CONFIGS / "demo_cpu.yaml").read_text())
     assert raw["data"]["tokenizer"] == "data/demo/tokenizer/spm.model"
     assert all(p.startswith("data/demo/") for p in raw["data"]["prefixes"])
+
+
+# ------------------------------------------------------------------------------------------ string fields keep their text
+
+TEXT_VALUES = ["off", "no", "yes", "on", "1_000", "1e3", "0x10", "2024-01-01", "12:30", "True", "None", "007"]
+
+
+@pytest.mark.parametrize("text", TEXT_VALUES)
+def test_a_string_field_keeps_its_text_in_files_and_overrides(tmp_path, text):
+    from fpa_megatron.config import load_config, save_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"logging:\n  run_name: {text}\n  dir: {text}\ndata:\n  prefixes: [{text}, b]\n")
+    cfg = load_config(path)
+    assert (cfg.logging.run_name, cfg.logging.dir, cfg.data.prefixes) == (text, text, [text, "b"])
+    overridden = load_config(None, [f"logging.run_name={text}", f"data.split={text}", f"data.prefixes={text},b"])
+    assert (overridden.logging.run_name, overridden.data.split, overridden.data.prefixes) == (text, text, [text, "b"])
+    save_config(cfg, tmp_path / "saved.yaml")  # written back and read again: the same text
+    assert load_config(tmp_path / "saved.yaml").logging.run_name == text
+
+
+def test_typed_fields_still_read_yaml_values_and_null_is_none_for_optional_strings(tmp_path):
+    from fpa_megatron.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("logging: {run_name: null, interval: 1_000, tensorboard: off}\ntrain: {steps: 1e3}\n"
+                    "optimizer: {lr: 3e-4}\ndata: {weights: [1, 2.5], tokenizer: ~}\n")
+    cfg = load_config(path)
+    assert cfg.logging.run_name == "run"  # null: the file's stem
+    assert (cfg.logging.interval, cfg.logging.tensorboard, cfg.train.steps) == (1000, False, 1000)
+    assert cfg.optimizer.lr == 3e-4 and cfg.data.weights == [1, 2.5] and cfg.data.tokenizer is None
+    over = load_config(None, ["logging.run_name=~", "data.tokenizer=null", "logging.dir='null'", "model.dtype=off"])
+    assert (over.logging.run_name, over.data.tokenizer, over.logging.dir, over.model.dtype) == (None, None, "null", "off")
+    with pytest.raises(ConfigError, match="logging.interval: expected an integer, got False"):
+        load_config(None, ["logging.interval=off"])

@@ -176,7 +176,8 @@ def test_slurm_dry_run(tmp_path):
         "srun", "--nodes", "3", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "--chdir", str(ROOT),
         *FRESH_STORE, "torchrun", "--nnodes", "3", "--nproc-per-node", "8", *NO_RESTARTS, "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "gpu07:29500", "--rdzv-id", "4242", "--rdzv-conf", "join_timeout=1800,is_host=false",
-        "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml", "data.prefixes=[/d/x_00000]",
+        "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml", "checkpoint.interval_minutes=30",
+        "data.prefixes=[/d/x_00000]",
     ]
 
 

@@ -7,7 +7,12 @@ TP, PP, DP, ZeRO stage), `config.yaml`, and the marker `complete`.
 
 What makes a checkpoint trustworthy:
 - Durable before it counts. Every rank fsyncs the files it wrote, then a barrier; rank 0 fsyncs the
-  directory (and every file in it) and only then writes `complete`. `complete`, `latest` and
+  directory (and every file in it) and only then writes `complete`.
+- Verified before it is used. `complete` records every file's size and checksum (computed by the rank that
+  wrote it, `integrity.py`). On resume every rank verifies the files it reads and the ranks agree; a damaged
+  checkpoint (a file missing, cut, or with changed bytes) is moved to `abandoned/` with the reason, and
+  `resume: auto` takes the newest intact one of the lineage (`latest` follows); an explicit `resume: DIR`
+  that fails is an error naming the file. A marker without checksums (older checkpoints) loads, with a log line. `complete`, `latest` and
   `history.json` are each written atomically (temp file, fsync, rename, fsync of the directory).
 - `<root>/latest` names the checkpoint `resume: auto` takes. Only when it is missing or names something
   incomplete does auto fall back to the newest complete checkpoint of the lineage, and it says so.
@@ -17,16 +22,19 @@ What makes a checkpoint trustworthy:
   (kept, never resumed by auto, never silently deleted; the log says so). Pruning keeps the last
   `keep_last` checkpoints of the lineage, and never the one this run resumed from or the newest.
 - Our own files hold only tensors, numbers, strings, lists and dicts, and are read with
-  `torch.load(weights_only=True)`: no pickled code runs on resume. DeepSpeed reads its own files.
+  `torch.load(weights_only=True)`: no pickled code runs on resume. DeepSpeed's files too: its engine loads
+  through `SafeCheckpointEngine` (weights_only=True, allowing only the DeepSpeed classes it pickles).
 - The layout is recorded; resuming under another world size, TP or PP is refused before any weight is
   read, with both layouts named and the `fpa-reshard` command that converts the checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -36,8 +44,9 @@ import torch.distributed as dist
 
 from fpa_megatron.config import ConfigError, RunConfig, run_dir, save_config
 from fpa_megatron.logging.run_log import get_logger
+from fpa_megatron.training.integrity import (MARKER, CheckpointIntegrityError, agree_on_problem,
+                                             checkpoint_problem, describe_files, has_checksums, marker_text)
 
-MARKER = "complete"
 LATEST = "latest"
 HISTORY = "history.json"
 LAYOUT = "layout.json"
@@ -92,15 +101,18 @@ def write_atomic(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
-def mark_complete(path: Path, step: int) -> None:
+def mark_complete(path: Path, step: int, checksums: Optional[dict] = None) -> None:
     """Make checkpoint directory `path` durable (its files, itself, its name in the root), then write its
-    marker: a checkpoint counts only once everything in it would survive a crash."""
-    for file in path.iterdir():
-        if file.is_file():
-            fsync_path(file)
+    marker with every file's size and checksum: a checkpoint counts only once everything in it would survive
+    a crash. `checksums`: what the ranks computed for their own files; the rest are computed here."""
+    files = [f for f in path.iterdir() if f.is_file() and f.name != MARKER and not f.name.startswith(".")]
+    for file in files:
+        fsync_path(file)
     fsync_path(path)
     fsync_path(path.parent)  # the directory entry of iter_... itself
-    write_atomic(path / MARKER, f"{step}\n")
+    recorded = dict(checksums or {})
+    recorded.update(describe_files(f for f in files if f.name not in recorded))
+    write_atomic(path / MARKER, marker_text(step, recorded))
 
 
 def save_durable(obj: Any, path: Path) -> None:
@@ -109,6 +121,51 @@ def save_durable(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed 0.19 pickles into its files (what torch.load(weights_only=True) refused in a saved
+    checkpoint): the ZeRO files' loss scaler, ZeRO stage and parameter fragment addresses. Nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """One of DeepSpeed's checkpoint files, read with weights_only=True plus DeepSpeed's own classes: a file
+    holding any other object (e.g. one whose unpickling would run code) is refused with its name."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file {path} is missing") from None
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError / RuntimeError for refused objects
+        raise CheckpointIntegrityError(
+            f"checkpoint file {path} is not loadable with torch.load(weights_only=True) and DeepSpeed's own "
+            f"classes (it holds other objects, or is damaged); refusing it: {err}") from None
+
+
+@functools.cache
+def _safe_checkpoint_engine_class() -> type:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, loading with weights_only=True and DeepSpeed's own classes."""
+
+        def load(self, path: str, map_location=None):
+            return load_deepspeed_file(path, map_location=map_location)
+
+    return SafeCheckpointEngine
+
+
+def load_safely(engine) -> None:
+    """DeepSpeed 0.19's torch checkpoint engine loads with weights_only=False; every file `engine.load_checkpoint`
+    reads goes through `engine.checkpoint_engine.load`, so the engine gets one that does not."""
+    safe = _safe_checkpoint_engine_class()
+    if not isinstance(engine.checkpoint_engine, safe):
+        engine.checkpoint_engine = safe(engine._config)
 
 
 def load_trusted(path: Path) -> Any:
@@ -282,27 +339,41 @@ def _deepspeed_files(engine, root: Path, tag: str) -> list[Path]:
 
 
 class Checkpointer:
-    """Saves every `interval` steps and at the end; resumes from `latest`; keeps a lineage (see module doc).
+    """Saves every `interval` steps, every `interval_minutes` and at the end; resumes from `latest` (the newest
+    intact checkpoint); keeps a lineage (see module doc).
 
-    All ranks call `maybe_save`, `save` and `load` together; `find_resume` and `latest` need no process
-    group. Rank 0 alone writes the marker, `latest`, `history.json`, and moves or prunes directories.
+    All ranks call `maybe_save`, `save`, `find_resume` and `load` together; `latest` needs no process group.
+    Rank 0 alone writes the marker, `latest`, `history.json`, and moves or prunes directories.
     """
 
-    def __init__(self, root: str | Path, interval: int, keep_last: int, resume: str, cfg: RunConfig):
+    clock = staticmethod(time.monotonic)  # the wall clock of interval_minutes (tests freeze it on one rank)
+
+    def __init__(self, root: str | Path, interval: int, keep_last: int, resume: str, cfg: RunConfig,
+                 interval_minutes: float = 0.0):
         self.root = Path(root)
         self.interval, self.keep_last, self.resume_mode, self.cfg = interval, keep_last, resume, cfg
+        self.interval_minutes = interval_minutes
+        self.last_save_time = self.clock()  # the wall-clock interval counts from the start, then from each save
         self.resumed_from: Optional[Path] = None  # the checkpoint this run last loaded (resume or rollback)
         self._protected: set[Path] = set()  # every checkpoint this run loaded: never pruned
+        self._verified: Optional[Path] = None  # the checkpoint find_resume verified on every rank
         self._lineage_started = False
 
     # -- saving
 
+    def time_due(self) -> bool:
+        """This rank's clock says checkpoint.interval_minutes passed since the last save. Only rank 0's counts:
+        the trainer passes it through the guard's all-reduce, so that every rank saves at the same step."""
+        return (self.interval_minutes > 0 and (not dist.is_initialized() or dist.get_rank() == 0)
+                and self.clock() - self.last_save_time >= 60.0 * self.interval_minutes)
+
     def maybe_save(self, step: int, engine, trainer_state: dict, *, final: bool = False,
-                   exiting: bool = False) -> Optional[Path]:
-        """`step` = optimizer steps done. Saves on the interval, at the end (checkpoint.save_at_end), and
-        always before an early exit (train.exit_interval), so that a rerun resumes where this one stopped."""
+                   exiting: bool = False, time_due: bool = False) -> Optional[Path]:
+        """`step` = optimizer steps done. Saves on the interval, when `time_due` (every rank's agreed
+        `time_due()`), at the end (checkpoint.save_at_end), and always before an early exit
+        (train.exit_interval), so that a rerun resumes where this one stopped."""
         due = ((self.interval > 0 and step % self.interval == 0) or (final and self.cfg.checkpoint.save_at_end)
-               or exiting)
+               or exiting or time_due)
         return self.save(step, engine, trainer_state) if due else None
 
     def save(self, step: int, engine, trainer_state: dict) -> Path:
@@ -333,15 +404,18 @@ class Checkpointer:
             mine += [path / TRAINER_STATE, path / "config.yaml"]
         for file in mine:  # each rank makes its own files durable (on a shared file system only it can)
             fsync_path(file)
-        dist.barrier()
+        checksums = describe_files(mine)  # read back by the rank that wrote them, while they are cached
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, checksums)  # doubles as the barrier: every rank's files are durable
         if rank == 0:
-            self._commit(path)
+            self._commit(path, {name: v for per_rank in gathered for name, v in per_rank.items()})
         dist.barrier()
+        self.last_save_time = self.clock()
         return path
 
-    def _commit(self, path: Path) -> None:
+    def _commit(self, path: Path, checksums: dict) -> None:
         """Rank 0, after every rank's files are durable: directory, marker, history, latest, then prune."""
-        mark_complete(path, int(path.name[len(TAG_PREFIX):]))  # also whatever else was written in it on this node
+        mark_complete(path, int(path.name[len(TAG_PREFIX):]), checksums)  # and whatever else was written in it
         history = read_history(self.root)
         history["lineage"] = [t for t in history["lineage"] if t != path.name] + [path.name]
         _write_history(self.root, history)
@@ -400,7 +474,7 @@ class Checkpointer:
         else:
             shutil.rmtree(path)
 
-    def _abandon(self, path: Path, history: dict, cause: str) -> None:
+    def _abandon(self, path: Path, history: dict, cause: str, damaged: bool = False) -> None:
         target = self.root / ABANDONED / path.name
         n = 1
         while target.exists():
@@ -411,17 +485,67 @@ class Checkpointer:
         fsync_path(self.root)
         history["abandoned"].append({"tag": path.name, "moved_to": str(target.relative_to(self.root)),
                                      "because": cause})
-        log.warning(f"checkpoint {path.name} is not on this run's lineage ({cause}): moved to {target}; "
-                    f"resume: auto will not use it. Delete it when it is no longer needed.")
+        what = "is damaged" if damaged else "is not on this run's lineage"
+        log.warning(f"checkpoint {path.name} {what} ({cause}): moved to {target}; resume: auto will not use it. "
+                    f"Delete it when it is no longer needed.")
 
     # -- resuming
 
-    def find_resume(self) -> Optional[Path]:
-        """The checkpoint to resume from per checkpoint.resume (auto: `latest`), or None."""
-        path, note = resolve_resume(self.root, self.resume_mode)
-        if note and (not dist.is_initialized() or dist.get_rank() == 0):
-            log.warning(f"resume: {note}")
-        return path
+    def find_resume(self, engine) -> Optional[Path]:
+        """The checkpoint to resume from per checkpoint.resume (auto: `latest`), verified on every rank, or None.
+
+        auto: a damaged checkpoint is moved to abandoned/ (with the reason) and the newest intact one of the
+        lineage is taken instead, as often as needed. An explicit directory that fails raises
+        CheckpointIntegrityError naming the file and what is wrong.
+        """
+        rank = dist.get_rank()
+        while True:
+            path, note = resolve_resume(self.root, self.resume_mode)
+            if note and rank == 0:
+                log.warning(f"resume: {note}")
+            if path is None:
+                return None
+            problem = self.verify(path, engine)
+            if problem is None:
+                return path
+            if self.resume_mode != "auto":
+                raise CheckpointIntegrityError(f"checkpoint.resume={self.resume_mode}: checkpoint {path} is "
+                                               f"damaged: {problem}")
+            if rank == 0:
+                self._abandon_damaged(path, problem)
+            dist.barrier()  # every rank looks again once rank 0 moved it
+
+    def verify(self, path: Path, engine) -> Optional[str]:
+        """Every rank checks the files it reads from checkpoint `path` against the sizes and checksums in its
+        marker; one all-reduce decides for all. Returns the problem (naming the rank and file), or None."""
+        names = [Path(engine._get_ckpt_name(str(path.parent), path.name)).name,
+                 Path(engine._get_zero_ckpt_name(str(path.parent), path.name)).name, TRAINER_STATE]
+        if not (path / RESHARDED).exists():
+            names.append(f"rng_rank_{dist.get_rank()}.pt")
+        if has_checksums(path):
+            names.append(LAYOUT)
+        elif dist.get_rank() == 0:
+            log.warning(f"checkpoint {path} has no checksums (written before checksums were recorded): "
+                        f"its files are only checked to exist")
+        problem = agree_on_problem(checkpoint_problem(path, names))
+        if problem is None:
+            self._verified = path
+        return problem
+
+    def _abandon_damaged(self, path: Path, problem: str) -> None:
+        """Rank 0: move a damaged checkpoint aside, drop it from the lineage, point `latest` at the newest
+        intact one left (resolve_latest's fallback finds it)."""
+        history = read_history(self.root)
+        self._abandon(path, history, problem, damaged=True)
+        history["lineage"] = [t for t in history["lineage"] if t != path.name]
+        _write_history(self.root, history)
+        fallback = next((self.root / t for t in reversed(history["lineage"]) if is_complete(self.root / t)), None)
+        if fallback is not None:
+            write_atomic(self.root / LATEST, fallback.name + "\n")
+            log.warning(f"resume: {LATEST} now names {fallback.name}, the newest intact checkpoint left")
+        elif (self.root / LATEST).exists():
+            (self.root / LATEST).unlink()
+            fsync_path(self.root)
 
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint of this run's lineage (what `latest` names), or None.
@@ -438,7 +562,12 @@ class Checkpointer:
         aside at once, so that `resume: auto` can never go back to them) and path is never pruned.
         """
         path = Path(path)
+        if path != self._verified:  # e.g. a rollback's target; find_resume's is verified already
+            problem = self.verify(path, engine)
+            if problem:
+                raise CheckpointIntegrityError(f"checkpoint {path} is damaged: {problem}")
         check_layout(path, CheckpointLayout.of_run(self.cfg, dist.get_world_size()))
+        load_safely(engine)  # DeepSpeed's files through weights_only=True
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:

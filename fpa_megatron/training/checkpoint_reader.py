@@ -5,6 +5,9 @@ state and the full model state {global name: tensor} in the names of a TP=1 x PP
 names `parallel/weights.py` uses): each `mp_rank_XX_model_states.pt` that DeepSpeed wrote is placed at its
 (tensor, pipeline) rank, its layers renamed by the stage's layer offset, and tensor-parallel pieces joined
 with the same rules the live model uses. Used by export, generation, evaluation and resharding.
+
+Every file read is first checked against the size and checksum its `complete` marker recorded (integrity.py):
+a damaged checkpoint is refused naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 
 from fpa_megatron.config import RunConfig, load_config
 from fpa_megatron.parallel.weights import is_gated_fc1, join_shards, tensor_parallel_dim
-from fpa_megatron.training.checkpoint import (MARKER, TRAINER_STATE, CheckpointLayout, load_trusted,
+from fpa_megatron.training.checkpoint import (MARKER, TRAINER_STATE, CheckpointLayout, load_trusted, log,
                                              resolve_latest)
+from fpa_megatron.training.integrity import has_checksums, one_file_problem
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 TIED_COPY = "output_layer.weight"  # the last stage's copy of tied word embeddings
@@ -134,13 +138,30 @@ def _join_tensor_parallel(name: str, pieces: list[torch.Tensor], gated: bool) ->
     return join_shards(pieces, dim, is_gated_fc1(name, gated))
 
 
+def verify_checkpoint(path: Path, names: list[str]) -> None:
+    """Raise CheckpointError naming the file when one of `names` is missing, cut or changed since the save
+    (nothing to check in a checkpoint without checksums)."""
+    if not has_checksums(path):
+        return
+    for name in names:
+        if problem := one_file_problem(path / name):
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem} (`fpa-ckpt verify {path.parent}` "
+                                  f"reports each checkpoint there)")
+
+
 def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
-    """Read a complete checkpoint of any (TP, PP, DP) layout into the full TP1 x PP1 model state (on CPU)."""
+    """Read a complete checkpoint of any (TP, PP, DP) layout into the full TP1 x PP1 model state (on CPU); the
+    files read are first checked against their recorded sizes and checksums."""
     path = resolve_checkpoint_dir(path)
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no config.yaml (not written by fpa-train?)")
+    if not has_checksums(path):
+        log.warning(f"checkpoint {path} has no checksums (written before checksums were recorded): its files "
+                    f"are not verified")
+    verify_checkpoint(path, ["config.yaml"])  # read first, to know which model files there are
     cfg = load_config(path / "config.yaml")
     coordinates = model_parallel_coordinates(cfg.parallel.tensor, cfg.parallel.pipeline)
+    verify_checkpoint(path, [f"mp_rank_{mp:02d}_model_states.pt" for mp in coordinates] + [TRAINER_STATE])
     files = {mp: _load(path / f"mp_rank_{mp:02d}_model_states.pt") for mp in coordinates}
     layout = _read_layout(path, cfg, files[0])
     state = _join_stages(path, cfg, _stage_pieces(path, cfg, files, coordinates))

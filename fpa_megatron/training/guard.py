@@ -1,11 +1,13 @@
 """The training guard: after each forward/backward, all ranks decide together whether the update is kept.
 
-Each rank contributes three flags to ONE all-reduce (MAX over the whole world, pipeline stages included):
+Each rank contributes four flags to ONE all-reduce (MAX over the whole world, pipeline stages included):
 
 - non-finite: the step's LM loss or penalty is NaN/inf, or a gradient that reached one of this rank's
   parameters was (`GradientProbe`: autograd hooks, so it sees gradients before DeepSpeed reduces them);
 - spike: the LM loss is above train.spike.factor x the median of the recent ones (`SpikeDetector`);
-- stop: this rank received SIGTERM or SIGUSR1 (`StopSignals`).
+- stop: this rank received SIGTERM or SIGUSR1 (`StopSignals`);
+- save: checkpoint.interval_minutes passed (only rank 0's clock sets it: `Checkpointer.time_due`), so that
+  every rank saves a wall-clock checkpoint at the same step.
 
 The decision (`Verdict`) is made before `engine.step()`. That matters: DeepSpeed ZeRO-1/2 silently drops an
 update whose gradient norm is not finite, while the step counter, the LR and the lambda schedules would
@@ -91,6 +93,7 @@ class Verdict:
     nonfinite: bool = False
     spike: bool = False
     stop_requested: bool = False  # a SIGTERM/SIGUSR1 reached some rank: save after this step and exit
+    save_due: bool = False  # rank 0's clock says checkpoint.interval_minutes passed: save after this step
 
     @property
     def update(self) -> bool:
@@ -117,17 +120,19 @@ class TrainingGuard:
         """The last step was updated normally: its state may be saved (a skipped step's is never saved)."""
         return self.consecutive_skips == 0
 
-    def check(self, step: int, lm_loss: float, penalty: float, stop_requested: bool) -> Verdict:
+    def check(self, step: int, lm_loss: float, penalty: float, stop_requested: bool,
+              save_due: bool = False) -> Verdict:
         """Combine every rank's flags in one all-reduce and decide what to do with step `step`."""
         finite = math.isfinite(lm_loss) and math.isfinite(penalty)
         spike = finite and self.spikes.is_spike(lm_loss)
-        local = torch.tensor([float(not finite), float(spike), float(stop_requested)], dtype=torch.float64,
+        local = torch.tensor([float(not finite), float(spike), float(stop_requested), float(save_due)],
+                             dtype=torch.float64,
                              device=self.probe.total.device)
         flags = torch.cat([self.probe.nonfinite().reshape(1), local])
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the guard's one collective per step
         self.probe.reset()
-        bad_grads, bad_loss, spike, stop = (bool(x) for x in flags.tolist())
+        bad_grads, bad_loss, spike, stop, save_due = (bool(x) for x in flags.tolist())
         nonfinite = bad_grads or bad_loss
         if nonfinite:
             action = SKIP
@@ -139,7 +144,7 @@ class TrainingGuard:
                             f"steps (train.spike.policy={self.policy})")
         else:
             action = UPDATE
-        return Verdict(action, nonfinite=nonfinite, spike=spike, stop_requested=stop)
+        return Verdict(action, nonfinite=nonfinite, spike=spike, stop_requested=stop, save_due=save_due)
 
     def conclude(self, step: int, verdict: Verdict, applied: bool, lm_loss: float,
                  rolled_back_to: Optional[Path] = None) -> None:

@@ -37,10 +37,11 @@ import torch
 from fpa_megatron.config import ConfigError, RunConfig, save_config
 from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, split_shard,
                                            tensor_parallel_dim)
-from fpa_megatron.training.checkpoint import (LATEST, RESHARDED, TRAINER_STATE, mark_complete, save_durable,
-                                             write_atomic, write_layout)
+from fpa_megatron.training.checkpoint import (LATEST, RESHARDED, TRAINER_STATE, load_deepspeed_file, mark_complete,
+                                             save_durable, write_atomic, write_layout)
 from fpa_megatron.training.checkpoint_reader import (CheckpointError, CheckpointLayout, ModelCheckpoint,
                                                      model_parallel_coordinates, read_model_checkpoint)
+from fpa_megatron.training.integrity import CheckpointIntegrityError, one_file_problem
 
 MODEL_FILE = "mp_rank_{mp:02d}_model_states.pt"
 ZERO_FILE = "{prefix}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
@@ -77,12 +78,18 @@ class GlobalState:
         return [kind for kind in self.tensors if kind != "weight"]
 
 
-def _load(path: Path, hint: str = ""):
-    """DeepSpeed's files hold its own classes (loss scaler, fragment addresses), so not weights_only; mmap keeps
-    the tensors on disk until a slice of them is needed. These are files written by our own runs."""
+def _load(path: Path, hint: str = "", verify: bool = False):
+    """DeepSpeed's files, weights_only with DeepSpeed's own classes (loss scaler, fragment addresses) allowed;
+    mmap keeps the tensors on disk until a slice of them is needed. verify: against the marker's checksum first
+    (the model files were, by read_model_checkpoint)."""
     if not path.is_file():
         raise ReshardError(f"checkpoint file {str(path)!r} is missing" + (f"; {hint}" if hint else ""))
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if verify and (problem := one_file_problem(path)):
+        raise ReshardError(f"checkpoint {path.parent} is damaged: {problem}")
+    try:
+        return load_deepspeed_file(path, mmap=True)
+    except CheckpointIntegrityError as err:
+        raise ReshardError(str(err)) from None
 
 
 def zero_file_prefix(ckpt: Path) -> str:
@@ -141,7 +148,7 @@ def read_rank(ckpt: Path, mp: int, data: int, zero_prefix: Optional[str]) -> Ran
     if zero_prefix is None:
         return rank
     files = [ckpt / ZERO_FILE.format(prefix=zero_prefix, dp=d, mp=mp) for d in range(data)]
-    states = [_load(f, OPTIMIZER_HINT)["optimizer_state_dict"] for f in files]
+    states = [_load(f, OPTIMIZER_HINT, verify=True)["optimizer_state_dict"] for f in files]
     base = states[0]["base_optimizer_state"]
     if not isinstance(base, dict) or "state" not in base:
         raise ReshardError(f"{files[0]}: the ZeRO state is in DeepSpeed's elastic format, which this tool does not "
@@ -399,7 +406,7 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     out = Path(out)
     if out.exists():
         raise ReshardError(f"--out {out} already exists; choose a new directory (nothing was written)")
-    model = read_model_checkpoint(checkpoint)
+    model = read_model_checkpoint(checkpoint)  # verifies the files it reads; the ZeRO files are verified in read_rank
     ckpt, cfg, src = model.path, model.config, model.layout
     new = new_layout(src, tensor, pipeline, data_parallel, world_size)
     new_cfg = copy.deepcopy(cfg)

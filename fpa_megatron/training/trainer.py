@@ -111,11 +111,11 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
         mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
     )
     checkpointer = Checkpointer(checkpoint_root(cfg), cfg.checkpoint.interval, cfg.checkpoint.keep_last,
-                                cfg.checkpoint.resume, cfg)
+                                cfg.checkpoint.resume, cfg, interval_minutes=cfg.checkpoint.interval_minutes)
     guard = TrainingGuard(cfg.train, model, rank)  # non-finite steps, loss spikes, the stop request
 
     step, consumed, updates = 0, 0, 0
-    resume_from = checkpointer.find_resume()
+    resume_from = checkpointer.find_resume(engine)  # verified on every rank; auto passes over damaged ones
     if resume_from is not None:
         state = checkpointer.load(resume_from, engine)
         step, consumed = state["step"], state["consumed_samples"]
@@ -150,7 +150,8 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
                                       micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
                                       engine=engine)
             lr = lr_at(updates, cfg.optimizer, steps)
-            verdict = guard.check(step + 1, result.lm_loss, result.penalty, stop_signals.requested)
+            verdict = guard.check(step + 1, result.lm_loss, result.penalty, stop_signals.requested,
+                                  checkpointer.time_due())
             if verdict.update:
                 grad_norm, applied = optimizer_step(engine, lr)
             else:
@@ -194,7 +195,7 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
             exiting = cfg.train.exit_interval > 0 and step - first_step >= cfg.train.exit_interval
             if guard.sound:  # the state after a skipped step is never saved
                 checkpointer.maybe_save(step, engine, trainer_state, final=step == steps,
-                                        exiting=exiting or verdict.stop_requested)
+                                        exiting=exiting or verdict.stop_requested, time_due=verdict.save_due)
             if verdict.stop_requested:
                 saved = f"checkpoint saved at step {step}" if guard.sound else (
                     f"no checkpoint at step {step} (its update was skipped); resume from the newest one")
