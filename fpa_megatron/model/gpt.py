@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,8 @@ from fpa_megatron.parallel.state import compute_device
 from fpa_megatron.parallel.weights import init_global_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+# model.activation -> the MLP's activation (SwiGLU: silu on the gate half of fc1)
+ACTIVATION_FUNCS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "swiglu": F.silu}
 
 
 def penalized_layer_spec(model_cfg: ModelConfig, penalty: AttentionPenalty) -> ModuleSpec:
@@ -47,7 +50,8 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
         attention_dropout=model_cfg.attention_dropout,
         init_method_std=model_cfg.init_std,
         normalization=model_cfg.normalization,
-        activation_func=F.silu if swiglu else F.gelu,
+        activation_func=ACTIVATION_FUNCS[model_cfg.activation],
+        layernorm_epsilon=model_cfg.norm_epsilon,
         gated_linear_unit=swiglu,
         add_bias_linear=not swiglu,
         tensor_model_parallel_size=tensor_parallel,
@@ -93,6 +97,7 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=model_cfg.tie_embeddings,
         position_embedding_type="rope" if model_cfg.position_embedding == "rope" else "learned_absolute",
+        rotary_base=model_cfg.rotary_base,
     )
     if seed is not None:
         init_global_weights(model, seed, model_cfg.init_std)
