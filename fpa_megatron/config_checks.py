@@ -445,6 +445,10 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     _check_data(cfg)
     vocab, tok_size = _check_vocab(cfg)
     _check_encoded_with_tokenizer(cfg)
+    if cfg.checkpoint.init_from:
+        from fpa_megatron.training.checkpoint_reader import check_init_from
+
+        check_init_from(cfg, vocab)
     m = cfg.model
     return ResolvedLayout(
         world_size=world_size,

@@ -108,7 +108,7 @@ def model_section(c, where: str = "config.json") -> dict:
                     tie_embeddings=bool(c.tie_word_embeddings))
     # LLaMA / Mistral
     _require(c.hidden_act == "silu", f"{where}: hidden_act={c.hidden_act!r}: only SwiGLU (silu) imports")
-    _require(not c.attention_bias, f"{where}: attention_bias=true: Megatron's SwiGLU models have no linear biases")
+    _require(not getattr(c, "attention_bias", False), f"{where}: attention_bias=true: Megatron's SwiGLU models have no linear biases")
     _require(not getattr(c, "mlp_bias", False), f"{where}: mlp_bias=true: Megatron's SwiGLU models have no biases")
     window = getattr(c, "sliding_window", None)
     _require(window is None, f"{where}: sliding_window={window}: Megatron's attention is full causal attention "

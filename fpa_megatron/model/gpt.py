@@ -75,12 +75,33 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
     )
 
 
+class GPTModelOverVocabulary(GPTModel):
+    """Megatron's GPTModel whose LM loss is a softmax over the real vocabulary only: the columns padded for tensor
+    parallelism are -inf there (a padded row's logit, 0 for a zero row, could otherwise beat every real token and
+    takes probability from all of them); they get no gradient. A subclass because the loss is a GPTModel method,
+    not a module of the layer spec."""
+
+    def __init__(self, *args, real_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.real_vocab_size = real_vocab_size
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        local = logits.shape[-1]  # this tensor-parallel rank's slice of the vocabulary
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        padded = torch.arange(start, start + local, device=logits.device) >= self.real_vocab_size
+        if bool(padded.any()):
+            logits = logits.masked_fill(padded, float("-inf"))
+        return super().compute_language_model_loss(labels, logits)
+
+
 def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: AttentionPenalty,
-                    ffn_hidden_size: int | None = None, seed: int | None = None) -> GPTModel:
+                    ffn_hidden_size: int | None = None, seed: int | None = None,
+                    vocab_size: int | None = None) -> GPTModel:
     """This rank's stage of the GPT (parallel_state must be initialized).
 
     With `seed`, every parameter is drawn from its global name (`init_global_weights`), so every
     (TP, PP) layout starts from the same model; without it, Megatron's own initialization is kept.
+    `vocab_size` (the real vocabulary; default: all `padded_vocab_size` rows) is what the loss's softmax covers.
     """
     config = transformer_config(
         model_cfg,
@@ -88,7 +109,8 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         parallel_state.get_pipeline_model_parallel_world_size(),
         ffn_hidden_size,
     )
-    model = GPTModel(
+    model = GPTModelOverVocabulary(
+        real_vocab_size=vocab_size or padded_vocab_size,
         config=config,
         transformer_layer_spec=penalized_layer_spec(model_cfg, penalty),
         vocab_size=padded_vocab_size,

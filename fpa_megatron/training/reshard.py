@@ -6,9 +6,9 @@ What moves: the model weights; the fp32 master weights and AdamW's exp_avg, exp_
 from every ZeRO partition of every model-parallel rank into whole (TP 1 x PP 1) tensors, split again for the
 new TP size, placed on the new pipeline stages and partitioned over the new DP size the way DeepSpeed's
 ZeRO-1/2 partitions them; the iteration, consumed samples (the data position) and the lambda schedule.
-The padded vocabulary keeps its size (padded rows take part in the softmax, so dropping or adding rows would
-change the model): when the new TP size would pad differently, `model.make_vocab_size_divisible_by` is set
-so that it does not. What does not move: the per-rank RNG streams (on GPUs they are device states); the
+The padded vocabulary keeps its size (the logits keep their columns; the loss leaves the padded ones out):
+when the new TP size would pad differently, `model.make_vocab_size_divisible_by` is set so that it does not.
+What does not move: the per-rank RNG streams (on GPUs they are device states); the
 resumed run seeds them from `train.seed` as at the start of a run. Nothing draws from them with dropout 0,
 which every shipped config uses.
 

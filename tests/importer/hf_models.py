@@ -48,5 +48,6 @@ def save_model(family: str, out: Path, seed: int = 0, **changes) -> Path:
     return out
 
 
-def probe_tokens(batch: int = 2) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(11))
+def probe_tokens(batch: int, seq: int) -> torch.Tensor:
+    """A fixed [batch, seq] batch of ids of the vocabulary."""
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(11))
