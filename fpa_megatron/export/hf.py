@@ -373,6 +373,7 @@ def to_hf(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None, with_toke
     dtype = state[_LAYOUT[arch][0]].dtype  # as saved: the model's dtype (bf16 runs keep bf16 weights)
     config = hf_config(ckpt, arch, tok, vocab, dtype)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    name_loss_type(model)
     result = model.load_state_dict(state, strict=False)
     tied = {HEAD} if ckpt.config.model.tie_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
@@ -409,6 +410,14 @@ def describe(ckpt: ModelCheckpoint, export: HFExport) -> str:
             f"eos = EOD id {tok.eod_id}")
 
 
+def name_loss_type(model) -> None:
+    """transformers 5 picks a causal model's loss by matching its class name against its loss registry; GPT-2's
+    class (GPT2LMHeadModel) matches none, so its first loss warns "`loss_type=None` was set in the config but it
+    is unrecognized" (a model attribute, not a config.json key). Name the loss it then uses anyway."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+
+
 def is_hf_dir(path: str | Path) -> bool:
     """An exported (or any transformers) model directory, as opposed to a training checkpoint."""
     return (Path(path) / "config.json").is_file()
@@ -423,6 +432,7 @@ def load_hf(path: str | Path, tokenizer_path: Optional[str] = None) -> HFExport:
         return to_hf(read_model_checkpoint(path), tokenizer_path)
     transformers = require_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    name_loss_type(model)
     model.eval()
     has_tokenizer = (Path(path) / "tokenizer.json").is_file() or (Path(path) / "tokenizer_config.json").is_file()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None

@@ -79,21 +79,31 @@ def probe_and_train(import_dir: str, probe: torch.Tensor, layouts: dict) -> dict
     return out
 
 
+def import_only(tmp_path_factory, family: str) -> dict:
+    """One family's saved model and its `fpa-import` at TP2 x PP2 (with --write-config), once per session."""
+    key = ("import", family)
+    if key not in _CACHE:
+        root = tmp_path_factory.mktemp(f"import_{family}")
+        model_dir = save_model(family, root / "hf")
+        status, printed, err = fpa_import(["hf", "--model", str(model_dir), "--out", str(root / "imported"),
+                                           "--tensor", "2", "--pipeline", "2", "--write-config",
+                                           str(root / "run.yaml")])
+        assert status == 0, err
+        _CACHE[key] = {"root": root, "model_dir": model_dir, "printed": printed}
+    return _CACHE[key]
+
+
 def imported(tmp_path_factory, family: str) -> dict:
-    """One family, once per session: the saved model, its import at TP2 x PP2, transformers' own logits and loss,
-    and what the 4 ranks measured (see probe_and_train)."""
+    """The import, transformers' own logits and loss, and what 4 ranks measured (see probe_and_train)."""
     if family in _CACHE:
         return _CACHE[family]
     from transformers import AutoModelForCausalLM
 
     from fpa_megatron.testing import run_distributed
 
-    root = tmp_path_factory.mktemp(f"import_{family}")
-    model_dir = save_model(family, root / "hf")
-    status, printed, err = fpa_import(["hf", "--model", str(model_dir), "--out", str(root / "imported"),
-                                       "--tensor", "2", "--pipeline", "2", "--write-config", str(root / "run.yaml")])
-    assert status == 0, err
-    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    run = import_only(tmp_path_factory, family)
+    root = run["root"]
+    hf = AutoModelForCausalLM.from_pretrained(run["model_dir"]).eval()
     probe = probe_tokens(MICRO, SEQ + 1)
     with torch.no_grad():
         hf_logits = hf(probe[:, :SEQ]).logits
@@ -101,11 +111,8 @@ def imported(tmp_path_factory, family: str) -> dict:
     layouts = {name: run_values(str(root / "run.yaml"), root / name, t, p)
                for name, (t, p) in {"tp2pp2": (2, 2), "tp1pp1": (1, 1)}.items()}
     per_rank = run_distributed(probe_and_train, 4, str(root / "imported"), probe, layouts, timeout_s=600)
-    _CACHE[family] = {
-        "root": root, "model_dir": model_dir, "printed": printed, "hf": hf, "hf_logits": hf_logits,
-        "hf_loss": float(hf_loss), "layouts": layouts, "ranks": per_rank,
-        "logits": next(r["logits"] for r in per_rank if r["logits"] is not None),
-    }
+    _CACHE[family] = dict(run, hf=hf, hf_logits=hf_logits, hf_loss=float(hf_loss), layouts=layouts,
+                          ranks=per_rank, logits=next(r["logits"] for r in per_rank if r["logits"] is not None))
     return _CACHE[family]
 
 
@@ -146,6 +153,7 @@ def test_export_of_the_import_is_the_original_tensor_for_tensor(tmp_path_factory
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_training_from_the_import_is_the_same_in_every_layout_and_starts_at_step_0(tmp_path_factory, family):
+    from fpa_megatron.export.hf import split_qkv
     from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
 
     run = imported(tmp_path_factory, family)
@@ -165,7 +173,15 @@ def test_training_from_the_import_is_the_same_in_every_layout_and_starts_at_step
     moved = 0.0
     for name in a:
         rows = min(a[name].shape[0], b[name].shape[0])  # the vocabulary is padded to 512 at TP2, 384 at TP1
-        torch.testing.assert_close(a[name][:rows], b[name][:rows], rtol=1e-5, atol=1e-5, msg=name)
+        x, y = a[name][:rows], b[name][:rows]
+        if name.endswith("linear_qkv.bias"):
+            # The key bias adds q . b_k to every score of a row: softmax ignores it, its gradient is 0 up to
+            # rounding, and AdamW turns that rounding into steps of up to lr. Queries and values must agree.
+            (qx, kx, vx), (qy, ky, vy) = (split_qkv(t, 4, 4) for t in (x, y))
+            assert (kx - ky).abs().max() <= 3 * 1e-3 * 1.01, name
+            x, y = torch.cat([qx, vx]), torch.cat([qy, vy])
+        # AdamW's first steps are about lr x sign(gradient): small gradients amplify reduction-order differences
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=name)
         moved = max(moved, float((a[name][:rows] - start[name][:rows]).abs().max()))
         if name.endswith("word_embeddings.weight") or name == "output_layer.weight":
             assert not a[name][VOCAB:].any() and not b[name][VOCAB:].any()  # padded rows: no gradient, still zero
@@ -181,7 +197,7 @@ def test_exported_directory_loads_and_computes_a_loss_without_a_word(tmp_path_fa
     from fpa_megatron.export.hf import load_hf
 
     for family in FAMILIES:
-        run = imported(tmp_path_factory, family)
+        run = import_only(tmp_path_factory, family)
         out = run["root"] / "exported_quiet"
         with contextlib.redirect_stdout(io.StringIO()):
             assert export_main(["hf", "--checkpoint", str(run["root"] / "imported"), "--out", str(out)]) == 0
