@@ -100,15 +100,17 @@ def model_section(c, where: str = "config.json") -> dict:
         _require(c.attention_bias, f"{where}: attention_bias=false: Megatron's GeLU models have biases on every "
                                    f"linear layer (attention and MLP alike)")
         theta = _rope(c, where)
-        return dict(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
-                    num_query_groups=None, ffn_hidden_size=c.intermediate_size,
+        return dict(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+                    num_attention_heads=c.num_attention_heads, num_query_groups=None,
+                    ffn_hidden_size=c.intermediate_size,
                     max_position_embeddings=c.max_position_embeddings, seq_length=c.max_position_embeddings,
                     vocab_size=c.vocab_size, position_embedding="rope", normalization="LayerNorm",
                     activation=GELU_NAMES[c.hidden_act], norm_epsilon=c.layer_norm_eps, rotary_base=theta,
                     tie_embeddings=bool(c.tie_word_embeddings))
     # LLaMA / Mistral
     _require(c.hidden_act == "silu", f"{where}: hidden_act={c.hidden_act!r}: only SwiGLU (silu) imports")
-    _require(not getattr(c, "attention_bias", False), f"{where}: attention_bias=true: Megatron's SwiGLU models have no linear biases")
+    _require(not getattr(c, "attention_bias", False),
+             f"{where}: attention_bias=true: Megatron's SwiGLU models have no linear biases")
     _require(not getattr(c, "mlp_bias", False), f"{where}: mlp_bias=true: Megatron's SwiGLU models have no biases")
     window = getattr(c, "sliding_window", None)
     _require(window is None, f"{where}: sliding_window={window}: Megatron's attention is full causal attention "
@@ -201,8 +203,8 @@ def megatron_state(hf_state: dict[str, torch.Tensor], c, cfg: RunConfig,
 
 def _extra_state(cfg: RunConfig) -> OrderedDict:
     """The `_extra_state` entries (None for the local spec) Megatron's linear layers put in the state dict."""
-    names = [f"decoder.layers.{i}.{module}._extra_state" for i in range(cfg.model.num_layers)
-             for module in ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")]
+    modules = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
+    names = [f"decoder.layers.{i}.{module}._extra_state" for i in range(cfg.model.num_layers) for module in modules]
     return OrderedDict((name, None) for name in names + ["output_layer._extra_state"])
 
 

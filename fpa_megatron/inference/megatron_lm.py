@@ -1,8 +1,8 @@
 """A checkpoint's model as one TP=1 x PP=1 Megatron GPTModel in this process (CPU), for scoring and sampling.
 
-The same model code the trainer runs (penalized attention with lambda = 0, the padded vocabulary, a loss over the real one), so its
-losses are the trainer's. Megatron's layers need process groups even for one rank: `megatron_lm` opens a
-one-rank gloo group (in-memory store, no port) when none exists and closes it again.
+The same model code the trainer runs (penalized attention with lambda = 0, the padded vocabulary, a loss over
+the real one), so its losses are the trainer's. Megatron's layers need process groups even for one rank:
+`megatron_lm` opens a one-rank gloo group (in-memory store, no port) when none exists and closes it again.
 """
 
 from __future__ import annotations

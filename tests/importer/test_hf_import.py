@@ -297,7 +297,7 @@ def test_init_from_that_is_not_a_checkpoint_or_of_another_shape_is_a_config_erro
     check_config(config_from_dict(values), 1)  # as written: valid
     with pytest.raises(ConfigError, match=r"checkpoint.init_from='.*nowhere' is not a valid checkpoint"):
         check_config(config_from_dict(values, [f"checkpoint.init_from={tmp_path / 'nowhere'}"]), 1)
-    with pytest.raises(ConfigError, match=r"checkpoint.init_from=.*model.hidden_size=64, this run model.hidden_size=32"):
+    with pytest.raises(ConfigError, match=r"init_from=.*model.hidden_size=64, this run model.hidden_size=32"):
         check_config(config_from_dict(values, ["model.hidden_size=32"]), 1)
     with pytest.raises(ConfigError, match=r"checkpoint.init_from=.*vocabulary has 300 tokens, this run's 512"):
         check_config(config_from_dict(values, ["model.vocab_size=512"]), 1)
