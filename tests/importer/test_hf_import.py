@@ -301,3 +301,17 @@ def test_init_from_that_is_not_a_checkpoint_or_of_another_shape_is_a_config_erro
         check_config(config_from_dict(values, ["model.hidden_size=32"]), 1)
     with pytest.raises(ConfigError, match=r"checkpoint.init_from=.*vocabulary has 300 tokens, this run's 512"):
         check_config(config_from_dict(values, ["model.vocab_size=512"]), 1)
+
+
+def test_tokenizer_larger_than_the_checkpoints_vocabulary_is_named(tmp_path, llama_dir):
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(3000)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(" ".join(words[i:i + 12]) for i in range(0, 3000, 12)),
+                                   model_prefix=str(tmp_path / "tok"), vocab_size=400, model_type="bpe",
+                                   num_threads=1, minloglevel=2)
+    err = _refused(tmp_path, llama_dir, f"data.tokenizer={tmp_path / 'tok.model'}")
+    assert "tok.model' has 400 tokens, more than the checkpoint's vocabulary (300 rows" in err
