@@ -74,7 +74,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this x parallel.tensor
     position_embedding: str = "rope"  # rope | learned
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
-    activation: str = "gelu"  # gelu | swiglu
+    activation: str = "gelu"  # gelu (exact, erf) | gelu_tanh (GPT-2's tanh approximation) | swiglu
+    norm_epsilon: float = 1e-5  # the epsilon of every LayerNorm / RMSNorm
+    rotary_base: float = 10000.0  # rotary position embedding base (theta); LLaMA 3 uses 500000
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_std: float = 0.02

@@ -20,7 +20,7 @@ from fpa_megatron.training.lambda_schedule import LambdaSchedule
 
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16")
 ZERO_STAGES = (1, 2)
@@ -145,6 +145,8 @@ def _check_model(cfg: RunConfig) -> None:
     _probability("model.hidden_dropout", m.hidden_dropout)
     _probability("model.attention_dropout", m.attention_dropout)
     _number_at_least("model.init_std", m.init_std, 0.0, strict=True)
+    _number_at_least("model.norm_epsilon", m.norm_epsilon, 0.0, strict=True)
+    _number_at_least("model.rotary_base", m.rotary_base, 0.0, strict=True)
     if m.hidden_size % m.num_attention_heads:
         _fail(f"model.hidden_size={m.hidden_size} is not divisible by "
               f"model.num_attention_heads={m.num_attention_heads}")
@@ -346,6 +348,10 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     _check_resume(cfg, world_size)
     vocab, tok_size = _check_vocab(cfg)
     check_data(cfg, tok_size or vocab)  # files, sizes and token dtype of every prefix
+    if cfg.checkpoint.init_from:
+        from fpa_megatron.training.checkpoint_reader import check_init_from
+
+        check_init_from(cfg, vocab)
     m = cfg.model
     return ResolvedLayout(
         world_size=world_size,

@@ -3,7 +3,7 @@ function, and its tokenizer (sentencepiece, converted; or the run's tokenizer.js
 load with no custom code.
 
 Model families (the only combinations with a faithful standard target):
-  learned positions + LayerNorm + GeLU            -> GPT-2 (exact erf GeLU: activation_function "gelu")
+  learned positions + LayerNorm + GeLU            -> GPT-2 (activation_function "gelu" (erf) or "gelu_new" (tanh))
   rotary + LayerNorm + GeLU                       -> GPT-NeoX (sequential residual, rotary on every channel)
   rotary + RMSNorm + SwiGLU (grouped-query or not) -> LLaMA
 Megatron's fused `linear_qkv` holds, per query group, that group's query heads, then its key head, then its
@@ -13,7 +13,6 @@ the tokenizer's (or `model.vocab_size`). `transformers` is an optional extra, im
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,11 +26,16 @@ from fpa_megatron.training.checkpoint_reader import ModelCheckpoint
 # computes the same function; only LLaMA has grouped-query attention.
 FAMILY_TARGETS = {
     ("learned", "LayerNorm", "gelu"): "gpt2",
+    ("learned", "LayerNorm", "gelu_tanh"): "gpt2",
     ("rope", "LayerNorm", "gelu"): "gpt_neox",
+    ("rope", "LayerNorm", "gelu_tanh"): "gpt_neox",
     ("rope", "RMSNorm", "swiglu"): "llama",
 }
 TARGET_NAMES = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX", "llama": "LLaMA"}
 GROUPED_QUERY_TARGETS = ("llama",)
+# model.activation -> transformers' name of the same function (ACT2FN): "gelu" is the exact erf GeLU,
+# "gelu_new" GPT-2's tanh approximation (equal to torch's approximate="tanh" to 1e-15)
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "swiglu": "silu"}
 INSTALL_HINT = "pip install -e .[hf]  (or: pip install 'transformers>=5.24,<6')"
 
 
@@ -155,13 +159,6 @@ def hf_tokenizer(spec: TokenizerSpec, model_max_length: int):
 # ------------------------------------------------------------------------------------------ the model
 
 
-def _rotary_base() -> float:
-    """Megatron's rotary base (GPTModel's default, which the trainer keeps)."""
-    from megatron.core.models.gpt import GPTModel
-
-    return float(inspect.signature(GPTModel.__init__).parameters["rotary_base"].default)
-
-
 def hf_config(ckpt: ModelCheckpoint, arch: str, tok: TokenizerSpec, vocab_size: int, dtype: torch.dtype):
     """The transformers config of the exported model (vocabulary `vocab_size`, EOD as its eos, weights `dtype`)."""
     transformers = require_transformers()
@@ -176,14 +173,15 @@ def hf_config(ckpt: ModelCheckpoint, arch: str, tok: TokenizerSpec, vocab_size: 
     if arch == "gpt2":
         return transformers.GPT2Config(
             n_embd=m.hidden_size, n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=ffn,
-            n_positions=positions, activation_function="gelu",  # Megatron's GeLU is the exact (erf) one
+            n_positions=positions, activation_function=HF_ACTIVATIONS[m.activation],
             layer_norm_epsilon=eps, resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout,
             attn_pdrop=m.attention_dropout, **common)
-    rope = {"rope_type": "default", "rope_theta": _rotary_base()}
+    rope = {"rope_type": "default", "rope_theta": m.rotary_base}
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(
             hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-            intermediate_size=ffn, max_position_embeddings=positions, hidden_act="gelu", layer_norm_eps=eps,
+            intermediate_size=ffn, max_position_embeddings=positions, hidden_act=HF_ACTIVATIONS[m.activation],
+            layer_norm_eps=eps,
             use_parallel_residual=False, rope_parameters={**rope, "partial_rotary_factor": 1.0},
             attention_bias=True, hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, **common)
     return transformers.LlamaConfig(
@@ -209,72 +207,140 @@ def split_qkv(fused: torch.Tensor, heads: int, groups: int) -> tuple[torch.Tenso
     return q, k, v
 
 
-class _Source:
-    """The Megatron state being converted; every tensor must be taken exactly once (nothing silently dropped)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self.state, self.taken = state, set()
-
-    def take(self, name: str) -> torch.Tensor:
-        if name not in self.state:
-            raise ExportError(f"the checkpoint has no {name}")
-        self.taken.add(name)
-        return self.state[name]
-
-    def check_all_taken(self) -> None:
-        left = sorted(set(self.state) - self.taken)
-        if left:
-            raise ExportError(f"the export does not map {', '.join(left)}")
+def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    """The inverse of `split_qkv`: q, k, v rows -> Megatron's fused rows, group by group."""
+    rest = q.shape[1:]
+    blocks = [q.reshape(groups, -1, *rest), k.reshape(groups, -1, *rest), v.reshape(groups, -1, *rest)]
+    return torch.cat(blocks, dim=1).reshape(-1, *rest)
 
 
-def _gpt2_layer(src: _Source, i: int, m: ModelConfig) -> dict:
-    # GPT-2's c_attn is [all queries; all keys; all values]; its Conv1D layers store weights as [in, out].
-    p, out, heads = f"decoder.layers.{i}.", f"transformer.h.{i}.", m.num_attention_heads
-    qkv = {suffix: torch.cat(split_qkv(src.take(p + "self_attention.linear_qkv" + suffix), heads, heads))
-           for suffix in (".weight", ".bias")}
-    t = {out + "attn.c_attn.weight": qkv[".weight"].t(), out + "attn.c_attn.bias": qkv[".bias"]}
-    for megatron, hf in {"input_layernorm": "ln_1", "pre_mlp_layernorm": "ln_2"}.items():
-        for suffix in (".weight", ".bias"):
-            t[out + hf + suffix] = src.take(p + megatron + suffix)
-    for megatron, hf in {"self_attention.linear_proj": "attn.c_proj", "mlp.linear_fc1": "mlp.c_fc",
-                         "mlp.linear_fc2": "mlp.c_proj"}.items():
-        t[out + hf + ".weight"] = src.take(p + megatron + ".weight").t()
-        t[out + hf + ".bias"] = src.take(p + megatron + ".bias")
-    return t
+# How one Megatron tensor becomes its transformers tensor(s), and back. GPT-2's Conv1D layers store weights as
+# [in, out] (transposed); its c_attn is [all queries; all keys; all values]; LLaMA has separate q/k/v
+# projections; GPT-NeoX's query_key_value is [q_h; k_h; v_h] per head, which is Megatron's layout when every
+# head is its own group (SAME); SwiGLU's fc1 is [gate; up].
+SAME, TRANSPOSED, QKV_SPLIT, QKV_JOINED, QKV_JOINED_T, GATE_UP = (
+    "same", "transposed", "qkv_split", "qkv_joined", "qkv_joined_t", "gate_up")
 
 
-def _neox_layer(src: _Source, i: int, m: ModelConfig) -> dict:
-    # GPT-NeoX's query_key_value is [q_h; k_h; v_h] per head: Megatron's layout when every head is its own group.
+@dataclass(frozen=True)
+class Rule:
+    """Megatron global tensor `megatron` <-> transformers tensors `hf`, converted as `kind` says."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str = SAME
+
+
+def to_hf_tensors(rule: Rule, tensor: torch.Tensor, m: ModelConfig) -> list[torch.Tensor]:
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    if rule.kind == SAME:
+        return [tensor]
+    if rule.kind == TRANSPOSED:
+        return [tensor.t()]
+    if rule.kind == GATE_UP:
+        return list(tensor.chunk(2, dim=0))
+    q, k, v = split_qkv(tensor, heads, groups)
+    if rule.kind == QKV_SPLIT:
+        return [q, k, v]
+    joined = torch.cat([q, k, v])
+    return [joined.t() if rule.kind == QKV_JOINED_T else joined]
+
+
+def to_megatron_tensor(rule: Rule, tensors: list[torch.Tensor], m: ModelConfig) -> torch.Tensor:
+    """The inverse of `to_hf_tensors`."""
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    if rule.kind == SAME:
+        return tensors[0]
+    if rule.kind == TRANSPOSED:
+        return tensors[0].t()
+    if rule.kind == GATE_UP:
+        return torch.cat(tensors)
+    if rule.kind == QKV_SPLIT:
+        q, k, v = tensors
+    else:
+        joined = tensors[0].t() if rule.kind == QKV_JOINED_T else tensors[0]
+        d = joined.shape[0] // (heads + 2 * groups)
+        q, k, v = joined.split([heads * d, groups * d, groups * d])
+    return join_qkv(q, k, v, heads, groups)
+
+
+def _weight_and_bias(megatron: str, hf: str, kind: str = SAME) -> list[Rule]:
+    bias_kind = {TRANSPOSED: SAME, QKV_JOINED_T: QKV_JOINED}.get(kind, kind)
+    return [Rule(megatron + ".weight", (hf + ".weight",), kind), Rule(megatron + ".bias", (hf + ".bias",), bias_kind)]
+
+
+def _gpt2_layer(i: int) -> list[Rule]:
+    p, out = f"decoder.layers.{i}.", f"transformer.h.{i}."
+    return [*_weight_and_bias(p + "input_layernorm", out + "ln_1"),
+            *_weight_and_bias(p + "self_attention.linear_proj", out + "attn.c_proj", TRANSPOSED),
+            *_weight_and_bias(p + "self_attention.linear_qkv", out + "attn.c_attn", QKV_JOINED_T),
+            *_weight_and_bias(p + "pre_mlp_layernorm", out + "ln_2"),
+            *_weight_and_bias(p + "mlp.linear_fc1", out + "mlp.c_fc", TRANSPOSED),
+            *_weight_and_bias(p + "mlp.linear_fc2", out + "mlp.c_proj", TRANSPOSED)]
+
+
+def _neox_layer(i: int) -> list[Rule]:
     p, out = f"decoder.layers.{i}.", f"gpt_neox.layers.{i}."
-    names = {"input_layernorm": "input_layernorm", "self_attention.linear_qkv": "attention.query_key_value",
-             "self_attention.linear_proj": "attention.dense", "pre_mlp_layernorm": "post_attention_layernorm",
+    names = {"input_layernorm": "input_layernorm", "self_attention.linear_proj": "attention.dense",
+             "self_attention.linear_qkv": "attention.query_key_value", "pre_mlp_layernorm": "post_attention_layernorm",
              "mlp.linear_fc1": "mlp.dense_h_to_4h", "mlp.linear_fc2": "mlp.dense_4h_to_h"}
-    return {out + hf + suffix: src.take(p + megatron + suffix) for megatron, hf in names.items()
-            for suffix in (".weight", ".bias")}
+    return [rule for megatron, hf in names.items() for rule in _weight_and_bias(p + megatron, out + hf)]
 
 
-def _llama_layer(src: _Source, i: int, m: ModelConfig) -> dict:
+def _llama_layer(i: int) -> list[Rule]:
     p, out = f"decoder.layers.{i}.", f"model.layers.{i}."
-    q, k, v = split_qkv(src.take(p + "self_attention.linear_qkv.weight"), m.num_attention_heads,
-                        m.num_query_groups or m.num_attention_heads)
-    gate, up = src.take(p + "mlp.linear_fc1.weight").chunk(2, dim=0)  # SwiGLU: silu(gate) * up
-    return {
-        out + "input_layernorm.weight": src.take(p + "input_layernorm.weight"),
-        out + "self_attn.q_proj.weight": q, out + "self_attn.k_proj.weight": k, out + "self_attn.v_proj.weight": v,
-        out + "self_attn.o_proj.weight": src.take(p + "self_attention.linear_proj.weight"),
-        out + "post_attention_layernorm.weight": src.take(p + "pre_mlp_layernorm.weight"),
-        out + "mlp.gate_proj.weight": gate, out + "mlp.up_proj.weight": up,
-        out + "mlp.down_proj.weight": src.take(p + "mlp.linear_fc2.weight"),
-    }
+    attn = out + "self_attn."
+    return [Rule(p + "input_layernorm.weight", (out + "input_layernorm.weight",)),
+            Rule(p + "self_attention.linear_proj.weight", (attn + "o_proj.weight",)),
+            Rule(p + "self_attention.linear_qkv.weight",
+                 (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), QKV_SPLIT),
+            Rule(p + "pre_mlp_layernorm.weight", (out + "post_attention_layernorm.weight",)),
+            Rule(p + "mlp.linear_fc1.weight", (out + "mlp.gate_proj.weight", out + "mlp.up_proj.weight"), GATE_UP),
+            Rule(p + "mlp.linear_fc2.weight", (out + "mlp.down_proj.weight",))]
 
 
-# per architecture: (word embeddings, final norm prefix, layer converter); the output layer is `lm_head`
+# per architecture: (word embeddings, final norm prefix, layer rules); the output layer is `lm_head`
 _LAYOUT = {
     "gpt2": ("transformer.wte.weight", "transformer.ln_f", _gpt2_layer),
     "gpt_neox": ("gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm", _neox_layer),
     "llama": ("model.embed_tokens.weight", "model.norm", _llama_layer),
 }
 HEAD = "lm_head.weight"
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT = "output_layer.weight"
+
+
+class _Source:
+    """The state being converted; every tensor must be taken exactly once (nothing silently dropped)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], error=ExportError):
+        self.state, self.taken, self.error = state, set(), error
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.state:
+            raise self.error(f"the checkpoint has no {name}")
+        self.taken.add(name)
+        return self.state[name]
+
+    def check_all_taken(self) -> None:
+        left = sorted(set(self.state) - self.taken)
+        if left:
+            raise self.error(f"the conversion does not map {', '.join(left)}")
+
+
+def mapping_rules(arch: str, m: ModelConfig) -> list[Rule]:
+    """Every tensor but the word embeddings and the output layer (their vocabulary is padded on one side only),
+    in the order Megatron's GPTModel registers its parameters."""
+    _, norm, layer = _LAYOUT[arch]
+    rules = []
+    if arch == "gpt2":
+        rules.append(Rule("embedding.position_embeddings.weight", ("transformer.wpe.weight",)))
+    for i in range(m.num_layers):
+        rules += layer(i)
+    rules.append(Rule("decoder.final_layernorm.weight", (norm + ".weight",)))
+    if arch != "llama":
+        rules.append(Rule("decoder.final_layernorm.bias", (norm + ".bias",)))
+    return rules
 
 
 def hf_state_dict(ckpt: ModelCheckpoint, arch: str, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -284,16 +350,11 @@ def hf_state_dict(ckpt: ModelCheckpoint, arch: str, vocab_size: int) -> dict[str
         raise ExportError(f"vocabulary of {vocab_size} is larger than the checkpoint's embedding "
                           f"({ckpt.padded_vocab_size} rows): wrong tokenizer?")
     src = _Source(ckpt.state_dict)
-    embed, norm, layer = _LAYOUT[arch]
-    out = {embed: src.take("embedding.word_embeddings.weight")[:vocab_size]}
-    if arch == "gpt2":
-        out["transformer.wpe.weight"] = src.take("embedding.position_embeddings.weight")
-    for i in range(m.num_layers):
-        out.update(layer(src, i, m))
-    out[norm + ".weight"] = src.take("decoder.final_layernorm.weight")
-    if arch != "llama":
-        out[norm + ".bias"] = src.take("decoder.final_layernorm.bias")
-    out[HEAD] = src.take("output_layer.weight")[:vocab_size] if not m.tie_embeddings else out[embed]
+    embed = _LAYOUT[arch][0]
+    out = {embed: src.take(EMBEDDING)[:vocab_size]}
+    for rule in mapping_rules(arch, m):
+        out.update(zip(rule.hf, to_hf_tensors(rule, src.take(rule.megatron), m)))
+    out[HEAD] = src.take(OUTPUT)[:vocab_size] if not m.tie_embeddings else out[embed]
     src.check_all_taken()
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
@@ -323,6 +384,7 @@ def to_hf(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None, with_toke
     dtype = state[_LAYOUT[arch][0]].dtype  # as saved: the model's dtype (bf16 runs keep bf16 weights)
     config = hf_config(ckpt, arch, tok, vocab, dtype)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    name_loss_type(model)
     result = model.load_state_dict(state, strict=False)
     tied = {HEAD} if ckpt.config.model.tie_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
@@ -359,6 +421,14 @@ def describe(ckpt: ModelCheckpoint, export: HFExport) -> str:
             f"eos = EOD id {tok.eod_id}")
 
 
+def name_loss_type(model) -> None:
+    """transformers 5 picks a causal model's loss by matching its class name against its loss registry; GPT-2's
+    class (GPT2LMHeadModel) matches none, so its first loss warns "`loss_type=None` was set in the config but it
+    is unrecognized" (a model attribute, not a config.json key). Name the loss it then uses anyway."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+
+
 def is_hf_dir(path: str | Path) -> bool:
     """An exported (or any transformers) model directory, as opposed to a training checkpoint."""
     return (Path(path) / "config.json").is_file()
@@ -373,6 +443,7 @@ def load_hf(path: str | Path, tokenizer_path: Optional[str] = None) -> HFExport:
         return to_hf(read_model_checkpoint(path), tokenizer_path)
     transformers = require_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    name_loss_type(model)
     model.eval()
     has_tokenizer = (Path(path) / "tokenizer.json").is_file() or (Path(path) / "tokenizer_config.json").is_file()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None

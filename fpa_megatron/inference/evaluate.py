@@ -2,8 +2,8 @@
 perplexity, or downstream tasks through lm-evaluation-harness (`--tasks`, see inference/harness.py).
 
 Model: a training checkpoint (any layout) runs as one TP1 x PP1 Megatron GPT in this process, the trainer's own
-model code with its padded vocabulary, so the numbers are the trainer's; an `fpa-export hf` directory runs in
-transformers (its softmax covers only the real vocabulary, so its loss can differ slightly from the trainer's).
+model code with its padded vocabulary (a loss over the real one), so the numbers are the trainer's; an
+`fpa-export hf` directory runs in transformers (its vocabulary cut back to the real one: the same softmax).
 
 Tokens:
 - `--data PREFIX`: an indexed dataset (`PREFIX.bin/.idx`), all its documents in order, each ending with EOD.

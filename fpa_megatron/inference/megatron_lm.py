@@ -1,8 +1,8 @@
 """A checkpoint's model as one TP=1 x PP=1 Megatron GPTModel in this process (CPU), for scoring and sampling.
 
-The same model code the trainer runs (penalized attention with lambda = 0, the padded vocabulary), so its
-losses are the trainer's. Megatron's layers need process groups even for one rank: `megatron_lm` opens a
-one-rank gloo group (in-memory store, no port) when none exists and closes it again.
+The same model code the trainer runs (penalized attention with lambda = 0, the padded vocabulary, a loss over
+the real one), so its losses are the trainer's. Megatron's layers need process groups even for one rank:
+`megatron_lm` opens a one-rank gloo group (in-memory store, no port) when none exists and closes it again.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class MegatronLM:
         self.checkpoint = checkpoint
         self.penalty = make_penalty(cfg.model, cfg.fpa)
         self.penalty.set_step(0.0, False)  # scoring needs no penalty
-        self.model = build_gpt_model(cfg.model, checkpoint.padded_vocab_size, self.penalty)
+        self.model = build_gpt_model(cfg.model, checkpoint.padded_vocab_size, self.penalty,
+                                     vocab_size=real_vocab_size(checkpoint))
         load_global_state(self.model, checkpoint.state_dict)
         self.model.eval()
 
@@ -48,6 +49,19 @@ class MegatronLM:
         tokens, labels = tokens.to(self.device), labels.to(self.device)
         positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
         return self.model(tokens, positions, None, labels=labels).float()
+
+
+def real_vocab_size(checkpoint: ModelCheckpoint) -> int:
+    """The run's vocabulary (model.vocab_size, else its tokenizer's), which its loss's softmax covered."""
+    cfg = checkpoint.config
+    if cfg.model.vocab_size is None and cfg.data.tokenizer:
+        from fpa_megatron.config_checks import tokenizer_vocab_size
+
+        try:
+            return tokenizer_vocab_size(cfg.data.tokenizer)
+        except ValueError:  # the tokenizer moved: the padded vocabulary, as before
+            pass
+    return cfg.model.vocab_size or checkpoint.padded_vocab_size
 
 
 @contextmanager

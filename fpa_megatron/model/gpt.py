@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,8 @@ from fpa_megatron.parallel.state import compute_device
 from fpa_megatron.parallel.weights import init_global_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+# model.activation -> the MLP's activation (SwiGLU: silu on the gate half of fc1)
+ACTIVATION_FUNCS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "swiglu": F.silu}
 
 
 def penalized_layer_spec(model_cfg: ModelConfig, penalty: AttentionPenalty) -> ModuleSpec:
@@ -47,7 +50,8 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
         attention_dropout=model_cfg.attention_dropout,
         init_method_std=model_cfg.init_std,
         normalization=model_cfg.normalization,
-        activation_func=F.silu if swiglu else F.gelu,
+        activation_func=ACTIVATION_FUNCS[model_cfg.activation],
+        layernorm_epsilon=model_cfg.norm_epsilon,
         gated_linear_unit=swiglu,
         add_bias_linear=not swiglu,
         tensor_model_parallel_size=tensor_parallel,
@@ -71,12 +75,33 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
     )
 
 
+class GPTModelOverVocabulary(GPTModel):
+    """Megatron's GPTModel whose LM loss is a softmax over the real vocabulary only: the columns padded for tensor
+    parallelism are -inf there (a padded row's logit, 0 for a zero row, could otherwise beat every real token and
+    takes probability from all of them); they get no gradient. A subclass because the loss is a GPTModel method,
+    not a module of the layer spec."""
+
+    def __init__(self, *args, real_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.real_vocab_size = real_vocab_size
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        local = logits.shape[-1]  # this tensor-parallel rank's slice of the vocabulary
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        padded = torch.arange(start, start + local, device=logits.device) >= self.real_vocab_size
+        if bool(padded.any()):
+            logits = logits.masked_fill(padded, float("-inf"))
+        return super().compute_language_model_loss(labels, logits)
+
+
 def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: AttentionPenalty,
-                    ffn_hidden_size: int | None = None, seed: int | None = None) -> GPTModel:
+                    ffn_hidden_size: int | None = None, seed: int | None = None,
+                    vocab_size: int | None = None) -> GPTModel:
     """This rank's stage of the GPT (parallel_state must be initialized).
 
     With `seed`, every parameter is drawn from its global name (`init_global_weights`), so every
     (TP, PP) layout starts from the same model; without it, Megatron's own initialization is kept.
+    `vocab_size` (the real vocabulary; default: all `padded_vocab_size` rows) is what the loss's softmax covers.
     """
     config = transformer_config(
         model_cfg,
@@ -84,7 +109,8 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         parallel_state.get_pipeline_model_parallel_world_size(),
         ffn_hidden_size,
     )
-    model = GPTModel(
+    model = GPTModelOverVocabulary(
+        real_vocab_size=vocab_size or padded_vocab_size,
         config=config,
         transformer_layer_spec=penalized_layer_spec(model_cfg, penalty),
         vocab_size=padded_vocab_size,
@@ -93,6 +119,7 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=model_cfg.tie_embeddings,
         position_embedding_type="rope" if model_cfg.position_embedding == "rope" else "learned_absolute",
+        rotary_base=model_cfg.rotary_base,
     )
     if seed is not None:
         init_global_weights(model, seed, model_cfg.init_std)

@@ -547,6 +547,10 @@ class Checkpointer:
             (self.root / LATEST).unlink()
             fsync_path(self.root)
 
+    def has_resume_candidate(self) -> bool:
+        """Whether checkpoint.resume names a checkpoint to resume from (not yet verified). Needs no process group."""
+        return resolve_resume(self.root, self.resume_mode)[0] is not None
+
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint of this run's lineage (what `latest` names), or None.
 

@@ -225,3 +225,54 @@ def _check_complete(path: Path, cfg: RunConfig, state: dict) -> None:
     missing = [name for name in required if name not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path}: missing {', '.join(missing)}")
+
+
+# ModelConfig keys that decide the tensors' shapes and the function they compute (checkpoint.init_from must match)
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "position_embedding", "normalization", "activation", "norm_epsilon", "rotary_base", "tie_embeddings",
+              "qk_layernorm")
+
+
+def _model_key(model, key: str):
+    """A model key's resolved value (None means its default: groups = heads, ffn = 4 x hidden)."""
+    value = getattr(model, key)
+    if key == "num_query_groups":
+        return value or model.num_attention_heads
+    if key == "ffn_hidden_size":
+        return value or 4 * model.hidden_size
+    return value
+
+
+def check_init_from(cfg: RunConfig, vocab_size: int) -> None:
+    """checkpoint.init_from names a complete checkpoint whose model has this run's shape and covers its vocabulary
+    (reads only its config.yaml); a ConfigError naming the key otherwise."""
+    from fpa_megatron.config import ConfigError
+
+    key = f"checkpoint.init_from={cfg.checkpoint.init_from!r}"
+    try:
+        path = resolve_checkpoint_dir(cfg.checkpoint.init_from)
+        source = load_config(path / "config.yaml")
+    except (CheckpointError, ConfigError) as err:
+        raise ConfigError(f"{key} is not a valid checkpoint: {err}") from None
+    keys = list(MODEL_KEYS) + (["max_position_embeddings"] if cfg.model.position_embedding == "learned" else [])
+    for name in keys:
+        ours, theirs = _model_key(cfg.model, name), _model_key(source.model, name)
+        if name == "max_position_embeddings":
+            ours, theirs = ours or cfg.model.seq_length, theirs or source.model.seq_length
+        if ours != theirs:
+            raise ConfigError(f"{key}: its model has model.{name}={theirs!r}, this run model.{name}={ours!r}")
+    if source.model.vocab_size is not None and vocab_size > source.model.vocab_size:
+        raise ConfigError(f"{key}: its vocabulary has {source.model.vocab_size} tokens, this run's {vocab_size}")
+
+
+def initial_weights(path: str | Path, padded_vocab_size: int) -> dict[str, torch.Tensor]:
+    """checkpoint.init_from: the checkpoint's global weights (any layout), vocabulary rows cut or zero-padded to
+    this run's padded size (padded rows never enter the loss, see GPTModelOverVocabulary)."""
+    state = dict(read_model_checkpoint(path).state_dict)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in state and state[name].shape[0] != padded_vocab_size:
+            rows = torch.zeros(padded_vocab_size, *state[name].shape[1:], dtype=state[name].dtype)
+            n = min(padded_vocab_size, state[name].shape[0])
+            rows[:n] = state[name][:n]
+            state[name] = rows
+    return state

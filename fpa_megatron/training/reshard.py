@@ -6,9 +6,9 @@ What moves: the model weights; the fp32 master weights and AdamW's exp_avg, exp_
 from every ZeRO partition of every model-parallel rank into whole (TP 1 x PP 1) tensors, split again for the
 new TP size, placed on the new pipeline stages and partitioned over the new DP size the way DeepSpeed's
 ZeRO-1/2 partitions them; the iteration, consumed samples (the data position) and the lambda schedule.
-The padded vocabulary keeps its size (padded rows take part in the softmax, so dropping or adding rows would
-change the model): when the new TP size would pad differently, `model.make_vocab_size_divisible_by` is set
-so that it does not. What does not move: the per-rank RNG streams (on GPUs they are device states); the
+The padded vocabulary keeps its size (the logits keep their columns; the loss leaves the padded ones out):
+when the new TP size would pad differently, `model.make_vocab_size_divisible_by` is set so that it does not.
+What does not move: the per-rank RNG streams (on GPUs they are device states); the
 resumed run seeds them from `train.seed` as at the start of a run. Nothing draws from them with dropout 0,
 which every shipped config uses.
 
@@ -350,6 +350,35 @@ def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp:
         torch.save(zero, out / ZERO_FILE.format(prefix=state.zero_meta["prefix"], dp=dp, mp=mp))
 
 
+def write_checkpoint(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, out: Path, tag: str,
+                     trainer_state: dict, note: dict, log: Callable[[str], None] = print,
+                     scripts_from: Optional[Path] = None) -> Path:
+    """A complete checkpoint root `out` (`tag`/ with every rank's files, `complete`, `latest`) from global state;
+    `note` goes into resharded.json (the marker that the run seeds its RNG streams from train.seed)."""
+    iter_dir = out / tag
+    step = int(trainer_state["step"])
+    iter_dir.mkdir(parents=True)
+    try:
+        for mp, tp, pp in ranks_by_stage(layout):
+            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {layout.data} "
+                f"ZeRO partition(s)")
+            write_rank(state, cfg, layout, mp, tp, pp, iter_dir)
+        save_durable(trainer_state, iter_dir / TRAINER_STATE)
+        save_config(cfg, iter_dir / "config.yaml")
+        write_layout(iter_dir, layout, step)
+        (iter_dir / RESHARDED).write_text(json.dumps(dict(
+            note, rng="not carried over: the resumed run keeps the streams it seeds from train.seed"), indent=1) + "\n")
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's recovery scripts, as it leaves them
+            if scripts_from is not None and (scripts_from / script).is_file():
+                shutil.copy(scripts_from / script, out / script)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written checkpoint behind
+        raise
+    mark_complete(iter_dir, step)  # durable before the marker, as the trainer's saves are
+    write_atomic(out / LATEST, tag + "\n")
+    return iter_dir
+
+
 # ------------------------------------------------------------------------------------------------ the tool
 
 
@@ -421,28 +450,9 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
         reset_optimizer_state(state, cfg)
     new_cfg.model.make_vocab_size_divisible_by = vocab_divisor(cfg, model.padded_vocab_size, tensor)
 
-    iter_dir = out / ckpt.name
-    iter_dir.mkdir(parents=True)
-    try:
-        for mp, tp, pp in ranks_by_stage(new):
-            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {new.data} "
-                f"ZeRO partition(s)")
-            write_rank(state, new_cfg, new, mp, tp, pp, iter_dir)
-        save_durable(model.trainer_state, iter_dir / TRAINER_STATE)
-        save_config(new_cfg, iter_dir / "config.yaml")
-        write_layout(iter_dir, new, model.step)
-        (iter_dir / RESHARDED).write_text(json.dumps({
-            "source": str(ckpt.resolve()), "from": asdict(src), "to": asdict(new), "reset_optimizer": reset_optimizer,
-            "rng": "not carried over: the resumed run keeps the streams it seeds from train.seed",
-        }, indent=1) + "\n")
-        for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's recovery scripts, as it leaves them
-            if (ckpt.parent / script).is_file():
-                shutil.copy(ckpt.parent / script, out / script)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # never leave a half-written checkpoint behind
-        raise
-    mark_complete(iter_dir, model.step)  # durable before the marker, as the trainer's saves are
-    write_atomic(out / LATEST, ckpt.name + "\n")
+    note = {"source": str(ckpt.resolve()), "from": asdict(src), "to": asdict(new), "reset_optimizer": reset_optimizer}
+    iter_dir = write_checkpoint(state, new_cfg, new, out, ckpt.name, model.trainer_state, note, log,
+                                scripts_from=ckpt.parent)
 
     overrides = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
     if new_cfg.model.make_vocab_size_divisible_by != cfg.model.make_vocab_size_divisible_by:

@@ -33,8 +33,10 @@ from fpa_megatron.logging.run_log import get_logger, setup_logging, where
 from fpa_megatron.model.attention_stats import attention_summary
 from fpa_megatron.model.gpt import build_gpt_model, make_penalty
 from fpa_megatron.parallel.state import init_distributed, init_model_parallel
+from fpa_megatron.parallel.weights import load_global_state
 from fpa_megatron.training.attention_diagnostics import AttentionDiagnostics
 from fpa_megatron.training.checkpoint import Checkpointer, checkpoint_root
+from fpa_megatron.training.checkpoint_reader import initial_weights
 from fpa_megatron.training.forward_backward import forward_backward
 from fpa_megatron.training.guard import ROLLBACK, TrainingGuard
 from fpa_megatron.training.lambda_schedule import LambdaSchedule
@@ -99,8 +101,15 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
 
+    checkpointer = Checkpointer(checkpoint_root(cfg), cfg.checkpoint.interval, cfg.checkpoint.keep_last,
+                                cfg.checkpoint.resume, cfg, interval_minutes=cfg.checkpoint.interval_minutes)
+    import_weights = cfg.checkpoint.init_from and not checkpointer.has_resume_candidate()
     penalty = make_penalty(cfg.model, cfg.fpa)
-    model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed)
+    model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed,
+                            vocab_size=layout.vocab_size)
+    if import_weights:  # weights only (before the engine copies them): step 0, a fresh optimizer, lambda_0
+        load_global_state(model, initial_weights(cfg.checkpoint.init_from, layout.padded_vocab_size))
+        log.info(f"initialized from {cfg.checkpoint.init_from} (weights only: step 0, a fresh optimizer)")
     engine = build_engine(model, cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, layout.num_microbatches)
     lambdas = LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled)
     steps, global_batch = cfg.train.steps, cfg.train.global_batch_size
@@ -110,12 +119,13 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
         (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
         mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
     )
-    checkpointer = Checkpointer(checkpoint_root(cfg), cfg.checkpoint.interval, cfg.checkpoint.keep_last,
-                                cfg.checkpoint.resume, cfg, interval_minutes=cfg.checkpoint.interval_minutes)
     guard = TrainingGuard(cfg.train, model, rank)  # non-finite steps, loss spikes, the stop request
 
     step, consumed, updates = 0, 0, 0
     resume_from = checkpointer.find_resume(engine)  # verified on every rank; auto passes over damaged ones
+    if resume_from is None and cfg.checkpoint.init_from and not import_weights:
+        raise RuntimeError(f"every checkpoint of this run was damaged and moved to {checkpointer.root / 'abandoned'}"
+                           f": rerun to start again from checkpoint.init_from={cfg.checkpoint.init_from}")
     if resume_from is not None:
         state = checkpointer.load(resume_from, engine)
         step, consumed = state["step"], state["consumed_samples"]

@@ -1,0 +1,275 @@
+"""Hugging Face `transformers` import: a GPT-2, GPT-NeoX or LLaMA / Mistral checkpoint on disk as a complete
+fpa-megatron checkpoint (any TP x PP x DP) that `fpa-train` starts from with `checkpoint.init_from`.
+
+The model section of the run config is read from `config.json`; whatever Megatron's GPT cannot compute exactly
+(parallel residual, rope scaling, partial rotary, sliding windows, biases where Megatron has none, another
+activation) is an `HFImportError` naming the key, raised before anything is written. The tensors go through the
+same rules as the export (`fpa_megatron.export.hf.mapping_rules`, inverted), and the files are written by
+fpa-reshard's writer with a fresh AdamW state at step 0.
+
+Vocabulary padding: the word embeddings (and an untied output layer) get zero rows up to the padded size
+(a multiple of make_vocab_size_divisible_by x TP). A zero output row gives the logit 0, which could win a softmax
+where every real logit is negative, so the trainer's loss leaves the padded columns out of the softmax
+(`fpa_megatron.model.gpt.GPTModelOverVocabulary`) and generation / evaluation cut logits back to the real
+vocabulary: the loss at step 0 is the transformers model's, and padded rows get no gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, parse_overrides
+from fpa_megatron.export.hf import (EMBEDDING, HEAD, OUTPUT, _LAYOUT, _Source, mapping_rules, require_transformers,
+                                    to_megatron_tensor)
+
+# config.json's model_type -> the export family whose tensor names it uses
+SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "mistral": "llama"}
+# transformers' activation names (ACT2FN) -> model.activation computing the same function
+GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+# model keys an import may change through overrides: they do not change the function the weights compute
+ADJUSTABLE_MODEL_KEYS = {"seq_length", "dtype", "recompute", "attention_impl", "attention_block_size",
+                         "hidden_dropout", "attention_dropout", "init_std", "make_vocab_size_divisible_by",
+                         "vocab_size"}
+IMPORTED_TAG = "iter_0000000"
+
+
+class HFImportError(ValueError):
+    """A transformers checkpoint that cannot be imported exactly; the message names the key or file."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise HFImportError(message)
+
+
+def read_hf_config(model_dir: str | Path):
+    """The model's transformers config (every default filled in, as transformers builds the model from it)."""
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    _require(path.is_file(), f"--model {model_dir}: no config.json (not a transformers model directory)")
+    import json
+
+    model_type = json.loads(path.read_text()).get("model_type")
+    _require(model_type in SUPPORTED_MODEL_TYPES,
+             f"{path}: model_type={model_type!r} is not a supported architecture (supported: "
+             f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+    transformers = require_transformers()
+    return transformers.AutoConfig.from_pretrained(str(model_dir))
+
+
+def _rope(c, where: str) -> float:
+    """rope_theta, or an error naming the rope setting Megatron's rotary embedding cannot compute."""
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    _require(rope_type == "default",
+             f"{where}: rope_scaling / rope_parameters.rope_type={rope_type!r}: Megatron's rotary embedding has no "
+             f"frequency scaling (only rope_type 'default' imports exactly)")
+    partial = rope.get("partial_rotary_factor", 1.0)
+    _require(float(partial) == 1.0,
+             f"{where}: rope_parameters.partial_rotary_factor={partial} (rotary_pct): rotary on part of each head "
+             f"is not supported by this model (only 1.0 imports)")
+    return float(rope.get("rope_theta", 10000.0))
+
+
+def model_section(c, where: str = "config.json") -> dict:
+    """ModelConfig values that compute what the transformers config `c` computes, or HFImportError naming the key."""
+    family = SUPPORTED_MODEL_TYPES[c.model_type]
+    if family == "gpt2":
+        act = c.activation_function
+        _require(act in GELU_NAMES, f"{where}: activation_function={act!r} is not a GeLU ({', '.join(GELU_NAMES)})")
+        _require(c.scale_attn_weights, f"{where}: scale_attn_weights=false: Megatron always scales scores by 1/sqrt(d)")
+        _require(not c.scale_attn_by_inverse_layer_idx,
+                 f"{where}: scale_attn_by_inverse_layer_idx=true: Megatron has no per-layer score scaling")
+        _require(not c.add_cross_attention, f"{where}: add_cross_attention=true: a decoder-only GPT has none")
+        return dict(num_layers=c.n_layer, hidden_size=c.n_embd, num_attention_heads=c.n_head, num_query_groups=None,
+                    ffn_hidden_size=c.n_inner or 4 * c.n_embd, max_position_embeddings=c.n_positions,
+                    seq_length=c.n_positions, vocab_size=c.vocab_size, position_embedding="learned",
+                    normalization="LayerNorm", activation=GELU_NAMES[act], norm_epsilon=c.layer_norm_epsilon,
+                    tie_embeddings=bool(c.tie_word_embeddings))
+    if family == "gpt_neox":
+        _require(not c.use_parallel_residual,
+                 f"{where}: use_parallel_residual=true: x + attn(ln1(x)) + mlp(ln2(x)) is another architecture than "
+                 f"Megatron's sequential residual (only use_parallel_residual=false imports)")
+        _require(c.hidden_act in GELU_NAMES, f"{where}: hidden_act={c.hidden_act!r} is not a GeLU "
+                                             f"({', '.join(GELU_NAMES)})")
+        _require(c.attention_bias, f"{where}: attention_bias=false: Megatron's GeLU models have biases on every "
+                                   f"linear layer (attention and MLP alike)")
+        theta = _rope(c, where)
+        return dict(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+                    num_attention_heads=c.num_attention_heads, num_query_groups=None,
+                    ffn_hidden_size=c.intermediate_size,
+                    max_position_embeddings=c.max_position_embeddings, seq_length=c.max_position_embeddings,
+                    vocab_size=c.vocab_size, position_embedding="rope", normalization="LayerNorm",
+                    activation=GELU_NAMES[c.hidden_act], norm_epsilon=c.layer_norm_eps, rotary_base=theta,
+                    tie_embeddings=bool(c.tie_word_embeddings))
+    # LLaMA / Mistral
+    _require(c.hidden_act == "silu", f"{where}: hidden_act={c.hidden_act!r}: only SwiGLU (silu) imports")
+    _require(not getattr(c, "attention_bias", False),
+             f"{where}: attention_bias=true: Megatron's SwiGLU models have no linear biases")
+    _require(not getattr(c, "mlp_bias", False), f"{where}: mlp_bias=true: Megatron's SwiGLU models have no biases")
+    window = getattr(c, "sliding_window", None)
+    _require(window is None, f"{where}: sliding_window={window}: Megatron's attention is full causal attention "
+                             f"(only sliding_window=null imports)")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    _require(head_dim * c.num_attention_heads == c.hidden_size,
+             f"{where}: head_dim={head_dim} is not hidden_size / num_attention_heads = "
+             f"{c.hidden_size} / {c.num_attention_heads}")
+    groups = c.num_key_value_heads or c.num_attention_heads
+    theta = _rope(c, where)
+    return dict(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+                num_query_groups=None if groups == c.num_attention_heads else groups,
+                ffn_hidden_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
+                seq_length=c.max_position_embeddings, vocab_size=c.vocab_size, position_embedding="rope",
+                normalization="RMSNorm", activation="swiglu", norm_epsilon=c.rms_norm_eps, rotary_base=theta,
+                tie_embeddings=bool(c.tie_word_embeddings))
+
+
+def run_config(c, tensor: int, pipeline: int, overrides: Optional[list[str]] = None,
+               where: str = "config.json") -> RunConfig:
+    """The run config: defaults, the model section from `c`, the layout, then `key=value` overrides; an override
+    of a model key that would change the function (e.g. model.num_layers) is an error naming it."""
+    model = model_section(c, where)
+    dtype = str(getattr(c, "dtype", None) or "float32").removeprefix("torch.")
+    values = {"model": dict(model, dtype="bf16" if dtype == "bfloat16" else "fp32", hidden_dropout=0.0,
+                            attention_dropout=0.0),
+              "parallel": {"tensor": tensor, "pipeline": pipeline}}
+    cfg = config_from_dict(values, overrides)
+    for key, value in parse_overrides(overrides or []).get("model", {}).items():
+        if key not in ADJUSTABLE_MODEL_KEYS and key in model and getattr(cfg.model, key) != model[key]:
+            raise HFImportError(f"model.{key}={value!r} (override): the checkpoint's {where} gives {model[key]!r}, "
+                                f"and the weights compute only that")
+    vocab = model["vocab_size"]
+    if cfg.model.vocab_size != vocab:
+        raise HFImportError(f"model.vocab_size={cfg.model.vocab_size} (override) differs from the checkpoint's "
+                            f"vocabulary ({vocab} rows, vocab_size in {where}): "
+                            + ("larger than the checkpoint's" if cfg.model.vocab_size > vocab else
+                               "rows would be dropped"))
+    if cfg.data.tokenizer is not None:
+        from fpa_megatron.config_checks import tokenizer_vocab_size
+
+        size = tokenizer_vocab_size(cfg.data.tokenizer)
+        if size > vocab:
+            raise HFImportError(f"data.tokenizer={cfg.data.tokenizer!r} has {size} tokens, more than the checkpoint's "
+                                f"vocabulary ({vocab} rows, vocab_size in {where}): wrong tokenizer?")
+    return cfg
+
+
+def load_hf_state(model_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint (safetensors or .bin, sharded or not), as transformers loads it; weights
+    transformers would have to initialize itself (missing from the files) are an error naming them."""
+    transformers = require_transformers()
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+                                                                   output_loading_info=True)
+    missing = sorted(set(info.get("missing_keys", ())) - {HEAD})
+    _require(not missing and not info.get("mismatched_keys"),
+             f"--model {model_dir}: the weight files lack {missing or info.get('mismatched_keys')} "
+             f"(transformers would initialize them randomly)")
+    return dict(model.state_dict())
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with zero rows appended up to `rows` (the vocabulary padded for tensor parallelism)."""
+    out = torch.zeros(rows, *tensor.shape[1:], dtype=tensor.dtype)
+    out[: tensor.shape[0]] = tensor
+    return out
+
+
+def megatron_state(hf_state: dict[str, torch.Tensor], c, cfg: RunConfig,
+                   padded_vocab: int) -> OrderedDict[str, torch.Tensor]:
+    """The global (TP 1 x PP 1) Megatron state, in GPTModel's parameter order; every HF tensor is used once."""
+    arch, m = SUPPORTED_MODEL_TYPES[c.model_type], cfg.model
+    src = _Source(hf_state, error=HFImportError)
+    embedding = src.take(_LAYOUT[arch][0])
+    state = OrderedDict([(EMBEDDING, pad_rows(embedding, padded_vocab))])
+    for rule in mapping_rules(arch, m):
+        state[rule.megatron] = to_megatron_tensor(rule, [src.take(name) for name in rule.hf], m).contiguous()
+    if m.tie_embeddings:
+        if HEAD in hf_state:  # transformers lists the tied head under its own name too
+            _require(torch.equal(src.take(HEAD), embedding), f"tie_word_embeddings=true but {HEAD} differs from "
+                                                             f"{_LAYOUT[arch][0]}")
+    else:
+        state[OUTPUT] = pad_rows(src.take(HEAD), padded_vocab)
+    buffers = {name for name in hf_state if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
+    src.taken |= buffers  # causal masks and rotary frequencies: recomputed by Megatron, not weights
+    src.check_all_taken()
+    return OrderedDict((name, tensor.to(torch.bfloat16 if m.dtype == "bf16" else torch.float32))
+                       for name, tensor in state.items())
+
+
+def _extra_state(cfg: RunConfig) -> OrderedDict:
+    """The `_extra_state` entries (None for the local spec) Megatron's linear layers put in the state dict."""
+    modules = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
+    names = [f"decoder.layers.{i}.{module}._extra_state" for i in range(cfg.model.num_layers) for module in modules]
+    return OrderedDict((name, None) for name in names + ["output_layer._extra_state"])
+
+
+def global_state(weights: OrderedDict, cfg: RunConfig, layout):
+    """fpa-reshard's GlobalState for `weights` with a fresh AdamW state (moments 0, step 0)."""
+    import deepspeed
+
+    from fpa_megatron.training.optimizer import deepspeed_config
+    from fpa_megatron.training.reshard import GlobalState, reset_optimizer_state
+
+    decay = [name for name, w in weights.items() if w.dim() >= 2]  # as optimizer.param_groups
+    rest = [name for name, w in weights.items() if w.dim() < 2]
+    meta = {"buffer_names": [], "optimizer": None, "frozen_param_shapes": None, "shared_params": {},
+            "frozen_param_fragments": None, "lr_scheduler": None, "data_sampler": None, "random_ltd": None,
+            "skipped_steps": 0, "global_steps": 0, "global_samples": 0, "ds_version": deepspeed.__version__,
+            "ds_config": deepspeed_config(cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, 1)}
+    state = GlobalState(groups=[decay] + ([rest] if rest else []), tensors={"weight": dict(weights)},
+                        extra_state=_extra_state(cfg), step=None, group_hparams=[], zero_meta={}, model_meta=meta)
+    reset_optimizer_state(state, cfg)
+    return state
+
+
+def import_hf(model_dir: str | Path, out: str | Path, tensor: int = 1, pipeline: int = 1,
+              data_parallel: Optional[int] = None, overrides: Optional[list[str]] = None,
+              write_config: Optional[str | Path] = None, log: Callable[[str], None] = print) -> Path:
+    """Write the transformers checkpoint in `model_dir` as a complete checkpoint root `out` for TP x PP x DP;
+    every check happens before anything is written. Returns the iteration directory (step 0)."""
+    from fpa_megatron.config import save_config
+    from fpa_megatron.config_checks import padded_vocab_size
+    from fpa_megatron.training.checkpoint import CheckpointLayout
+    from fpa_megatron.training.lambda_schedule import LambdaSchedule
+    from fpa_megatron.training.reshard import ReshardError, check_new_layout, write_checkpoint
+
+    model_dir, out = Path(model_dir), Path(out)
+    _require(not out.exists() or (out.is_dir() and not any(out.iterdir())),
+             f"--out {out} exists and is not empty; choose a new directory (nothing was written)")
+    c = read_hf_config(model_dir)
+    try:
+        cfg = run_config(c, tensor, pipeline, overrides, where=str(model_dir / "config.json"))
+    except ConfigError as err:
+        raise HFImportError(str(err)) from None
+    layout = CheckpointLayout(tensor * pipeline * (data_parallel or 1), tensor, pipeline, data_parallel or 1,
+                              cfg.optimizer.zero_stage)
+    try:
+        check_new_layout(cfg, layout)
+    except ReshardError as err:
+        raise HFImportError(str(err)) from None
+    m = cfg.model
+    padded = padded_vocab_size(m.vocab_size, tensor, m.make_vocab_size_divisible_by)
+    hf_dtype = torch.bfloat16 if m.dtype == "bf16" else torch.float32
+    weights = megatron_state(load_hf_state(model_dir, hf_dtype), c, cfg, padded)
+    log(f"fpa-import: {model_dir} ({c.model_type}: {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"{m.num_attention_heads} heads{f', {m.num_query_groups} key/value groups' if m.num_query_groups else ''}, "
+        f"vocabulary {m.vocab_size} padded to {padded}, {'tied' if m.tie_embeddings else 'untied'} embeddings, "
+        f"{sum(w.numel() for w in weights.values()):,} parameters) -> {layout.describe()}")
+    state = global_state(weights, cfg, layout)
+    lambdas = LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled)
+    trainer_state = {"step": 0, "consumed_samples": 0, "updates": 0, "lambda_schedule": lambdas.state_dict()}
+    note = {"source": str(model_dir.resolve()), "imported_from": "transformers", "model_type": c.model_type}
+    iter_dir = write_checkpoint(state, cfg, layout, out, IMPORTED_TAG, trainer_state, note, log)
+    if write_config is not None:
+        run = copy.deepcopy(cfg)
+        run.checkpoint.init_from = str(out)
+        save_config(run, write_config)
+        log(f"  run config (model section from config.json, checkpoint.init_from={out}): {write_config}")
+    log(f"done: {iter_dir}\nstart training from it with: fpa-train --config <config> checkpoint.init_from={out}"
+        f" parallel.tensor={tensor} parallel.pipeline={pipeline}  (model section: {iter_dir / 'config.yaml'})")
+    return iter_dir
