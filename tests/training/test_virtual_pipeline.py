@@ -105,13 +105,13 @@ def pp1_rank(values: dict, root: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from fpa_megatron.training.reshard import reshard
+    from fpa_megatron.training.reshard import main as reshard_main, reshard
 
     root = str(tmp_path_factory.mktemp("vpp"))
     values = _values(root)
     single = run_distributed(single_rank, 1, values, root)[0]
-    reshard(f"{root}/single_tied/checkpoints/iter_0000004", f"{root}/single_as_vp", tensor=1, pipeline=2, data_parallel=1,
-            virtual_pipeline=2, log=lambda _: None)
+    assert reshard_main(["--checkpoint", f"{root}/single_tied/checkpoints/iter_0000004", "--tensor", "1", "--pipeline",
+                         "2", "--virtual-pipeline", "2", "--world-size", "2", "--out", f"{root}/single_as_vp"]) == 0
     vp = run_distributed(vp_rank, 2, values, root)
     reshard(f"{root}/vp_tied/iter_0000004", f"{root}/vp_as_pp1", tensor=1, pipeline=1, data_parallel=1, log=lambda _: None)
     pp1 = run_distributed(pp1_rank, 1, values, root)[0]
@@ -238,6 +238,27 @@ def test_export_equals_the_pp1_export(runs, tmp_path):
     for name, tensor in pp1.items():
         assert torch.equal(vp[name], tensor), name  # the same weights, read from chunked and plain files
         assert equivalence._rel(vp[name], single[name]) <= TRAINED_WEIGHTS_REL, name
+
+
+def test_offline_layer_numbering_is_megatrons():
+    """The offsets the checkpoint tools use without process groups are Megatron's `get_transformer_layer_offset`."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from fpa_megatron.parallel.weights import layer_placement, uniform_layer_offset
+
+    for layers, pipeline, virtual in [(8, 2, 2), (12, 2, 3), (16, 4, 2), (8, 4, 2)]:
+        config = TransformerConfig(num_layers=layers, hidden_size=8, num_attention_heads=1,
+                                   pipeline_model_parallel_size=pipeline, virtual_pipeline_model_parallel_size=virtual,
+                                   pipeline_dtype=torch.float32, cuda_graph_scope=[])
+        per_chunk = layers // (pipeline * virtual)
+        for stage in range(pipeline):
+            for chunk in range(virtual):
+                offset = uniform_layer_offset(layers, pipeline, virtual, stage, chunk)
+                assert offset == get_transformer_layer_offset(config, vp_stage=chunk, pp_rank=stage)
+                for local in range(per_chunk):
+                    assert layer_placement(offset + local, layers, pipeline, virtual) == (stage, chunk, local)
+    assert uniform_layer_offset(8, 2, 2, 0, 1) == 4 and uniform_layer_offset(8, 2, 2, 1, 0) == 2  # stage 0: 0,1,4,5
 
 
 @pytest.mark.parametrize("overrides,world,message", [
