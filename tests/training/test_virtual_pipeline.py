@@ -1,10 +1,10 @@
 """The interleaved pipeline (PP2 x VP2: 2 model chunks per stage, 8 layers) trains what one process trains.
 
-Three spawns (module fixture): one process trains the reference (tied and untied embeddings, 8 steps, a
+Two spawns (module fixture): one process trains the reference (tied and untied embeddings, 8 steps, a
 checkpoint at step 4); `fpa-reshard` rewrites that step-4 checkpoint for PP2 x VP2; two gloo ranks train the same
-runs at PP2 x VP2 through `train(cfg)`, stop one at step 4 and resume it, resume the resharded reference, and
-compute the first step's gradients on the model `train` builds; then the VP step-4 checkpoint, resharded to PP1,
-continues in one process. Per-layer penalties come back from TensorBoard's files, the exports from safetensors.
+runs at PP2 x VP2 through `train(cfg)`, stop one at step 4 and resume it, resume the resharded reference,
+compute the first step's gradients on the model `train` builds, and continue the VP step-4 checkpoint resharded
+to PP1 (x DP2). Per-layer penalties come back from TensorBoard's files, the exports from safetensors.
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def _live_weights(values: dict, overrides: list[str], path: str) -> dict:
 
 
 def vp_rank(values: dict, root: str) -> dict:
+    from fpa_megatron.training.reshard import reshard
+
     ckpt = lambda name: [f"checkpoint.dir={root}/{name}", f"logging.run_name={name}"]  # noqa: E731
     out = {}
     for name, extra in EMBEDDINGS.items():
@@ -95,17 +97,22 @@ def vp_rank(values: dict, root: str) -> dict:
     resumed = VP + ckpt("vp_resumed") + ["checkpoint.resume=auto"]
     out["resumed"] = _train(values, resumed + ["train.exit_interval=4"]) + _train(values, resumed)
     out["from_single"] = _train(values, VP + ckpt("vp_from_single") + [f"checkpoint.resume={root}/single_as_vp"])
+    error = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            reshard(f"{root}/vp_tied/iter_0000004", f"{root}/vp_as_pp1", tensor=1, pipeline=1, world_size=2,
+                    log=lambda _: None)
+        except BaseException as err:  # noqa: BLE001 - every rank must learn of it, or the other waits forever
+            error[0] = repr(err)
+    torch.distributed.broadcast_object_list(error, src=0)
+    assert error[0] is None, error[0]
+    out["pp1"] = _train(values, ckpt("pp1_from_vp") + [f"checkpoint.resume={root}/vp_as_pp1"])  # PP1 x DP2
     return out
-
-
-def pp1_rank(values: dict, root: str) -> list[dict]:
-    return _train(values, [f"checkpoint.resume={root}/vp_as_pp1", f"checkpoint.dir={root}/pp1_run",
-                           "logging.run_name=pp1_from_vp"])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from fpa_megatron.training.reshard import main as reshard_main, reshard
+    from fpa_megatron.training.reshard import main as reshard_main
 
     root = str(tmp_path_factory.mktemp("vpp"))
     values = _values(root)
@@ -113,23 +120,21 @@ def runs(tmp_path_factory):
     assert reshard_main(["--checkpoint", f"{root}/single_tied/checkpoints/iter_0000004", "--tensor", "1", "--pipeline",
                          "2", "--virtual-pipeline", "2", "--world-size", "2", "--out", f"{root}/single_as_vp"]) == 0
     vp = run_distributed(vp_rank, 2, values, root)
-    reshard(f"{root}/vp_tied/iter_0000004", f"{root}/vp_as_pp1", tensor=1, pipeline=1, data_parallel=1, log=lambda _: None)
-    pp1 = run_distributed(pp1_rank, 1, values, root)[0]
-    return {"root": root, "single": single, "vp": vp, "pp1": pp1}
+    return {"root": root, "single": single, "vp": vp}
 
 
 def _close(mine: float, ref: float, rel: float = 1e-5) -> bool:
     return math.isfinite(ref) and abs(mine - ref) <= rel * abs(ref)
 
 
-def _assert_close_steps(got: list[dict], ref: list[dict], rel: float = 1e-5) -> None:
+def _assert_close_steps(got: list[dict], ref: list[dict], rel: float = 1e-5, skip: tuple = ()) -> None:
     """Loss, penalty, grad norm, lambda and lr within `rel`; validation loss and the attention diagnostics (a max
     logit near 0.06 after updates that Adam scales up where gradients are tiny) within 1e-4."""
     assert [h["step"] for h in got] == [h["step"] for h in ref]
     for mine, want in zip(got, ref):
         assert set(mine) == set(want), (mine, want)
         for key in want:
-            if key != "step":
+            if key != "step" and key not in skip:
                 assert _close(mine[key], want[key], 1e-4 if key in DIAGNOSTICS else rel), (key, mine, want)
 
 
@@ -190,12 +195,13 @@ def test_layout_json_records_the_chunks(runs):
 
 def test_reshard_between_pp1_and_vp_continues_equal(runs):
     """Steps 5-8 after resharding: the reference's checkpoint resumed at PP2 x VP2, and the VP checkpoint
-    resumed in one process, follow the run they came from."""
+    resumed at PP1 (x DP2), follow the run they came from."""
     single, vp = runs["single"]["tied"], runs["vp"][0]
     assert [h["step"] for h in vp["from_single"]] == [5, 6, 7, 8]
     _assert_close_steps(vp["from_single"], single[4:])
-    assert [h["step"] for h in runs["pp1"]] == [5, 6, 7, 8]
-    _assert_close_steps(runs["pp1"], vp["tied"][4:])
+    assert [h["step"] for h in vp["pp1"]] == [5, 6, 7, 8]
+    # the attention probe is each DP rank's first micro-batch: under DP2 another batch, so it is left out there
+    _assert_close_steps(vp["pp1"], vp["tied"][4:], skip=DIAGNOSTICS[1:])
 
 
 # Weights after 8 AdamW updates in two layouts: where a gradient is ~0 (the query bias: softmax is shift
