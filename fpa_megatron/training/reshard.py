@@ -418,7 +418,8 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
             world_size: Optional[int] = None, reset_optimizer: bool = False,
             log: Callable[[str], None] = print, virtual_pipeline: int = 1) -> Path:
     """Write the checkpoint `checkpoint` (an iter_* directory, a checkpoint root or a run directory) for
-    TP `tensor` x PP `pipeline` (x VP `virtual_pipeline` model chunks per stage) x DP into `out`, a new checkpoint root (iter_*, `complete`, `latest`);
+    TP `tensor` x PP `pipeline` (x VP `virtual_pipeline` model chunks per stage) x DP into `out`, a new
+    checkpoint root (iter_*, `complete`, `latest`);
     return the new iteration directory."""
     out = Path(out)
     if out.exists():

@@ -22,8 +22,8 @@ LAYERS = 8
 VP = ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]
 EMBEDDINGS = {"tied": [], "untied": ["model.tie_embeddings=false"]}
 # init_std 0.2: attention sharp enough that the layers' penalties differ (a misplaced chunk would show)
-COMMON = ["model.init_std=0.2", "train.steps=8", "logging.tensorboard=true", "logging.attention_stats_interval=4", "train.eval_interval=4",
-          "train.eval_iters=1"]
+COMMON = ["model.init_std=0.2", "train.steps=8", "logging.tensorboard=true", "logging.attention_stats_interval=4",
+          "train.eval_interval=4", "train.eval_iters=1"]
 DIAGNOSTICS = ("val_loss", "attention/collision", "attention/entropy", "attention/max_logit")
 REPORTED = KEYS + DIAGNOSTICS
 
@@ -79,7 +79,8 @@ def _live_weights(values: dict, overrides: list[str], path: str) -> dict:
     cfg = config_from_dict(values, COMMON + overrides)
     layout = check_config(cfg, torch.distributed.get_world_size())
     init_model_parallel(1, 2, cfg.train.seed + 1, virtual_pipeline=2)  # weights come only from the file
-    model = build_gpt_model(cfg.model, layout.padded_vocab_size, make_penalty(cfg.model, cfg.fpa), layout.ffn_hidden_size)
+    penalty = make_penalty(cfg.model, cfg.fpa)
+    model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size)
     engine = build_engine(model, cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, layout.num_microbatches)
     Checkpointer(f"{path}/..", 0, 2, "none", cfg).load(path, engine)
     return gather_global(model, {n: p.detach() for n, p in model.named_parameters()})
