@@ -223,10 +223,27 @@ def _check_sequence_parallel(cfg: RunConfig) -> None:
 
 
 def _check_virtual_pipeline(cfg: RunConfig) -> None:
-    _int_at_least("parallel.virtual_pipeline", cfg.parallel.virtual_pipeline, 1)
-    if cfg.parallel.virtual_pipeline > 1:
-        _fail(f"parallel.virtual_pipeline={cfg.parallel.virtual_pipeline}: the interleaved pipeline is not "
-              f"supported yet (use 1)")
+    """V model chunks per stage: Megatron splits the layers evenly into pipeline * V chunks."""
+    p, layers = cfg.parallel, cfg.model.num_layers
+    _int_at_least("parallel.virtual_pipeline", p.virtual_pipeline, 1)
+    if p.virtual_pipeline == 1:
+        return
+    if p.pipeline < 2:
+        _fail(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1 (it splits each pipeline "
+              f"stage into model chunks), got parallel.pipeline={p.pipeline}")
+    if layers % (p.pipeline * p.virtual_pipeline):
+        _fail(f"model.num_layers={layers} is not divisible by parallel.pipeline * parallel.virtual_pipeline = "
+              f"{p.pipeline} * {p.virtual_pipeline} = {p.pipeline * p.virtual_pipeline} (layers per model chunk)")
+
+
+def _check_interleaved_schedule(cfg: RunConfig, num_microbatches: int) -> None:
+    """Megatron's interleaved schedule runs the micro-batches in groups of PP (`microbatch_group_size_per_vp_stage`
+    defaults to PP): it refuses fewer than PP micro-batches and a last group smaller than PP."""
+    p = cfg.parallel
+    if p.virtual_pipeline > 1 and num_microbatches % p.pipeline:
+        _fail(f"parallel.virtual_pipeline={p.virtual_pipeline}: the interleaved schedule needs the micro-batches per "
+              f"step (train.global_batch_size / (train.micro_batch_size * data_parallel) = {num_microbatches}) to be "
+              f"a multiple of parallel.pipeline={p.pipeline}")
 
 
 def _check_batch(cfg: RunConfig, data_parallel: int) -> int:
@@ -341,6 +358,7 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     _check_model(cfg)
     tensor, pipeline, data_parallel = _check_parallel(cfg, world_size)
     num_microbatches = _check_batch(cfg, data_parallel)
+    _check_interleaved_schedule(cfg, num_microbatches)
     _check_optimizer(cfg, pipeline)
     _check_fpa(cfg)
     _check_guard_and_timeout(cfg)

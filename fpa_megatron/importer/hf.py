@@ -139,9 +139,9 @@ def run_config(c, tensor: int, pipeline: int, overrides: Optional[list[str]] = N
                             attention_dropout=0.0),
               "parallel": {"tensor": tensor, "pipeline": pipeline}}
     cfg = config_from_dict(values, overrides)
-    for key, value in parse_overrides(overrides or []).get("model", {}).items():
+    for key in parse_overrides(overrides or []).get("model", {}):
         if key not in ADJUSTABLE_MODEL_KEYS and key in model and getattr(cfg.model, key) != model[key]:
-            raise HFImportError(f"model.{key}={value!r} (override): the checkpoint's {where} gives {model[key]!r}, "
+            raise HFImportError(f"model.{key}={getattr(cfg.model, key)!r} (override): the checkpoint's {where} gives {model[key]!r}, "
                                 f"and the weights compute only that")
     vocab = model["vocab_size"]
     if cfg.model.vocab_size != vocab:

@@ -35,9 +35,10 @@ def penalized_layer_spec(model_cfg: ModelConfig, penalty: AttentionPenalty) -> M
 
 
 def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                       ffn_hidden_size: int | None = None) -> TransformerConfig:
+                       ffn_hidden_size: int | None = None, virtual_pipeline: int = 1) -> TransformerConfig:
     """Megatron's TransformerConfig for our model options; fused CUDA kernels off so CPU and GPU agree."""
     dtype = DTYPES[model_cfg.dtype]
+    interleaved = virtual_pipeline > 1
     swiglu = model_cfg.activation == "swiglu"
     recompute = {"none": None, "selective": "selective", "full": "full"}[model_cfg.recompute]
     return TransformerConfig(
@@ -56,6 +57,11 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
         add_bias_linear=not swiglu,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if interleaved else None,
+        # The interleaved schedule with batched p2p is refused for PP = 2 by Megatron-LM (both neighbours are
+        # the same rank); its overlapped p2p (separate isend/irecv) works for every PP size.
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=not interleaved,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -94,37 +100,61 @@ class GPTModelOverVocabulary(GPTModel):
         return super().compute_language_model_loss(labels, logits)
 
 
+class ModelChunks(torch.nn.ModuleList):
+    """The V model chunks of this pipeline stage (interleaved schedule) as one module, so that one DeepSpeed
+    engine holds them: one optimizer over all chunks, one model file per rank. `forward(..., chunk=i)`."""
+
+    def forward(self, *args, chunk: int, **kwargs):
+        return self[chunk](*args, **kwargs)
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self[0].config
+
+
+def model_chunks(model) -> list[GPTModel]:
+    """This rank's GPTModel chunks: [model] without the interleaved pipeline."""
+    return list(model) if isinstance(model, ModelChunks) else [model]
+
+
 def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: AttentionPenalty,
                     ffn_hidden_size: int | None = None, seed: int | None = None,
-                    vocab_size: int | None = None) -> GPTModel:
-    """This rank's stage of the GPT (parallel_state must be initialized).
+                    vocab_size: int | None = None) -> GPTModel | ModelChunks:
+    """This rank's stage of the GPT (parallel_state must be initialized): a GPTModel, or with a virtual
+    pipeline of size V, a `ModelChunks` of V GPTModels (chunk i built with vp_stage=i: Megatron's layer offsets).
 
     With `seed`, every parameter is drawn from its global name (`init_global_weights`), so every
-    (TP, PP) layout starts from the same model; without it, Megatron's own initialization is kept.
+    (TP, PP, VP) layout starts from the same model; without it, Megatron's own initialization is kept.
     `vocab_size` (the real vocabulary; default: all `padded_vocab_size` rows) is what the loss's softmax covers.
     """
+    virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     config = transformer_config(
         model_cfg,
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
         ffn_hidden_size,
+        virtual,
     )
-    model = GPTModelOverVocabulary(
-        real_vocab_size=vocab_size or padded_vocab_size,
-        config=config,
-        transformer_layer_spec=penalized_layer_spec(model_cfg, penalty),
-        vocab_size=padded_vocab_size,
-        max_sequence_length=model_cfg.max_position_embeddings or model_cfg.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
-        position_embedding_type="rope" if model_cfg.position_embedding == "rope" else "learned_absolute",
-        rotary_base=model_cfg.rotary_base,
-    )
-    if seed is not None:
-        init_global_weights(model, seed, model_cfg.init_std)
-    # Megatron's local norms are created in float32; cast everything, as Megatron-LM's Float16Module does.
-    return model.to(device=compute_device(), dtype=config.params_dtype)
+    chunks = []
+    for vp_stage in range(virtual):
+        model = GPTModelOverVocabulary(
+            real_vocab_size=vocab_size or padded_vocab_size,
+            config=config,
+            transformer_layer_spec=penalized_layer_spec(model_cfg, penalty),
+            vocab_size=padded_vocab_size,
+            max_sequence_length=model_cfg.max_position_embeddings or model_cfg.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage() and vp_stage == 0,
+            post_process=parallel_state.is_pipeline_last_stage() and vp_stage == virtual - 1,
+            share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+            position_embedding_type="rope" if model_cfg.position_embedding == "rope" else "learned_absolute",
+            rotary_base=model_cfg.rotary_base,
+            vp_stage=vp_stage if virtual > 1 else None,
+        )
+        if seed is not None:
+            init_global_weights(model, seed, model_cfg.init_std)
+        # Megatron's local norms are created in float32; cast everything, as Megatron-LM's Float16Module does.
+        chunks.append(model.to(device=compute_device(), dtype=config.params_dtype))
+    return ModelChunks(chunks) if virtual > 1 else chunks[0]
 
 
 def make_penalty(model_cfg: ModelConfig, fpa_cfg) -> AttentionPenalty:

@@ -1,11 +1,10 @@
 """Map parameters between this rank's shard and the global (single-process) model.
 
 Global names are those of a TP=1, PP=1 GPTModel. Locally, layer i of pipeline stage p is global layer
-i + offset(p); tensor-parallel parameters (`tensor_model_parallel` attribute) are split along their
+i + offset(p) (with a virtual pipeline, of model chunk c of stage p: i + offset(p, c), and the chunk's names
+carry "c." in front); tensor-parallel parameters (`tensor_model_parallel` attribute) are split along their
 `partition_dim` into contiguous chunks, except SwiGLU's fc1, whose local shard is [gate_r; up_r].
 Used to load the same weights into every layout and to gather gradients for comparison or export.
-The name and shard functions work offline; only those that take a live model import Megatron (reading or
-exporting a checkpoint does not pay for importing megatron.core).
 """
 
 from __future__ import annotations
@@ -29,10 +28,56 @@ def layer_index(global_param_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _parallel_state():
+    """megatron.core.parallel_state, imported on first use: the name and shard functions work offline, and
+    reading or exporting a checkpoint does not pay for importing megatron.core."""
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
 def _layer_offset(model) -> int:
+    """Megatron's own offset of one GPTModel chunk (its pipeline stage and virtual stage)."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    return get_transformer_layer_offset(model.config)
+    return get_transformer_layer_offset(model.config, vp_stage=getattr(model, "vp_stage", None))
+
+
+def _chunks(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name prefix, GPTModel) per model chunk of this rank: a ModuleList of chunks (the interleaved pipeline)
+    names its parameters "<chunk>.<name>"."""
+    if isinstance(model, torch.nn.ModuleList):
+        return [(f"{i}.", chunk) for i, chunk in enumerate(model)]
+    return [("", model)]
+
+
+def uniform_layer_offset(num_layers: int, pipeline: int, virtual: int, pp_rank: int, chunk: int) -> int:
+    """The first global layer of model chunk `chunk` of stage `pp_rank` when Megatron splits the layers evenly:
+    chunk c of stage p holds layers c * L/V + p * L/(P V) + [0, L/(P V)). For files read without Megatron."""
+    return chunk * (num_layers // virtual) + pp_rank * (num_layers // (pipeline * virtual))
+
+
+def layer_placement(layer: int, num_layers: int, pipeline: int, virtual: int) -> tuple[int, int, int]:
+    """(pipeline stage, model chunk, local index) of global layer `layer` (inverse of `uniform_layer_offset`)."""
+    per_chunk = num_layers // (pipeline * virtual)
+    chunk, rest = divmod(layer, num_layers // virtual)
+    stage, local = divmod(rest, per_chunk)
+    return stage, chunk, local
+
+
+_CHUNK = re.compile(r"^(\d+)\.")
+
+
+def stage_global_name(local_name: str, num_layers: int, pipeline: int, virtual: int, pp_rank: int) -> str:
+    """A parameter name in stage `pp_rank`'s model file ("1.decoder.layers.0...." with V > 1 chunks) -> global."""
+    chunk = 0
+    if virtual > 1:
+        match = _CHUNK.match(local_name)
+        if match is None:
+            raise ValueError(f"parameter {local_name!r}: expected a model-chunk prefix '<chunk>.' (virtual pipeline "
+                             f"of size {virtual})")
+        chunk, local_name = int(match.group(1)), local_name[match.end():]
+    return global_name(local_name, uniform_layer_offset(num_layers, pipeline, virtual, pp_rank, chunk))
 
 
 # How tensor parallelism splits each parameter of Megatron's local-spec GPT, by global-name suffix: the
@@ -87,12 +132,10 @@ def join_shards(pieces: list[torch.Tensor], dim: int, gated: bool = False) -> to
 
 def _split(name: str, param, full: torch.Tensor, model) -> torch.Tensor:
     """This TP rank's piece of the full tensor `full` for local parameter `param`."""
-    from megatron.core import parallel_state
-
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    return split_shard(full, param.partition_dim, parallel_state.get_tensor_model_parallel_world_size(),
-                       parallel_state.get_tensor_model_parallel_rank(),
+    return split_shard(full, param.partition_dim, _parallel_state().get_tensor_model_parallel_world_size(),
+                       _parallel_state().get_tensor_model_parallel_rank(),
                        is_gated_fc1(name, model.config.gated_linear_unit))
 
 
@@ -110,13 +153,22 @@ def _global_source(name: str, global_state: dict) -> str:
     return name
 
 
+def _local_parameters(model) -> dict[str, tuple[torch.nn.Module, str, torch.nn.Parameter, str]]:
+    """{local name: (its GPTModel chunk, its name in the chunk, the parameter, its global name)}."""
+    out = {}
+    for prefix, chunk in _chunks(model):
+        offset = _layer_offset(chunk)
+        for name, param in chunk.named_parameters():
+            out[prefix + name] = (chunk, name, param, global_name(name, offset))
+    return out
+
+
 @torch.no_grad()
 def load_global_state(model, global_state: dict) -> None:
-    """Copy the matching piece of each global tensor into this rank's parameters."""
-    offset = _layer_offset(model)
-    for name, param in model.named_parameters():
-        full = global_state[_global_source(global_name(name, offset), global_state)]
-        param.copy_(_split(name, param, full, model))
+    """Copy the matching piece of each global tensor into this rank's parameters (every model chunk)."""
+    for chunk, name, param, gname in _local_parameters(model).values():
+        full = global_state[_global_source(gname, global_state)]
+        param.copy_(_split(name, param, full, chunk))
 
 
 def gather_global(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,29 +177,25 @@ def gather_global(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     The last stage's tied output weight is left out (its gradient equals the embedding's after
     `finalize_grads`).
     """
-    from megatron.core import parallel_state
-
-    params = dict(model.named_parameters())
-    offset = _layer_offset(model)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    params = _local_parameters(model)
+    tp_group = _parallel_state().get_tensor_model_parallel_group()
+    tp = _parallel_state().get_tensor_model_parallel_world_size()
     local_full = {}
-    for name, tensor in tensors.items():
-        param = params[name]
+    for local, tensor in tensors.items():
+        chunk, name, param, gname = params[local]
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
             pieces = [torch.empty_like(tensor) for _ in range(tp)]
             torch.distributed.all_gather(pieces, tensor.contiguous(), group=tp_group)
-            full = _join(name, param, pieces, model)
+            full = _join(name, param, pieces, chunk)
         else:
             full = tensor
-        gname = global_name(name, offset)
-        if gname == "output_layer.weight" and model.share_embeddings_and_output_weights:
+        if gname == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
             continue
         local_full[gname] = full.detach().clone()
     # Every pipeline stage contributes its layers.
-    gathered: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    gathered: list = [None] * _parallel_state().get_pipeline_model_parallel_world_size()
     torch.distributed.all_gather_object(
-        gathered, local_full, group=parallel_state.get_pipeline_model_parallel_group()
+        gathered, local_full, group=_parallel_state().get_pipeline_model_parallel_group()
     )
     merged: dict = {}
     for part in gathered:
@@ -176,21 +224,17 @@ def _draw(global_param_name: str, shape: torch.Size, seed: int, init_std: float,
 
 
 def _global_shape(param) -> torch.Size:
-    from megatron.core import parallel_state
-
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+        shape[param.partition_dim] *= _parallel_state().get_tensor_model_parallel_world_size()
     return torch.Size(shape)
 
 
 @torch.no_grad()
 def init_global_weights(model, seed: int, init_std: float) -> None:
-    """Initialize every parameter from its global name, so any (TP, PP) layout starts from the same model."""
-    offset = _layer_offset(model)
-    for name, param in model.named_parameters():
-        gname = global_name(name, offset)
-        if gname == "output_layer.weight" and model.share_embeddings_and_output_weights:
+    """Initialize every parameter from its global name, so any (TP, PP, VP) layout starts from the same model."""
+    for chunk, name, param, gname in _local_parameters(model).values():
+        if gname == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
             gname = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embeddings
-        full = _draw(gname, _global_shape(param), seed, init_std, model.config.num_layers)
-        param.copy_(_split(name, param, full, model).to(param.dtype))
+        full = _draw(gname, _global_shape(param), seed, init_std, chunk.config.num_layers)
+        param.copy_(_split(name, param, full, chunk).to(param.dtype))

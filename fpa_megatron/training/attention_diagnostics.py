@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 
 from fpa_megatron.data.datasets import micro_batches
 from fpa_megatron.model.attention_penalty import AttentionPenalty
-from fpa_megatron.training.forward_backward import forward_backward
+from fpa_megatron.training.forward_backward import forward_backward, smallest_microbatch_count
 
 
 class AttentionDiagnostics:
@@ -55,8 +55,10 @@ class AttentionDiagnostics:
         stats.measuring = True
         self.model.eval()
         try:
+            # the same micro-batch n times where the schedule needs n > 1 (each records the same values)
+            n = smallest_microbatch_count()
             with torch.no_grad():
-                forward_backward(self.model, iter([self.probe_batch()]), penalty, num_microbatches=1,
+                forward_backward(self.model, iter([self.probe_batch()] * n), penalty, num_microbatches=n,
                                  micro_batch_size=self.micro_batch_size, seq_length=self.seq_length,
                                  forward_only=True, engine=self.engine)
         finally:

@@ -3,7 +3,7 @@
 Layout of `<root>/iter_0000040/`: DeepSpeed's files (mp_rank_XX_model_states.pt, one per model-parallel
 rank; *_optim_states.pt, one per rank), `rng_rank_<r>.pt` per global rank (every rank's RNG streams
 differ), `trainer_state.pt` (iteration, consumed samples, lambda schedule), `layout.json` (world size,
-TP, PP, DP, ZeRO stage), `config.yaml`, and the marker `complete`.
+TP, PP, DP, ZeRO stage, virtual pipeline size), `config.yaml`, and the marker `complete`.
 
 What makes a checkpoint trustworthy:
 - Durable before it counts. Every rank fsyncs the files it wrote, then a barrier; rank 0 fsyncs the
@@ -196,26 +196,30 @@ class CheckpointLayout:
     pipeline: int
     data: int
     zero_stage: int
+    virtual_pipeline: int = 1  # model chunks per stage; their layers are numbered per chunk in the files
 
     @classmethod
     def of_run(cls, cfg: RunConfig, world_size: int) -> "CheckpointLayout":
         tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-        return cls(world_size, tp, pp, world_size // (tp * pp), cfg.optimizer.zero_stage)
+        return cls(world_size, tp, pp, world_size // (tp * pp), cfg.optimizer.zero_stage,
+                   cfg.parallel.virtual_pipeline)
 
     def describe(self) -> str:
-        return f"TP{self.tensor} x PP{self.pipeline} x DP{self.data} ({self.world_size} ranks)"
+        vp = f" x VP{self.virtual_pipeline}" if self.virtual_pipeline > 1 else ""
+        return f"TP{self.tensor} x PP{self.pipeline}{vp} x DP{self.data} ({self.world_size} ranks)"
 
     def shards_match(self, other: "CheckpointLayout") -> bool:
         """Same cut of model shards and ZeRO partitions (ZeRO-1 and -2 write the same files)."""
-        return (self.world_size, self.tensor, self.pipeline) == (other.world_size, other.tensor, other.pipeline)
+        return ((self.world_size, self.tensor, self.pipeline, self.virtual_pipeline)
+                == (other.world_size, other.tensor, other.pipeline, other.virtual_pipeline))
 
 
 def read_layout(path: Path) -> CheckpointLayout:
     """The layout a checkpoint was saved with: its layout.json, else (older or converted checkpoints) its
     config.yaml and the number of per-rank files (RNG states, or DeepSpeed's ZeRO partitions: one per rank)."""
     if (path / LAYOUT).is_file():
-        values = json.loads((path / LAYOUT).read_text())
-        return CheckpointLayout(**{k: int(values[k]) for k in CheckpointLayout.__dataclass_fields__})
+        values = json.loads((path / LAYOUT).read_text())  # older ones have no virtual_pipeline: 1
+        return CheckpointLayout(**{k: int(values[k]) for k in CheckpointLayout.__dataclass_fields__ if k in values})
     from fpa_megatron.config import load_config
 
     saved = load_config(path / "config.yaml")
@@ -237,9 +241,12 @@ def check_layout(path: Path, run: CheckpointLayout) -> None:
         f"checkpoint {path.name} ({path}) was saved with {saved.describe()}; this run is {run.describe()}: "
         f"its model shards and optimizer partitions do not fit this layout. Convert it with "
         f"`fpa-reshard --checkpoint {path} --tensor {run.tensor} --pipeline {run.pipeline} "
-        f"--world-size {run.world_size} --out NEW_DIR`, "
+        + (f"--virtual-pipeline {run.virtual_pipeline} " if run.virtual_pipeline > 1 else "")
+        + f"--world-size {run.world_size} --out NEW_DIR`, "
         f"then resume with checkpoint.resume=NEW_DIR (or run with parallel.tensor={saved.tensor} "
-        f"parallel.pipeline={saved.pipeline} on {saved.world_size} ranks)")
+        f"parallel.pipeline={saved.pipeline} "
+        + (f"parallel.virtual_pipeline={saved.virtual_pipeline} " if saved.virtual_pipeline > 1 else "")
+        + f"on {saved.world_size} ranks)")
 
 
 # ------------------------------------------------------------------------------------------ lineage

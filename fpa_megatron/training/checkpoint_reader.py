@@ -3,7 +3,8 @@
 `read_model_checkpoint(path)` returns the run's resolved config, the layout it was saved with, the trainer
 state and the full model state {global name: tensor} in the names of a TP=1 x PP=1 Megatron GPTModel (the
 names `parallel/weights.py` uses): each `mp_rank_XX_model_states.pt` that DeepSpeed wrote is placed at its
-(tensor, pipeline) rank, its layers renamed by the stage's layer offset, and tensor-parallel pieces joined
+(tensor, pipeline) rank, its layers renamed by the stage's layer offset (with a virtual pipeline, each model
+chunk's "c." prefix dropped and its layers renamed by the chunk's offset), and tensor-parallel pieces joined
 with the same rules the live model uses. Used by export, generation, evaluation and resharding.
 
 Every file read is first checked against the size and checksum its `complete` marker recorded (integrity.py):
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fpa_megatron.config import RunConfig, load_config
-from fpa_megatron.parallel.weights import is_gated_fc1, join_shards, tensor_parallel_dim
+from fpa_megatron.parallel.weights import is_gated_fc1, join_shards, stage_global_name, tensor_parallel_dim
 from fpa_megatron.training.checkpoint import (MARKER, TRAINER_STATE, CheckpointLayout, load_trusted, log,
                                              resolve_latest)
 from fpa_megatron.training.integrity import has_checksums, one_file_problem
@@ -117,17 +118,18 @@ def _read_layout(path: Path, cfg: RunConfig, first: dict) -> CheckpointLayout:
             f"checkpoint {str(path)!r}: config.yaml says parallel.tensor={tp}, parallel.pipeline={pp} but DeepSpeed "
             f"recorded tp={recorded[0]}, pp={recorded[1]}, model-parallel size {recorded[2]}")
     dp = int(first.get("dp_world_size", 1))
-    return CheckpointLayout(tp * pp * dp, tp, pp, dp, cfg.optimizer.zero_stage)
+    return CheckpointLayout(tp * pp * dp, tp, pp, dp, cfg.optimizer.zero_stage, cfg.parallel.virtual_pipeline)
 
 
-def _stage_state(module: dict, pp_rank: int, layers_per_stage: int) -> dict[str, torch.Tensor]:
-    """One model file's tensors under global names (layer i of stage p is global layer i + p * L/PP)."""
-    offset = pp_rank * layers_per_stage
+def _stage_state(module: dict, pp_rank: int, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """One model file's tensors under global names (`stage_global_name`: Megatron's even split into stages and
+    model chunks)."""
     out = {}
     for name, value in module.items():
         if not isinstance(value, torch.Tensor):  # Megatron's `_extra_state` entries (None for local layers)
             continue
-        out[_LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)] = value
+        out[stage_global_name(name, cfg.model.num_layers, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
+                              pp_rank)] = value
     return out
 
 
@@ -173,12 +175,11 @@ def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
 def _stage_pieces(path: Path, cfg: RunConfig, files: dict, coordinates: dict) -> list[dict[str, list]]:
     """[pipeline rank][global name] = [piece of tensor rank 0, 1, ...]."""
     pieces: list[dict[str, list]] = [{} for _ in range(cfg.parallel.pipeline)]
-    layers_per_stage = cfg.model.num_layers // cfg.parallel.pipeline
     for mp, (_, pp_rank) in sorted(coordinates.items(), key=lambda item: item[1]):  # tensor ranks in order
         module = files[mp].get("module")
         if not isinstance(module, dict):
             raise CheckpointError(f"{path}/mp_rank_{mp:02d}_model_states.pt has no 'module' state")
-        for name, tensor in _stage_state(module, pp_rank, layers_per_stage).items():
+        for name, tensor in _stage_state(module, pp_rank, cfg).items():
             pieces[pp_rank].setdefault(name, []).append(tensor)
     return pieces
 

@@ -1,12 +1,14 @@
 """One optimizer step's forward and backward on Megatron-core's pipeline schedules, with the FPA penalty.
 
-`forward_backward(...)` runs the schedule that fits the layout (no pipelining, or 1F1B), then makes the
-gradients complete on every stage (tied embedding grads summed between the first and last stage) and
+`forward_backward(...)` runs the schedule that fits the layout (no pipelining, 1F1B, or interleaved 1F1B over
+the model chunks of a virtual pipeline), then makes the gradients complete on every stage (tied embedding
+grads summed between the first chunk of the first stage and the last chunk of the last stage) and
 returns the step's LM loss and the [L, H] penalty matrix, both reduced across all ranks.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -17,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from fpa_megatron import faults
 from fpa_megatron.model.attention_penalty import AttentionPenalty, reduce_penalty_record
+from fpa_megatron.model.gpt import ModelChunks, model_chunks
 from fpa_megatron.parallel.state import compute_device
 
 
@@ -43,28 +46,37 @@ def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 def _forward_step(engine, data_iterator: Iterator, model):
-    """One micro-batch through this stage. With a DeepSpeed engine, its forward wraps the model so that
-    ZeRO's gradient hooks see the schedule's own backward calls."""
+    """One micro-batch through this stage (or model chunk). With a DeepSpeed engine, its forward wraps the
+    model so that ZeRO's gradient hooks see the schedule's own backward calls."""
     device = compute_device()
     batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
     if engine is not None:
-        model = engine
+        model = engine if model.vp_stage is None else partial(engine, chunk=model.vp_stage)
     # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(_lm_loss, batch["loss_mask"])
 
 
 def finalize_grads(model) -> None:
-    """Sum the tied word-embedding gradient between the first and last pipeline stage."""
+    """Sum the tied word-embedding gradient between the first and last pipeline stage (the first and the last
+    model chunk with a virtual pipeline: the only chunks holding a copy)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return
-    if not getattr(model, "share_embeddings_and_output_weights", False):
         return
     if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
         return
-    weight = model.shared_embedding_or_output_weight()
-    if weight is not None and weight.grad is not None:
-        torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+    for chunk in model_chunks(model):
+        if not getattr(chunk, "share_embeddings_and_output_weights", False):
+            continue
+        weight = chunk.shared_embedding_or_output_weight()
+        if weight is not None and weight.grad is not None:
+            torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+
+
+def smallest_microbatch_count() -> int:
+    """The fewest micro-batches a step may have: the interleaved schedule needs at least PP of them."""
+    if parallel_state.get_virtual_pipeline_model_parallel_world_size():
+        return parallel_state.get_pipeline_model_parallel_world_size()
+    return 1
 
 
 def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, *, num_microbatches: int,
@@ -72,15 +84,18 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
                      engine=None) -> StepResult:
     """Forward (and backward unless forward_only) of num_microbatches micro-batches on this rank's stage.
 
-    `model` is the bare Megatron module (the schedule reads its config); `engine`, if given, is the
-    DeepSpeed engine wrapping it, used for the forward calls.
+    `model` is the bare Megatron module, or its `ModelChunks` (the schedule reads their config); `engine`, if
+    given, is the DeepSpeed engine wrapping it, used for the forward calls.
     """
     penalty.reset_record()
     penalty.grad_scale = 1.0 / num_microbatches
+    schedule_model = model
+    if isinstance(model, ModelChunks):  # interleaved: every chunk reads each micro-batch from its own iterator
+        schedule_model, data_iterator = list(model), list(itertools.tee(data_iterator, len(model)))
     losses = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, engine),
         data_iterator=data_iterator,
-        model=model,
+        model=schedule_model,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,

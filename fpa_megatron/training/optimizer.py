@@ -20,6 +20,7 @@ import torch
 from megatron.core import parallel_state
 
 from fpa_megatron.config import OptimizerConfig
+from fpa_megatron.model.gpt import model_chunks
 from fpa_megatron.parallel.state import MegatronMPU
 
 
@@ -37,12 +38,11 @@ def lr_at(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
 def mark_params_for_global_norm(model) -> None:
     """Set DeepSpeed's attributes so each parameter enters the global grad norm exactly once."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    shared_copy = None
-    if (getattr(model, "share_embeddings_and_output_weights", False) and not model.pre_process
-            and model.post_process):
-        shared_copy = model.output_layer.weight
+    shared_copies = [chunk.output_layer.weight for chunk in model_chunks(model)  # every chunk of a virtual pipeline
+                     if getattr(chunk, "share_embeddings_and_output_weights", False) and not chunk.pre_process
+                     and chunk.post_process]
     for param in model.parameters():
-        if param is shared_copy:
+        if any(param is copy for copy in shared_copies):
             param.ds_pipe_replicated = True
         elif not getattr(param, "tensor_model_parallel", False) and tp_rank == 0:
             param.model_parallel = True

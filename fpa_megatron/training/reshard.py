@@ -1,6 +1,7 @@
 """`fpa-reshard`: rewrite a checkpoint for another (TP, PP, DP) layout, so that training continues exactly.
 
-    fpa-reshard --checkpoint runs/x/checkpoints --tensor 1 --pipeline 2 [--data-parallel 2] --out runs/x/pp2
+    fpa-reshard --checkpoint runs/x/checkpoints --tensor 1 --pipeline 2 [--virtual-pipeline 2] [--data-parallel 2]
+                --out runs/x/pp2
 
 What moves: the model weights; the fp32 master weights and AdamW's exp_avg, exp_avg_sq and step, gathered
 from every ZeRO partition of every model-parallel rank into whole (TP 1 x PP 1) tensors, split again for the
@@ -35,7 +36,8 @@ from typing import Callable, Optional
 import torch
 
 from fpa_megatron.config import ConfigError, RunConfig, save_config
-from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, split_shard,
+from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, layer_placement,
+                                           split_shard, stage_global_name, uniform_layer_offset,
                                            tensor_parallel_dim)
 from fpa_megatron.training.checkpoint import (LATEST, RESHARDED, TRAINER_STATE, load_deepspeed_file, mark_complete,
                                              save_durable, write_atomic, write_layout)
@@ -190,8 +192,10 @@ def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
             + (f" and its {layout.data} ZeRO partition(s)" if with_optimizer else ""))
         rank = read_rank(ckpt, mp, layout.data, zero_prefix)
         first = first or rank
-        offset = pp * (cfg.model.num_layers // layout.pipeline)
-        rename = {local: global_name(local, offset) for group in rank.groups for local in group}
+        def to_global(local: str, pp: int = pp) -> str:
+            return stage_global_name(local, cfg.model.num_layers, layout.pipeline, layout.virtual_pipeline, pp)
+
+        rename = {local: to_global(local) for group in rank.groups for local in group}
         keep = [local for local, name in rename.items() if not (cfg.model.tie_embeddings and name == TIED_OUTPUT)]
         if tp == 0:  # each stage's parameters, appended stage by stage: module order within every group
             for g, group in enumerate(rank.groups):
@@ -200,8 +204,9 @@ def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
         for kind, tensors in rank.tensors.items():
             for local in keep:
                 shards.setdefault(kind, {}).setdefault(rename[local], {})[tp] = tensors[local]
-        extra.update((global_name(k, offset), v) for k, v in rank.extra_state.items())
+        extra.update((to_global(k), v) for k, v in rank.extra_state.items())
         steps += rank.steps
+    groups = [sorted(group, key=global_order) for group in groups]  # stages hold interleaved chunks of layers
     if sorted(name for group in groups for name in group) != sorted(model.state_dict):
         raise ReshardError(f"checkpoint {str(ckpt)!r}: the parameter groups in the model files do not list the "
                            f"model's parameters")
@@ -229,28 +234,46 @@ def _join(name: str, per_tp: dict[int, torch.Tensor], tensor: int, gated: bool) 
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def stage_of(name: str, num_layers: int, pipeline: int) -> int:
-    """The pipeline stage holding a global parameter (uniform layers per stage, as Megatron-core splits them)."""
+def placement(name: str, num_layers: int, pipeline: int, virtual: int = 1) -> tuple[int, int]:
+    """(pipeline stage, model chunk) holding a global parameter (Megatron-core's even split of the layers)."""
     layer = layer_index(name)
     if layer is not None:
-        return layer // (num_layers // pipeline)
+        stage, chunk, _ = layer_placement(layer, num_layers, pipeline, virtual)
+        return stage, chunk
     if name.startswith("embedding."):
-        return 0
+        return 0, 0
     if name.startswith(("decoder.final_layernorm.", "output_layer.")):
-        return pipeline - 1
+        return pipeline - 1, virtual - 1
     raise ReshardError(f"{name}: not an embedding, layer, final norm or output layer parameter; "
                        f"cannot tell which pipeline stage holds it")
 
 
+def global_order(name: str) -> tuple:
+    """Module order of a TP 1 x PP 1 GPTModel (embeddings, layers, final norm, output layer); a stable sort by it
+    keeps the order inside each layer. Every stage's and chunk's parameters are a subsequence of it."""
+    layer = layer_index(name)
+    if layer is not None:
+        return (1, layer)
+    return (0,) if name.startswith("embedding.") else (2,) if name.startswith("decoder.") else (3,)
+
+
+def local_name(name: str, num_layers: int, pipeline: int, virtual: int) -> str:
+    """The name of global parameter `name` in its stage's model file ("<chunk>." in front with V > 1 chunks)."""
+    stage, chunk = placement(name, num_layers, pipeline, virtual)
+    local = global_name(name, -uniform_layer_offset(num_layers, pipeline, virtual, stage, chunk))
+    return f"{chunk}.{local}" if virtual > 1 else local
+
+
 def stage_groups(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout,
                  pp: int) -> list[list[tuple[str, str]]]:
-    """[(local name, global source)] per param group of one new pipeline stage, in DeepSpeed's flattening order."""
-    num_layers, pipeline = cfg.model.num_layers, layout.pipeline
-    offset = pp * (num_layers // pipeline)
-    groups = [[(global_name(n, -offset), n) for n in group if stage_of(n, num_layers, pipeline) == pp]
-              for group in state.groups]
+    """[(local name, global source)] per param group of one new pipeline stage, in DeepSpeed's flattening order
+    (the module order: chunk by chunk, each in global order)."""
+    num_layers, pipeline, virtual = cfg.model.num_layers, layout.pipeline, layout.virtual_pipeline
+    groups = [[(local_name(n, num_layers, pipeline, virtual), n) for n in group
+               if placement(n, num_layers, pipeline, virtual)[0] == pp] for group in state.groups]
     if cfg.model.tie_embeddings and pipeline > 1 and pp == pipeline - 1:
-        groups[0].append((TIED_OUTPUT, EMBEDDING))  # the last stage's own copy, registered last in GPTModel
+        # the last stage's own copy, registered last in (the last chunk of) GPTModel
+        groups[0].append((f"{virtual - 1}.{TIED_OUTPUT}" if virtual > 1 else TIED_OUTPUT, EMBEDDING))
     return [groups[0]] + [g for g in groups[1:] if g]  # as optimizer.param_groups: no empty no-decay group
 
 
@@ -333,10 +356,10 @@ def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp:
             cache[kind, source] = _shard(state.tensors[kind][source], source, tensor, tp, gated)
         return cache[kind, source]
 
-    offset = pp * (cfg.model.num_layers // pipeline)
+    virtual = layout.virtual_pipeline
     module = OrderedDict((local, shard("weight", source)) for group in groups for local, source in group)
-    module.update((global_name(k, -offset), v) for k, v in state.extra_state.items()
-                  if stage_of(k, cfg.model.num_layers, pipeline) == pp)
+    module.update((local_name(k, cfg.model.num_layers, pipeline, virtual), v) for k, v in state.extra_state.items()
+                  if placement(k, cfg.model.num_layers, pipeline, virtual)[0] == pp)
     ds_config = copy.deepcopy(state.model_meta.get("ds_config") or {})
     if ds_config:
         ds_config["train_micro_batch_size_per_gpu"] = cfg.train.global_batch_size // data
@@ -415,7 +438,7 @@ def check_new_layout(cfg: RunConfig, layout: CheckpointLayout) -> None:
 
 
 def new_layout(src: CheckpointLayout, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
-               world_size: Optional[int] = None) -> CheckpointLayout:
+               world_size: Optional[int] = None, virtual_pipeline: int = 1) -> CheckpointLayout:
     """DP: data_parallel, else world_size / (TP x PP), else the source's world size / (TP x PP)."""
     if data_parallel is None:
         total = world_size or src.world_size
@@ -423,23 +446,26 @@ def new_layout(src: CheckpointLayout, tensor: int, pipeline: int, data_parallel:
             raise ReshardError(f"world size {total} is not divisible by TP {tensor} x PP {pipeline}; "
                                f"give --data-parallel or --world-size")
         data_parallel = total // (tensor * pipeline)
-    return CheckpointLayout(tensor * pipeline * data_parallel, tensor, pipeline, data_parallel, src.zero_stage)
+    return CheckpointLayout(tensor * pipeline * data_parallel, tensor, pipeline, data_parallel, src.zero_stage,
+                            virtual_pipeline)
 
 
 def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
             world_size: Optional[int] = None, reset_optimizer: bool = False,
-            log: Callable[[str], None] = print) -> Path:
+            log: Callable[[str], None] = print, virtual_pipeline: int = 1) -> Path:
     """Write the checkpoint `checkpoint` (an iter_* directory, a checkpoint root or a run directory) for
-    TP `tensor` x PP `pipeline` x DP into `out`, a new checkpoint root (iter_*, `complete`, `latest`);
+    TP `tensor` x PP `pipeline` (x VP `virtual_pipeline` model chunks per stage) x DP into `out`, a new
+    checkpoint root (iter_*, `complete`, `latest`);
     return the new iteration directory."""
     out = Path(out)
     if out.exists():
         raise ReshardError(f"--out {out} already exists; choose a new directory (nothing was written)")
     model = read_model_checkpoint(checkpoint)  # verifies the files it reads; the ZeRO files are verified in read_rank
     ckpt, cfg, src = model.path, model.config, model.layout
-    new = new_layout(src, tensor, pipeline, data_parallel, world_size)
+    new = new_layout(src, tensor, pipeline, data_parallel, world_size, virtual_pipeline)
     new_cfg = copy.deepcopy(cfg)
     new_cfg.parallel.tensor, new_cfg.parallel.pipeline = tensor, pipeline
+    new_cfg.parallel.virtual_pipeline = virtual_pipeline
     check_new_layout(new_cfg, new)
     log(f"fpa-reshard: {ckpt} (step {model.step}, {model.consumed_samples} samples consumed): "
         f"{src.describe()} -> {new.describe()}")
@@ -455,6 +481,8 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
                                 scripts_from=ckpt.parent)
 
     overrides = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
+    if virtual_pipeline != cfg.parallel.virtual_pipeline:
+        overrides.append(f"parallel.virtual_pipeline={virtual_pipeline}")
     if new_cfg.model.make_vocab_size_divisible_by != cfg.model.make_vocab_size_divisible_by:
         overrides.append(f"model.make_vocab_size_divisible_by={new_cfg.model.make_vocab_size_divisible_by}")
         log(f"  the padded vocabulary keeps its {model.padded_vocab_size} rows: model.make_vocab_size_divisible_by="
@@ -496,6 +524,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(its newest complete one)")
     parser.add_argument("--tensor", type=int, required=True, help="new tensor-parallel size")
     parser.add_argument("--pipeline", type=int, required=True, help="new pipeline-parallel size")
+    parser.add_argument("--virtual-pipeline", type=int, default=1,
+                        help="new number of model chunks per pipeline stage (interleaved schedule; default 1)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--data-parallel", type=int, help="new data-parallel size (ZeRO partitions)")
     size.add_argument("--world-size", type=int, help="number of ranks of the resumed run (DP = N / (TP x PP))")
@@ -505,7 +535,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         reshard(args.checkpoint, args.out, args.tensor, args.pipeline, args.data_parallel, args.world_size,
-                args.reset_optimizer)
+                args.reset_optimizer, virtual_pipeline=args.virtual_pipeline)
     except (CheckpointError, ConfigError) as err:
         print(f"fpa-reshard: error: {err}", file=sys.stderr)
         return 2
