@@ -57,7 +57,8 @@ GPU_TILES_FLOAT32 = {
 INTERPRETER_TILES = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 PREPROCESS_BLOCK_M = 64
 AUTOTUNE_ENV = "FPA_TRITON_AUTOTUNE"  # "0": only the first config of each list (fast compiles, e.g. GPU tests)
-TUNING_KEY = ["seq_len", "seq_len_k", "num_q_heads", "group", "HEAD_DIM", "CAUSAL", "PENALTY", "DOT_PRECISION"]
+TUNING_KEY = ["seq_len", "seq_len_k", "num_q_heads", "group", "HEAD_DIM", "CAUSAL", "PENALTY", "OFFSETS",
+              "DOT_PRECISION"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,7 +174,7 @@ class TritonAttention(torch.autograd.Function):
             q, k, v, out, lse2, row_penalty if compute_penalty else lse2,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            hq, group, s, s, 0, softmax_scale, PENALTY=int(penalty_kind), PARTIAL=False, **flags)
+            hq, group, s, s, 0, softmax_scale, PENALTY=int(penalty_kind), OFFSETS=False, PARTIAL=False, **flags)
 
         # The collision term enters the backward (D_i += 2 g_i c_i); the logits penalty needs nothing saved.
         collision = row_penalty if compute_penalty and target == "probs" else None
@@ -204,7 +205,7 @@ class TritonAttention(torch.autograd.Function):
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags = dict(HEAD_DIM=d, CAUSAL=ctx.causal, PENALTY=ctx.penalty_kind, HAS_GRAD_PENALTY=has_grad_penalty,
-                     DOT_DTYPE=kernels.dot_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
+                     OFFSETS=False, DOT_DTYPE=kernels.dot_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
         kv_grid = lambda meta: (_cdiv(s, meta["BLOCK_N"]), b * k.shape[1])  # noqa: E731
@@ -261,6 +262,12 @@ def _check_partial(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"triton_attention_partial: {reason}")
 
 
+def _needs_offsets(sq: int, sk: int, causal: bool, q_offset: int, k_offset: int) -> bool:
+    """Whether a partial call needs the kernels' OFFSETS variant: a causal chunk against itself (the diagonal)
+    is plain self-attention, which compiles to fewer registers (benchmarks/triton_compile_check.py)."""
+    return sq != sk or (causal and q_offset != k_offset)
+
+
 def _pad_head_dim(*tensors: Tensor) -> list[Tensor]:
     """Zero columns up to MIN_DOT_DIM (they change no score; sliced off the results)."""
     d = tensors[0].shape[-1]
@@ -293,7 +300,8 @@ def triton_attention_partial(q: Tensor, k: Tensor, v: Tensor, softmax_scale: flo
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, group, sq, sk, q_offset - k_offset, softmax_scale, HEAD_DIM=dp, CAUSAL=causal,
-        PENALTY=int(penalty_kind), PARTIAL=True, DOT_DTYPE=kernels.dot_dtype(q.dtype),
+        PENALTY=int(penalty_kind), OFFSETS=_needs_offsets(sq, sk, causal, q_offset, k_offset), PARTIAL=True,
+        DOT_DTYPE=kernels.dot_dtype(q.dtype),
         DOT_PRECISION=_dot_precision(q.dtype))
     return out[..., :d], lse2.double(), None if stat is None else stat.double()
 
@@ -320,7 +328,7 @@ def triton_attention_partial_backward(q: Tensor, k: Tensor, v: Tensor, grad_out:
     dk = torch.empty(b, k.shape[1], sk, dp, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(dk)
     flags = dict(HEAD_DIM=dp, CAUSAL=causal, PENALTY=int(penalty_kind), HAS_GRAD_PENALTY=has_grad_penalty,
-                 DOT_DTYPE=kernels.dot_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
+                 OFFSETS=_needs_offsets(sq, sk, causal, q_offset, k_offset), DOT_DTYPE=kernels.dot_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     kv_grid = lambda meta: (_cdiv(sk, meta["BLOCK_N"]), b * k.shape[1])  # noqa: E731

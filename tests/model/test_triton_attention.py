@@ -207,10 +207,11 @@ def test_triton_cuda_bf16_s1024_d128_matches_eager_and_blockwise(target):
 
 @pytest.mark.parametrize("target,compute_penalty", [("probs", True), ("logits", True), ("probs", False)])
 def test_triton_partials_with_offsets_merge_to_whole_attention(target, compute_penalty):
-    """Queries [40, 117) of 150 against slices before, across and after their diagonal (full and masked tiles
-    of every kernel, rows that see nothing of a slice, a slice nobody sees), GQA, head dim 8 (padded)."""
+    """Queries [40, 117) of 150 against slices before them, their own positions (the diagonal: the kernels
+    without offsets), after their diagonal (rows that see nothing of it) and past them (nobody sees it): full
+    and masked tiles of every kernel, GQA, head dim 8 (padded)."""
     from fpa_megatron.model.triton_attention import triton_attention_partial, triton_attention_partial_backward
     from tests.parallel.test_context_attention import check_key_slices
 
     check_key_slices(triton_attention_partial, triton_attention_partial_backward, 150, (40, 117),
-                     [0, 37, 105, 130, 150], target, compute_penalty, device=DEVICE)
+                     [0, 37, 40, 117, 130, 150], target, compute_penalty, device=DEVICE)
