@@ -268,6 +268,12 @@ def _needs_offsets(sq: int, sk: int, causal: bool, q_offset: int, k_offset: int)
     return sq != sk or (causal and q_offset != k_offset)
 
 
+def _penalty_kind(target: Optional[str]):
+    """The kernels' PENALTY constexpr for a partial call's target (None: no penalty)."""
+    kernels = _kernels()
+    return {None: kernels.PENALTY_NONE, "probs": kernels.PENALTY_PROBS, "logits": kernels.PENALTY_LOGITS}[target]
+
+
 def _pad_head_dim(*tensors: Tensor) -> list[Tensor]:
     """Zero columns up to MIN_DOT_DIM (they change no score; sliced off the results)."""
     d = tensors[0].shape[-1]
@@ -292,8 +298,7 @@ def triton_attention_partial(q: Tensor, k: Tensor, v: Tensor, softmax_scale: flo
     out = torch.empty(b, hq, sq, dp, dtype=torch.float32, device=q.device)
     lse2 = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     stat = torch.empty_like(lse2) if target is not None else None
-    penalty_kind = (kernels.PENALTY_NONE if target is None else
-                    kernels.PENALTY_PROBS if target == "probs" else kernels.PENALTY_LOGITS)
+    penalty_kind = _penalty_kind(target)
     grid = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), b * hq)  # noqa: E731
     _launcher("fwd", dp, q.dtype == torch.float32)[grid](
         q, k, v, out, lse2, lse2 if stat is None else stat,
@@ -322,13 +327,13 @@ def triton_attention_partial_backward(q: Tensor, k: Tensor, v: Tensor, grad_out:
     lse2, delta = (t.to(torch.float32).contiguous() for t in (lse2, delta))
     has_grad_penalty = target is not None and grad_penalty is not None
     g = grad_penalty.to(torch.float32).contiguous() if has_grad_penalty else lse2  # lse2: an unread stand-in
-    penalty_kind = (kernels.PENALTY_NONE if target is None else
-                    kernels.PENALTY_PROBS if target == "probs" else kernels.PENALTY_LOGITS)
+    penalty_kind = _penalty_kind(target)
     dq = torch.empty(b, hq, sq, dp, dtype=torch.float32, device=q.device)
     dk = torch.empty(b, k.shape[1], sk, dp, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(dk)
     flags = dict(HEAD_DIM=dp, CAUSAL=causal, PENALTY=int(penalty_kind), HAS_GRAD_PENALTY=has_grad_penalty,
-                 OFFSETS=_needs_offsets(sq, sk, causal, q_offset, k_offset), DOT_DTYPE=kernels.dot_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
+                 OFFSETS=_needs_offsets(sq, sk, causal, q_offset, k_offset), DOT_DTYPE=kernels.dot_dtype(q.dtype),
+                 DOT_PRECISION=_dot_precision(q.dtype))
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     kv_grid = lambda meta: (_cdiv(sk, meta["BLOCK_N"]), b * k.shape[1])  # noqa: E731

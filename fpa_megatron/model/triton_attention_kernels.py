@@ -18,6 +18,11 @@ Two kernels and no atomics: dK/dV programs own a key tile (and sum the query hea
 registers), dQ programs own a query tile; both recompute S and dP, which keeps the results deterministic at
 the price of two extra tile matmuls.
 
+Key slices (context parallelism): with OFFSETS, seq_len queries attend to seq_len_k keys and query row i sees key
+j iff j <= i + delta_pos (delta_pos = q_offset - k_offset), so a chunk of queries can run against any chunk of
+keys; PARTIAL makes the forward store what merging needs (docs/fpa_math.md section 6). Without OFFSETS the
+kernels compile exactly as plain self-attention.
+
 Causal tile skipping: tiles entirely above the diagonal are never visited; tiles entirely below it (and inside
 the sequence) run without any mask (MASKED=False); only the diagonal tiles and the sequence tail are masked.
 That needs BLOCK_N | BLOCK_M for the forward and dQ (key tiles inside a query tile), BLOCK_M | BLOCK_N for dK/dV.

@@ -15,8 +15,7 @@ load-balanced layout a ring needs C - 1 rounds of sends, each one as large as th
 and on gloo each round is a synchronization of two processes; the two collectives move the same bytes in
 one call each and overlap as well. K/V are small next to the attention itself (2 * hkv * d values per
 token), so holding the gathered S tokens of K/V for the duration of one layer's attention is cheap up to
-large C. Measured (benchmarks in the report of issue 16): at S = 4096 the exchange took a few percent of
-the attention time on gloo.
+large C. benchmarks/context_attention.py measures the exchange's share of the CP2 attention step.
 
 Merging (docs/fpa_math.md section 6): a partial over a key set K holds, per query row, the output normalized
 over K, lse2 = log2 sum_{j in K} 2^(t_ij) (t = s * log2 e: the kernels work in base 2) and the penalty's
