@@ -3,6 +3,12 @@ the whole sequence, forward + backward, side by side in one run (rounds alternat
 times). Prints the speedup single / CP2 per kernel, and the share of the K/V exchange in the CP2 step.
 
     python benchmarks/context_attention.py [--seq 4096] [--heads 8] [--kv-heads 8] [--head-dim 32] [--rounds 5]
+                                           [--split-only]
+
+--split-only: no processes; one process times each CP2 rank's kernel work (the partials of its two chunks,
+merges and partial backwards, as context_attention.py runs them, without the exchange) against the whole
+sequence: the speedup CP2 reaches when the two ranks really run on two free cores. (On a shared machine two
+concurrent processes may not get two cores; then the CP2 figure above is the machine's, not the method's.)
 
 The layout of the issue's benchmark (hidden 256, 8 heads): d = 32. The whole training step is
 benchmarks/context_parallel.py.
@@ -17,7 +23,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from fpa_megatron.parallel.context_attention import _GradScatter, _KVGather, context_parallel_attention, cp_chunk_bounds
+from fpa_megatron.parallel.context_attention import (_BlockwiseKernel, _GradScatter, _KVGather, _SdpaCpuKernel,
+                                                     context_parallel_attention, cp_chunk_bounds, merge_partials,
+                                                     row_penalty, score_grad_shift)
 from fpa_megatron.testing import run_distributed
 
 KERNELS = {"blockwise (FPA probs)": ("blockwise", True), "sdpa (no penalty)": ("sdpa", False)}
@@ -60,6 +68,42 @@ def _rank(seq: int, heads: int, kv_heads: int, head_dim: int, rounds: int):
     return times, exchange
 
 
+def _rank_kernel_work(q, k, v, kernel, rank: int) -> None:
+    """CP2 rank `rank`'s kernel calls on the whole-sequence q, k, v [b, h, S, d], in one process: per local
+    chunk its diagonal and earlier chunks, the merge, then each partial's backward (what
+    ContextParallelAttention runs, minus the exchange)."""
+    c = q.shape[2] // 4
+    for chunk in (rank, 3 - rank):
+        qh = q[:, :, chunk * c:(chunk + 1) * c]
+        keys = [(chunk * c, (chunk + 1) * c, True)] + ([(0, chunk * c, False)] if chunk else [])
+        parts = [kernel.forward(qh, k[:, :, a:b], v[:, :, a:b], causal) for a, b, causal in keys]
+        merged = merge_partials(parts, kernel.target)
+        out = merged.out.to(q.dtype)
+        penalty = row_penalty(merged, kernel.target).float() if kernel.target else None
+        grad_out, grad_penalty = 2 * out, None if penalty is None else torch.ones_like(penalty)
+        delta = score_grad_shift(out, grad_out, penalty, grad_penalty)
+        for a, b, causal in keys:
+            kernel.backward(qh, k[:, :, a:b], v[:, :, a:b], grad_out, out, merged.lse2, delta, grad_penalty, causal)
+
+
+def split_only(seq: int, heads: int, kv_heads: int, head_dim: int, rounds: int) -> None:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, seq, head_dim, generator=g) for h in (heads, kv_heads, kv_heads))
+    scale = head_dim ** -0.5
+    kernels = {"blockwise (FPA probs)": ("blockwise", True, _BlockwiseKernel(scale, "probs", 64)),
+               "sdpa (no penalty)": ("sdpa", False, _SdpaCpuKernel(scale))}
+    print(f"S={seq}, heads {heads} (kv {kv_heads}), d={head_dim}, fwd+bwd, 1 thread, median of {rounds} rounds")
+    for name, (kernel, penalty, impl) in kernels.items():
+        single, ranks = [], []
+        for _ in range(rounds):
+            single.append(_timed(lambda: _step(q, k, v, kernel, penalty, None)))
+            ranks.append(max(_timed(lambda: _rank_kernel_work(q, k, v, impl, r)) for r in (0, 1)))
+        one, slowest = statistics.median(single), statistics.median(ranks)
+        print(f"  {name:24s} whole sequence {one:7.3f} s   slowest CP2 rank's kernel work {slowest:7.3f} s   "
+              f"speedup {one / slowest:5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=4096)
@@ -67,7 +111,10 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--split-only", action="store_true", help="one process: each rank's kernel work alone")
     args = parser.parse_args()
+    if args.split_only:
+        return split_only(args.seq, args.heads, args.kv_heads, args.head_dim, args.rounds)
     results = run_distributed(_rank, 2, args.seq, args.heads, args.kv_heads, args.head_dim, args.rounds,
                               timeout_s=3600)
     times, exchange = results[0]
