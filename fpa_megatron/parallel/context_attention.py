@@ -332,7 +332,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: f
     row_penalty [b, hq, s_local] float32 or None): exact causal attention of these queries against every key
     of the whole sequence, and each row's exact penalty (probs: sum_j p_ij^2; logits: sum over visible j of s_ij^2).
     kernel: 'blockwise' | 'triton' | 'eager' | 'sdpa' (sdpa only with compute_penalty=False). Differentiable:
-    dq, dk, dv exact, dk/dv returned to the ranks that own those keys."""
+    dq, dk, dv exact, dk/dv returned to the ranks that own those keys. cp_group None (or of size 1): the
+    whole sequence is local, the single-process kernels run."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {TARGETS}")
     if kernel not in CP_KERNELS:
@@ -346,7 +347,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: f
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same b, s, d and hq % hkv == 0")
     if q.shape[2] % 2:
         raise ValueError(f"s_local={q.shape[2]}: a CP rank holds two equal chunks, s_local must be even")
-    cp_size = dist.get_world_size(cp_group) if dist.is_initialized() else 1
+    # None means no context parallelism (not the default group: a non-CP multi-rank run must not split)
+    cp_size = dist.get_world_size(cp_group) if cp_group is not None and dist.is_initialized() else 1
     if cp_size == 1:
         return _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, kernel, block_size)
     if kernel == "eager":
