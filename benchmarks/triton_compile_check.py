@@ -7,7 +7,7 @@ that spill registers (STACK > 0) before a GPU is lent. It runs nothing.
 
     python benchmarks/triton_compile_check.py [--dtypes bf16 fp16 fp32] [--head-dim 128] [--arch 90]
 
-One line per (dtype, causal, penalty target, has penalty gradient, kernel) with the first tile config of
+One line per (dtype, causal, penalty target, has penalty gradient, kernel, partial: a key slice with offsets) with the first tile config of
 `GPU_TILES` for that head dim: shared memory bytes, then cuobjdump's REG / STACK / SHARED / LOCAL figures.
 """
 
@@ -73,8 +73,9 @@ def main(argv=None) -> int:
           f"shared bytes, resource usage", flush=True)
     for dtype in args.dtypes:
         dot_dtype, precision = DTYPES[dtype]
-        cases = itertools.product((False, True), PENALTIES.items(), (False, True), pointer_args(dtype).items())
-        for causal, (penalty, code), grad_penalty, (kind, (fn, pointers)) in cases:
+        cases = itertools.product((False, True), PENALTIES.items(), (False, True), pointer_args(dtype).items(),
+                                  (False, True))
+        for causal, (penalty, code), grad_penalty, (kind, (fn, pointers)), partial in cases:
             if (kind == "fwd" and grad_penalty) or (code == 0 and grad_penalty):
                 continue  # the forward has no penalty gradient; without a penalty there is none
             block_m, block_n, warps, stages = GPU_TILES[kind][args.head_dim][0]
@@ -82,7 +83,11 @@ def main(argv=None) -> int:
                               PENALTY=code, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
             if kind != "fwd":
                 constexprs["HAS_GRAD_PENALTY"] = grad_penalty
-            name = f"{dtype} causal={causal} penalty={penalty} grad_penalty={grad_penalty} {kind}"
+            constexprs["OFFSETS"] = partial  # a key slice with offsets and its own length (context parallelism)
+            if kind == "fwd":
+                constexprs["PARTIAL"] = partial  # the statistics that merge
+            name = (f"{dtype} causal={causal} penalty={penalty} grad_penalty={grad_penalty} {kind}"
+                    + (" partial" if partial else ""))
             try:
                 shared, usage = compile_kernel(fn, pointers, constexprs, target, warps, stages)
                 print(f"{name}: shared {shared}, {usage}", flush=True)
