@@ -32,7 +32,7 @@ def penalized_layer_spec(model_cfg: ModelConfig, penalty: AttentionPenalty) -> M
 
 
 def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                       ffn_hidden_size: int | None = None) -> TransformerConfig:
+                       ffn_hidden_size: int | None = None, context_parallel: int = 1) -> TransformerConfig:
     """Megatron's TransformerConfig for our model options; fused CUDA kernels off so CPU and GPU agree."""
     dtype = DTYPES[model_cfg.dtype]
     swiglu = model_cfg.activation == "swiglu"
@@ -52,6 +52,7 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
         add_bias_linear=not swiglu,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel,  # RoPE builds C x s_local positions and keeps this rank's
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -83,6 +84,7 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
         ffn_hidden_size,
+        parallel_state.get_context_parallel_world_size(),
     )
     model = GPTModel(
         config=config,
