@@ -80,38 +80,54 @@ def _base2_query_rows(q: Tensor, softmax_scale: float, group: int, acc: torch.dt
 
 
 class _Tiles:
-    """The query blocks and key tiles of one call, and the causal mask of the diagonal block.
+    """The query blocks and key tiles of one call, and the causal masks of the tiles that cross the diagonal.
 
-    Query block [i0, i1) (folded rows [i0 * group, i1 * group)) attends to keys [0, i1) when causal (later
-    keys are never computed), else [0, s), cut every key_block keys; key_block is a multiple of the block, so
-    the causal diagonal [i0, i1) always lies at the end of the block's last key tile.
+    Queries and keys may be different slices of one sequence: query row i (0 <= i < sq) sits `delta` positions
+    after key j = i (delta = q_offset - k_offset; 0 for self-attention), so with causal masking it sees key j iff
+    j <= i + delta. Query block [i0, i1) (folded rows [i0 * group, i1 * group)) attends to keys
+    [0, min(sk, i1 + delta)) when causal (later keys are never computed; a block that sees no key has no tile),
+    else [0, sk), cut every key_block keys. Keys j <= i0 + delta are visible to every row of the block.
     """
 
-    def __init__(self, s: int, group: int, causal: bool, block: int, key_block: int, dtype, device):
-        self.s, self.group, self.causal, self.block, self.key_block = s, group, causal, block, key_block
+    def __init__(self, sq: int, sk: int, group: int, causal: bool, block: int, key_block: int, dtype, device,
+                 delta: int = 0):
+        self.sq, self.sk, self.delta = sq, sk, delta
+        self.group, self.causal, self.block, self.key_block = group, causal, block, key_block
         self.dtype, self.device = dtype, device
         self._future: dict = {}
 
     def blocks(self):
         """(i0, i1, key tiles [(j0, j1), ...]) per query block; the last block may be shorter."""
-        for i0 in range(0, self.s, self.block):
-            i1 = min(i0 + self.block, self.s)
-            end = i1 if self.causal else self.s
+        for i0 in range(0, self.sq, self.block):
+            i1 = min(i0 + self.block, self.sq)
+            end = min(self.sk, i1 + self.delta) if self.causal else self.sk
             yield i0, i1, [(j, min(j + self.key_block, end)) for j in range(0, end, self.key_block)]
 
-    def diagonal(self, i0: int, i1: int, j0: int, j1: int) -> Optional[int]:
-        """Column of key tile [j0, j1) where the causal diagonal block starts, None if the tile has none."""
-        return i0 - j0 if self.causal and j1 == i1 else None
+    def has_empty_rows(self, i0: int) -> bool:
+        """Whether some rows of the block starting at i0 see no key at all (only when keys start after them)."""
+        return self.causal and i0 + self.delta < 0
 
-    def future(self, size: int) -> tuple[Tensor, Tensor]:
-        """The diagonal block's [size * group, size] causal mask: True on the keys in each row's future, and
-        the same as an additive bias (0 / -inf; adding it is several times cheaper than masked_fill_)."""
-        if size not in self._future:
-            mask = torch.ones(size, size, dtype=torch.bool, device=self.device).triu(1)
+    def diagonal(self, i0: int, i1: int, j0: int, j1: int):
+        """(first column of key tile [j0, j1) that some row of block [i0, i1) must not see, the [rows, cols]
+        mask of the columns from there on (True = in the row's future), the same as an additive bias), or None
+        when every row sees the whole tile."""
+        if not self.causal or j1 <= i0 + self.delta + 1:
+            return None
+        start = max(i0 + self.delta - j0, 0)
+        shift = i0 + self.delta - j0 - start  # 0 on the diagonal; < 0 when the tile starts after row i0's keys
+        return (start, *self.future(i1 - i0, j1 - j0 - start, shift))
+
+    def future(self, size: int, cols: int, shift: int) -> tuple[Tensor, Tensor]:
+        """The [size * group, cols] causal mask of query rows [0, size) against columns [0, cols) whose first
+        column is row 0's (shift + 1)-th key: True where column > row + shift. Also as an additive bias (0 / -inf;
+        adding it is several times cheaper than masked_fill_)."""
+        key = (size, cols, shift)
+        if key not in self._future:
+            mask = torch.ones(size, cols, dtype=torch.bool, device=self.device).triu(1 + shift)
             mask = mask.repeat_interleave(self.group, dim=0)
             bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(mask, float("-inf"))
-            self._future[size] = mask, bias
-        return self._future[size]
+            self._future[key] = mask, bias
+        return self._future[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,49 +139,53 @@ def _sq_sum(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
 
 
-def _visible_sq_sum(scores: Tensor, diag: Optional[int], future: Tensor) -> Tensor:
-    """sum of scores^2 over the keys each row sees, [n, rows, 1]; `future` masks the diagonal block."""
+def _visible_sq_sum(scores: Tensor, diag) -> Tensor:
+    """sum of scores^2 over the keys each row sees, [n, rows, 1]; `diag` from `_Tiles.diagonal`."""
     if diag is None:
         return _sq_sum(scores)
-    return _sq_sum(scores[:, :, :diag]) + _sq_sum(scores[:, :, diag:].masked_fill(future, 0.0))
+    start, future, _ = diag
+    return _sq_sum(scores[:, :, :start]) + _sq_sum(scores[:, :, start:].masked_fill(future, 0.0))
 
 
 def _forward_block(q_tile: Tensor, k_t: Tensor, v: Tensor, i0: int, i1: int, key_tiles, tiles: _Tiles,
                    target: Optional[str]):
-    """Output [n, rows, d], base-2 log-sum-exp [n, rows, 1] and row penalty [n, rows, 1] (None when target is
-    None) of one query block, online over its key tiles. q_tile [n, rows, d] is in base-2 units."""
+    """Online softmax of one query block over its key tiles: (out [n, rows, d] normalized, row_max, row_sum,
+    row_sq_sum [n, rows, 1]). q_tile [n, rows, d] is in base-2 units; row_sq_sum is sum_j 2^(2 (s - max)) for
+    probs, sum_j s^2 (base-2 units) for logits, zeros for None. Rows that see no key: out 0, row_max -inf."""
     n, rows, d = q_tile.shape
     row_max = torch.full((n, rows, 1), float("-inf"), dtype=q_tile.dtype, device=q_tile.device)
     row_sum = torch.zeros_like(row_max)
-    row_sq_sum = torch.zeros_like(row_max)  # probs: sum_j 2^(2 (s - max)); logits: sum_j s^2 (base-2 units)
+    row_sq_sum = torch.zeros_like(row_max)
     out = torch.zeros(n, rows, d, dtype=q_tile.dtype, device=q_tile.device)
+    empty_rows = tiles.has_empty_rows(i0)
     for j0, j1 in key_tiles:
         scores = torch.bmm(q_tile, k_t[:, :, j0:j1])  # [n, rows, cols]
         diag = tiles.diagonal(i0, i1, j0, j1)
         if target == "logits":
-            row_sq_sum += _visible_sq_sum(scores, diag, tiles.future(i1 - i0)[0])
+            row_sq_sum += _visible_sq_sum(scores, diag)
         if diag is not None:
-            scores[:, :, diag:].add_(tiles.future(i1 - i0)[1])  # -inf on the keys in the future
+            scores[:, :, diag[0]:].add_(diag[2])  # -inf on the keys in the future
         new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))
-        probs = scores.sub_(new_max).exp2_()  # unnormalized probabilities, in place
-        rescale = torch.exp2(row_max - new_max)  # what was accumulated under the old max
+        # a row with nothing visible yet keeps max -inf; it subtracts 0 instead (no (-inf) - (-inf) = NaN)
+        ref_max = new_max.masked_fill(new_max == float("-inf"), 0.0) if empty_rows else new_max
+        probs = scores.sub_(ref_max).exp2_()  # unnormalized probabilities, in place
+        rescale = torch.exp2(row_max - ref_max)  # what was accumulated under the old max
         row_sum.mul_(rescale).add_(probs.sum(-1, keepdim=True))
         out.mul_(rescale).baddbmm_(probs, v[:, j0:j1])
         if target == "probs":
             row_sq_sum.mul_(rescale.square()).add_(_sq_sum(probs))
         row_max = new_max
-    if target == "probs":
-        penalty = row_sq_sum / row_sum.square()
-    else:
-        penalty = row_sq_sum / LOG2E ** 2 if target == "logits" else None
-    return out.div_(row_sum), row_max + torch.log2(row_sum), penalty
+    if empty_rows or not key_tiles:
+        return out.div_(row_sum.masked_fill(row_sum == 0, 1.0)), row_max, row_sum, row_sq_sum
+    return out.div_(row_sum), row_max, row_sum, row_sq_sum
 
 
 def _backward_block(q_tile, out_grad_tile, lse_tile, d_tile, g2_tile, k, k_t, v_t, dk, dv, i0, i1, key_tiles,
                     tiles: _Tiles, target: Optional[str]) -> Tensor:
     """dQ [n, rows, d] of one query block (unscaled: times softmax_scale later); adds its share to dk, dv.
-    Rows: q_tile in base-2 units, out_grad_tile dO, lse_tile base-2 LSE, d_tile D (+ 2 g c for probs),
-    g2_tile 2 g of the penalty (None without it). dS = P (dP + 2 g P - D'); for logits dS += 2 g S."""
+    Rows: q_tile in base-2 units, out_grad_tile dO, lse_tile base-2 LSE (finite: over all the keys the row
+    sees, also those outside k), d_tile D (+ 2 g c for probs), g2_tile 2 g of the penalty (None without it).
+    dS = P (dP + 2 g P - D'); for logits dS += 2 g S."""
     dq_tile = torch.zeros_like(q_tile)
     for j0, j1 in key_tiles:
         scores = torch.bmm(q_tile, k_t[:, :, j0:j1])  # recomputed [n, rows, cols]
@@ -174,7 +194,7 @@ def _backward_block(q_tile, out_grad_tile, lse_tile, d_tile, g2_tile, k, k_t, v_
             score_grad = scores * (g2_tile / LOG2E)  # 2 g s in natural units; masked entries zeroed below
         probs = scores.sub_(lse_tile)
         if diag is not None:
-            probs[:, :, diag:].add_(tiles.future(i1 - i0)[1])
+            probs[:, :, diag[0]:].add_(diag[2])
         probs = probs.exp2_()  # [n, rows, cols]
         dv[:, j0:j1].baddbmm_(probs.transpose(1, 2), out_grad_tile)
         probs_grad = torch.bmm(out_grad_tile, v_t[:, :, j0:j1])  # dP
@@ -184,10 +204,64 @@ def _backward_block(q_tile, out_grad_tile, lse_tile, d_tile, g2_tile, k, k_t, v_
         if target == "logits":
             scores_grad.add_(score_grad)
             if diag is not None:
-                scores_grad[:, :, diag:].masked_fill_(tiles.future(i1 - i0)[0], 0.0)
+                scores_grad[:, :, diag[0]:].masked_fill_(diag[1], 0.0)
         dq_tile.baddbmm_(scores_grad, k[:, j0:j1])
         dk[:, j0:j1].baddbmm_(scores_grad.transpose(1, 2), q_tile)
     return dq_tile
+
+
+# ----------------------------------------------------------------------------------------------------------
+# all query blocks of one call, forward and backward (the autograd function and the partial API share these)
+
+
+def _forward_rows(q_rows: Tensor, k_t: Tensor, v_rows: Tensor, tiles: _Tiles, target: Optional[str]):
+    """Every query block of folded rows q_rows [n, sq * group, d] (base-2 units) against k_t [n, d, sk],
+    v_rows [n, sk, d]: (out [n, rows, d], row_max, row_sum, row_sq_sum [n, rows]) as in `_forward_block`."""
+    group = tiles.group
+    out = torch.empty_like(q_rows)
+    row_max, row_sum, row_sq_sum = (torch.empty(q_rows.shape[:2], dtype=q_rows.dtype, device=q_rows.device)
+                                    for _ in range(3))
+    for i0, i1, key_tiles in tiles.blocks():
+        r0, r1 = i0 * group, i1 * group  # the block's folded rows
+        out_t, max_t, sum_t, sq_sum_t = _forward_block(q_rows[:, r0:r1], k_t, v_rows, i0, i1, key_tiles, tiles,
+                                                       target)
+        out[:, r0:r1] = out_t
+        row_max[:, r0:r1], row_sum[:, r0:r1], row_sq_sum[:, r0:r1] = (
+            max_t.squeeze(-1), sum_t.squeeze(-1), sq_sum_t.squeeze(-1))
+    return out, row_max, row_sum, row_sq_sum
+
+
+def _backward_rows(q_rows, out_grad, lse_rows, d_rows, g2_rows, k_rows, v_rows, tiles: _Tiles,
+                   target: Optional[str]):
+    """(dq [n, rows, d] unscaled, dk [n, sk, d] in base-2 units of q, dv [n, sk, d]) of every query block;
+    the row tensors as in `_backward_block`, [n, rows] (g2_rows None without a penalty gradient)."""
+    group = tiles.group
+    k_t = k_rows.transpose(1, 2)  # [n, d, sk]
+    v_t = v_rows.transpose(1, 2)  # [n, d, sk]
+    dq = torch.zeros_like(q_rows)
+    dk = torch.zeros_like(k_rows)
+    dv = torch.zeros_like(k_rows)
+    for i0, i1, key_tiles in tiles.blocks():
+        r0, r1 = i0 * group, i1 * group
+        dq[:, r0:r1] = _backward_block(
+            q_rows[:, r0:r1], out_grad[:, r0:r1], lse_rows[:, r0:r1, None], d_rows[:, r0:r1, None],
+            None if g2_rows is None else g2_rows[:, r0:r1, None], k_rows, k_t, v_t,
+            dk, dv, i0, i1, key_tiles, tiles, target)
+    return dq, dk, dv
+
+
+def _shift_terms(grad_out: Tensor, out: Tensor, grad_penalty: Optional[Tensor], collision: Optional[Tensor],
+                 group: int, acc: torch.dtype):
+    """Folded rows of dO, D' = rowsum(dO * O) (+ 2 g c for the probs penalty: pass its c as `collision`) and
+    2 g (None without a penalty gradient), from [b, hq, s, ...] tensors."""
+    out_grad = _fold_heads(grad_out.to(acc), group)  # [n, s * group, d]
+    d_rows = torch.linalg.vecdot(out_grad, _fold_heads(out.to(acc), group))  # [n, s * group]
+    g2_rows = None
+    if grad_penalty is not None:
+        g2_rows = _fold_heads(2.0 * grad_penalty.to(acc), group)  # [n, s * group]
+        if collision is not None:
+            d_rows = d_rows.addcmul_(g2_rows, _fold_heads(collision.to(acc), group))
+    return out_grad, d_rows, g2_rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,22 +281,17 @@ class BlockwiseAttention(torch.autograd.Function):
         q_rows = _base2_query_rows(q, softmax_scale, group, acc)  # [n, s * group, d]
         k_t = k.to(acc).reshape(-1, s, d).transpose(1, 2)  # [n, d, s]
         v_rows = v.to(acc).reshape(-1, s, d)  # [n, s, d]
-        out, lse = torch.empty_like(q_rows), torch.empty(q_rows.shape[:2], dtype=acc, device=q.device)
-        penalty = torch.empty_like(lse) if compute_penalty else None
-        tiles = _Tiles(s, group, causal, block_size, key_block, acc, q.device)
+        tiles = _Tiles(s, s, group, causal, block_size, key_block, acc, q.device)
         block_target = target if compute_penalty else None
-
-        for i0, i1, key_tiles in tiles.blocks():
-            r0, r1 = i0 * group, i1 * group  # the block's folded rows
-            out_t, lse_t, penalty_t = _forward_block(q_rows[:, r0:r1], k_t, v_rows, i0, i1, key_tiles, tiles,
-                                                     block_target)
-            out[:, r0:r1], lse[:, r0:r1] = out_t, lse_t.squeeze(-1)
-            if penalty is not None:
-                penalty[:, r0:r1] = penalty_t.squeeze(-1)
+        out, row_max, row_sum, row_sq_sum = _forward_rows(q_rows, k_t, v_rows, tiles, block_target)
+        lse = row_max + torch.log2(row_sum)  # base 2
+        penalty = None
+        if block_target == "probs":
+            penalty = _unfold_heads(row_sq_sum / row_sum.square(), b, group)  # [b, hq, s]: c = q / l^2
+        elif block_target == "logits":
+            penalty = _unfold_heads(row_sq_sum / LOG2E ** 2, b, group)
 
         out = _unfold_heads(out, b, group).to(q.dtype)  # [b, hq, s, d]
-        if penalty is not None:
-            penalty = _unfold_heads(penalty, b, group)  # [b, hq, s]
         # The collision term c enters the backward (D' = D + 2 g c); for logits nothing more is needed.
         ctx.save_for_backward(q, k, v, out, lse, penalty if block_target == "probs" else None)
         ctx.softmax_scale, ctx.target, ctx.causal = softmax_scale, target, causal
@@ -244,30 +313,12 @@ class BlockwiseAttention(torch.autograd.Function):
             grad_out = torch.zeros_like(out)
 
         q_rows = _base2_query_rows(q, scale, group, acc)  # [n, s * group, d]
-        k_rows = k.to(acc).reshape(-1, s, d)
-        k_t = k_rows.transpose(1, 2)  # [n, d, s]
-        v_t = v.to(acc).reshape(-1, s, d).transpose(1, 2)  # [n, d, s]
-        out_grad = _fold_heads(grad_out.to(acc), group)  # [n, s * group, d]
         # D_i = rowsum(dO * O); the probs penalty adds 2 g_i c_i to it (and 2 g_i p_ij to dP_ij).
-        d_rows = torch.linalg.vecdot(out_grad, _fold_heads(out.to(acc), group))  # [n, s * group]
-        g2_rows = None
-        if g is not None:
-            g2_rows = _fold_heads(2.0 * g.to(acc), group)  # [n, s * group]
-            if target == "probs":
-                d_rows = d_rows.addcmul_(g2_rows, _fold_heads(collision, group))
-        dq = torch.empty_like(q_rows)
-        dk = torch.zeros_like(k_rows)
-        dv = torch.zeros_like(k_rows)
-        tiles = _Tiles(s, group, ctx.causal, ctx.block_size, ctx.key_block, acc, q.device)
-        block_target = target if g is not None else None
-
-        for i0, i1, key_tiles in tiles.blocks():
-            r0, r1 = i0 * group, i1 * group
-            dq[:, r0:r1] = _backward_block(
-                q_rows[:, r0:r1], out_grad[:, r0:r1], lse[:, r0:r1, None], d_rows[:, r0:r1, None],
-                None if g2_rows is None else g2_rows[:, r0:r1, None], k_rows, k_t, v_t,
-                dk, dv, i0, i1, key_tiles, tiles, block_target)
-
+        out_grad, d_rows, g2_rows = _shift_terms(grad_out, out, g, collision if target == "probs" else None,
+                                                 group, acc)
+        tiles = _Tiles(s, s, group, ctx.causal, ctx.block_size, ctx.key_block, acc, q.device)
+        dq, dk, dv = _backward_rows(q_rows, out_grad, lse, d_rows, g2_rows, k.to(acc).reshape(-1, s, d),
+                                    v.to(acc).reshape(-1, s, d), tiles, target if g is not None else None)
         dq = _unfold_heads(dq.mul_(scale), b, group).to(q.dtype)
         dk = dk.mul_(1.0 / LOG2E).reshape(k.shape).to(k.dtype)  # dS^T Q used q in base-2 units
         dv = dv.reshape(v.shape).to(v.dtype)
@@ -294,9 +345,72 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same b, s, d and hq % hkv == 0")
-    if block_size < 1 or key_block_size < 1:
-        raise ValueError(f"block_size={block_size}, key_block_size={key_block_size}: must be >= 1")
-    key_block = max(key_block_size // block_size, 1) * block_size
+    key_block = _key_block(block_size, key_block_size)
     out, row_penalty = BlockwiseAttention.apply(q, k, v, float(softmax_scale), target, bool(compute_penalty),
                                                 int(block_size), bool(causal), key_block)
     return out, row_penalty
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one slice of the keys, for merging (context parallelism): no autograd, the caller owns the backward
+
+
+def _key_block(block_size: int, key_block_size: int) -> int:
+    if block_size < 1 or key_block_size < 1:
+        raise ValueError(f"block_size={block_size}, key_block_size={key_block_size}: must be >= 1")
+    return max(key_block_size // block_size, 1) * block_size
+
+
+def blockwise_attention_partial(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *,
+                                target: Optional[str] = None, causal: bool = True, q_offset: int = 0,
+                                k_offset: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
+                                key_block_size: int = KEY_BLOCK_SIZE):
+    """Attention of the queries q [b, hq, sq, d] (global positions q_offset + i) against one slice of the keys
+    k, v [b, hkv, sk, d] (positions k_offset + j), with the statistics that merge it with other slices.
+
+    Causal: query i sees key j iff k_offset + j <= q_offset + i; blocks and tiles that see nothing are skipped.
+    Returns (out [b, hq, sq, d] float32 (float64 for float64 inputs), normalized over this slice;
+    lse2 [b, hq, sq] float64, log2 sum_j 2^(t_ij) over the keys the row sees here (t = s * log2 e; -inf when
+    none); stat [b, hq, sq] float64: probs: log2 sum_j 2^(2 t_ij); logits: sum_j s_ij^2; None for target None).
+    The statistics are O(s): float64 costs nothing and keeps LSE(2s) - 2 LSE(s) exact at large logits.
+    """
+    b, hq, sq, d = q.shape
+    sk, group, acc = k.shape[2], hq // k.shape[1], _acc_dtype(q.dtype)
+    q_rows = _base2_query_rows(q, softmax_scale, group, acc)  # [n, sq * group, d]
+    k_t = k.to(acc).reshape(-1, sk, d).transpose(1, 2)  # [n, d, sk]
+    v_rows = v.to(acc).reshape(-1, sk, d)  # [n, sk, d]
+    tiles = _Tiles(sq, sk, group, causal, block_size, _key_block(block_size, key_block_size), acc, q.device,
+                   delta=q_offset - k_offset)
+    out, row_max, row_sum, row_sq_sum = _forward_rows(q_rows, k_t, v_rows, tiles, target)
+    row_max = row_max.double()
+    lse2 = row_max + torch.log2(row_sum.double())
+    stat = None
+    if target == "probs":
+        stat = 2.0 * row_max + torch.log2(row_sq_sum.double())
+    elif target == "logits":
+        stat = row_sq_sum.double() / LOG2E ** 2
+    if stat is not None:
+        stat = _unfold_heads(stat, b, group)
+    return _unfold_heads(out, b, group), _unfold_heads(lse2, b, group), stat
+
+
+def blockwise_attention_partial_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor,
+                                         delta: Tensor, grad_penalty: Optional[Tensor], softmax_scale: float, *,
+                                         target: Optional[str] = None, causal: bool = True, q_offset: int = 0,
+                                         k_offset: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
+                                         key_block_size: int = KEY_BLOCK_SIZE):
+    """(dq, dk, dv) of one slice (arguments as `blockwise_attention_partial`), given the merged row statistics
+    [b, hq, sq]: lse2 the base-2 LSE over all the keys the row sees (finite), delta = rowsum(dO * O) (+ 2 g c
+    for probs) with the merged O and c, grad_penalty g (None: no penalty term). dq [b, hq, sq, d] and dk, dv
+    [b, hkv, sk, d] in the accumulation dtype; the slices' dq add up to the exact dq."""
+    b, hq, sq, d = q.shape
+    sk, group, acc = k.shape[2], hq // k.shape[1], _acc_dtype(q.dtype)
+    q_rows = _base2_query_rows(q, softmax_scale, group, acc)
+    tiles = _Tiles(sq, sk, group, causal, block_size, _key_block(block_size, key_block_size), acc, q.device,
+                   delta=q_offset - k_offset)
+    g2_rows = None if grad_penalty is None else _fold_heads(2.0 * grad_penalty.to(acc), group)
+    dq, dk, dv = _backward_rows(q_rows, _fold_heads(grad_out.to(acc), group), _fold_heads(lse2.to(acc), group),
+                                _fold_heads(delta.to(acc), group), g2_rows, k.to(acc).reshape(-1, sk, d),
+                                v.to(acc).reshape(-1, sk, d), tiles, target if grad_penalty is not None else None)
+    dq = _unfold_heads(dq.mul_(softmax_scale), b, group)
+    return dq, dk.mul_(1.0 / LOG2E).reshape(k.shape), dv.reshape(v.shape)

@@ -1,0 +1,362 @@
+"""Causal attention across context-parallel (CP) ranks, with the exact FPA penalty of every row.
+
+Layout (Megatron's load-balanced causal split): the sequence of length S = C * s_local is cut into 2C chunks
+of c = s_local / 2 tokens; CP rank r holds chunks r and 2C-1-r, in that order. Every rank then has the same
+causal work: chunk r sees r + 1 chunks of keys, chunk 2C-1-r sees 2C - r.
+
+Exchange: K/V gathered once per layer (all-gather, as Llama 3 did), not a ring. Each rank's K/V for all
+hkv heads (GQA heads are never repeated) goes out in one asynchronous `all_gather_single`; while it is in
+flight the rank computes both of its query chunks against their own (diagonal) chunk, then, with the whole
+sequence's K/V, each chunk against the fully visible chunks before it, and merges the two partial results
+through their log-sum-exp (`merge_partials`). The backward gathers K/V again (saving it would hold S tokens
+of K/V per layer), overlapped with the first chunk's diagonal, and sends dK/dV back to their owners in one
+asynchronous `reduce_scatter_single`, overlapped with the second chunk's diagonal. Why not a ring: with the
+load-balanced layout a ring needs C - 1 rounds of sends, each one as large as the all-gathered buffer's share,
+and on gloo each round is a synchronization of two processes; the two collectives move the same bytes in
+one call each and overlap as well. K/V are small next to the attention itself (2 * hkv * d values per
+token), so holding the gathered S tokens of K/V for the duration of one layer's attention is cheap up to
+large C. Measured (benchmarks in the report of issue 16): at S = 4096 the exchange took a few percent of
+the attention time on gloo.
+
+Merging (docs/fpa_math.md section 6): a partial over a key set K holds, per query row, the output normalized
+over K, lse2 = log2 sum_{j in K} 2^(t_ij) (t = s * log2 e: the kernels work in base 2) and the penalty's
+statistic: probs: log2 sum_{j in K} 2^(2 t_ij) (then c = 2^(stat - 2 lse2)); logits: sum_{j in K} s_ij^2.
+LSEs merge by logaddexp2, sums add. The backward of every partial, given the merged LSE and
+D'_i = rowsum(dO_i * O_i) + 2 g_i c_i, is exact: dS = p (dP + 2 g p - D'), the p normalized over all keys.
+
+Kernels: 'blockwise' (plain torch, any device), 'triton' (CUDA, or CPU under TRITON_INTERPRET=1), 'sdpa'
+(penalty-free: torch's CPU flash-attention op, which returns the LSE and has a backward that takes the merged
+output and LSE; on CUDA the Triton kernel without the penalty), 'eager' (the reference: gathered K/V through
+a differentiable all-gather, then explicit [s_local / 2, keys] scores per chunk, autograd for the backward).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fpa_megatron.model.attention_penalty import TARGETS, eager_attention, sdpa_attention
+
+CP_KERNELS = ("blockwise", "triton", "eager", "sdpa")
+LOG2E = math.log2(math.e)
+
+
+def cp_chunk_bounds(seq_length: int, cp_size: int, cp_rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two global position ranges [start, end) that CP rank `cp_rank` of `cp_size` holds: chunks r and
+    2C-1-r of the 2C equal chunks of the sequence."""
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} of cp_size={cp_size}: need 0 <= cp_rank < cp_size")
+    if seq_length % (2 * cp_size):
+        raise ValueError(f"seq_length={seq_length} is not divisible by 2 * context parallel size = {2 * cp_size}")
+    c = seq_length // (2 * cp_size)
+    last = 2 * cp_size - 1 - cp_rank
+    return (cp_rank * c, (cp_rank + 1) * c), (last * c, (last + 1) * c)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# partial results over disjoint key sets, and their merge
+
+
+class Partial(NamedTuple):
+    """Attention of some query rows over one key set: out [..., s, d] normalized over that set, lse2 [..., s]
+    (base-2 LSE of the scores; -inf for a row that sees none of the keys), stat [..., s] or None (probs: base-2
+    LSE of twice the scores; logits: sum of the squared visible scores)."""
+
+    out: Tensor
+    lse2: Tensor
+    stat: Optional[Tensor]
+
+
+def merge_partials(partials: Sequence[Partial], target: Optional[str]) -> Partial:
+    """The partial over the union of the (disjoint) key sets: LSEs by logaddexp2, outputs weighted by
+    2^(lse2_k - lse2), the probs statistic by logaddexp2, the logits one summed. target None: no statistic."""
+    lse2 = functools.reduce(torch.logaddexp2, [p.lse2 for p in partials])
+    ref = lse2.masked_fill(lse2 == float("-inf"), 0.0)  # a row that sees no key at all stays 0
+    out = sum(p.out * torch.exp2(p.lse2 - ref).to(p.out.dtype).unsqueeze(-1) for p in partials)
+    stat = None
+    if target == "probs":
+        stat = functools.reduce(torch.logaddexp2, [p.stat for p in partials])
+    elif target == "logits":
+        stat = sum(p.stat for p in partials)
+    return Partial(out, lse2, stat)
+
+
+def row_penalty(merged: Partial, target: str) -> Tensor:
+    """Each row's penalty from merged statistics: probs c = 2^(stat - 2 lse2) = sum_j p_ij^2; logits the sum."""
+    return torch.exp2(merged.stat - 2.0 * merged.lse2) if target == "probs" else merged.stat
+
+
+def score_grad_shift(out: Tensor, grad_out: Tensor, collision: Optional[Tensor],
+                     grad_penalty: Optional[Tensor]) -> Tensor:
+    """D'_i = rowsum(dO_i * O_i) (+ 2 g_i c_i for the probs penalty), [..., s] float32 (float64 for float64):
+    with the merged O and c, the shift of every partial's dS = p (dP + 2 g p - D')."""
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    delta = torch.linalg.vecdot(grad_out.to(acc), out.to(acc))
+    if collision is not None and grad_penalty is not None:
+        delta = delta.addcmul_(grad_penalty.to(acc), collision.to(acc), value=2.0)
+    return delta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the kernels, behind one interface: forward(q, k, v, causal) -> Partial, backward(...) -> (dq, dk, dv)
+# causal=True: q and k are the same chunk (square causal mask); False: every key is visible.
+
+
+class _BlockwiseKernel:
+    def __init__(self, softmax_scale: float, target: Optional[str], block_size: int):
+        self.scale, self.target, self.block_size = softmax_scale, target, block_size
+
+    def forward(self, q, k, v, causal: bool) -> Partial:
+        from fpa_megatron.model.blockwise_attention import blockwise_attention_partial
+
+        return Partial(*blockwise_attention_partial(q, k, v, self.scale, target=self.target, causal=causal,
+                                                    block_size=self.block_size))
+
+    def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool):
+        from fpa_megatron.model.blockwise_attention import blockwise_attention_partial_backward
+
+        return blockwise_attention_partial_backward(q, k, v, grad_out, lse2, delta, grad_penalty, self.scale,
+                                                    target=self.target, causal=causal, block_size=self.block_size)
+
+
+class _TritonKernel:
+    def __init__(self, softmax_scale: float, target: Optional[str]):
+        self.scale, self.target = softmax_scale, target
+
+    def forward(self, q, k, v, causal: bool) -> Partial:
+        from fpa_megatron.model.triton_attention import triton_attention_partial
+
+        return Partial(*triton_attention_partial(q, k, v, self.scale, target=self.target, causal=causal))
+
+    def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool):
+        from fpa_megatron.model.triton_attention import triton_attention_partial_backward
+
+        return triton_attention_partial_backward(q, k, v, grad_out, lse2, delta, grad_penalty, self.scale,
+                                                 target=self.target, causal=causal)
+
+
+class _SdpaCpuKernel:
+    """torch's CPU flash-attention op: it returns the (natural) LSE, and its backward takes the output and LSE
+    it should use for D and P, so the merged ones make each partial's gradient exact. No penalty."""
+
+    def __init__(self, softmax_scale: float):
+        self.scale, self.target = softmax_scale, None
+
+    def forward(self, q, k, v, causal: bool) -> Partial:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
+                                                                             scale=self.scale)
+        return Partial(out.to(torch.float64 if q.dtype == torch.float64 else torch.float32), lse.double() * LOG2E,
+                       None)
+
+    def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool):
+        lse = (lse2.double() / LOG2E).float()
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.to(q.dtype).contiguous(), q, k, v, out.contiguous(), lse, 0.0, causal, scale=self.scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the exchange
+
+
+def _sequence_order(gathered: Tensor, cp_size: int) -> Tensor:
+    """[C, ..., s_local, d] as gathered (rank r: chunks r, 2C-1-r) -> [..., S, d] in sequence order."""
+    first, second = gathered.unflatten(-2, (2, gathered.shape[-2] // 2)).unbind(-3)  # [C, ..., c, d] each
+    chunks = torch.cat([first, second.flip(0)])  # [2C, ..., c, d]: chunk i at index i
+    return chunks.movedim(0, -3).flatten(-3, -2)
+
+
+def _rank_order(x: Tensor, cp_size: int) -> Tensor:
+    """Inverse of `_sequence_order`: [..., S, d] -> [C, ..., s_local, d], contiguous (for reduce-scatter)."""
+    chunks = x.unflatten(-2, (2 * cp_size, x.shape[-2] // (2 * cp_size))).movedim(-3, 0)  # [2C, ..., c, d]
+    per_rank = torch.stack([chunks[:cp_size], chunks[cp_size:].flip(0)], dim=-3)  # [C, ..., 2, c, d]
+    return per_rank.flatten(-3, -2).contiguous()
+
+
+class _KVGather:
+    """One asynchronous all-gather of this rank's K and V; `wait()` returns both in sequence order."""
+
+    def __init__(self, k: Tensor, v: Tensor, group):
+        self.cp_size = dist.get_world_size(group)
+        local = torch.stack([k, v])  # [2, b, hkv, s_local, d]
+        self.gathered = local.new_empty((self.cp_size,) + local.shape)
+        self.work = dist.all_gather_single(self.gathered.flatten(0, 1), local, group=group, async_op=True)
+
+    def wait(self) -> tuple[Tensor, Tensor]:
+        self.work.wait()
+        k_all, v_all = _sequence_order(self.gathered, self.cp_size).unbind(0)  # [b, hkv, S, d] each
+        return k_all, v_all
+
+
+class _GradScatter:
+    """One asynchronous reduce-scatter of dK/dV over the whole sequence; `wait()` returns this rank's share."""
+
+    def __init__(self, dk_all: Tensor, dv_all: Tensor, group):
+        full = _rank_order(torch.stack([dk_all, dv_all]), dist.get_world_size(group))  # [C, 2, b, hkv, sl, d]
+        self.local = full.new_empty(full.shape[1:])
+        self.work = dist.reduce_scatter_single(self.local, full.flatten(0, 1), group=group, async_op=True)
+
+    def wait(self) -> tuple[Tensor, Tensor]:
+        self.work.wait()
+        return self.local[0], self.local[1]
+
+
+def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
+    c = t.shape[2] // 2
+    return t[:, :, :c], t[:, :, c:]
+
+
+class ContextParallelAttention(torch.autograd.Function):
+    """Forward and backward of `context_parallel_attention` for the merging kernels (blockwise, triton, sdpa)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kernel, group):
+        cp_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        c = q.shape[2] // 2
+        chunks = (rank, 2 * cp_size - 1 - rank)  # the global chunk index of each local half
+        pending = _KVGather(k, v, group)
+        # each half against its own chunk, while the other ranks' K/V arrive
+        parts = [[kernel.forward(qh, kh, vh, causal=True)] for qh, kh, vh in zip(_halves(q), _halves(k),
+                                                                                  _halves(v))]
+        k_all, v_all = pending.wait()
+        for half, chunk, qh in zip(parts, chunks, _halves(q)):
+            if chunk > 0:  # the chunks before it, every key visible
+                half.append(kernel.forward(qh, k_all[:, :, :chunk * c], v_all[:, :, :chunk * c], causal=False))
+        merged = [merge_partials(half, kernel.target) for half in parts]
+        out = torch.cat([m.out for m in merged], dim=2).to(q.dtype)
+        lse2 = torch.cat([m.lse2 for m in merged], dim=2)
+        penalty = None
+        if kernel.target is not None:
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            penalty = torch.cat([row_penalty(m, kernel.target) for m in merged], dim=2).to(acc)
+        ctx.save_for_backward(q, k, v, out, lse2, penalty if kernel.target == "probs" else None)
+        ctx.kernel, ctx.group, ctx.chunks = kernel, group, chunks
+        ctx.set_materialize_grads(False)
+        return out, penalty
+
+    @staticmethod
+    def backward(ctx, grad_out: Optional[Tensor], grad_penalty: Optional[Tensor]):
+        q, k, v, out, lse2, collision = ctx.saved_tensors
+        kernel, group = ctx.kernel, ctx.group
+        g = grad_penalty if kernel.target is not None else None
+        if grad_out is None and g is None:
+            return (None,) * 5
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        c = q.shape[2] // 2
+        delta = score_grad_shift(out, grad_out, collision, g)  # [b, hq, s_local]
+        rows = [tuple(_halves(t)) if t is not None else (None, None) for t in (q, grad_out, out, lse2, delta, g)]
+        rows = list(zip(*rows))  # per half: (q, dO, O, lse2, D', g)
+
+        pending = _KVGather(k, v, group)
+        (k0, k1), (v0, v1) = _halves(k), _halves(v)
+        first = kernel.backward(rows[0][0], k0, v0, *rows[0][1:], causal=True)  # while K/V arrive
+        k_all, v_all = pending.wait()
+        acc = first[1].dtype
+        dk_all = torch.zeros(k_all.shape, dtype=acc, device=k.device)
+        dv_all = torch.zeros(v_all.shape, dtype=acc, device=v.device)
+        dq = [first[0], None]
+        for i, chunk in enumerate(ctx.chunks):
+            if chunk == 0:
+                continue
+            end = chunk * c
+            dq_p, dk_p, dv_p = kernel.backward(rows[i][0], k_all[:, :, :end], v_all[:, :, :end], *rows[i][1:],
+                                               causal=False)
+            dq[i] = dq_p if dq[i] is None else dq[i] + dq_p
+            dk_all[:, :, :end] += dk_p
+            dv_all[:, :, :end] += dv_p
+        scatter = _GradScatter(dk_all, dv_all, group)
+        second = kernel.backward(rows[1][0], k1, v1, *rows[1][1:], causal=True)  # while dK/dV travel
+        dq[1] = second[0] if dq[1] is None else dq[1] + second[0]
+        dk_local, dv_local = scatter.wait()
+        dk = dk_local + torch.cat([first[1], second[1]], dim=2)
+        dv = dv_local + torch.cat([first[2], second[2]], dim=2)
+        return torch.cat(dq, dim=2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Differentiable all-gather of K and V in sequence order (the eager path); backward: reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, v: Tensor, group):
+        ctx.group = group
+        return _KVGather(k, v, group).wait()
+
+    @staticmethod
+    def backward(ctx, dk_all: Tensor, dv_all: Tensor):
+        dk, dv = _GradScatter(dk_all, dv_all, ctx.group).wait()
+        return dk, dv, None
+
+
+def _eager_context_attention(q, k, v, softmax_scale, group, target, compute_penalty):
+    """The reference: explicit scores of each local half against every key up to its end (eager_attention's
+    causal mask is aligned to the last key, which is what a chunk against the keys [0, its end) needs)."""
+    cp_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    c = q.shape[2] // 2
+    k_all, v_all = _GatherSequence.apply(k, v, group)
+    outs, penalties = [], []
+    for qh, chunk in zip(_halves(q), (rank, 2 * cp_size - 1 - rank)):
+        end = (chunk + 1) * c
+        out, penalty = eager_attention(qh, k_all[:, :, :end], v_all[:, :, :end], softmax_scale, target=target,
+                                       compute_penalty=compute_penalty)
+        outs.append(out)
+        penalties.append(penalty)
+    return torch.cat(outs, dim=2), torch.cat(penalties, dim=2) if compute_penalty else None
+
+
+def _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, kernel, block_size):
+    """CP size 1: the whole sequence is local and in order (chunks 0 and 1): the ordinary kernels."""
+    if kernel == "blockwise":
+        from fpa_megatron.model.blockwise_attention import blockwise_attention
+
+        return blockwise_attention(q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty,
+                                   block_size=block_size)
+    if kernel == "triton":
+        from fpa_megatron.model.triton_attention import triton_attention
+
+        return triton_attention(q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty)
+    if kernel == "sdpa":
+        return sdpa_attention(q, k, v, softmax_scale), None
+    return eager_attention(q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty)
+
+
+def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, cp_group,
+                               target: str = "probs", compute_penalty: bool = True, kernel: str = "blockwise",
+                               block_size: int = 64) -> tuple[Tensor, Optional[Tensor]]:
+    """q [b, hq, s_local, d], k/v [b, hkv, s_local, d]: this CP rank's tokens in Megatron's load-balanced
+    causal layout (the sequence of length S = s_local * C cut into 2C chunks, CP rank r holds chunks r and
+    2C-1-r, in that order; C = cp_group size, r = rank in cp_group). Returns (out [b, hq, s_local, d],
+    row_penalty [b, hq, s_local] float32 or None): exact causal attention of these queries against every key
+    of the whole sequence, and each row's exact penalty (probs: sum_j p_ij^2; logits: sum over visible j of s_ij^2).
+    kernel: 'blockwise' | 'triton' | 'eager' | 'sdpa' (sdpa only with compute_penalty=False). Differentiable:
+    dq, dk, dv exact, dk/dv returned to the ranks that own those keys."""
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}: expected one of {TARGETS}")
+    if kernel not in CP_KERNELS:
+        raise ValueError(f"kernel={kernel!r}: expected one of {CP_KERNELS}")
+    if kernel == "sdpa" and compute_penalty:
+        raise ValueError("kernel='sdpa' computes no penalty: pass compute_penalty=False or another kernel")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [b, hq, s, d] and k, v [b, hkv, s, d], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same b, s, d and hq % hkv == 0")
+    if q.shape[2] % 2:
+        raise ValueError(f"s_local={q.shape[2]}: a CP rank holds two equal chunks, s_local must be even")
+    cp_size = dist.get_world_size(cp_group) if dist.is_initialized() else 1
+    if cp_size == 1:
+        return _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, kernel, block_size)
+    if kernel == "eager":
+        return _eager_context_attention(q, k, v, softmax_scale, cp_group, target, compute_penalty)
+    penalty_target = target if compute_penalty else None
+    if kernel == "blockwise":
+        impl = _BlockwiseKernel(float(softmax_scale), penalty_target, int(block_size))
+    elif kernel == "triton" or q.device.type != "cpu":  # sdpa on CUDA: the Triton kernel without the penalty
+        impl = _TritonKernel(float(softmax_scale), penalty_target)
+    else:
+        impl = _SdpaCpuKernel(float(softmax_scale))
+    return ContextParallelAttention.apply(q, k, v, impl, cp_group)
