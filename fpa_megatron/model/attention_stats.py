@@ -168,17 +168,17 @@ class AttentionStats:
         Under context parallelism q and k are this rank's two chunks: the keys of the whole sequence are
         gathered, and each query chunk sees the keys up to its own end (the causal mask of its rows).
         """
-        from fpa_megatron.parallel.context import (chunk_positions, context_parallel_rank, context_parallel_size,
-                                                   gather_sequence)
+        from fpa_megatron.parallel.context import context_parallel_rank, context_parallel_size, gather_sequence
+        from fpa_megatron.parallel.context_attention import cp_chunk_bounds
 
         cp_size = context_parallel_size()
         if cp_size == 1:
             collision, entropy, max_logit = self._row_stats(q, k, softmax_scale, attention_mask)
         else:
             keys = gather_sequence(k, seq_dim=2)
-            positions = chunk_positions(keys.shape[2], cp_size, context_parallel_rank())
-            rows = [self._row_stats(part, keys[:, :, :span.stop], softmax_scale, None)
-                    for part, span in zip(q.chunk(2, dim=2), positions)]
+            bounds = cp_chunk_bounds(keys.shape[2], cp_size, context_parallel_rank())
+            rows = [self._row_stats(part, keys[:, :, :end], softmax_scale, None)
+                    for part, (_, end) in zip(q.chunk(2, dim=2), bounds)]
             collision, entropy, max_logit = (torch.cat(values, dim=2) for values in zip(*rows))
         heads = slice(head_offset, head_offset + q.shape[1])
         for record, value in ((self.collision, collision.mean((0, 2))), (self.entropy, entropy.mean((0, 2))),

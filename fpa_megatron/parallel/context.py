@@ -38,13 +38,6 @@ def split_batch_for_context_parallel(batch: dict) -> dict:
     return get_batch_on_this_cp_rank(parts, parallel_state.get_context_parallel_group())
 
 
-def chunk_positions(seq_length: int, cp_size: int, cp_rank: int) -> tuple[range, range]:
-    """The sequence positions of CP rank `cp_rank`'s two chunks, in the order it holds them."""
-    chunk = seq_length // (2 * cp_size)
-    first, second = cp_rank, 2 * cp_size - 1 - cp_rank
-    return range(first * chunk, (first + 1) * chunk), range(second * chunk, (second + 1) * chunk)
-
-
 @torch.no_grad()
 def gather_sequence(local: Tensor, seq_dim: int) -> Tensor:
     """The whole sequence in natural order from every CP rank's two chunks along `seq_dim` (no gradient)."""
