@@ -1,11 +1,14 @@
-"""`fpa-reshard`: rewrite a checkpoint for another (TP, PP, DP) layout, so that training continues exactly.
+"""`fpa-reshard`: rewrite a checkpoint for another (TP, CP, PP, DP) layout, so that training continues exactly.
 
-    fpa-reshard --checkpoint runs/x/checkpoints --tensor 1 --pipeline 2 [--data-parallel 2] --out runs/x/pp2
+    fpa-reshard --checkpoint runs/x/checkpoints --tensor 1 --pipeline 2 [--context 2] [--data-parallel 2] \
+        --out runs/x/pp2
 
 What moves: the model weights; the fp32 master weights and AdamW's exp_avg, exp_avg_sq and step, gathered
 from every ZeRO partition of every model-parallel rank into whole (TP 1 x PP 1) tensors, split again for the
-new TP size, placed on the new pipeline stages and partitioned over the new DP size the way DeepSpeed's
-ZeRO-1/2 partitions them; the iteration, consumed samples (the data position) and the lambda schedule.
+new TP size, placed on the new pipeline stages and partitioned over the new DP x CP size (DeepSpeed's
+data-parallel group: context parallelism shards no weight, it only changes the ZeRO partitions and their
+file names) the way DeepSpeed's ZeRO-1/2 partitions them; the iteration, consumed samples (the data
+position) and the lambda schedule.
 The padded vocabulary keeps its size (padded rows take part in the softmax, so dropping or adding rows would
 change the model): when the new TP size would pad differently, `model.make_vocab_size_divisible_by` is set
 so that it does not. What does not move: the per-rank RNG streams (on GPUs they are device states); the
@@ -180,8 +183,8 @@ def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
     first: Optional[RankFiles] = None
     for mp, tp, pp in ranks_by_stage(layout):
         log(f"  reading model-parallel rank {mp} (TP rank {tp}, PP stage {pp})"
-            + (f" and its {layout.data} ZeRO partition(s)" if with_optimizer else ""))
-        rank = read_rank(ckpt, mp, layout.data, zero_prefix)
+            + (f" and its {layout.zero_partitions} ZeRO partition(s)" if with_optimizer else ""))
+        rank = read_rank(ckpt, mp, layout.zero_partitions, zero_prefix)
         first = first or rank
         offset = pp * (cfg.model.num_layers // layout.pipeline)
         rename = {local: global_name(local, offset) for group in rank.groups for local in group}
@@ -318,6 +321,7 @@ def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp:
     """DeepSpeed's model-states file of one new model-parallel rank and the ZeRO file of each of its DP ranks."""
     gated = cfg.model.activation == "swiglu"
     tensor, pipeline, data = layout.tensor, layout.pipeline, layout.data
+    partitions = layout.zero_partitions  # DeepSpeed's data-parallel group is DP x CP
     groups = stage_groups(state, cfg, layout, pp)
     cache: dict = {}
 
@@ -336,10 +340,10 @@ def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp:
     model_states = {k: v for k, v in state.model_meta.items() if k not in ("module", "trainer")}
     model_states.update(
         module=module, param_shapes=[OrderedDict((local, module[local].shape) for local, _ in g) for g in groups],
-        dp_world_size=data, mp_world_size=tensor * pipeline, ds_config=ds_config,
+        dp_world_size=partitions, mp_world_size=tensor * pipeline, ds_config=ds_config,
         checkpoint_parallel_dimensions={"pp_degree": pipeline, "tp_degree": tensor})
     torch.save(model_states, out / MODEL_FILE.format(mp=mp))
-    for dp, zero in enumerate(zero_files(state, data, groups, shard, ds_config)):
+    for dp, zero in enumerate(zero_files(state, partitions, groups, shard, ds_config)):
         torch.save(zero, out / ZERO_FILE.format(prefix=state.zero_meta["prefix"], dp=dp, mp=mp))
 
 
@@ -379,31 +383,34 @@ def check_new_layout(cfg: RunConfig, layout: CheckpointLayout) -> None:
 
 
 def new_layout(src: CheckpointLayout, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
-               world_size: Optional[int] = None) -> CheckpointLayout:
-    """DP: data_parallel, else world_size / (TP x PP), else the source's world size / (TP x PP)."""
+               world_size: Optional[int] = None, context: Optional[int] = None) -> CheckpointLayout:
+    """CP: context, else the source's. DP: data_parallel, else world_size / (TP x CP x PP), else the source's
+    world size / (TP x CP x PP)."""
+    context = context or src.context
     if data_parallel is None:
         total = world_size or src.world_size
-        if total % (tensor * pipeline):
-            raise ReshardError(f"world size {total} is not divisible by TP {tensor} x PP {pipeline}; "
+        if total % (tensor * context * pipeline):
+            raise ReshardError(f"world size {total} is not divisible by TP {tensor} x CP {context} x PP {pipeline}; "
                                f"give --data-parallel or --world-size")
-        data_parallel = total // (tensor * pipeline)
-    return CheckpointLayout(tensor * pipeline * data_parallel, tensor, pipeline, data_parallel, src.zero_stage)
+        data_parallel = total // (tensor * context * pipeline)
+    return CheckpointLayout(tensor * context * pipeline * data_parallel, tensor, pipeline, data_parallel,
+                            src.zero_stage, context)
 
 
 def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
             world_size: Optional[int] = None, reset_optimizer: bool = False,
-            log: Callable[[str], None] = print) -> Path:
+            log: Callable[[str], None] = print, context: Optional[int] = None) -> Path:
     """Write the checkpoint `checkpoint` (an iter_* directory, a checkpoint root or a run directory) for
-    TP `tensor` x PP `pipeline` x DP into `out`, a new checkpoint root (iter_*, `complete`, `latest`);
+    TP `tensor` x CP `context` (default: the checkpoint's) x PP `pipeline` x DP into `out`, a new checkpoint root (iter_*, `complete`, `latest`);
     return the new iteration directory."""
     out = Path(out)
     if out.exists():
         raise ReshardError(f"--out {out} already exists; choose a new directory (nothing was written)")
     model = read_model_checkpoint(checkpoint)
     ckpt, cfg, src = model.path, model.config, model.layout
-    new = new_layout(src, tensor, pipeline, data_parallel, world_size)
+    new = new_layout(src, tensor, pipeline, data_parallel, world_size, context)
     new_cfg = copy.deepcopy(cfg)
-    new_cfg.parallel.tensor, new_cfg.parallel.pipeline = tensor, pipeline
+    new_cfg.parallel.tensor, new_cfg.parallel.pipeline, new_cfg.parallel.context = tensor, pipeline, new.context
     check_new_layout(new_cfg, new)
     log(f"fpa-reshard: {ckpt} (step {model.step}, {model.consumed_samples} samples consumed): "
         f"{src.describe()} -> {new.describe()}")
@@ -418,7 +425,7 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     iter_dir.mkdir(parents=True)
     try:
         for mp, tp, pp in ranks_by_stage(new):
-            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {new.data} "
+            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {new.zero_partitions} "
                 f"ZeRO partition(s)")
             write_rank(state, new_cfg, new, mp, tp, pp, iter_dir)
         save_durable(model.trainer_state, iter_dir / TRAINER_STATE)
@@ -438,6 +445,8 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     write_atomic(out / LATEST, ckpt.name + "\n")
 
     overrides = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
+    if new.context != src.context or new.context > 1:
+        overrides.append(f"parallel.context={new.context}")
     if new_cfg.model.make_vocab_size_divisible_by != cfg.model.make_vocab_size_divisible_by:
         overrides.append(f"model.make_vocab_size_divisible_by={new_cfg.model.make_vocab_size_divisible_by}")
         log(f"  the padded vocabulary keeps its {model.padded_vocab_size} rows: model.make_vocab_size_divisible_by="
@@ -471,7 +480,7 @@ def reset_optimizer_state(state: GlobalState, cfg: RunConfig) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fpa-reshard",
-        description="Rewrite a checkpoint for another tensor / pipeline / data-parallel layout, with the model, "
+        description="Rewrite a checkpoint for another tensor / context / pipeline / data-parallel layout, with the model, "
         "the optimizer state (ZeRO partitions regathered), the data position and the lambda schedule.",
     )
     parser.add_argument("--checkpoint", required=True,
@@ -479,16 +488,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(its newest complete one)")
     parser.add_argument("--tensor", type=int, required=True, help="new tensor-parallel size")
     parser.add_argument("--pipeline", type=int, required=True, help="new pipeline-parallel size")
+    parser.add_argument("--context", type=int, help="new context-parallel size (default: the checkpoint's)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--data-parallel", type=int, help="new data-parallel size (ZeRO partitions)")
-    size.add_argument("--world-size", type=int, help="number of ranks of the resumed run (DP = N / (TP x PP))")
+    size.add_argument("--world-size", type=int, help="number of ranks of the resumed run (DP = N / (TP x CP x PP))")
     parser.add_argument("--out", required=True, help="new checkpoint root (must not exist)")
     parser.add_argument("--reset-optimizer", action="store_true",
                         help="do not carry the optimizer state: AdamW restarts (moments 0, step 0)")
     args = parser.parse_args(argv)
     try:
         reshard(args.checkpoint, args.out, args.tensor, args.pipeline, args.data_parallel, args.world_size,
-                args.reset_optimizer)
+                args.reset_optimizer, context=args.context)
     except (CheckpointError, ConfigError) as err:
         print(f"fpa-reshard: error: {err}", file=sys.stderr)
         return 2
