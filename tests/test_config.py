@@ -488,7 +488,7 @@ def test_auto_is_the_default_attention_everywhere():
 
 # ------------------------------------------------------------------------------------------ the presets
 
-PRESETS = {"gpt_125m.yaml": 8, "gpt_1.3b.yaml": 8, "gpt_7b.yaml": 8}
+PRESETS = {"gpt_125m.yaml": 8, "gpt_1.3b.yaml": 8, "gpt_1.3b_32k.yaml": 8, "gpt_7b.yaml": 8}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -509,7 +509,11 @@ def test_gpu_preset_layouts():
         cfg = load_config(CONFIGS / name, ["data.mock=true", "data.tokenizer=null"])
         layouts[name] = (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.optimizer.zero_stage,
                          check_config(cfg, world).data_parallel)
-    assert layouts == {"gpt_125m.yaml": (1, 1, 1, 8), "gpt_1.3b.yaml": (1, 1, 1, 8), "gpt_7b.yaml": (4, 1, 1, 2)}
+    assert layouts == {"gpt_125m.yaml": (1, 1, 1, 8), "gpt_1.3b.yaml": (1, 1, 1, 8), "gpt_1.3b_32k.yaml": (1, 1, 1, 2),
+                       "gpt_7b.yaml": (4, 1, 1, 2)}
+    long = load_config(CONFIGS / "gpt_1.3b_32k.yaml", ["data.mock=true", "data.tokenizer=null"])
+    assert (long.parallel.context, long.model.seq_length, long.model.position_embedding) == (4, 32768, "rope")
+    assert check_config(long, 8).num_microbatches == 32
 
 
 def test_demo_config_on_two_cpu_ranks(tokenizer):
