@@ -57,7 +57,7 @@ GPU_TILES_FLOAT32 = {
 INTERPRETER_TILES = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 PREPROCESS_BLOCK_M = 64
 AUTOTUNE_ENV = "FPA_TRITON_AUTOTUNE"  # "0": only the first config of each list (fast compiles, e.g. GPU tests)
-TUNING_KEY = ["seq_len", "num_q_heads", "group", "HEAD_DIM", "CAUSAL", "PENALTY", "DOT_PRECISION"]
+TUNING_KEY = ["seq_len", "seq_len_k", "num_q_heads", "group", "HEAD_DIM", "CAUSAL", "PENALTY", "DOT_PRECISION"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,7 +173,7 @@ class TritonAttention(torch.autograd.Function):
             q, k, v, out, lse2, row_penalty if compute_penalty else lse2,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            hq, group, s, softmax_scale, PENALTY=int(penalty_kind), **flags)
+            hq, group, s, s, 0, softmax_scale, PENALTY=int(penalty_kind), PARTIAL=False, **flags)
 
         # The collision term enters the backward (D_i += 2 g_i c_i); the logits penalty needs nothing saved.
         collision = row_penalty if compute_penalty and target == "probs" else None
@@ -211,11 +211,11 @@ class TritonAttention(torch.autograd.Function):
         _launcher("dkdv", d, q.dtype == torch.float32)[kv_grid](
             q, k, v, do, lse2, delta, g, dk, dv, *common,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            hq, group, s, ctx.softmax_scale, **flags)
+            hq, group, s, s, 0, ctx.softmax_scale, **flags)
         q_grid = lambda meta: (_cdiv(s, meta["BLOCK_M"]), b * hq)  # noqa: E731
         _launcher("dq", d, q.dtype == torch.float32)[q_grid](
             q, k, v, do, lse2, delta, g, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
-            hq, group, s, ctx.softmax_scale, **flags)
+            hq, group, s, s, 0, ctx.softmax_scale, **flags)
         return dq, dk, dv, None, None, None, None
 
 
@@ -243,3 +243,93 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, t
     if d < MIN_DOT_DIM:
         out = out[..., :d]
     return out, row_penalty
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one slice of the keys, for merging (context parallelism): the same kernels with query/key offsets
+
+
+def _check_partial(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """`triton_attention_supported` for a key slice whose length may differ from the queries' (it is given
+    free views of k, v stretched to the query length)."""
+    if k.dim() != 4 or k.shape != v.shape or k.shape[2] == 0 or q.dim() != 4:
+        raise ValueError(f"triton_attention_partial: expected q [b, hq, sq, d] and k, v [b, hkv, sk, d] (sk > 0), "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    stretched = [t[:, :, :1].expand(-1, -1, q.shape[2], -1) for t in (k, v)]
+    ok, reason = triton_attention_supported(q, *stretched)
+    if not ok:
+        raise ValueError(f"triton_attention_partial: {reason}")
+
+
+def _pad_head_dim(*tensors: Tensor) -> list[Tensor]:
+    """Zero columns up to MIN_DOT_DIM (they change no score; sliced off the results)."""
+    d = tensors[0].shape[-1]
+    if d >= MIN_DOT_DIM:
+        return list(tensors)
+    return [torch.nn.functional.pad(t, (0, MIN_DOT_DIM - d)) for t in tensors]
+
+
+def triton_attention_partial(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *,
+                             target: Optional[str] = None, causal: bool = True, q_offset: int = 0,
+                             k_offset: int = 0) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """`blockwise_attention_partial` in the fused forward kernel: q [b, hq, sq, d] against one key slice
+    k, v [b, hkv, sk, d] (causal: query i sees key j iff k_offset + j <= q_offset + i; tiles that see nothing
+    are skipped). Returns (out [b, hq, sq, d] float32, lse2 [b, hq, sq] float64 (base 2, -inf for a row that
+    sees no key), stat float64 (probs: base-2 LSE of 2 t; logits: sum of squared visible scores) or None)."""
+    _check_partial(q, k, v)
+    kernels = _kernels()
+    b, hq, sq, d = q.shape
+    sk, group = k.shape[2], hq // k.shape[1]
+    q, k, v = (_last_dim_contiguous(t) for t in _pad_head_dim(q, k, v))
+    dp = q.shape[-1]
+    out = torch.empty(b, hq, sq, dp, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    stat = torch.empty_like(lse2) if target is not None else None
+    penalty_kind = (kernels.PENALTY_NONE if target is None else
+                    kernels.PENALTY_PROBS if target == "probs" else kernels.PENALTY_LOGITS)
+    grid = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+    _launcher("fwd", dp, q.dtype == torch.float32)[grid](
+        q, k, v, out, lse2, lse2 if stat is None else stat,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        hq, group, sq, sk, q_offset - k_offset, softmax_scale, HEAD_DIM=dp, CAUSAL=causal,
+        PENALTY=int(penalty_kind), PARTIAL=True, DOT_DTYPE=kernels.dot_dtype(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype))
+    return out[..., :d], lse2.double(), None if stat is None else stat.double()
+
+
+def triton_attention_partial_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor,
+                                      delta: Tensor, grad_penalty: Optional[Tensor], softmax_scale: float, *,
+                                      target: Optional[str] = None, causal: bool = True, q_offset: int = 0,
+                                      k_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """`blockwise_attention_partial_backward` in the fused dK/dV and dQ kernels: (dq, dk, dv) float32 of one
+    key slice given the merged base-2 LSE, D' = rowsum(dO * O) (+ 2 g c) and the penalty's gradient g (None:
+    no penalty term), all [b, hq, sq]."""
+    _check_partial(q, k, v)
+    kernels = _kernels()
+    b, hq, sq, d = q.shape
+    sk, group = k.shape[2], hq // k.shape[1]
+    q, k, v, do = (_last_dim_contiguous(t) for t in _pad_head_dim(q, k, v, grad_out.to(q.dtype)))
+    dp = q.shape[-1]
+    lse2, delta = (t.to(torch.float32).contiguous() for t in (lse2, delta))
+    has_grad_penalty = target is not None and grad_penalty is not None
+    g = grad_penalty.to(torch.float32).contiguous() if has_grad_penalty else lse2  # lse2: an unread stand-in
+    penalty_kind = (kernels.PENALTY_NONE if target is None else
+                    kernels.PENALTY_PROBS if target == "probs" else kernels.PENALTY_LOGITS)
+    dq = torch.empty(b, hq, sq, dp, dtype=torch.float32, device=q.device)
+    dk = torch.empty(b, k.shape[1], sk, dp, dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(dk)
+    flags = dict(HEAD_DIM=dp, CAUSAL=causal, PENALTY=int(penalty_kind), HAS_GRAD_PENALTY=has_grad_penalty,
+                 DOT_DTYPE=kernels.dot_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    kv_grid = lambda meta: (_cdiv(sk, meta["BLOCK_N"]), b * k.shape[1])  # noqa: E731
+    _launcher("dkdv", dp, q.dtype == torch.float32)[kv_grid](
+        q, k, v, do, lse2, delta, g, dk, dv, *common,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        hq, group, sq, sk, q_offset - k_offset, softmax_scale, **flags)
+    q_grid = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+    _launcher("dq", dp, q.dtype == torch.float32)[q_grid](
+        q, k, v, do, lse2, delta, g, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
+        hq, group, sq, sk, q_offset - k_offset, softmax_scale, **flags)
+    return dq[..., :d], dk[..., :d], dv[..., :d]

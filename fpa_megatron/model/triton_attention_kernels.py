@@ -58,14 +58,14 @@ def dot_dtype(dtype) -> tl.dtype:
 
 
 @triton.jit
-def _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len,
+def _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len_k,
                    MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The K and V tiles [BN, D] at key positions cols (zeros past seq_len) and q . k [BM, BN], unscaled."""
+    """The K and V tiles [BN, D] at key positions cols (zeros past seq_len_k) and q . k [BM, BN], unscaled."""
     k_ptrs = k_base + cols[:, None] * stride_ks + dims[None, :]  # [BN, D]
     v_ptrs = v_base + cols[:, None] * stride_vs + dims[None, :]
     if MASKED:
-        k_tile = tl.load(k_ptrs, mask=cols[:, None] < seq_len, other=0.0)
-        v_tile = tl.load(v_ptrs, mask=cols[:, None] < seq_len, other=0.0)
+        k_tile = tl.load(k_ptrs, mask=cols[:, None] < seq_len_k, other=0.0)
+        v_tile = tl.load(v_ptrs, mask=cols[:, None] < seq_len_k, other=0.0)
     else:
         k_tile = tl.load(k_ptrs)
         v_tile = tl.load(v_ptrs)
@@ -75,19 +75,20 @@ def _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq
 
 @triton.jit
 def _fwd_key_tiles(acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, stride_ks, stride_vs,
-                   rows, dims, key_start, key_end, seq_len, softmax_scale,
+                   rows, dims, key_start, key_end, seq_len_k, delta, softmax_scale,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr, MASKED: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax of one query tile over the key tiles [key_start, key_end) (step BLOCK_N)."""
+    """Online softmax of one query tile over the key tiles [key_start, key_end) (step BLOCK_N); query row i
+    sees key j iff j <= i + delta when causal (delta = q_offset - k_offset)."""
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # [BN] key positions
-        k_tile, v_tile, qk = _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len,
+        k_tile, v_tile, qk = _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len_k,
                                             MASKED, DOT_DTYPE, DOT_PRECISION)  # [BN, D], [BN, D], [BM, BN]
         scores2 = qk * (softmax_scale * LOG2E)  # t_ij, base-2 scores
         if MASKED:
-            visible = cols[None, :] < seq_len  # [1, BN] -> [BM, BN]
+            visible = cols[None, :] < seq_len_k  # [1, BN] -> [BM, BN]
             if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None])
+                visible = visible & (cols[None, :] <= rows[:, None] + delta)
             scores2 = tl.where(visible, scores2, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores2, 1))  # [BM]
         if MASKED:  # a row with nothing visible yet keeps max 0: no (-inf) - (-inf) = NaN below
@@ -113,10 +114,16 @@ def _fwd_key_tiles(acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, st
 def attn_fwd_kernel(Q, K, V, Out, Lse2, RowPenalty,
                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-                    num_q_heads, group, seq_len, softmax_scale,
+                    num_q_heads, group, seq_len, seq_len_k, delta, softmax_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                    PENALTY: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (query tiles, b * hq). Writes Out [b, hq, s, d], Lse2 [b * hq, s] and RowPenalty [b * hq, s]."""
+                    PENALTY: tl.constexpr, PARTIAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Grid (query tiles, b * hq). Writes Out [b, hq, s, d], Lse2 [b * hq, s] and RowPenalty [b * hq, s].
+
+    seq_len queries against seq_len_k keys, query row i seeing key j iff j <= i + delta when causal (0 and
+    seq_len for self-attention). PARTIAL (one key slice of several, to be merged): RowPenalty gets the
+    statistic that merges (probs: 2 m + log2 row_sq_sum, the base-2 LSE of 2 t; logits: the sum), and rows
+    that see no key get Out 0, Lse2 -inf."""
     tile = tl.program_id(0)
     if CAUSAL:  # the last query tile has the longest key loop: start it first
         tile = tl.num_programs(0) - 1 - tile
@@ -137,28 +144,42 @@ def attn_fwd_kernel(Q, K, V, Out, Lse2, RowPenalty,
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     row_sq_sum = tl.zeros([BLOCK_M], tl.float32)
-    if CAUSAL:
-        full_end = start_m  # key tiles left of the diagonal: every entry visible
-        masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
+    full_rows_end = (seq_len_k // BLOCK_N) * BLOCK_N  # key tiles inside the keys
+    if CAUSAL:  # key tiles left of the diagonal (keys j <= start_m + delta): every entry visible
+        full_end = tl.minimum((tl.maximum(start_m + delta + 1, 0) // BLOCK_N) * BLOCK_N, full_rows_end)
+        masked_end = tl.minimum(start_m + BLOCK_M + delta, seq_len_k)
     else:
-        full_end = (seq_len // BLOCK_N) * BLOCK_N
-        masked_end = seq_len
+        full_end = full_rows_end
+        masked_end = seq_len_k
     acc, row_max, row_sum, row_sq_sum = _fwd_key_tiles(
         acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, stride_ks, stride_vs, rows, dims,
-        0, full_end, seq_len, softmax_scale, BLOCK_N, CAUSAL, PENALTY, False, DOT_DTYPE, DOT_PRECISION)
+        0, full_end, seq_len_k, delta, softmax_scale, BLOCK_N, CAUSAL, PENALTY, False, DOT_DTYPE, DOT_PRECISION)
     acc, row_max, row_sum, row_sq_sum = _fwd_key_tiles(
         acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, stride_ks, stride_vs, rows, dims,
-        full_end, masked_end, seq_len, softmax_scale, BLOCK_N, CAUSAL, PENALTY, True, DOT_DTYPE, DOT_PRECISION)
+        full_end, masked_end, seq_len_k, delta, softmax_scale, BLOCK_N, CAUSAL, PENALTY, True, DOT_DTYPE,
+        DOT_PRECISION)
 
     in_seq = rows < seq_len
-    out = acc / row_sum[:, None]
+    if PARTIAL:  # a row that sees no key of this slice: row_sum 0, out 0, LSE -inf
+        out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    else:
+        out = acc / row_sum[:, None]
     o_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
     tl.store(o_base + rows[:, None] * stride_os + dims[None, :], out.to(Out.dtype.element_ty),
              mask=in_seq[:, None])
     row_offset = bh.to(tl.int64) * seq_len + rows
-    tl.store(Lse2 + row_offset, row_max + tl.math.log2(row_sum), mask=in_seq)
+    if PARTIAL:  # log2 of 1 where nothing was seen, then -inf (no log of 0)
+        seen = row_sum > 0
+        tl.store(Lse2 + row_offset, tl.where(seen, row_max + tl.math.log2(tl.where(seen, row_sum, 1.0)),
+                                             float("-inf")), mask=in_seq)
+    else:
+        tl.store(Lse2 + row_offset, row_max + tl.math.log2(row_sum), mask=in_seq)
     if PENALTY == PENALTY_PROBS:
-        tl.store(RowPenalty + row_offset, row_sq_sum / (row_sum * row_sum), mask=in_seq)
+        if PARTIAL:
+            tl.store(RowPenalty + row_offset, tl.where(
+                seen, 2.0 * row_max + tl.math.log2(tl.where(seen, row_sq_sum, 1.0)), float("-inf")), mask=in_seq)
+        else:
+            tl.store(RowPenalty + row_offset, row_sq_sum / (row_sum * row_sum), mask=in_seq)
     elif PENALTY == PENALTY_LOGITS:
         tl.store(RowPenalty + row_offset, row_sq_sum, mask=in_seq)
 
@@ -211,7 +232,7 @@ def _penalized_score_grad(p, dp, qk, delta, grad_penalty, visible, softmax_scale
 
 @triton.jit
 def _dkdv_query_tiles(dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride_dos, row_base,
-                      Lse2, Delta, GradPenalty, cols, dims, row_start, row_end, seq_len, softmax_scale,
+                      Lse2, Delta, GradPenalty, cols, dims, row_start, row_end, seq_len, delta_pos, softmax_scale,
                       BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr,
                       HAS_GRAD_PENALTY: tl.constexpr, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
@@ -241,7 +262,7 @@ def _dkdv_query_tiles(dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride
         if MASKED:
             visible = rows[None, :] < seq_len
             if CAUSAL:
-                visible = visible & (cols[:, None] <= rows[None, :])
+                visible = visible & (cols[:, None] <= rows[None, :] + delta_pos)
             p_t = tl.where(visible, p_t, 0.0)
         dv = tl.dot(p_t.to(do_tile.dtype).to(DOT_DTYPE), do_tile.to(DOT_DTYPE), dv,
                     input_precision=DOT_PRECISION)  # [BN, D] += P^T dO
@@ -265,18 +286,19 @@ def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV,
                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                          stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
                          stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                         num_q_heads, group, seq_len, softmax_scale,
+                         num_q_heads, group, seq_len, seq_len_k, delta_pos, softmax_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, PENALTY: tl.constexpr, HAS_GRAD_PENALTY: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (key tiles, b * hkv). dK, dV of one key tile, summed over the group's query heads and tiles."""
+    """Grid (key tiles, b * hkv). dK, dV of one key tile, summed over the group's query heads and tiles.
+    seq_len queries, seq_len_k keys, query i sees key j iff j <= i + delta_pos when causal."""
     num_kv_heads = num_q_heads // group
     bh = tl.program_id(1)
     batch, kv_head = bh // num_kv_heads, bh % num_kv_heads
     start_n = tl.program_id(0) * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)  # [BN] key positions
     dims = tl.arange(0, HEAD_DIM)
-    col_in_seq = cols < seq_len
+    col_in_seq = cols < seq_len_k
     k_tile = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
                      + cols[:, None] * stride_ks + dims[None, :], mask=col_in_seq[:, None], other=0.0)  # [BN, D]
     v_tile = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -284,12 +306,16 @@ def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
-    # Query rows of this key tile: [start_n, start_n + BN) holds the diagonal (masked when causal), the rows
-    # below it up to the last full query tile need no mask, and the ragged tail of the sequence is masked.
+    # Query rows of this key tile: the query tiles from the one with the first row that sees key start_n
+    # (row start_n - delta_pos) to the first that sees the whole tile hold the diagonal (masked when causal),
+    # the rows below it up to the last full query tile need no mask, and the ragged tail of the queries is
+    # masked. (Self-attention: the diagonal is rows [start_n, start_n + BN).)
     full_rows_end = (seq_len // BLOCK_M) * BLOCK_M
     if CAUSAL:
-        diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
-        full_start = start_n + BLOCK_N
+        diag_start = (tl.maximum(start_n - delta_pos, 0) // BLOCK_M) * BLOCK_M
+        full_start = tl.maximum(((start_n + BLOCK_N - 1 - delta_pos + BLOCK_M - 1) // BLOCK_M) * BLOCK_M,
+                                diag_start)
+        diag_end = tl.minimum(full_start, seq_len)
     else:  # no diagonal: every query tile is visited
         full_start = 0
     tail_start = tl.maximum(full_start, full_rows_end)
@@ -303,15 +329,18 @@ def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV,
         if CAUSAL:
             dk, dv = _dkdv_query_tiles(
                 dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride_dos, row_base, Lse2, Delta,
-                GradPenalty, cols, dims, start_n, diag_end, seq_len, softmax_scale, BLOCK_M, CAUSAL, PENALTY,
+                GradPenalty, cols, dims, diag_start, diag_end, seq_len, delta_pos, softmax_scale, BLOCK_M, CAUSAL,
+                PENALTY,
                 HAS_GRAD_PENALTY, True, DOT_DTYPE, DOT_PRECISION)
         dk, dv = _dkdv_query_tiles(
             dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride_dos, row_base, Lse2, Delta,
-            GradPenalty, cols, dims, full_start, full_rows_end, seq_len, softmax_scale, BLOCK_M, CAUSAL, PENALTY,
+            GradPenalty, cols, dims, full_start, full_rows_end, seq_len, delta_pos, softmax_scale, BLOCK_M, CAUSAL,
+            PENALTY,
             HAS_GRAD_PENALTY, False, DOT_DTYPE, DOT_PRECISION)
         dk, dv = _dkdv_query_tiles(
             dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride_dos, row_base, Lse2, Delta,
-            GradPenalty, cols, dims, tail_start, seq_len, seq_len, softmax_scale, BLOCK_M, CAUSAL, PENALTY,
+            GradPenalty, cols, dims, tail_start, seq_len, seq_len, delta_pos, softmax_scale, BLOCK_M, CAUSAL,
+            PENALTY,
             HAS_GRAD_PENALTY, True, DOT_DTYPE, DOT_PRECISION)
 
     dk *= softmax_scale  # dS is the gradient of the scaled scores
@@ -323,21 +352,21 @@ def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV,
 
 @triton.jit
 def _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base, stride_ks, stride_vs,
-                  rows, dims, key_start, key_end, seq_len, softmax_scale,
+                  rows, dims, key_start, key_end, seq_len_k, delta_pos, softmax_scale,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr,
                   HAS_GRAD_PENALTY: tl.constexpr, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """Accumulate dQ [BM, D] of one query tile over the key tiles [key_start, key_end)."""
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # [BN] key positions
-        k_tile, v_tile, qk = _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len,
+        k_tile, v_tile, qk = _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len_k,
                                             MASKED, DOT_DTYPE, DOT_PRECISION)  # [BN, D], [BN, D], [BM, BN]
         p = tl.math.exp2(qk * (softmax_scale * LOG2E) - lse2[:, None])
         visible = True  # every entry, unless the tile is masked
         if MASKED:
-            visible = cols[None, :] < seq_len
+            visible = cols[None, :] < seq_len_k
             if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None])
+                visible = visible & (cols[None, :] <= rows[:, None] + delta_pos)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do_tile.to(DOT_DTYPE), tl.trans(v_tile).to(DOT_DTYPE),
                     input_precision=DOT_PRECISION)  # [BM, BN] dP = dO V^T
@@ -353,11 +382,11 @@ def attn_bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DQ,
                        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                        stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
                        stride_dqb, stride_dqh, stride_dqs,
-                       num_q_heads, group, seq_len, softmax_scale,
+                       num_q_heads, group, seq_len, seq_len_k, delta_pos, softmax_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, PENALTY: tl.constexpr, HAS_GRAD_PENALTY: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (query tiles, b * hq). dQ of one query tile."""
+    """Grid (query tiles, b * hq). dQ of one query tile (seq_len queries, seq_len_k keys, offsets as dK/dV)."""
     tile = tl.program_id(0)
     if CAUSAL:
         tile = tl.num_programs(0) - 1 - tile
@@ -382,18 +411,19 @@ def attn_bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DQ,
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if CAUSAL:
-        full_end = start_m
-        masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
+    full_rows_end = (seq_len_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:  # as in the forward
+        full_end = tl.minimum((tl.maximum(start_m + delta_pos + 1, 0) // BLOCK_N) * BLOCK_N, full_rows_end)
+        masked_end = tl.minimum(start_m + BLOCK_M + delta_pos, seq_len_k)
     else:
-        full_end = (seq_len // BLOCK_N) * BLOCK_N
-        masked_end = seq_len
+        full_end = full_rows_end
+        masked_end = seq_len_k
     dq = _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base, stride_ks, stride_vs,
-                       rows, dims, 0, full_end, seq_len, softmax_scale, BLOCK_N, CAUSAL, PENALTY,
+                       rows, dims, 0, full_end, seq_len_k, delta_pos, softmax_scale, BLOCK_N, CAUSAL, PENALTY,
                        HAS_GRAD_PENALTY, False, DOT_DTYPE, DOT_PRECISION)
     dq = _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base, stride_ks, stride_vs,
-                       rows, dims, full_end, masked_end, seq_len, softmax_scale, BLOCK_N, CAUSAL, PENALTY,
-                       HAS_GRAD_PENALTY, True, DOT_DTYPE, DOT_PRECISION)
+                       rows, dims, full_end, masked_end, seq_len_k, delta_pos, softmax_scale, BLOCK_N, CAUSAL,
+                       PENALTY, HAS_GRAD_PENALTY, True, DOT_DTYPE, DOT_PRECISION)
     dq *= softmax_scale
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
              + rows[:, None] * stride_dqs + dims[None, :], dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])

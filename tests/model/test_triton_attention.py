@@ -199,3 +199,18 @@ def test_triton_cuda_bf16_s1024_d128_matches_eager_and_blockwise(target):
     assert_close_all(got, ref, 2e-2)
     assert_close_all(got, blockwise, 2e-2)
     assert_close_all(run(triton_attention, *rounded, torch.float32, **kwargs), ref, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# key slices with query/key offsets (context parallelism), merged through their statistics
+
+
+@pytest.mark.parametrize("target,compute_penalty", [("probs", True), ("logits", True), ("probs", False)])
+def test_triton_partials_with_offsets_merge_to_whole_attention(target, compute_penalty):
+    """Queries [40, 117) of 150 against slices before, across and after their diagonal (full and masked tiles
+    of every kernel, rows that see nothing of a slice, a slice nobody sees), GQA, head dim 8 (padded)."""
+    from fpa_megatron.model.triton_attention import triton_attention_partial, triton_attention_partial_backward
+    from tests.parallel.test_context_attention import check_key_slices
+
+    check_key_slices(triton_attention_partial, triton_attention_partial_backward, 150, (40, 117),
+                     [0, 37, 105, 130, 150], target, compute_penalty, device=DEVICE)
