@@ -390,7 +390,8 @@ def new_layout(src: CheckpointLayout, tensor: int, pipeline: int, data_parallel:
     if data_parallel is None:
         total = world_size or src.world_size
         if total % (tensor * context * pipeline):
-            raise ReshardError(f"world size {total} is not divisible by TP {tensor} x CP {context} x PP {pipeline}; "
+            cp = f" x CP {context}" if context > 1 else ""
+            raise ReshardError(f"world size {total} is not divisible by TP {tensor}{cp} x PP {pipeline}; "
                                f"give --data-parallel or --world-size")
         data_parallel = total // (tensor * context * pipeline)
     return CheckpointLayout(tensor * context * pipeline * data_parallel, tensor, pipeline, data_parallel,
