@@ -8,7 +8,7 @@ penalty-free kernel), 1 thread per rank. A step is Megatron's schedule forward +
 round, a CP1 process and a CP2 pair (2 gloo ranks), each timing its own steps after a warm-up; reported:
 median step time (the slower CP rank's), CP1 / CP2 speed-up (target >= 1.6), FPA on / off under CP2 (target
 <= 1.10), and the peak resident memory the step adds on one rank over its state before the step (Linux
-VmHWM after resetting it: activations, gathered K/V, gradients; not the libraries or the weights), CP2 / CP1
+VmHWM after malloc_trim and resetting it: activations, gathered K/V, gradients; not the libraries or weights), CP2 / CP1
 at S = 8192 (target <= 0.6).
 
     python benchmarks/context_parallel.py [--rounds 3] [--seqs 4096 8192]
@@ -17,6 +17,7 @@ at S = 8192 (target <= 0.6).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import time
@@ -46,6 +47,7 @@ def bench_rank(context: int, seqs: list[int], steps: int) -> dict:
     from fpa_megatron.training.forward_backward import forward_backward
 
     torch.set_num_threads(1)
+    libc = ctypes.CDLL("libc.so.6")
     out = {}
     for seq in seqs:
         init_model_parallel(1, 1, seed=0, context=context)
@@ -64,6 +66,7 @@ def bench_rank(context: int, seqs: list[int], steps: int) -> dict:
 
         for fpa in ("on", "off"):
             step(fpa)  # warm-up
+            libc.malloc_trim(0)  # hand the warm-up's freed memory back, or the timed step reuses it unseen
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := the current resident set
             before = _rss_kib("VmRSS")
