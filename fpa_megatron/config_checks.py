@@ -212,9 +212,21 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
 
 
 def _check_context_parallel(cfg: RunConfig) -> None:
-    _int_at_least("parallel.context", cfg.parallel.context, 1)
-    if cfg.parallel.context > 1:
-        _fail(f"parallel.context={cfg.parallel.context}: context parallelism is not supported yet (use 1)")
+    """CP splits every sequence into 2C chunks (rank r keeps r and 2C-1-r), each cut again by TP under SP."""
+    m, p = cfg.model, cfg.parallel
+    _int_at_least("parallel.context", p.context, 1)
+    if p.context == 1:
+        return
+    if p.sequence_parallel is True:  # SP then splits each CP rank's tokens over TP
+        pieces, how = 2 * p.context * p.tensor, f"2 * parallel.context * parallel.tensor = 2 * {p.context} * {p.tensor}"
+    else:
+        pieces, how = 2 * p.context, f"2 * parallel.context = 2 * {p.context}"
+    if m.seq_length % pieces:
+        _fail(f"model.seq_length={m.seq_length} is not divisible by {how} = {pieces}: each sequence is cut into "
+              f"2 * parallel.context={2 * p.context} load-balanced chunks")
+    if m.attention_dropout > 0:
+        _fail(f"model.attention_dropout={m.attention_dropout} is not supported with parallel.context={p.context}: "
+              f"the attention across context-parallel ranks has no dropout; set model.attention_dropout=0")
 
 
 def _check_sequence_parallel(cfg: RunConfig) -> None:

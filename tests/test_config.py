@@ -140,6 +140,16 @@ def test_valid_config_layout(tokenizer, shards):
     )
 
 
+def test_context_parallel_layout(tokenizer, shards):
+    """World = TP x CP x PP x DP: CP ranks share one data-parallel replica's micro-batches."""
+    layout = check(tokenizer, shards, ["parallel.tensor=2", "parallel.context=2"], world_size=8)
+    assert (layout.context_parallel, layout.tensor_parallel, layout.data_parallel, layout.num_microbatches) == (
+        2, 2, 2, 4)
+    for impl in ("auto", "eager", "blockwise"):  # every CPU kernel runs across CP ranks
+        check(tokenizer, shards, ["parallel.context=4", f"model.attention_impl={impl}"], world_size=4)
+    check(tokenizer, shards, ["parallel.context=2", "model.seq_length=20"], world_size=2)  # 20 = 4 chunks of 5
+
+
 def test_check_config_does_not_modify_the_config(tokenizer, shards):
     cfg = config_from_dict(base(tokenizer, shards))
     before = copy.deepcopy(cfg)
@@ -252,6 +262,16 @@ BAD = {
     "world_zero": ([], 0, ["world_size=0"]),
     "tp_zero": (["parallel.tensor=0"], 4, ["parallel.tensor=0"]),
     "pp_zero": (["parallel.pipeline=0"], 4, ["parallel.pipeline=0"]),
+    # context parallelism
+    "cp_zero": (["parallel.context=0"], 4, ["parallel.context=0"]),
+    "seq_by_2cp": (["parallel.context=3"], 6, ["model.seq_length=32", "2 * parallel.context = 2 * 3 = 6"]),
+    "seq_by_2cp_tp_with_sp": (["model.seq_length=24", "parallel.context=2", "parallel.tensor=4",
+                               "parallel.sequence_parallel=true"], 8,
+                              ["model.seq_length=24", "2 * parallel.context * parallel.tensor = 2 * 2 * 4 = 16"]),
+    "cp_attention_dropout": (["parallel.context=2", "model.attention_impl=eager", "model.attention_dropout=0.1"], 4,
+                             ["model.attention_dropout=0.1", "parallel.context=2"]),
+    "world_by_tp_cp": (["parallel.context=2", "parallel.tensor=2"], 6,
+                       ["world_size=6", "parallel.tensor * parallel.context * parallel.pipeline", "= 4"]),
     # batch arithmetic
     "global_batch": (["train.global_batch_size=12", "train.micro_batch_size=4"], 2,
                      ["train.global_batch_size=12", "train.micro_batch_size", "data_parallel", "8"]),
@@ -468,7 +488,7 @@ def test_auto_is_the_default_attention_everywhere():
 
 # ------------------------------------------------------------------------------------------ the presets
 
-PRESETS = {"gpt_125m.yaml": 8, "gpt_1.3b.yaml": 8, "gpt_7b.yaml": 8}
+PRESETS = {"gpt_125m.yaml": 8, "gpt_1.3b.yaml": 8, "gpt_1.3b_32k.yaml": 8, "gpt_7b.yaml": 8}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -489,7 +509,11 @@ def test_gpu_preset_layouts():
         cfg = load_config(CONFIGS / name, ["data.mock=true", "data.tokenizer=null"])
         layouts[name] = (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.optimizer.zero_stage,
                          check_config(cfg, world).data_parallel)
-    assert layouts == {"gpt_125m.yaml": (1, 1, 1, 8), "gpt_1.3b.yaml": (1, 1, 1, 8), "gpt_7b.yaml": (4, 1, 1, 2)}
+    assert layouts == {"gpt_125m.yaml": (1, 1, 1, 8), "gpt_1.3b.yaml": (1, 1, 1, 8), "gpt_1.3b_32k.yaml": (1, 1, 1, 2),
+                       "gpt_7b.yaml": (4, 1, 1, 2)}
+    long = load_config(CONFIGS / "gpt_1.3b_32k.yaml", ["data.mock=true", "data.tokenizer=null"])
+    assert (long.parallel.context, long.model.seq_length, long.model.position_embedding) == (4, 32768, "rope")
+    assert check_config(long, 8).num_microbatches == 32
 
 
 def test_demo_config_on_two_cpu_ranks(tokenizer):

@@ -13,6 +13,7 @@ penalty is computed, else blockwise on CPU and the Triton kernel on CUDA); `eage
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections import Counter
@@ -28,6 +29,7 @@ from fpa_megatron.model.attention_options import ATTENTION_IMPLS
 from fpa_megatron.model.attention_options import FPA_NORMALIZATIONS as NORMALIZATIONS
 from fpa_megatron.model.attention_options import FPA_TARGETS as TARGETS
 from fpa_megatron.model.attention_stats import AttentionStats
+from fpa_megatron.parallel.context import context_parallel_size
 from fpa_megatron.parallel.state import compute_device
 
 
@@ -235,10 +237,17 @@ def load_triton_attention(q: Tensor, k: Tensor, required: bool):
 
 
 class PenalizedDotProductAttention(DotProductAttention):
-    """Megatron-core's core attention with the FPA penalty of its local heads (causal self-attention)."""
+    """Megatron-core's core attention with the FPA penalty of its local heads (causal self-attention).
 
-    def __init__(self, *args, penalty: AttentionPenalty, **kwargs):
-        super().__init__(*args, **kwargs)
+    Under context parallelism (C > 1) each rank holds two chunks of every sequence; the attention of its
+    queries against every key runs across the CP ranks (`context_parallel_attention`), penalty included.
+    """
+
+    def __init__(self, config, *args, penalty: AttentionPenalty, **kwargs):
+        # The parent asserts context_parallel_size == 1 (its own attention is local); that is the one check
+        # that does not hold for us, so it sees a copy saying 1, and the real config is kept afterwards.
+        super().__init__(_with_context_parallel_size_one(config), *args, **kwargs)
+        self.config = config
         self.penalty = penalty
         if self.attention_dropout.p > 0 and penalty.impl != "eager":
             raise ValueError(f"model.attention_dropout={self.attention_dropout.p} needs model.attention_impl='eager' "
@@ -255,9 +264,9 @@ class PenalizedDotProductAttention(DotProductAttention):
                                        self.softmax_scale, attention_mask)
         out, row_penalty = self.attend(q, k, v, attention_mask, self.penalty.should_compute)
         if row_penalty is not None:
-            per_head = row_penalty.sum(-1).mean(0)  # [b, np, s] -> [np]
+            per_head = row_penalty.sum(-1).mean(0)  # [b, np, s] -> [np]; under CP this rank's rows only
             head_offset = self.pg_collection.tp.rank() * np_
-            weighted = self.penalty.add(self.layer_number - 1, head_offset, per_head, sq)
+            weighted = self.penalty.add(self.layer_number - 1, head_offset, per_head, sq * context_parallel_size())
             if torch.is_grad_enabled():
                 out = PenaltyGradInjector.apply(out, weighted, self.penalty.grad_scale)
         # [b, np, s, hn] -> [s, b, np * hn]
@@ -272,6 +281,12 @@ class PenalizedDotProductAttention(DotProductAttention):
             triton_attention = load_triton_attention(q, k, required=impl == "triton")
             path = "blockwise" if triton_attention is None else path
         self.penalty.path_calls[path] += 1
+        if context_parallel_size() > 1:  # the same kernel, run across the CP ranks' key chunks
+            from fpa_megatron.parallel.context_attention import context_parallel_attention
+
+            return context_parallel_attention(q, k, v, self.softmax_scale,
+                                              cp_group=parallel_state.get_context_parallel_group(), kernel=path,
+                                              block_size=self.penalty.block_size, **kernel_args)
         if path == "sdpa":
             return sdpa_attention(q, k, v, self.softmax_scale), None
         if path == "triton":
@@ -291,16 +306,25 @@ class PenalizedDotProductAttention(DotProductAttention):
             return self.attention_dropout(probs)
 
 
+def _with_context_parallel_size_one(config):
+    """A shallow copy of a TransformerConfig with context_parallel_size = 1 (see PenalizedDotProductAttention)."""
+    if config.context_parallel_size == 1:
+        return config
+    local = copy.copy(config)
+    local.context_parallel_size = 1
+    return local
+
+
 def reduce_penalty_record(penalty: AttentionPenalty, num_microbatches: int) -> Tensor:
     """The [L, H] penalty of the last step, complete on every rank.
 
     SUM over tensor-parallel ranks (heads) and pipeline stages (layers) -- each rank filled only its own
-    cells -- then MEAN over data-parallel ranks (batches) and micro-batches. float64, on the CPU.
+    cells --, SUM over context-parallel ranks (each holds some rows of the same sequences), then MEAN over
+    data-parallel ranks (batches) and micro-batches. float64, on the CPU.
     """
     record = penalty.record.to(compute_device()) / max(num_microbatches, 1)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(record, group=parallel_state.get_model_parallel_group())
-        dp_group = parallel_state.get_data_parallel_group()
-        torch.distributed.all_reduce(record, group=dp_group)
-        record /= torch.distributed.get_world_size(dp_group)
+        torch.distributed.all_reduce(record, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        record /= parallel_state.get_data_parallel_world_size()
     return record.cpu()

@@ -163,23 +163,40 @@ class AttentionStats:
     @torch.no_grad()
     def observe(self, layer_index: int, head_offset: int, q: Tensor, k: Tensor, softmax_scale: float,
                 attention_mask: Optional[Tensor] = None) -> None:
-        """Record one layer's local heads; q [b, hq_local, s, d], k [b, hkv_local, s, d] (causal)."""
-        if self.method == "eager":
-            collision, entropy, max_logit = eager_attention_stats(q, k, softmax_scale, attention_mask=attention_mask)
+        """Record one layer's local heads; q [b, hq_local, s, d], k [b, hkv_local, s, d] (causal).
+
+        Under context parallelism q and k are this rank's two chunks: the keys of the whole sequence are
+        gathered, and each query chunk sees the keys up to its own end (the causal mask of its rows).
+        """
+        from fpa_megatron.parallel.context import context_parallel_rank, context_parallel_size, gather_sequence
+        from fpa_megatron.parallel.context_attention import cp_chunk_bounds
+
+        cp_size = context_parallel_size()
+        if cp_size == 1:
+            collision, entropy, max_logit = self._row_stats(q, k, softmax_scale, attention_mask)
         else:
-            collision, entropy, max_logit = online_attention_stats(
-                q, k, softmax_scale, attention_mask=attention_mask, block_size=self.block_size)
+            keys = gather_sequence(k, seq_dim=2)
+            bounds = cp_chunk_bounds(keys.shape[2], cp_size, context_parallel_rank())
+            rows = [self._row_stats(part, keys[:, :, :end], softmax_scale, None)
+                    for part, (_, end) in zip(q.chunk(2, dim=2), bounds)]
+            collision, entropy, max_logit = (torch.cat(values, dim=2) for values in zip(*rows))
         heads = slice(head_offset, head_offset + q.shape[1])
         for record, value in ((self.collision, collision.mean((0, 2))), (self.entropy, entropy.mean((0, 2))),
                               (self.max_logit, max_logit.amax((0, 2)))):
             record[layer_index, heads] = value.detach().to("cpu", torch.float64)
 
+    def _row_stats(self, q: Tensor, k: Tensor, softmax_scale: float, attention_mask: Optional[Tensor]):
+        """Per-row (collision, entropy, max logit) of queries q, the last q.shape[2] positions of keys k."""
+        if self.method == "eager":
+            return eager_attention_stats(q, k, softmax_scale, attention_mask=attention_mask)
+        return online_attention_stats(q, k, softmax_scale, attention_mask=attention_mask, block_size=self.block_size)
+
     def reduce(self) -> dict[str, Tensor]:
         """{stat: [L, H] float64 on the CPU}, complete on every rank.
 
         Collision and entropy: SUM over tensor-parallel ranks (heads) and pipeline stages (layers) -- each rank
-        filled only its own cells -- then MEAN over data-parallel ranks (their micro-batches). Max logit: MAX
-        over all of them.
+        filled only its own cells -- then MEAN over data-parallel and context-parallel ranks (their micro-batches;
+        the CP ranks' rows of the same sequences, as many on each). Max logit: MAX over all of them.
         """
         from fpa_megatron.parallel.state import compute_device
 
@@ -190,7 +207,8 @@ class AttentionStats:
             from megatron.core import parallel_state
 
             dist = torch.distributed
-            mp_group, dp_group = parallel_state.get_model_parallel_group(), parallel_state.get_data_parallel_group()
+            mp_group = parallel_state.get_model_parallel_group()
+            dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
             dist.all_reduce(means, group=mp_group)
             dist.all_reduce(means, group=dp_group)
             means /= dist.get_world_size(dp_group)

@@ -35,7 +35,8 @@ def penalized_layer_spec(model_cfg: ModelConfig, penalty: AttentionPenalty) -> M
 
 
 def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                       ffn_hidden_size: int | None = None, virtual_pipeline: int = 1) -> TransformerConfig:
+                       ffn_hidden_size: int | None = None, virtual_pipeline: int = 1,
+                       context_parallel: int = 1) -> TransformerConfig:
     """Megatron's TransformerConfig for our model options; fused CUDA kernels off so CPU and GPU agree."""
     dtype = DTYPES[model_cfg.dtype]
     interleaved = virtual_pipeline > 1
@@ -62,6 +63,7 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
         # the same rank); its overlapped p2p (separate isend/irecv) works for every PP size.
         overlap_p2p_comm=interleaved,
         batch_p2p_comm=not interleaved,
+        context_parallel_size=context_parallel,  # RoPE builds C x s_local positions, keeps this rank's chunks
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -133,7 +135,8 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
         ffn_hidden_size,
-        virtual,
+        virtual_pipeline=virtual,
+        context_parallel=parallel_state.get_context_parallel_world_size(),
     )
     chunks = []
     for vp_stage in range(virtual):

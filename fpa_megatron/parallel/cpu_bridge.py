@@ -16,6 +16,9 @@ megatron-core 0.16.x (tests/parallel/test_cpu_bridge.py checks that they are sti
 6. Activation recomputation (`tensor_parallel.checkpoint`) saves and restores the CUDA RNG state through
    `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state`: they read and write the CPU state
    (which it also saves on its own, so both copies agree).
+7. Rotary embeddings under context parallelism: `RotaryEmbedding.forward` slices the positions of this CP rank
+   with `get_pos_emb_on_this_cp_rank`, whose index tensor is made in pinned memory and moved with `.cuda()`;
+   the name it calls in `rotary_pos_embedding` is bound to `_pos_emb_on_this_cp_rank` (same slicing, no pinning).
 
 No Megatron class is modified; everything is module-level and reversible (`uninstall()`).
 """
@@ -98,6 +101,17 @@ def _make_cpu_tracker_class():
     return CpuRNGStatesTracker
 
 
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim: int, cp_group):
+    """Megatron's `get_pos_emb_on_this_cp_rank` without pinned memory: the rows of chunks r and 2C-1-r."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, index)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
 def is_active() -> bool:
     return bool(_installed)
 
@@ -108,6 +122,7 @@ def install() -> bool:
         return False
     if _installed:
         return True
+    import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary
     import megatron.core.pipeline_parallel.schedules as schedules
     import megatron.core.tensor_parallel.random as tp_random
 
@@ -117,6 +132,7 @@ def install() -> bool:
     _installed["tensor_cuda"] = torch.Tensor.cuda
     _installed["rng_state_fns"] = (tp_random._get_cuda_rng_state, tp_random._set_cuda_rng_state)
     _installed["tracker"] = (tp_random._CUDA_RNG_STATE_TRACKER, tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED)
+    _installed["rotary_cp_slice"] = rotary.get_pos_emb_on_this_cp_rank
 
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda device=None: None
@@ -126,6 +142,7 @@ def install() -> bool:
     tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     tp_random._CUDA_RNG_STATE_TRACKER = _make_cpu_tracker_class()()
     tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    rotary.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     return True
 
 
@@ -133,6 +150,7 @@ def uninstall() -> None:
     """Undo `install()` (tests use it to show what breaks without the bridge)."""
     if not _installed:
         return
+    import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary
     import megatron.core.pipeline_parallel.schedules as schedules
     import megatron.core.tensor_parallel.random as tp_random
 
@@ -142,4 +160,5 @@ def uninstall() -> None:
     torch.Tensor.cuda = _installed["tensor_cuda"]
     tp_random._get_cuda_rng_state, tp_random._set_cuda_rng_state = _installed["rng_state_fns"]
     tp_random._CUDA_RNG_STATE_TRACKER, tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = _installed["tracker"]
+    rotary.get_pos_emb_on_this_cp_rank = _installed["rotary_cp_slice"]
     _installed.clear()

@@ -77,7 +77,10 @@ def destroy_model_parallel() -> None:
 class MegatronMPU:
     """What `deepspeed.initialize(mpu=...)` asks of a model-parallel unit, answered by Megatron's groups.
 
-    DeepSpeed names checkpoint files by the model-parallel rank, so that rank is unique across TP x PP.
+    DeepSpeed names checkpoint files by the model-parallel rank, so that rank is unique across TP x PP. Its
+    data-parallel group is Megatron's data-parallel-with-context group (DP x CP): the CP ranks of one replica
+    hold the same weights and partial gradients of the same sequences, so DeepSpeed averages gradients and
+    partitions ZeRO states over DP x CP (the loss and penalty are scaled by C to make that average a sum).
     """
 
     def get_model_parallel_rank(self):
@@ -90,13 +93,13 @@ class MegatronMPU:
         return parallel_state.get_model_parallel_group()
 
     def get_data_parallel_rank(self):
-        return parallel_state.get_data_parallel_rank()
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_world_size(self):
-        return parallel_state.get_data_parallel_world_size()
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_group(self):
-        return parallel_state.get_data_parallel_group()
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     def get_tensor_model_parallel_rank(self):
         return parallel_state.get_tensor_model_parallel_rank()

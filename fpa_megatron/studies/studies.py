@@ -102,6 +102,8 @@ class Study:
     scale: str
     out: Path
     data_dir: Path
+    seq_length: Optional[int] = None  # recall: the MQAR sequence length (None: the study's own)
+    buckets: Optional[tuple] = None  # recall: key-to-query distance buckets ((lo, hi), ...); None: the study's
     name = ""
     sizes = {}  # scale -> parameters (a class attribute of each study)
 
@@ -392,6 +394,24 @@ class RecallStudy(Study):
     BUCKETS = ((4, 15), (16, 29), (30, 43), (44, 58))  # key-to-query distances (this layout allows 4 .. 58)
 
     @property
+    def seq(self) -> int:
+        """The sequence length: --seq-length (thousands of tokens, with parallel.context) or SEQ."""
+        return self.seq_length or self.SEQ
+
+    @property
+    def distance_buckets(self) -> tuple:
+        """--buckets, else BUCKETS at the default length, else the distances this layout allows in 4 equal parts."""
+        if self.buckets:
+            return tuple(self.buckets)
+        if self.seq == self.SEQ:
+            return self.BUCKETS
+        from data_prep.synthetic import MQARSpec
+
+        lo, hi = MQARSpec(seq_length=self.seq, num_pairs=self.PAIRS, vocab_size=self.VOCAB).distance_bounds()
+        edges = [lo + round(i * (hi + 1 - lo) / 4) for i in range(5)]
+        return tuple((a, b - 1) for a, b in zip(edges, edges[1:]))
+
+    @property
     def test_prefix(self) -> str:
         return str((self.out / "data" / "test").resolve())
 
@@ -403,13 +423,13 @@ class RecallStudy(Study):
             if (data / f"{name}.idx").is_file():
                 continue
             args = ["synthetic", "mqar", "--out-dir", str(data), "--name", name, "--num-sequences", str(count),
-                    "--seq-length", str(self.SEQ), "--num-pairs", str(self.PAIRS), "--vocab-size", str(self.VOCAB),
+                    "--seq-length", str(self.seq), "--num-pairs", str(self.PAIRS), "--vocab-size", str(self.VOCAB),
                     "--seed", str(seed)]
             print("fpa-prep " + " ".join(args), flush=True)
             if prep(args) != 0:
                 raise RuntimeError(f"fpa-prep synthetic failed for {name}")
         cfg = self.common(s["steps"], s["eval_interval"], s["stats_interval"], log_interval=10 if s["steps"] > 50 else 1)
-        cfg["model"] = dict(s["model"], seq_length=self.SEQ, vocab_size=self.VOCAB, position_embedding="rope")
+        cfg["model"] = dict(s["model"], seq_length=self.seq, vocab_size=self.VOCAB, position_embedding="rope")
         cfg["fpa"] = dict(DEMO_FPA, gamma=self.GAMMA)
         # lr 1e-2 with 100 warmup steps learned recall fastest of 1e-3, 3e-3, 6e-3, 1e-2 (24 % after 1500 steps)
         cfg["optimizer"] = dict(lr=s["lr"], min_lr=3e-4, warmup_steps=min(100, s["steps"] // 5), grad_clip=1.0,
@@ -431,7 +451,8 @@ class RecallStudy(Study):
         if not todo:
             return
         command = [sys.executable, "-m", "fpa_megatron.studies.recall", "--num-pairs", str(self.PAIRS),
-                   "--test", self.test_prefix, "--buckets", *[f"{lo}-{hi}" for lo, hi in self.BUCKETS], "--", *todo]
+                   "--test", self.test_prefix, "--buckets", *[f"{lo}-{hi}" for lo, hi in self.distance_buckets], "--",
+                   *todo]
         print(f"evaluating recall of {len(todo)} run(s)", flush=True)
         with open(self.out / "recall_eval.log", "a") as log:
             result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
@@ -442,7 +463,7 @@ class RecallStudy(Study):
         arms = list(dict.fromkeys(s.arm for s in specs))
         from fpa_megatron.studies.recall import bucket_name
 
-        buckets = [bucket_name(lo, hi) for lo, hi in self.BUCKETS]
+        buckets = [bucket_name(lo, hi) for lo, hi in self.distance_buckets]
         per_run = {}
         scalars = {s.name: self.scalars(s) if done.get(s.name) else {} for s in specs}
         for s in specs:
@@ -473,9 +494,11 @@ class RecallStudy(Study):
         s = self.size
         lines = self.header(
             "Recall: multi-query associative recall at growing distances",
-            f"fpa-ablate recall{'' if self.scale == 'default' else ' --' + self.scale} --seeds {seeds}", seeds,
+            f"fpa-ablate recall{'' if self.scale == 'default' else ' --' + self.scale} --seeds {seeds}"
+            + (f" --seq-length {self.seq}" if self.seq != self.SEQ else "")
+            + (" --buckets " + " ".join(f"{lo}-{hi}" for lo, hi in self.buckets) if self.buckets else ""), seeds,
             f"""
-Zoology's MQAR (Arora et al. 2023) in its minimal setting: vocabulary {self.VOCAB}, sequences of {self.SEQ}
+Zoology's MQAR (Arora et al. 2023) in its minimal setting: vocabulary {self.VOCAB}, sequences of {self.seq}
 tokens, {self.PAIRS} key-value pairs at the start, every key queried once later (`fpa-prep synthetic mqar`);
 a {s['model']['num_layers']}-layer, {s['model']['hidden_size']}-wide GPT ({s['model']['num_attention_heads']} heads, rotary
 positions), {s['steps']} steps of {s['micro']} sequences (from {s['train_sequences']:,}), lr {s['lr']:g}, trained on the

@@ -189,7 +189,10 @@ class CheckpointLayoutError(ConfigError):
 
 @dataclass(frozen=True)
 class CheckpointLayout:
-    """How a checkpoint's shards are cut: DeepSpeed files per TP x PP rank, ZeRO partitions per DP rank."""
+    """How a checkpoint's shards are cut: DeepSpeed files per TP x PP rank, ZeRO partitions per DP x CP rank.
+
+    Context parallelism shards no weight: the CP ranks of one replica are part of DeepSpeed's data-parallel
+    group, so they only multiply the ZeRO partitions (`zero_partitions` = data x context)."""
 
     world_size: int
     tensor: int
@@ -197,19 +200,26 @@ class CheckpointLayout:
     data: int
     zero_stage: int
     virtual_pipeline: int = 1  # model chunks per stage; their layers are numbered per chunk in the files
+    context: int = 1
 
     @classmethod
     def of_run(cls, cfg: RunConfig, world_size: int) -> "CheckpointLayout":
-        tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-        return cls(world_size, tp, pp, world_size // (tp * pp), cfg.optimizer.zero_stage,
-                   cfg.parallel.virtual_pipeline)
+        tp, cp, pp = cfg.parallel.tensor, cfg.parallel.context, cfg.parallel.pipeline
+        return cls(world_size, tp, pp, world_size // (tp * cp * pp), cfg.optimizer.zero_stage,
+                   virtual_pipeline=cfg.parallel.virtual_pipeline, context=cp)
+
+    @property
+    def zero_partitions(self) -> int:
+        return self.data * self.context
 
     def describe(self) -> str:
         vp = f" x VP{self.virtual_pipeline}" if self.virtual_pipeline > 1 else ""
-        return f"TP{self.tensor} x PP{self.pipeline}{vp} x DP{self.data} ({self.world_size} ranks)"
+        context = f" x CP{self.context}" if self.context > 1 else ""
+        return f"TP{self.tensor}{context} x PP{self.pipeline}{vp} x DP{self.data} ({self.world_size} ranks)"
 
     def shards_match(self, other: "CheckpointLayout") -> bool:
-        """Same cut of model shards and ZeRO partitions (ZeRO-1 and -2 write the same files)."""
+        """Same cut of model shards and ZeRO partitions (ZeRO-1 and -2 write the same files; DP x CP is
+        world / (TP x PP) either way, so CP may change at the same world size)."""
         return ((self.world_size, self.tensor, self.pipeline, self.virtual_pipeline)
                 == (other.world_size, other.tensor, other.pipeline, other.virtual_pipeline))
 
@@ -218,7 +228,7 @@ def read_layout(path: Path) -> CheckpointLayout:
     """The layout a checkpoint was saved with: its layout.json, else (older or converted checkpoints) its
     config.yaml and the number of per-rank files (RNG states, or DeepSpeed's ZeRO partitions: one per rank)."""
     if (path / LAYOUT).is_file():
-        values = json.loads((path / LAYOUT).read_text())  # older ones have no virtual_pipeline: 1
+        values = json.loads((path / LAYOUT).read_text())  # older ones: no virtual_pipeline, no context (1)
         return CheckpointLayout(**{k: int(values[k]) for k in CheckpointLayout.__dataclass_fields__ if k in values})
     from fpa_megatron.config import load_config
 
@@ -242,9 +252,11 @@ def check_layout(path: Path, run: CheckpointLayout) -> None:
         f"its model shards and optimizer partitions do not fit this layout. Convert it with "
         f"`fpa-reshard --checkpoint {path} --tensor {run.tensor} --pipeline {run.pipeline} "
         + (f"--virtual-pipeline {run.virtual_pipeline} " if run.virtual_pipeline > 1 else "")
+        + (f"--context {run.context} " if run.context != saved.context else "")
         + f"--world-size {run.world_size} --out NEW_DIR`, "
         f"then resume with checkpoint.resume=NEW_DIR (or run with parallel.tensor={saved.tensor} "
-        f"parallel.pipeline={saved.pipeline} "
+        + (f"parallel.context={saved.context} " if saved.context > 1 else "")
+        + f"parallel.pipeline={saved.pipeline} "
         + (f"parallel.virtual_pipeline={saved.virtual_pipeline} " if saved.virtual_pipeline > 1 else "")
         + f"on {saved.world_size} ranks)")
 

@@ -117,8 +117,10 @@ def _read_layout(path: Path, cfg: RunConfig, first: dict) -> CheckpointLayout:
         raise CheckpointError(
             f"checkpoint {str(path)!r}: config.yaml says parallel.tensor={tp}, parallel.pipeline={pp} but DeepSpeed "
             f"recorded tp={recorded[0]}, pp={recorded[1]}, model-parallel size {recorded[2]}")
-    dp = int(first.get("dp_world_size", 1))
-    return CheckpointLayout(tp * pp * dp, tp, pp, dp, cfg.optimizer.zero_stage, cfg.parallel.virtual_pipeline)
+    cp = cfg.parallel.context
+    dp = int(first.get("dp_world_size", 1)) // cp  # DeepSpeed's data-parallel group is DP x CP
+    return CheckpointLayout(tp * cp * pp * dp, tp, pp, dp, cfg.optimizer.zero_stage,
+                            virtual_pipeline=cfg.parallel.virtual_pipeline, context=cp)
 
 
 def _stage_state(module: dict, pp_rank: int, cfg: RunConfig) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from fpa_megatron import faults
 from fpa_megatron.model.attention_penalty import AttentionPenalty, reduce_penalty_record
 from fpa_megatron.model.gpt import ModelChunks, model_chunks
+from fpa_megatron.parallel.context import context_parallel_size, split_batch_for_context_parallel
 from fpa_megatron.parallel.state import compute_device
 
 
@@ -35,26 +36,32 @@ class StepResult:
         return float(self.penalty_matrix.sum())
 
 
-def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Mean cross-entropy over the unmasked tokens of one micro-batch (the schedule divides by #micro-batches)."""
+def _lm_loss(loss_mask: torch.Tensor, num_tokens: torch.Tensor, per_token_loss: torch.Tensor):
+    """Cross-entropy summed over this rank's unmasked tokens, divided by the unmasked tokens of the whole
+    micro-batch: its mean over the micro-batch. Under context parallelism each CP rank holds a share of it; the
+    schedule multiplies this loss by C (and divides by #micro-batches), and DeepSpeed's gradient average over
+    DP x CP divides by C again, so the CP ranks' gradients add up to the gradient of the whole mean."""
     dtype = torch.promote_types(per_token_loss.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
     mask = loss_mask.reshape(-1).to(dtype)
-    loss = (per_token_loss.to(dtype).reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
+    loss = (per_token_loss.to(dtype).reshape(-1) * mask).sum() / num_tokens.to(dtype).clamp(min=1.0)
     if faults.loss_factor() != 1.0:  # FPA_FAULT drills only (NaN or spike); 1.0 otherwise
         loss = loss * faults.loss_factor()
     return loss, {"lm_loss": loss.detach().clone()}
 
 
 def _forward_step(engine, data_iterator: Iterator, model):
-    """One micro-batch through this stage (or model chunk). With a DeepSpeed engine, its forward wraps the
-    model so that ZeRO's gradient hooks see the schedule's own backward calls."""
+    """One micro-batch through this stage (or model chunk): this context-parallel rank's chunks of it (all of
+    it when C = 1). With a DeepSpeed engine, its forward wraps the model so that ZeRO's gradient hooks see the
+    schedule's own backward calls."""
     device = compute_device()
     batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
+    num_tokens = batch["loss_mask"].sum()  # of the whole micro-batch, before it is split over CP
+    batch = split_batch_for_context_parallel(batch)
     if engine is not None:
         model = engine if model.vp_stage is None else partial(engine, chunk=model.vp_stage)
     # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, partial(_lm_loss, batch["loss_mask"])
+    return output, partial(_lm_loss, batch["loss_mask"], num_tokens)
 
 
 def finalize_grads(model) -> None:
@@ -88,7 +95,8 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
     given, is the DeepSpeed engine wrapping it, used for the forward calls.
     """
     penalty.reset_record()
-    penalty.grad_scale = 1.0 / num_microbatches
+    # The penalty's gradient, like the LM loss's, is scaled by C: the average over DP x CP must sum the CP shares.
+    penalty.grad_scale = context_parallel_size() / num_microbatches
     schedule_model = model
     if isinstance(model, ModelChunks):  # interleaved: every chunk reads each micro-batch from its own iterator
         schedule_model, data_iterator = list(model), list(itertools.tee(data_iterator, len(model)))
@@ -104,16 +112,15 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
     if not forward_only:
         finalize_grads(model)
 
-    # LM loss: computed on the last stage; share it with the other stages, then average over DP.
+    # LM loss: computed on the last stage; share it with the other stages, add the CP shares, average over DP.
     loss = torch.zeros(1, dtype=torch.float64, device=compute_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
         loss += torch.stack([d["lm_loss"].double() for d in losses]).mean()
+    dp = parallel_state.get_data_parallel_world_size()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
-        dp_group = parallel_state.get_data_parallel_group()
-        torch.distributed.all_reduce(loss, group=dp_group)
-        loss /= torch.distributed.get_world_size(dp_group)
-    dp = parallel_state.get_data_parallel_world_size()
+        torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        loss /= dp
     return StepResult(
         lm_loss=float(loss),
         penalty_matrix=reduce_penalty_record(penalty, num_microbatches),

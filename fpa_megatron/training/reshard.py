@@ -1,12 +1,14 @@
-"""`fpa-reshard`: rewrite a checkpoint for another (TP, PP, DP) layout, so that training continues exactly.
+"""`fpa-reshard`: rewrite a checkpoint for another (TP, CP, PP, DP) layout, so that training continues exactly.
 
-    fpa-reshard --checkpoint runs/x/checkpoints --tensor 1 --pipeline 2 [--virtual-pipeline 2] [--data-parallel 2]
-                --out runs/x/pp2
+    fpa-reshard --checkpoint runs/x/checkpoints --tensor 1 --pipeline 2 [--virtual-pipeline 2] [--context 2] \
+        [--data-parallel 2] --out runs/x/pp2
 
 What moves: the model weights; the fp32 master weights and AdamW's exp_avg, exp_avg_sq and step, gathered
 from every ZeRO partition of every model-parallel rank into whole (TP 1 x PP 1) tensors, split again for the
-new TP size, placed on the new pipeline stages and partitioned over the new DP size the way DeepSpeed's
-ZeRO-1/2 partitions them; the iteration, consumed samples (the data position) and the lambda schedule.
+new TP size, placed on the new pipeline stages (and model chunks) and partitioned over the new DP x CP size
+(DeepSpeed's data-parallel group: context parallelism shards no weight, it only changes the ZeRO partitions
+and their file names) the way DeepSpeed's ZeRO-1/2 partitions them; the iteration, consumed samples (the data
+position) and the lambda schedule.
 The padded vocabulary keeps its size (the logits keep their columns; the loss leaves the padded ones out):
 when the new TP size would pad differently, `model.make_vocab_size_divisible_by` is set so that it does not.
 What does not move: the per-rank RNG streams (on GPUs they are device states); the
@@ -189,8 +191,8 @@ def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
     first: Optional[RankFiles] = None
     for mp, tp, pp in ranks_by_stage(layout):
         log(f"  reading model-parallel rank {mp} (TP rank {tp}, PP stage {pp})"
-            + (f" and its {layout.data} ZeRO partition(s)" if with_optimizer else ""))
-        rank = read_rank(ckpt, mp, layout.data, zero_prefix)
+            + (f" and its {layout.zero_partitions} ZeRO partition(s)" if with_optimizer else ""))
+        rank = read_rank(ckpt, mp, layout.zero_partitions, zero_prefix)
         first = first or rank
         def to_global(local: str, pp: int = pp) -> str:
             return stage_global_name(local, cfg.model.num_layers, layout.pipeline, layout.virtual_pipeline, pp)
@@ -348,6 +350,7 @@ def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp:
     """DeepSpeed's model-states file of one new model-parallel rank and the ZeRO file of each of its DP ranks."""
     gated = cfg.model.activation == "swiglu"
     tensor, pipeline, data = layout.tensor, layout.pipeline, layout.data
+    partitions = layout.zero_partitions  # DeepSpeed's data-parallel group is DP x CP
     groups = stage_groups(state, cfg, layout, pp)
     cache: dict = {}
 
@@ -366,10 +369,10 @@ def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp:
     model_states = {k: v for k, v in state.model_meta.items() if k not in ("module", "trainer")}
     model_states.update(
         module=module, param_shapes=[OrderedDict((local, module[local].shape) for local, _ in g) for g in groups],
-        dp_world_size=data, mp_world_size=tensor * pipeline, ds_config=ds_config,
+        dp_world_size=partitions, mp_world_size=tensor * pipeline, ds_config=ds_config,
         checkpoint_parallel_dimensions={"pp_degree": pipeline, "tp_degree": tensor})
     torch.save(model_states, out / MODEL_FILE.format(mp=mp))
-    for dp, zero in enumerate(zero_files(state, data, groups, shard, ds_config)):
+    for dp, zero in enumerate(zero_files(state, partitions, groups, shard, ds_config)):
         torch.save(zero, out / ZERO_FILE.format(prefix=state.zero_meta["prefix"], dp=dp, mp=mp))
 
 
@@ -383,7 +386,7 @@ def write_checkpoint(state: GlobalState, cfg: RunConfig, layout: CheckpointLayou
     iter_dir.mkdir(parents=True)
     try:
         for mp, tp, pp in ranks_by_stage(layout):
-            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {layout.data} "
+            log(f"  writing model-parallel rank {mp} (TP rank {tp}, PP stage {pp}) and {layout.zero_partitions} "
                 f"ZeRO partition(s)")
             write_rank(state, cfg, layout, mp, tp, pp, iter_dir)
         save_durable(trainer_state, iter_dir / TRAINER_STATE)
@@ -438,33 +441,37 @@ def check_new_layout(cfg: RunConfig, layout: CheckpointLayout) -> None:
 
 
 def new_layout(src: CheckpointLayout, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
-               world_size: Optional[int] = None, virtual_pipeline: int = 1) -> CheckpointLayout:
-    """DP: data_parallel, else world_size / (TP x PP), else the source's world size / (TP x PP)."""
+               world_size: Optional[int] = None, virtual_pipeline: int = 1,
+               context: Optional[int] = None) -> CheckpointLayout:
+    """CP: context, else the source's. DP: data_parallel, else world_size / (TP x CP x PP), else the source's
+    world size / (TP x CP x PP)."""
+    context = context or src.context
     if data_parallel is None:
         total = world_size or src.world_size
-        if total % (tensor * pipeline):
-            raise ReshardError(f"world size {total} is not divisible by TP {tensor} x PP {pipeline}; "
+        if total % (tensor * context * pipeline):
+            cp = f" x CP {context}" if context > 1 else ""
+            raise ReshardError(f"world size {total} is not divisible by TP {tensor}{cp} x PP {pipeline}; "
                                f"give --data-parallel or --world-size")
-        data_parallel = total // (tensor * pipeline)
-    return CheckpointLayout(tensor * pipeline * data_parallel, tensor, pipeline, data_parallel, src.zero_stage,
-                            virtual_pipeline)
+        data_parallel = total // (tensor * context * pipeline)
+    return CheckpointLayout(tensor * context * pipeline * data_parallel, tensor, pipeline, data_parallel,
+                            src.zero_stage, virtual_pipeline=virtual_pipeline, context=context)
 
 
 def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int, data_parallel: Optional[int] = None,
             world_size: Optional[int] = None, reset_optimizer: bool = False,
-            log: Callable[[str], None] = print, virtual_pipeline: int = 1) -> Path:
+            log: Callable[[str], None] = print, virtual_pipeline: int = 1, context: Optional[int] = None) -> Path:
     """Write the checkpoint `checkpoint` (an iter_* directory, a checkpoint root or a run directory) for
-    TP `tensor` x PP `pipeline` (x VP `virtual_pipeline` model chunks per stage) x DP into `out`, a new
-    checkpoint root (iter_*, `complete`, `latest`);
+    TP `tensor` x CP `context` (default: the checkpoint's) x PP `pipeline` (x VP `virtual_pipeline` model
+    chunks per stage) x DP into `out`, a new checkpoint root (iter_*, `complete`, `latest`);
     return the new iteration directory."""
     out = Path(out)
     if out.exists():
         raise ReshardError(f"--out {out} already exists; choose a new directory (nothing was written)")
     model = read_model_checkpoint(checkpoint)  # verifies the files it reads; the ZeRO files are verified in read_rank
     ckpt, cfg, src = model.path, model.config, model.layout
-    new = new_layout(src, tensor, pipeline, data_parallel, world_size, virtual_pipeline)
+    new = new_layout(src, tensor, pipeline, data_parallel, world_size, virtual_pipeline, context)
     new_cfg = copy.deepcopy(cfg)
-    new_cfg.parallel.tensor, new_cfg.parallel.pipeline = tensor, pipeline
+    new_cfg.parallel.tensor, new_cfg.parallel.pipeline, new_cfg.parallel.context = tensor, pipeline, new.context
     new_cfg.parallel.virtual_pipeline = virtual_pipeline
     check_new_layout(new_cfg, new)
     log(f"fpa-reshard: {ckpt} (step {model.step}, {model.consumed_samples} samples consumed): "
@@ -483,6 +490,8 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     overrides = [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}"]
     if virtual_pipeline != cfg.parallel.virtual_pipeline:
         overrides.append(f"parallel.virtual_pipeline={virtual_pipeline}")
+    if new.context != src.context or new.context > 1:
+        overrides.append(f"parallel.context={new.context}")
     if new_cfg.model.make_vocab_size_divisible_by != cfg.model.make_vocab_size_divisible_by:
         overrides.append(f"model.make_vocab_size_divisible_by={new_cfg.model.make_vocab_size_divisible_by}")
         log(f"  the padded vocabulary keeps its {model.padded_vocab_size} rows: model.make_vocab_size_divisible_by="
@@ -516,7 +525,7 @@ def reset_optimizer_state(state: GlobalState, cfg: RunConfig) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fpa-reshard",
-        description="Rewrite a checkpoint for another tensor / pipeline / data-parallel layout, with the model, "
+        description="Rewrite a checkpoint for another tensor / context / pipeline / data-parallel layout, with the model, "
         "the optimizer state (ZeRO partitions regathered), the data position and the lambda schedule.",
     )
     parser.add_argument("--checkpoint", required=True,
@@ -526,16 +535,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--pipeline", type=int, required=True, help="new pipeline-parallel size")
     parser.add_argument("--virtual-pipeline", type=int, default=1,
                         help="new number of model chunks per pipeline stage (interleaved schedule; default 1)")
+    parser.add_argument("--context", type=int, help="new context-parallel size (default: the checkpoint's)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--data-parallel", type=int, help="new data-parallel size (ZeRO partitions)")
-    size.add_argument("--world-size", type=int, help="number of ranks of the resumed run (DP = N / (TP x PP))")
+    size.add_argument("--world-size", type=int, help="number of ranks of the resumed run (DP = N / (TP x CP x PP))")
     parser.add_argument("--out", required=True, help="new checkpoint root (must not exist)")
     parser.add_argument("--reset-optimizer", action="store_true",
                         help="do not carry the optimizer state: AdamW restarts (moments 0, step 0)")
     args = parser.parse_args(argv)
     try:
         reshard(args.checkpoint, args.out, args.tensor, args.pipeline, args.data_parallel, args.world_size,
-                args.reset_optimizer, virtual_pipeline=args.virtual_pipeline)
+                args.reset_optimizer, virtual_pipeline=args.virtual_pipeline, context=args.context)
     except (CheckpointError, ConfigError) as err:
         print(f"fpa-reshard: error: {err}", file=sys.stderr)
         return 2

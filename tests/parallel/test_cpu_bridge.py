@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import megatron.core
+import megatron.core.models.common.embeddings.rope_utils as rope_utils
+import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary
 import megatron.core.pipeline_parallel.p2p_communication as p2p
 import megatron.core.pipeline_parallel.schedules as schedules
 import megatron.core.tensor_parallel.random as tp_random
@@ -29,6 +31,8 @@ SPOTS = [
     (tp_random.CudaRNGStatesTracker.add, "torch.cuda.get_rng_state()", "RNG tracker keeps CUDA states"),
     (tp_random._get_all_rng_states, "_get_cuda_rng_state(", "recompute saves the CUDA RNG state"),
     (tp_random._set_all_rng_states, "_set_cuda_rng_state(", "recompute restores the CUDA RNG state"),
+    (rope_utils.get_pos_emb_on_this_cp_rank, "pin_memory=True", "RoPE CP slice pins its index"),
+    (rotary.RotaryEmbedding.forward, "get_pos_emb_on_this_cp_rank(emb, 0, cp_group)", "RoPE slices per CP rank"),
 ]
 
 
@@ -86,3 +90,32 @@ def test_cpu_rng_tracker_forks_reproducible_streams():
     torch.manual_seed(1234)
     expected = torch.rand(8)
     assert torch.equal(torch.cat([a, b]), expected)  # one continuing stream seeded 1234
+
+
+def rope_slice_rank():
+    """Megatron's CP slice of the rotary table fails on CPU without the bridge; with it, rank r gets the rows of
+    chunks r and 2C-1-r (a table whose rows are their own positions, compared with cp_chunk_bounds)."""
+    from fpa_megatron.parallel.context_attention import cp_chunk_bounds
+
+    group = torch.distributed.group.WORLD
+    table = torch.arange(16.0).reshape(16, 1, 1, 1)
+    cpu_bridge.uninstall()
+    try:
+        rotary.get_pos_emb_on_this_cp_rank(table, 0, group)
+        unbridged = None
+    except (AssertionError, RuntimeError) as err:
+        unbridged = str(err)
+    finally:
+        cpu_bridge.install()
+    (a0, a1), (b0, b1) = cp_chunk_bounds(16, group.size(), group.rank())
+    got = rotary.get_pos_emb_on_this_cp_rank(table, 0, group).flatten().tolist()
+    return unbridged, got, list(range(a0, a1)) + list(range(b0, b1))
+
+
+def test_rope_slice_per_context_parallel_rank():
+    from fpa_megatron.testing import run_distributed
+
+    for rank, (unbridged, got, expected) in enumerate(run_distributed(rope_slice_rank, 2)):
+        assert unbridged is not None  # what Megatron does on CPU without the bridge
+        assert got == expected and len(got) == 8, rank
+    assert expected == [4, 5, 6, 7, 8, 9, 10, 11]  # rank 1 of CP 2: chunks 1 and 2

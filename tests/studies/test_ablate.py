@@ -230,3 +230,31 @@ def test_recall_scorer_counts_only_correct_answers():
     near = result["buckets"]["d04-12"]
     assert near["correct"] == int((key1_distances <= 12).sum())
     assert near["queries"] == int((queries["distance"] <= 12).sum())
+
+
+def test_recall_at_a_longer_sequence_under_context_parallelism(tmp_path_factory, tiny_corpus):
+    """`fpa-ablate recall --seq-length 96 --buckets ... --set parallel.context=2 --ranks 2`: every run trains
+    under CP2 (its checkpoint says so) on 96-token MQAR sequences and is scored per given distance bucket."""
+    from data_prep.synthetic import recall_by_lookup
+    from fpa_megatron.studies.recall import read_sequences
+
+    out = tmp_path_factory.mktemp("recall_cp2")
+    args = ["recall", "--tiny", "--seeds", "1", "--out", str(out), "--workers", "1", "--ranks", "2",
+            "--seq-length", "96", "--set", "parallel.context=2", "--buckets", "4-40", "41-91"]
+    assert ablate(args) == 0
+    assert json.loads((out / "study.json").read_text()) == {"study": "recall", "scale": "tiny", "seq_length": 96}
+    distances = [d for seq in read_sequences(str(out / "data" / "test")) for _, _, d in recall_by_lookup(seq, 4)]
+    assert len(distances) == 80 and max(distances) > 60  # beyond what the 64-token study can hold
+    buckets = {"d04-40": (4, 40), "d41-91": (41, 91)}
+    for name in ("fpa_off_seed1", "lambda0_1_seed1"):
+        run = out / "runs" / name
+        recall = json.loads((run / "recall.json").read_text())
+        assert sorted(recall["buckets"]) == sorted(buckets) and recall["overall"]["queries"] == 80
+        for bucket, (lo, hi) in buckets.items():
+            assert recall["buckets"][bucket]["queries"] == sum(lo <= d <= hi for d in distances)
+        layout = json.loads(next(run.glob("checkpoints/iter_*/layout.json")).read_text())
+        assert (layout["context"], layout["world_size"], layout["data"]) == (2, 2, 1)
+    report = (out / "report.md").read_text()
+    assert "--seq-length 96 --buckets 4-40 41-91" in report and "sequences of 96" in report
+    with pytest.raises(SystemExit, match="sequence length 96"):  # one directory, one sequence length
+        ablate(["recall", "--tiny", "--out", str(out), "--seq-length", "128"])

@@ -1,0 +1,121 @@
+"""Context parallelism on CPU: a training step of one sequence split over 2 ranks (CP2) against one process
+holding the whole sequence (CP1), and the FPA penalty's price under CP2.
+
+GPT with 2 layers, hidden 256, 8 heads, vocabulary 1024, one sequence of S = 4096 and 8192 tokens, fp32,
+`model.attention_impl: auto` (FPA on: the blockwise kernel, across the CP ranks under CP2; FPA off: the
+penalty-free kernel), 1 thread per rank. A step is Megatron's schedule forward + backward of the micro-batch
+(`forward_backward`, what `train()` runs) with the FPA penalty on (lambda 0.1) or off. One run alternates, per
+round, a CP1 process and a CP2 pair (2 gloo ranks), each timing its own steps after a warm-up; reported:
+median step time (the slower CP rank's), CP1 / CP2 speed-up (target >= 1.6), FPA on / off under CP2 (target
+<= 1.10), and the peak resident memory the step adds on one rank over its state before the step (Linux
+VmHWM after malloc_trim and resetting it: activations, gathered K/V, gradients; not the libraries or weights), CP2 / CP1
+at S = 8192 (target <= 0.6).
+
+    python benchmarks/context_parallel.py [--rounds 3] [--seqs 4096 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import time
+
+import torch
+
+from fpa_megatron.testing import run_distributed
+
+VOCAB, LAMBDA = 1024, 0.1
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def bench_rank(context: int, seqs: list[int], steps: int) -> dict:
+    """{(seq, 'on'|'off'): {"seconds": [...], "peak_mib": float}} on this rank."""
+    import torch.distributed as dist
+
+    from fpa_megatron.config import FPAConfig, ModelConfig
+    from fpa_megatron.model.gpt import build_gpt_model, make_penalty
+    from fpa_megatron.parallel.state import init_model_parallel
+    from fpa_megatron.training.forward_backward import forward_backward
+
+    torch.set_num_threads(1)
+    libc = ctypes.CDLL("libc.so.6")
+    out = {}
+    for seq in seqs:
+        init_model_parallel(1, 1, seed=0, context=context)
+        mc = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8, seq_length=seq, attention_impl="auto")
+        penalty = make_penalty(mc, FPAConfig(normalize="mean"))
+        model = build_gpt_model(mc, VOCAB, penalty, seed=0)
+        g = torch.Generator().manual_seed(seq)
+        tokens = torch.randint(0, VOCAB, (1, seq + 1), generator=g)
+        batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(1, seq),
+                     position_ids=torch.arange(seq).unsqueeze(0))
+
+        def step(fpa: str) -> None:
+            penalty.set_step(LAMBDA if fpa == "on" else 0.0, fpa == "on")
+            forward_backward(model, iter([batch]), penalty, num_microbatches=1, micro_batch_size=1, seq_length=seq)
+            model.zero_grad(set_to_none=True)
+
+        for fpa in ("on", "off"):
+            step(fpa)  # warm-up
+            libc.malloc_trim(0)  # hand the warm-up's freed memory back, or the timed step reuses it unseen
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := the current resident set
+            before = _rss_kib("VmRSS")
+            seconds = []
+            for _ in range(steps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                step(fpa)
+                seconds.append(time.perf_counter() - t0)
+            out[(seq, fpa)] = {"seconds": seconds, "peak_mib": (_rss_kib("VmHWM") - before) / 1024}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per setting and round")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192])
+    args = parser.parse_args()
+
+    samples = {(cp, seq, fpa): [] for cp in (1, 2) for seq in args.seqs for fpa in ("on", "off")}
+    peaks = {key: [] for key in samples}
+    for r in range(args.rounds):
+        for cp in ((1, 2) if r % 2 == 0 else (2, 1)):  # alternate the order: a slow spell hits both
+            ranks = run_distributed(bench_rank, cp, cp, args.seqs, args.steps, timeout_s=3600)
+            for (seq, fpa) in ranks[0]:
+                per_step = [max(rank[(seq, fpa)]["seconds"][i] for rank in ranks) for i in range(args.steps)]
+                samples[(cp, seq, fpa)] += per_step  # a CP step lasts as long as its slower rank
+                peaks[(cp, seq, fpa)].append(max(rank[(seq, fpa)]["peak_mib"] for rank in ranks))
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    peak = {key: min(v) for key, v in peaks.items()}  # the least disturbed measurement
+    print(f"\nstep time (median of {args.rounds * args.steps}), 1 thread per rank; peak = extra resident MiB per rank")
+    print(f"{'S':>6} {'FPA':>4} {'CP1 s':>8} {'CP2 s':>8} {'CP1/CP2':>8} {'CP1 MiB':>8} {'CP2 MiB':>8} {'CP2/CP1':>8}")
+    for seq in args.seqs:
+        for fpa in ("on", "off"):
+            one, two = med[(1, seq, fpa)], med[(2, seq, fpa)]
+            m1, m2 = peak[(1, seq, fpa)], peak[(2, seq, fpa)]
+            print(f"{seq:>6} {fpa:>4} {one:8.2f} {two:8.2f} {one / two:8.2f} {m1:8.0f} {m2:8.0f} {m2 / m1:8.2f}")
+    summary = {}
+    for seq in args.seqs:
+        summary[f"speedup_cp2_S{seq}_fpa_on"] = med[(1, seq, "on")] / med[(2, seq, "on")]
+        summary[f"fpa_on_off_cp2_S{seq}"] = med[(2, seq, "on")] / med[(2, seq, "off")]
+    top = max(args.seqs)
+    summary[f"memory_cp2_cp1_S{top}_fpa_on"] = peak[(2, top, "on")] / peak[(1, top, "on")]
+    print("\ntargets: CP1/CP2 >= 1.6, FPA on/off under CP2 <= 1.10, memory CP2/CP1 at the longest S <= 0.6")
+    print(json.dumps({k: round(v, 3) for k, v in summary.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
