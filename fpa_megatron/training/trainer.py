@@ -100,7 +100,8 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
         save_config(cfg, out_dir / "config.yaml")
 
     penalty = make_penalty(cfg.model, cfg.fpa)
-    model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed)
+    model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed,
+                            sequence_parallel=layout.sequence_parallel)
     engine = build_engine(model, cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, layout.num_microbatches)
     lambdas = LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled)
     steps, global_batch = cfg.train.steps, cfg.train.global_batch_size
