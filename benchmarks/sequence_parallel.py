@@ -9,7 +9,11 @@ finalizers see the frees; views share their storage and count once), so the figu
 tensors the step added on top of the weights (activations, temporaries, gradients, communication buffers),
 not the allocator's or the OS's view. The maximum over the two ranks is reported.
 Time: the cases alternate round by round in the same processes (rank 0's wall time of the step, medians).
-Targets: peak TP2+SP / TP2 <= 0.7 at S = 2048, time <= 1.05.
+Targets: peak TP2+SP / TP2 <= 0.7 at S = 2048, time <= 1.05. What SP can save is only what lives in the
+norm / residual region: per layer the two norms' inputs and the QKV / fc1 inputs (Megatron's linears keep the
+local slice and all-gather it again in backward), 4 of the ~12 s*b*h fp32 tensors a layer keeps here (no
+dropout masks, blockwise attention: no S x S buffer); the column-parallel activations are split by TP anyway.
+Korthikanti et al.'s own accounting gives 34/t / (10 + 24/t) = 0.77 at t = 2 (16-bit, with dropout masks).
 
     python benchmarks/sequence_parallel.py [--seq 2048] [--hidden 256] [--layers 4] [--heads 8] [--rounds 5]
         [--recompute none selective] [--vocab 1024]

@@ -2,7 +2,8 @@
 
 `forward_backward(...)` runs the schedule that fits the layout (no pipelining, or 1F1B), then makes the
 gradients complete on every stage (tied embedding grads summed between the first and last stage; the
-grads each tensor-parallel rank holds only a share of summed over TP) and returns the step's LM loss and the [L, H] penalty matrix, both reduced across all ranks.
+grads each tensor-parallel rank holds only a share of summed over TP) and returns the step's LM loss and
+the [L, H] penalty matrix, both reduced across all ranks.
 """
 
 from __future__ import annotations

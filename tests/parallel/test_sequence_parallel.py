@@ -237,6 +237,6 @@ def test_presets_turn_it_on_wherever_tensor_parallel():
     for path in presets:
         cfg = load_config(path, ["data.mock=true", "data.tokenizer=null"])
         assert cfg.parallel.sequence_parallel == (cfg.parallel.tensor > 1), path.name
-    smaller_gpus = load_config(presets[0].parent / "gpt_1.3b.yaml", ["data.mock=true", "data.tokenizer=null",
-                                                                    "parallel.tensor=2", "parallel.sequence_parallel=true"])
+    smaller_gpus = load_config(presets[0].parent / "gpt_1.3b.yaml", [
+        "data.mock=true", "data.tokenizer=null", "parallel.tensor=2", "parallel.sequence_parallel=true"])
     assert check_config(smaller_gpus, 8).sequence_parallel
