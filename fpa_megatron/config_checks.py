@@ -230,8 +230,17 @@ def _check_context_parallel(cfg: RunConfig) -> None:
 
 
 def _check_sequence_parallel(cfg: RunConfig) -> None:
-    if cfg.parallel.sequence_parallel:
-        _fail("parallel.sequence_parallel=true: sequence parallelism is not supported yet (use false)")
+    p, seq = cfg.parallel, cfg.model.seq_length
+    if not isinstance(p.sequence_parallel, bool):
+        _fail(f"parallel.sequence_parallel={p.sequence_parallel!r} must be true or false")
+    if not p.sequence_parallel:
+        return
+    if p.tensor == 1:
+        _fail("parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the sequence over the "
+              "tensor-parallel ranks; got parallel.tensor=1)")
+    if seq % p.tensor:
+        _fail(f"parallel.sequence_parallel=true: model.seq_length={seq} is not divisible by "
+              f"parallel.tensor={p.tensor}")
 
 
 def _check_virtual_pipeline(cfg: RunConfig) -> None:

@@ -11,10 +11,12 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fpa_megatron.config import ModelConfig
 from fpa_megatron.model.attention_penalty import AttentionPenalty, PenalizedDotProductAttention
+from fpa_megatron.model.sp_norm import SequenceParallelNorm
 from fpa_megatron.parallel.state import compute_device
 from fpa_megatron.parallel.weights import init_global_weights
 
@@ -24,20 +26,33 @@ ACTIVATION_FUNCS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="ta
 
 
 def penalized_layer_spec(model_cfg: ModelConfig, penalty: AttentionPenalty) -> ModuleSpec:
-    """The local GPT layer spec with `core_attention` replaced by the penalized attention (no patching);
-    with `qk_layernorm`, Megatron's per-head query and key norms (of the model's normalization type)."""
+    """The local GPT layer spec with `core_attention` replaced by the penalized attention (no patching) and
+    our norms (torch's, usable with sequence parallelism); with `qk_layernorm`, per-head query and key norms."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=model_cfg.normalization,
                                                   qk_layernorm=model_cfg.qk_layernorm))
-    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=PenalizedDotProductAttention, params={"penalty": penalty}
-    )
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    attention.core_attention = ModuleSpec(module=PenalizedDotProductAttention, params={"penalty": penalty})
+    layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelNorm
+    if model_cfg.qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = ModuleSpec(module=SequenceParallelNorm,
+                                                                   params={"for_qk": True})
     return spec
+
+
+def decoder_block_spec(layer_spec: ModuleSpec, config: TransformerConfig,
+                       vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """This stage's layers and the final norm: Megatron's default final norm refuses sequence parallelism."""
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=SequenceParallelNorm)
 
 
 def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                        ffn_hidden_size: int | None = None, virtual_pipeline: int = 1,
-                       context_parallel: int = 1) -> TransformerConfig:
-    """Megatron's TransformerConfig for our model options; fused CUDA kernels off so CPU and GPU agree."""
+                       context_parallel: int = 1, sequence_parallel: bool = False) -> TransformerConfig:
+    """Megatron's TransformerConfig for our model options; fused CUDA kernels off so CPU and GPU agree.
+
+    `sequence_parallel`: Megatron's SP inside the TP group (the embedding output is scattered over the
+    sequence, the output layer gathers it back; attention sees the whole sequence)."""
     dtype = DTYPES[model_cfg.dtype]
     interleaved = virtual_pipeline > 1
     swiglu = model_cfg.activation == "swiglu"
@@ -57,6 +72,7 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
         gated_linear_unit=swiglu,
         add_bias_linear=not swiglu,
         tensor_model_parallel_size=tensor_parallel,
+        sequence_parallel=sequence_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline if interleaved else None,
         # The interleaved schedule with batched p2p is refused for PP = 2 by Megatron-LM (both neighbours are
@@ -121,7 +137,7 @@ def model_chunks(model) -> list[GPTModel]:
 
 def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: AttentionPenalty,
                     ffn_hidden_size: int | None = None, seed: int | None = None,
-                    vocab_size: int | None = None) -> GPTModel | ModelChunks:
+                    vocab_size: int | None = None, sequence_parallel: bool = False) -> GPTModel | ModelChunks:
     """This rank's stage of the GPT (parallel_state must be initialized): a GPTModel, or with a virtual
     pipeline of size V, a `ModelChunks` of V GPTModels (chunk i built with vp_stage=i: Megatron's layer offsets).
 
@@ -137,13 +153,16 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         ffn_hidden_size,
         virtual_pipeline=virtual,
         context_parallel=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
     )
     chunks = []
     for vp_stage in range(virtual):
+        chunk_stage = vp_stage if virtual > 1 else None
         model = GPTModelOverVocabulary(
             real_vocab_size=vocab_size or padded_vocab_size,
             config=config,
-            transformer_layer_spec=penalized_layer_spec(model_cfg, penalty),
+            transformer_layer_spec=decoder_block_spec(penalized_layer_spec(model_cfg, penalty), config,
+                                                      vp_stage=chunk_stage),
             vocab_size=padded_vocab_size,
             max_sequence_length=model_cfg.max_position_embeddings or model_cfg.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage() and vp_stage == 0,
@@ -151,7 +170,7 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
             share_embeddings_and_output_weights=model_cfg.tie_embeddings,
             position_embedding_type="rope" if model_cfg.position_embedding == "rope" else "learned_absolute",
             rotary_base=model_cfg.rotary_base,
-            vp_stage=vp_stage if virtual > 1 else None,
+            vp_stage=chunk_stage,
         )
         if seed is not None:
             init_global_weights(model, seed, model_cfg.init_std)

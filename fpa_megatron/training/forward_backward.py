@@ -2,8 +2,9 @@
 
 `forward_backward(...)` runs the schedule that fits the layout (no pipelining, 1F1B, or interleaved 1F1B over
 the model chunks of a virtual pipeline), then makes the gradients complete on every stage (tied embedding
-grads summed between the first chunk of the first stage and the last chunk of the last stage) and
-returns the step's LM loss and the [L, H] penalty matrix, both reduced across all ranks.
+grads summed between the first chunk of the first stage and the last chunk of the last stage; the grads each
+tensor-parallel rank holds only a share of summed over TP) and returns the step's LM loss and the [L, H]
+penalty matrix, both reduced across all ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Iterator
 
 import torch
 from megatron.core import parallel_state
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from fpa_megatron import faults
@@ -22,6 +24,7 @@ from fpa_megatron.model.attention_penalty import AttentionPenalty, reduce_penalt
 from fpa_megatron.model.gpt import ModelChunks, model_chunks
 from fpa_megatron.parallel.context import context_parallel_size, split_batch_for_context_parallel
 from fpa_megatron.parallel.state import compute_device
+from fpa_megatron.training.optimizer import reduced_gradients
 
 
 @dataclass
@@ -64,9 +67,37 @@ def _forward_step(engine, data_iterator: Iterator, model):
     return output, partial(_lm_loss, batch["loss_mask"], num_tokens)
 
 
-def finalize_grads(model) -> None:
-    """Sum the tied word-embedding gradient between the first and last pipeline stage (the first and the last
+def is_tensor_parallel_partial(name: str, param) -> bool:
+    """Replicated over TP but with a gradient that is only this rank's share: with sequence parallelism the
+    norms and the row-parallel biases (Megatron marks them `sequence_parallel`; each rank saw its slice of
+    the sequence), and always the per-head query/key norms (each rank saw its heads). Megatron's rule."""
+    return getattr(param, "sequence_parallel", False) or ".q_layernorm." in name or ".k_layernorm." in name
+
+
+def allreduce_tensor_parallel_partial_grads(model, engine=None) -> None:
+    """Sum the partial gradients (`is_tensor_parallel_partial`) over the TP group: one flattened all-reduce.
+
+    Megatron does this in `finalize_model_grads`, only through its own DDP wrapper; with DeepSpeed we do it
+    here. Under ZeRO-2 the gradients were already averaged over DP in backward: DeepSpeed's accumulated
+    copies are summed then (the sums over TP and DP commute).
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    params = [p for n, p in model.named_parameters() if p.requires_grad and is_tensor_parallel_partial(n, p)]
+    grads = [g for g in reduced_gradients(engine, params) if g is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+    for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(summed)
+
+
+def finalize_grads(model, engine=None) -> None:
+    """Complete the gradients after the schedule's backward: the TP sum of partial gradients, then the
+    tied word-embedding gradient summed between the first and last pipeline stage (the first and the last
     model chunk with a virtual pipeline: the only chunks holding a copy)."""
+    allreduce_tensor_parallel_partial_grads(model, engine)
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return
     if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
@@ -110,7 +141,7 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
         forward_only=forward_only,
     )
     if not forward_only:
-        finalize_grads(model)
+        finalize_grads(model, engine)
 
     # LM loss: computed on the last stage; share it with the other stages, add the CP shares, average over DP.
     loss = torch.zeros(1, dtype=torch.float64, device=compute_device())

@@ -126,6 +126,28 @@ def optimizer_step(engine, lr: float) -> tuple[float, bool]:
     return (float(norm) if norm is not None else float("nan")), engine.was_step_applied()
 
 
+def reduced_gradients(engine, params: list) -> list:
+    """The tensors that hold `params`' gradients of this step before `engine.step()`: `param.grad`, except
+    under ZeRO-2, whose backward hooks already averaged them over DP into DeepSpeed's accumulated copies
+    (only the parameters of this rank's partition have one; None for the others).
+
+    Reads DeepSpeed's ZeRO-1/2 internals (`params_in_partition`, `all_grad_tensors`), as `discard_gradients`
+    does: DeepSpeed has no public handle on a gradient between backward and step.
+    """
+    if engine is None or not engine.zero_optimization_partition_gradients():
+        return [param.grad for param in params]
+    optimizer = engine.optimizer
+    accumulated = {}
+    for group, in_partition in enumerate(optimizer.params_in_partition):
+        if optimizer._use_compact_grad_partition_buffer(group):
+            raise NotImplementedError("ZeRO-2 with an fp32 gradient-accumulation buffer for 16-bit weights: "
+                                      "its compact gradient partitions are not handled here (use zero_stage 1)")
+        tensors = optimizer.all_grad_tensors.get(group)
+        if tensors is not None:
+            accumulated.update({id(param): grad for param, grad in zip(in_partition, tensors)})
+    return [accumulated.get(id(param)) for param in params]
+
+
 def discard_gradients(engine) -> None:
     """Drop this step's gradients without an update: parameters and optimizer state stay bit-identical.
 

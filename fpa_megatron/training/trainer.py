@@ -106,7 +106,7 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     import_weights = cfg.checkpoint.init_from and not checkpointer.has_resume_candidate()
     penalty = make_penalty(cfg.model, cfg.fpa)
     model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed,
-                            vocab_size=layout.vocab_size)
+                            vocab_size=layout.vocab_size, sequence_parallel=layout.sequence_parallel)
     if import_weights:  # weights only (before the engine copies them): step 0, a fresh optimizer, lambda_0
         load_global_state(model, initial_weights(cfg.checkpoint.init_from, layout.padded_vocab_size))
         log.info(f"initialized from {cfg.checkpoint.init_from} (weights only: step 0, a fresh optimizer)")

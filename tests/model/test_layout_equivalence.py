@@ -40,13 +40,13 @@ def _batches(seed: int = 0):
     return out
 
 
-def _model(variant: dict, impl: str = "eager"):
+def _model(variant: dict, impl: str = "eager", sequence_parallel: bool = False):
     from fpa_megatron.config import FPAConfig, ModelConfig
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
 
     mc = ModelConfig(seq_length=SEQ, attention_impl=impl, attention_block_size=8, **variant["model"])
     penalty = make_penalty(mc, FPAConfig(target=variant["target"], normalize=variant["normalize"]))
-    return build_gpt_model(mc, VOCAB, penalty), penalty
+    return build_gpt_model(mc, VOCAB, penalty, sequence_parallel=sequence_parallel), penalty
 
 
 def _run(model, penalty, lam: float):

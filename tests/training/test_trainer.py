@@ -239,7 +239,8 @@ def test_our_checkpoint_files_load_with_weights_only(straight_runs):
         rng = torch.load(ckpt / f"rng_rank_{rank}.pt", weights_only=True)
         assert rng["torch"].dtype == torch.uint8 and rng["tracker"]
     assert json.loads((ckpt / "layout.json").read_text()) == dict(world_size=2, tensor=1, pipeline=2, data=1,
-                                                                  zero_stage=1, context=1, step=8)
+                                                                  zero_stage=1, virtual_pipeline=1,
+                                                                  context=1, step=8)
 
 
 def test_layout_change_is_refused_before_any_weight_is_read(straight_runs, monkeypatch):

@@ -1,0 +1,140 @@
+"""Sequence parallelism: peak tensor memory per rank and step time, TP2 + SP against TP2 (issue 17).
+
+Two gloo ranks build the same GPT twice in one process group, once with `sequence_parallel` and once
+without, and run one optimizer step's forward and backward (Megatron's schedule, `forward_backward`, FPA
+penalty on; the optimizer update is the same in both and left out) on the same micro-batches.
+
+Peak tensor memory: a TorchDispatchMode that counts every storage an op creates while it is alive (weakref
+finalizers see the frees; views share their storage and count once), so the figure is the bytes of live
+tensors the step added on top of the weights (activations, temporaries, gradients, communication buffers),
+not the allocator's or the OS's view. The maximum over the two ranks is reported.
+Time: the cases alternate round by round in the same processes (rank 0's wall time of the step, medians).
+Targets: peak TP2+SP / TP2 <= 0.7 at S = 2048, time <= 1.05. What SP can save is only what lives in the
+norm / residual region: per layer the two norms' inputs and the QKV / fc1 inputs (Megatron's linears keep the
+local slice and all-gather it again in backward), 4 of the ~12 s*b*h fp32 tensors a layer keeps here (no
+dropout masks, blockwise attention: no S x S buffer); the column-parallel activations are split by TP anyway.
+Korthikanti et al.'s own accounting gives 34/t / (10 + 24/t) = 0.77 at t = 2 (16-bit, with dropout masks).
+
+    python benchmarks/sequence_parallel.py [--seq 2048] [--hidden 256] [--layers 4] [--heads 8] [--rounds 5]
+        [--recompute none selective] [--vocab 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fpa_megatron.testing import run_distributed
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the storages created under this mode that are still alive: `current` and its `peak`."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.current -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage._cdata  # the StorageImpl: one entry per storage, whatever views are made of it
+                if key not in self.sizes:
+                    self.sizes[key] = storage.nbytes()
+                    self.current += self.sizes[key]
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._freed, key)
+        return out
+
+
+def bench_rank(args) -> dict:
+    from fpa_megatron.config import FPAConfig, ModelConfig
+    from fpa_megatron.model.gpt import build_gpt_model, make_penalty
+    from fpa_megatron.parallel.state import init_model_parallel
+    from fpa_megatron.training.forward_backward import forward_backward
+
+    init_model_parallel(2, 1, seed=1)
+    micro, num_micro = 1, 2
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab, (num_micro * micro, args.seq + 1), generator=g)
+    batches = [dict(tokens=tokens[i:i + 1, :-1], labels=tokens[i:i + 1, 1:], loss_mask=torch.ones(micro, args.seq),
+                    position_ids=torch.arange(args.seq)[None]) for i in range(num_micro)]
+    models = {}
+    for recompute in args.recompute:
+        mc = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                         seq_length=args.seq, recompute=recompute, attention_impl="auto")
+        for sp in (False, True):
+            penalty = make_penalty(mc, FPAConfig())
+            penalty.set_step(0.1, True)
+            models[recompute, sp] = (build_gpt_model(mc, args.vocab, penalty, seed=3, sequence_parallel=sp), penalty)
+
+    def step(key):
+        model, penalty = models[key]
+        model.zero_grad(set_to_none=True)
+        result = forward_backward(model, iter(batches), penalty, num_microbatches=num_micro, micro_batch_size=micro,
+                                  seq_length=args.seq)
+        model.zero_grad(set_to_none=True)
+        return result.lm_loss
+
+    out = {"peak_mib": {}, "seconds": {k: [] for k in models}, "loss": {}}
+    for key in models:  # memory: one counted step each (after a warm-up step)
+        step(key)
+        with LiveTensorBytes() as counter:
+            out["loss"][key] = step(key)
+        peak = torch.tensor(float(counter.peak))
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        out["peak_mib"][key] = float(peak) / 2**20
+    keys = list(models)
+    for r in range(args.rounds):  # time: alternating order, same processes
+        for key in (keys if r % 2 == 0 else keys[::-1]):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            step(key)
+            out["seconds"][key].append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--recompute", nargs="+", default=["none", "selective"])
+    args = parser.parse_args()
+    res = run_distributed(bench_rank, 2, args, timeout_s=1800)[0]
+    print(f"GPT {args.layers} layers, hidden {args.hidden}, {args.heads} heads, S={args.seq}, vocab {args.vocab}, "
+          f"2 micro-batches of 1, fp32, FPA on (blockwise attention), 2 gloo ranks (TP2)")
+    summary = {}
+    for recompute in args.recompute:
+        tp2, sp = (recompute, False), (recompute, True)
+        mem = res["peak_mib"][sp] / res["peak_mib"][tp2]
+        ratios = [b / a for a, b in zip(res["seconds"][tp2], res["seconds"][sp])]
+        time_ratio = statistics.median(ratios)
+        print(f"recompute={recompute}: peak tensor memory per rank TP2 {res['peak_mib'][tp2]:.1f} MiB, "
+              f"TP2+SP {res['peak_mib'][sp]:.1f} MiB -> {mem:.3f} [{'met' if mem <= 0.7 else 'MISSED'} <= 0.7]; "
+              f"step TP2 {statistics.median(res['seconds'][tp2]):.2f} s, TP2+SP "
+              f"{statistics.median(res['seconds'][sp]):.2f} s -> {time_ratio:.3f} "
+              f"[{min(ratios):.3f}..{max(ratios):.3f}] [{'met' if time_ratio <= 1.05 else 'MISSED'} <= 1.05]; "
+              f"loss {res['loss'][tp2]:.6f} vs {res['loss'][sp]:.6f}")
+        summary[recompute] = {"peak_mib_tp2": res["peak_mib"][tp2], "peak_mib_tp2_sp": res["peak_mib"][sp],
+                              "memory_ratio": mem, "time_ratio": time_ratio, "time_ratios": ratios}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
