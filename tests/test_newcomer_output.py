@@ -53,7 +53,8 @@ except SystemExit as stop:
 print(" ".join(sorted({m.split('.')[0] for m in sys.modules})))
 """
 CLI_MODULES = ("fpa_megatron.cli", "data_prep.cli", "fpa_megatron.export.cli", "fpa_megatron.inference.generate",
-               "fpa_megatron.inference.evaluate", "fpa_megatron.training.reshard", "fpa_megatron.studies.cli")
+               "fpa_megatron.inference.evaluate", "fpa_megatron.training.reshard", "fpa_megatron.studies.cli",
+               "fpa_megatron.importer.cli", "fpa_megatron.planner.cli", "fpa_megatron.training.integrity")
 
 
 def test_help_imports_no_heavy_library():

@@ -119,3 +119,27 @@ def test_missing_transformers_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # what an environment without the extra looks like
     with pytest.raises(ExportError, match=r"pip install -e \.\[hf\]"):
         require_transformers()
+
+
+GENERATE_WITHOUT_MEGATRON = r"""
+import sys
+from fpa_megatron.inference.generate import main
+code = main(["--checkpoint", sys.argv[1], "--prompt", "def f(x):", "--max-new-tokens", "3"])
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"megatron", "deepspeed"})
+print("HEAVY", heavy)
+sys.exit(code)
+"""
+
+
+def test_generating_from_an_exported_directory_imports_no_megatron(runs, tmp_path_factory):
+    """An exported directory is a transformers model: fpa-generate on it reads no checkpoint, so it must not
+    pay for importing Megatron-core or DeepSpeed (seconds of a 15 s call, before)."""
+    import subprocess
+    import sys
+
+    out_dir, _, status = exported(tmp_path_factory, "gpt2")
+    assert status == 0
+    res = subprocess.run([sys.executable, "-c", GENERATE_WITHOUT_MEGATRON, str(out_dir)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY []" in res.stdout.splitlines(), res.stdout

@@ -6,7 +6,7 @@ attention kernels a CPU run uses (blockwise with the penalty; eager where it mat
 live tensor bytes (`LiveTensorBytes`, every storage an op creates until torch frees it) plus the parameters
 must be within 15 % of the planner's weights + gradients + activation peak, per rank (PP2: per stage).
 
-TP2 + SP and CP cases are listed too; they skip while config_checks rejects those layouts on this branch.
+The same for TP2 + sequence parallelism and CP2 (each rank's chunks of the sequence).
 """
 
 from __future__ import annotations
@@ -74,9 +74,8 @@ def measure_rank(cases):
         tp, pp, _, cp, seq = case[:5]
         init_model_parallel(tp, pp, seed=0, context=cp)
         penalty = make_penalty(cfg.model, cfg.fpa)
-        # when SP / CP land: build with cfg.parallel.sequence_parallel the way the trainer does, and give each
-        # CP rank its chunks of the batch (Megatron's get_batch_on_this_cp_rank)
-        model = build_gpt_model(cfg.model, VOCAB, penalty, seed=5)
+        # as the trainer builds it; forward_backward gives each CP rank its chunks of every micro-batch
+        model = build_gpt_model(cfg.model, VOCAB, penalty, seed=5, sequence_parallel=cfg.parallel.sequence_parallel)
         penalty.set_step(0.5, True)
         tokens = torch.randint(0, VOCAB, (MICROBATCHES, seq + 1), generator=torch.Generator().manual_seed(0))
         batches = [dict(tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(), loss_mask=torch.ones(1, seq),
@@ -111,7 +110,7 @@ def _case_id(case):
 def test_planner_memory_matches_a_measured_step(case):
     reason = _rejected(case)
     if reason is not None:
-        pytest.skip(f"config_checks rejects this layout on this branch: {reason}")
+        pytest.fail(f"config_checks rejects this layout: {reason}")
     tp, pp, sp, cp, seq, recompute, impl = case
     cfg = case_config(*case)
     layout = Layout(tensor=tp, pipeline=pp, context=cp, sequence_parallel=sp, recompute=recompute,
