@@ -26,10 +26,12 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
@@ -123,6 +125,8 @@ def score_stream(token_losses, tokens: np.ndarray, seq_length: int, batch_size: 
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[p] for p in pieces if len(p[0]) != seq_length]  # the shorter last window alone
     for batch in batches:
+        import torch  # (here, not at import: `fpa-eval --help` stays instant)
+
         inputs = torch.from_numpy(np.stack([b[0] for b in batch]))
         labels = torch.from_numpy(np.stack([b[1] for b in batch]))
         losses = token_losses(inputs, labels).double()
@@ -192,10 +196,12 @@ class HFScorer:
     def __init__(self, model):
         self.model = model
 
-    @torch.no_grad()
     def token_losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model(tokens).logits.float()
-        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(tokens).logits.float()
+            return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
 
 
 def evaluate(checkpoint: str, data: Optional[str] = None, split: Optional[str] = None, batches: Optional[int] = None,

@@ -12,8 +12,6 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
 
@@ -42,10 +40,10 @@ def sampling_options(temperature: float, top_k: Optional[int], top_p: Optional[f
             "top_p": 1.0 if top_p is None else top_p}
 
 
-@torch.no_grad()
 def generate(model, tokenizer, eod_id: int, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0) -> Generation:
     """Continue `prompt` (an empty prompt starts from the end-of-document token, i.e. a new document)."""
+    import torch  # here, not at import: `fpa-generate --help` stays instant
     from transformers import GenerationConfig
 
     if max_new_tokens < 1:
@@ -56,7 +54,8 @@ def generate(model, tokenizer, eod_id: int, prompt: str, max_new_tokens: int = 6
                               num_beams=1, **options)
     torch.manual_seed(seed)
     ids = torch.tensor([prompt_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, len(prompt_ids):]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, len(prompt_ids):]
     new_ids = out.tolist()
     stopped = eod_id in new_ids
     if stopped:
