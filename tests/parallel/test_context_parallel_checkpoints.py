@@ -100,7 +100,8 @@ def test_cp2_checkpoint_resumes_bitwise(session):
         for key in KEYS:
             assert math.isfinite(want[key]) and mine[key] == want[key], (key, mine, want)
     layout = json.loads((root / "cp2" / "iter_0000003" / "layout.json").read_text())
-    assert layout == dict(world_size=2, tensor=1, pipeline=1, data=1, zero_stage=1, context=2, step=3)
+    assert layout == dict(world_size=2, tensor=1, pipeline=1, data=1, zero_stage=1, context=2, virtual_pipeline=1,
+                          step=3)
     # CP shards no weight: one model file; DeepSpeed partitions ZeRO over DP x CP = 2
     names = sorted(p.name for p in (root / "cp2" / "iter_0000003").glob("*_states.pt"))
     assert names == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
