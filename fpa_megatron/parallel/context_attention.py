@@ -7,10 +7,12 @@ causal work: chunk r sees r + 1 chunks of keys, chunk 2C-1-r sees 2C - r.
 Exchange: K/V gathered once per layer (all-gather, as Llama 3 did), not a ring. Each rank's K/V for all
 hkv heads (GQA heads are never repeated) goes out in one asynchronous `all_gather_single`; while it is in
 flight the rank computes both of its query chunks against their own (diagonal) chunk, then, with the whole
-sequence's K/V, each chunk against the fully visible chunks before it, and merges the two partial results
-through their log-sum-exp (`merge_partials`). The backward gathers K/V again (saving it would hold S tokens
+sequence's K/V, each chunk against the fully visible chunks before it (one partial per owner rank, read as
+a view of the receive buffer: fully visible keys may come in any order, so the gathered K/V is never copied
+into sequence order), and merges the partial results through their log-sum-exp (`merge_partials`). The backward gathers K/V again (saving it would hold S tokens
 of K/V per layer), overlapped with the first chunk's diagonal, and sends dK/dV back to their owners in one
-asynchronous `reduce_scatter_single`, overlapped with the second chunk's diagonal. Why not a ring: with the
+asynchronous `reduce_scatter_single` (accumulated in the receive buffer's rank order, so nothing is reordered),
+overlapped with the second chunk's diagonal. Why not a ring: with the
 load-balanced layout a ring needs C - 1 rounds of sends, each one as large as the all-gathered buffer's share,
 and on gloo each round is a synchronization of two processes; the two collectives move the same bytes in
 one call each and overlap as well. K/V are small next to the attention itself (2 * hkv * d values per
@@ -163,7 +165,8 @@ class _SdpaCpuKernel:
 
 
 def _sequence_order(gathered: Tensor, cp_size: int) -> Tensor:
-    """[C, ..., s_local, d] as gathered (rank r: chunks r, 2C-1-r) -> [..., S, d] in sequence order."""
+    """[C, ..., s_local, d] as gathered (rank r: chunks r, 2C-1-r) -> [..., S, d] in sequence order (a copy:
+    only the eager reference path uses it)."""
     first, second = gathered.unflatten(-2, (2, gathered.shape[-2] // 2)).unbind(-3)  # [C, ..., c, d] each
     chunks = torch.cat([first, second.flip(0)])  # [2C, ..., c, d]: chunk i at index i
     return chunks.movedim(0, -3).flatten(-3, -2)
@@ -176,8 +179,22 @@ def _rank_order(x: Tensor, cp_size: int) -> Tensor:
     return per_rank.flatten(-3, -2).contiguous()
 
 
+def visible_key_blocks(chunk: int, cp_size: int) -> list[tuple[int, int]]:
+    """The keys a query chunk sees fully (every chunk before it), as (owner CP rank j, local chunks of j): 2 when
+    both of j's chunks come before `chunk` (its local K/V whole), 1 when only its first (chunk j) does. Keys
+    fully visible may be attended in any order, so each block is a view of the gathered buffer, never a copy."""
+    blocks = []
+    for j in range(cp_size):
+        if 2 * cp_size - 1 - j < chunk:
+            blocks.append((j, 2))
+        elif j < chunk:
+            blocks.append((j, 1))
+    return blocks
+
+
 class _KVGather:
-    """One asynchronous all-gather of this rank's K and V; `wait()` returns both in sequence order."""
+    """One asynchronous all-gather of this rank's K and V; `wait()` returns both as [C, b, hkv, s_local, d] in
+    rank order (views of the one receive buffer: rank j's K/V at index j, its chunks j and 2C-1-j in order)."""
 
     def __init__(self, k: Tensor, v: Tensor, group):
         self.cp_size = dist.get_world_size(group)
@@ -187,17 +204,16 @@ class _KVGather:
 
     def wait(self) -> tuple[Tensor, Tensor]:
         self.work.wait()
-        k_all, v_all = _sequence_order(self.gathered, self.cp_size).unbind(0)  # [b, hkv, S, d] each
-        return k_all, v_all
+        return self.gathered[:, 0], self.gathered[:, 1]
 
 
 class _GradScatter:
-    """One asynchronous reduce-scatter of dK/dV over the whole sequence; `wait()` returns this rank's share."""
+    """One asynchronous reduce-scatter of dK/dV, given in rank order as one [C, 2, b, hkv, s_local, d] buffer;
+    `wait()` returns this rank's summed share (dk, dv)."""
 
-    def __init__(self, dk_all: Tensor, dv_all: Tensor, group):
-        full = _rank_order(torch.stack([dk_all, dv_all]), dist.get_world_size(group))  # [C, 2, b, hkv, sl, d]
-        self.local = full.new_empty(full.shape[1:])
-        self.work = dist.reduce_scatter_single(self.local, full.flatten(0, 1), group=group, async_op=True)
+    def __init__(self, grads: Tensor, group):
+        self.local = grads.new_empty(grads.shape[1:])
+        self.work = dist.reduce_scatter_single(self.local, grads.flatten(0, 1), group=group, async_op=True)
 
     def wait(self) -> tuple[Tensor, Tensor]:
         self.work.wait()
@@ -210,7 +226,11 @@ def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class ContextParallelAttention(torch.autograd.Function):
-    """Forward and backward of `context_parallel_attention` for the merging kernels (blockwise, triton, sdpa)."""
+    """Forward and backward of `context_parallel_attention` for the merging kernels (blockwise, triton, sdpa).
+
+    Memory: besides this rank's own tensors, only two buffers of the whole sequence's K/V size exist, and not
+    at once beyond one layer: the gathered K/V (forward, then again in backward) and the dK/dV receive-order
+    buffer that is reduce-scattered; the kernels read views of them, one owner rank's block at a time."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kernel, group):
@@ -221,10 +241,11 @@ class ContextParallelAttention(torch.autograd.Function):
         # each half against its own chunk, while the other ranks' K/V arrive
         parts = [[kernel.forward(qh, kh, vh, causal=True)] for qh, kh, vh in zip(_halves(q), _halves(k),
                                                                                   _halves(v))]
-        k_all, v_all = pending.wait()
+        k_ranks, v_ranks = pending.wait()
         for half, chunk, qh in zip(parts, chunks, _halves(q)):
-            if chunk > 0:  # the chunks before it, every key visible
-                half.append(kernel.forward(qh, k_all[:, :, :chunk * c], v_all[:, :, :chunk * c], causal=False))
+            for j, n in visible_key_blocks(chunk, cp_size):  # the chunks before it, every key visible
+                half.append(kernel.forward(qh, k_ranks[j, :, :, :n * c], v_ranks[j, :, :, :n * c], causal=False))
+        del k_ranks, v_ranks, pending  # the whole sequence's K/V is not kept: backward gathers it again
         merged = [merge_partials(half, kernel.target) for half in parts]
         out = torch.cat([m.out for m in merged], dim=2).to(q.dtype)
         lse2 = torch.cat([m.lse2 for m in merged], dim=2)
@@ -246,6 +267,7 @@ class ContextParallelAttention(torch.autograd.Function):
             return (None,) * 5
         if grad_out is None:
             grad_out = torch.zeros_like(out)
+        cp_size = dist.get_world_size(group)
         c = q.shape[2] // 2
         delta = score_grad_shift(out, grad_out, collision, g)  # [b, hq, s_local]
         rows = [tuple(_halves(t)) if t is not None else (None, None) for t in (q, grad_out, out, lse2, delta, g)]
@@ -254,24 +276,23 @@ class ContextParallelAttention(torch.autograd.Function):
         pending = _KVGather(k, v, group)
         (k0, k1), (v0, v1) = _halves(k), _halves(v)
         first = kernel.backward(rows[0][0], k0, v0, *rows[0][1:], causal=True)  # while K/V arrive
-        k_all, v_all = pending.wait()
-        acc = first[1].dtype
-        dk_all = torch.zeros(k_all.shape, dtype=acc, device=k.device)
-        dv_all = torch.zeros(v_all.shape, dtype=acc, device=v.device)
+        k_ranks, v_ranks = pending.wait()
+        grads = torch.zeros((cp_size, 2) + tuple(k.shape), dtype=first[1].dtype, device=k.device)  # rank order
         dq = [first[0], None]
         for i, chunk in enumerate(ctx.chunks):
-            if chunk == 0:
-                continue
-            end = chunk * c
-            dq_p, dk_p, dv_p = kernel.backward(rows[i][0], k_all[:, :, :end], v_all[:, :, :end], *rows[i][1:],
-                                               causal=False)
-            dq[i] = dq_p if dq[i] is None else dq[i] + dq_p
-            dk_all[:, :, :end] += dk_p
-            dv_all[:, :, :end] += dv_p
-        scatter = _GradScatter(dk_all, dv_all, group)
+            for j, n in visible_key_blocks(chunk, cp_size):
+                keys = slice(0, n * c)
+                dq_p, dk_p, dv_p = kernel.backward(rows[i][0], k_ranks[j, :, :, keys], v_ranks[j, :, :, keys],
+                                                   *rows[i][1:], causal=False)
+                dq[i] = dq_p if dq[i] is None else dq[i] + dq_p
+                grads[j, 0, :, :, keys] += dk_p
+                grads[j, 1, :, :, keys] += dv_p
+        del k_ranks, v_ranks, pending
+        scatter = _GradScatter(grads, group)
         second = kernel.backward(rows[1][0], k1, v1, *rows[1][1:], causal=True)  # while dK/dV travel
         dq[1] = second[0] if dq[1] is None else dq[1] + second[0]
         dk_local, dv_local = scatter.wait()
+        del scatter, grads
         dk = dk_local + torch.cat([first[1], second[1]], dim=2)
         dv = dv_local + torch.cat([first[2], second[2]], dim=2)
         return torch.cat(dq, dim=2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
@@ -283,11 +304,13 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k: Tensor, v: Tensor, group):
         ctx.group = group
-        return _KVGather(k, v, group).wait()
+        cp_size = dist.get_world_size(group)
+        return tuple(_sequence_order(t, cp_size) for t in _KVGather(k, v, group).wait())
 
     @staticmethod
     def backward(ctx, dk_all: Tensor, dv_all: Tensor):
-        dk, dv = _GradScatter(dk_all, dv_all, ctx.group).wait()
+        grads = _rank_order(torch.stack([dk_all, dv_all]), dist.get_world_size(ctx.group))  # [C, 2, ...]
+        dk, dv = _GradScatter(grads, ctx.group).wait()
         return dk, dv, None
 
 

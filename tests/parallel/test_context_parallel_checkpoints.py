@@ -148,4 +148,8 @@ def test_export_reads_a_cp2_checkpoint(session):
     _, cp1_logits = logits(root / "cp1" / "iter_0000003")
     assert cp2_logits.abs().max() > 1.0 and torch.isfinite(cp2_logits).all()
     assert torch.equal(cp2_logits, rewritten_logits)
-    torch.testing.assert_close(cp2_logits, cp1_logits, rtol=1e-4, atol=1e-4)
+    # two trainings, not one set of weights: the CP2 attention sums in another fp32 order (a partial per key
+    # owner), and 3 Adam steps at lr 1e-2 turn rounding-level gradient differences into ~1e-4 weight
+    # differences; a wrong reader differs by O(1). Exactness is checked above (torch.equal) and in
+    # tests/parallel/test_context_attention.py (1e-5 against float64).
+    torch.testing.assert_close(cp2_logits, cp1_logits, rtol=1e-3, atol=1e-3)
