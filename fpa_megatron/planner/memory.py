@@ -167,6 +167,8 @@ def layer_activations(cfg: RunConfig, layout: Layout, device: str = "cuda") -> L
             block, key_block = m.attention_block_size, max(2048 // m.attention_block_size, 1) * m.attention_block_size
             tiles = 2 * b * local_heads * block * min(s, key_block) * FP32
         attention_backward_extra = residual_grad + sb * h // t * e + copies + tiles
+    if cp > 1:  # the context-parallel exchange: the gathered K/V of the whole sequence and its dK/dV buffer
+        attention_backward_extra += cp * sb * kv // t * (e + FP32)
     return LayerActivations(attention_half, internal, mlp_half, layer_input, mlp_backward_extra,
                             attention_backward_extra)
 
