@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from fpa_megatron.testing import free_port, run_distributed
+from tests.training.tensorboard_losses import losses_per_attempt
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {
@@ -321,18 +322,6 @@ def _torchrun(config_file: str, log_dir: Path, *launcher_args: str, fault: str |
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def _losses_per_attempt(run_dir: Path) -> list[dict[int, float]]:
-    """train/lm_loss by step from each TensorBoard event file (one per attempt), oldest first."""
-    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-
-    attempts = []
-    for path in run_dir.glob("events.out.tfevents.*"):
-        events = list(LegacyEventFileLoader(str(path)).Load())
-        losses = {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == "train/lm_loss"}
-        attempts.append((events[0].wall_time, losses))
-    return [losses for _, losses in sorted(attempts, key=lambda a: a[0])]
-
-
 def _timestamp(log: str, fragment: str) -> datetime:
     line = next(line for line in log.splitlines() if fragment in line)
     return datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
@@ -352,7 +341,7 @@ def preempted_then_lost_rank(tmp_path_factory, config_file) -> dict:
     run["latest_after_first"] = (run["dir"] / "checkpoints" / "latest").read_text().strip()
     run["second_code"], run["second_log"] = _torchrun(config_file, log_dir, "--max-restarts", "1",
                                                       fault="kill_rank@5:1")
-    run["attempts"] = _losses_per_attempt(run["dir"])
+    run["attempts"] = losses_per_attempt(run["dir"])
     return run
 
 

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from fpa_megatron.testing import free_port
+from tests.training.tensorboard_losses import losses_per_attempt
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {
@@ -85,18 +86,6 @@ def _finish(*procs: subprocess.Popen, timeout_s: float = 240) -> list[int]:
     return codes
 
 
-def _losses_per_attempt(run_dir: Path) -> list[dict[int, float]]:
-    """train/lm_loss by step from each TensorBoard event file (one per attempt of rank 0), oldest first."""
-    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-
-    attempts = []
-    for path in run_dir.glob("events.out.tfevents.*"):
-        events = list(LegacyEventFileLoader(str(path)).Load())
-        losses = {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == "train/lm_loss"}
-        attempts.append((events[0].wall_time, losses))
-    return [losses for _, losses in sorted(attempts, key=lambda a: a[0])]
-
-
 def _logs(*files: Path) -> str:
     return "\n".join(f.read_text(errors="replace") for f in files if f.exists())
 
@@ -117,7 +106,7 @@ def one_node(tmp_path_factory, config_file) -> dict[int, float]:
                            "data.cache_dir=" + str(log_dir / "cache")],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    (losses,) = _losses_per_attempt(log_dir / "run")
+    (losses,) = losses_per_attempt(log_dir / "run")
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 
@@ -130,7 +119,7 @@ def test_two_nodes_equal_one_node(tmp_path, config_file, one_node):
     codes = _finish(first, second)
     log = _logs(tmp_path / "node_a.log", tmp_path / "node_b.log")
     assert codes == [0, 0], log[-3000:]
-    assert _losses_per_attempt(tmp_path / "run") == [one_node]
+    assert losses_per_attempt(tmp_path / "run") == [one_node]
 
 
 def _lost_and_back(tmp_path: Path, config_file: str, *launcher_args: str, store_port: int | None = None,
@@ -149,7 +138,7 @@ def _lost_and_back(tmp_path: Path, config_file: str, *launcher_args: str, store_
     time.sleep(5)
     nodes[lost] = _agent(config_file, tmp_path, port, logs[lost], *args)  # the node returns
     codes = _finish(*nodes)
-    return codes, _logs(*logs), _losses_per_attempt(tmp_path / "run")
+    return codes, _logs(*logs), losses_per_attempt(tmp_path / "run")
 
 
 def _assert_resumed_equal(codes, log, attempts, one_node):
