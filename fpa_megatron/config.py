@@ -99,6 +99,10 @@ class ParallelConfig:
     context: int = 1  # context parallelism: each sequence split over this many ranks (2 x context chunks)
     sequence_parallel: bool = False  # Megatron's sequence parallelism inside the TP group (needs tensor > 1)
     virtual_pipeline: int = 1  # model chunks per pipeline stage (the interleaved 1F1B schedule; needs pipeline > 1)
+    # Resume a checkpoint saved with another data-parallel size (a job whose node count changed: torchrun
+    # --nnodes MIN:MAX; launch/torchrun.sh sets it for such a range) by rewriting its ZeRO partitions for this
+    # world size; the global batch is kept by more or fewer micro-batches. Off: such a resume is refused.
+    elastic: bool = False
     # Every process group (torch's default group, Megatron's TP/PP/DP groups) gives up on a collective after
     # this long: a rank that stalls or dies makes the others fail with an error naming this key. Generous
     # enough for a checkpoint save or rank 0 building the dataset indices while the others wait.

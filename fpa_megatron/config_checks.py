@@ -346,14 +346,14 @@ def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
 
 
 def _check_resume(cfg: RunConfig, world_size: int) -> None:
-    """The checkpoint this run would resume from is complete and was saved in this run's layout (read from
-    its layout.json, before any weight is read)."""
+    """The checkpoint this run would resume from is complete and was saved in this run's layout, or in one
+    that parallel.elastic rewrites (read from its layout.json, before any weight is read)."""
     from fpa_megatron.training.checkpoint import (CheckpointLayout, check_layout, checkpoint_root,
                                                   resolve_resume)
 
     path, _ = resolve_resume(checkpoint_root(cfg), str(cfg.checkpoint.resume))
     if path is not None:
-        check_layout(path, CheckpointLayout.of_run(cfg, world_size))
+        check_layout(path, CheckpointLayout.of_run(cfg, world_size), elastic=cfg.parallel.elastic)
 
 
 def _check_guard_and_timeout(cfg: RunConfig) -> None:

@@ -4,7 +4,12 @@
 #   launch/torchrun.sh [options] CONFIG [key.sub=value ...]
 #
 # Options (each also read from the environment variable in brackets; defaults are for one node):
-#   --nnodes N           number of nodes                                  [NNODES, 1]
+#   --nnodes N|MIN:MAX   number of nodes; a range makes the job elastic:   [NNODES, 1]
+#                        the group starts with every node that joins (MIN at least) and, when a
+#                        node is lost, restarts (--max-restarts) with the rest while MIN are left;
+#                        the newest checkpoint's ZeRO partitions are rewritten for the new
+#                        data-parallel size (parallel.elastic=true is passed) and the global batch
+#                        is kept by more micro-batches per rank
 #   --node-rank R        rank of this node, 0..N-1                        [NODE_RANK, 0]
 #   --master-addr HOST   address of node 0                                [MASTER_ADDR, 127.0.0.1]
 #   --master-port PORT   free TCP port on node 0                          [MASTER_PORT, 29500]
@@ -23,6 +28,8 @@
 #                        any lost node can rejoin and the group restarts (--max-restarts)
 #   --join-timeout S     seconds a restarting group waits for a lost node [JOIN_TIMEOUT, the
 #                        to come back before the job fails                 config's parallel.timeout_minutes]
+#   --last-call S        with --nnodes MIN:MAX: seconds the rendezvous    [LAST_CALL, 30]
+#                        waits for more nodes once MIN have joined
 #   --shutdown-timeout S seconds the workers get to finish the step and   [SHUTDOWN_TIMEOUT, 300]
 #                        save a checkpoint after torchrun forwards SIGTERM/SIGUSR1, before SIGKILL
 #   --config CONFIG      the YAML config (or give it as the first positional argument)
@@ -52,6 +59,7 @@ MAX_RESTARTS="${MAX_RESTARTS:-0}"
 SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-300}"
 EXTERNAL_STORE="${EXTERNAL_STORE:-0}"
 JOIN_TIMEOUT="${JOIN_TIMEOUT:-}"
+LAST_CALL="${LAST_CALL:-30}"
 CONFIG=""
 DRY_RUN=0
 OVERRIDES=()
@@ -75,6 +83,7 @@ while [[ $# -gt 0 ]]; do
         --shutdown-timeout|--shutdown_timeout) need_value "$@"; SHUTDOWN_TIMEOUT="$2"; shift 2 ;;
         --external-store) EXTERNAL_STORE=1; shift ;;
         --join-timeout|--join_timeout) need_value "$@"; JOIN_TIMEOUT="$2"; shift 2 ;;
+        --last-call|--last_call) need_value "$@"; LAST_CALL="$2"; shift 2 ;;
         --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -94,8 +103,17 @@ if [[ -z "$NPROC_PER_NODE" ]]; then
     NPROC_PER_NODE="$(gpu_count)"
     if [[ "$NPROC_PER_NODE" -lt 1 ]]; then NPROC_PER_NODE=2; fi
 fi
-for pair in "nnodes:$NNODES" "node-rank:$NODE_RANK" "master-port:$MASTER_PORT" "nproc-per-node:$NPROC_PER_NODE" \
-        "max-restarts:$MAX_RESTARTS" "shutdown-timeout:$SHUTDOWN_TIMEOUT"; do
+ELASTIC=0
+if [[ "$NNODES" =~ ^([0-9]+):([0-9]+)$ ]]; then
+    if (( BASH_REMATCH[1] < 1 || BASH_REMATCH[1] > BASH_REMATCH[2] )); then
+        echo "torchrun.sh: --nnodes $NNODES must be MIN:MAX with 1 <= MIN <= MAX" >&2
+        exit 2
+    fi
+    ELASTIC=1
+    MIN_NODES="${BASH_REMATCH[1]}"
+fi
+for pair in "nnodes:${MIN_NODES:-$NNODES}" "node-rank:$NODE_RANK" "master-port:$MASTER_PORT" "nproc-per-node:$NPROC_PER_NODE" \
+        "max-restarts:$MAX_RESTARTS" "shutdown-timeout:$SHUTDOWN_TIMEOUT" "last-call:$LAST_CALL"; do
     if ! [[ "${pair#*:}" =~ ^[0-9]+$ ]]; then
         echo "torchrun.sh: --${pair%%:*} must be a non-negative integer, got '${pair#*:}'" >&2
         exit 2
@@ -105,7 +123,7 @@ if [[ -n "$JOIN_TIMEOUT" && ! "$JOIN_TIMEOUT" =~ ^[0-9]+$ ]]; then
     echo "torchrun.sh: --join-timeout must be a non-negative integer, got '$JOIN_TIMEOUT'" >&2
     exit 2
 fi
-if [[ -z "$RDZV_ID" && ( "$MAX_RESTARTS" -gt 0 || "$EXTERNAL_STORE" == 1 ) ]]; then
+if [[ -z "$RDZV_ID" && ( "$MAX_RESTARTS" -gt 0 || "$EXTERNAL_STORE" == 1 || "$ELASTIC" == 1 ) ]]; then
     RDZV_ID="fpa-$MASTER_PORT"  # restarts need the c10d rendezvous: the static one keeps a stale store
 fi
 if [[ -z "$RDZV_ID" && "$NODE_RANK" -ge "$NNODES" ]]; then
@@ -130,6 +148,7 @@ print(round(load_config(sys.argv[1], sys.argv[2:]).parallel.timeout_minutes * 60
     fi
     RDZV_CONF="join_timeout=$JOIN_TIMEOUT"
     if [[ "$EXTERNAL_STORE" == 1 ]]; then RDZV_CONF+=",is_host=false"; fi
+    if [[ "$ELASTIC" == 1 ]]; then RDZV_CONF+=",last_call_timeout=$LAST_CALL"; fi
     ARGS+=(--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID"
         --rdzv-conf "$RDZV_CONF")
     # A fresh store for every attempt: in the store torchrun shares with its workers, a restarted group can
@@ -139,6 +158,7 @@ else
     CMD=("${LAUNCHER[@]}" "${ARGS[@]}"
         --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 fi
+if [[ "$ELASTIC" == 1 ]]; then OVERRIDES+=("parallel.elastic=true"); fi  # a resume may meet another DP size
 CMD+=(-m fpa_megatron.cli --config "$CONFIG" "${OVERRIDES[@]}")
 
 if [[ "$DRY_RUN" == 1 ]]; then

@@ -25,7 +25,8 @@ What makes a checkpoint trustworthy:
   `torch.load(weights_only=True)`: no pickled code runs on resume. DeepSpeed's files too: its engine loads
   through `SafeCheckpointEngine` (weights_only=True, allowing only the DeepSpeed classes it pickles).
 - The layout is recorded; resuming under another world size, TP or PP is refused before any weight is
-  read, with both layouts named and the `fpa-reshard` command that converts the checkpoint.
+  read, with both layouts named and the `fpa-reshard` command that converts the checkpoint. Under
+  `parallel.elastic` a change of the data-parallel size alone is rewritten on the fly (elastic.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,12 +45,14 @@ import torch.distributed as dist
 
 from fpa_megatron.config import ConfigError, RunConfig, run_dir, save_config
 from fpa_megatron.logging.run_log import get_logger
+from fpa_megatron.training.checkpoint_layout import (LAYOUT, CheckpointLayout, CheckpointLayoutError,  # noqa: F401
+                                                     check_layout, read_layout)
+from fpa_megatron.training import elastic
 from fpa_megatron.training.integrity import (MARKER, CheckpointIntegrityError, agree_on_problem,
                                              checkpoint_problem, describe_files, has_checksums, marker_text)
 
 LATEST = "latest"
 HISTORY = "history.json"
-LAYOUT = "layout.json"
 TRAINER_STATE = "trainer_state.pt"
 ABANDONED = "abandoned"
 TAG_PREFIX = "iter_"
@@ -183,82 +186,10 @@ def load_trusted(path: Path) -> Any:
 # ------------------------------------------------------------------------------------------ layout
 
 
-class CheckpointLayoutError(ConfigError):
-    """The checkpoint was saved under another world size, TP or PP than this run."""
-
-
-@dataclass(frozen=True)
-class CheckpointLayout:
-    """How a checkpoint's shards are cut: DeepSpeed files per TP x PP rank, ZeRO partitions per DP x CP rank.
-
-    Context parallelism shards no weight: the CP ranks of one replica are part of DeepSpeed's data-parallel
-    group, so they only multiply the ZeRO partitions (`zero_partitions` = data x context)."""
-
-    world_size: int
-    tensor: int
-    pipeline: int
-    data: int
-    zero_stage: int
-    virtual_pipeline: int = 1  # model chunks per stage; their layers are numbered per chunk in the files
-    context: int = 1
-
-    @classmethod
-    def of_run(cls, cfg: RunConfig, world_size: int) -> "CheckpointLayout":
-        tp, cp, pp = cfg.parallel.tensor, cfg.parallel.context, cfg.parallel.pipeline
-        return cls(world_size, tp, pp, world_size // (tp * cp * pp), cfg.optimizer.zero_stage,
-                   virtual_pipeline=cfg.parallel.virtual_pipeline, context=cp)
-
-    @property
-    def zero_partitions(self) -> int:
-        return self.data * self.context
-
-    def describe(self) -> str:
-        vp = f" x VP{self.virtual_pipeline}" if self.virtual_pipeline > 1 else ""
-        context = f" x CP{self.context}" if self.context > 1 else ""
-        return f"TP{self.tensor}{context} x PP{self.pipeline}{vp} x DP{self.data} ({self.world_size} ranks)"
-
-    def shards_match(self, other: "CheckpointLayout") -> bool:
-        """Same cut of model shards and ZeRO partitions (ZeRO-1 and -2 write the same files; DP x CP is
-        world / (TP x PP) either way, so CP may change at the same world size)."""
-        return ((self.world_size, self.tensor, self.pipeline, self.virtual_pipeline)
-                == (other.world_size, other.tensor, other.pipeline, other.virtual_pipeline))
-
-
-def read_layout(path: Path) -> CheckpointLayout:
-    """The layout a checkpoint was saved with: its layout.json, else (older or converted checkpoints) its
-    config.yaml and the number of per-rank files (RNG states, or DeepSpeed's ZeRO partitions: one per rank)."""
-    if (path / LAYOUT).is_file():
-        values = json.loads((path / LAYOUT).read_text())  # older ones: no virtual_pipeline, no context (1)
-        return CheckpointLayout(**{k: int(values[k]) for k in CheckpointLayout.__dataclass_fields__ if k in values})
-    from fpa_megatron.config import load_config
-
-    saved = load_config(path / "config.yaml")
-    world = max(len(list(path.glob("rng_rank_*.pt"))), len(list(path.glob("*_optim_states.pt"))))
-    return CheckpointLayout.of_run(saved, world)
-
-
 def write_layout(path: Path, layout: CheckpointLayout, step: int) -> None:
     """Record the layout next to the shards (layout.json), so a resume can check it before reading weights."""
     write_atomic(path / LAYOUT, json.dumps(dict(asdict(layout), step=step)) + "\n")
 
-
-def check_layout(path: Path, run: CheckpointLayout) -> None:
-    """Raise CheckpointLayoutError naming both layouts when the checkpoint at path cannot load into run."""
-    saved = read_layout(path)
-    if saved.shards_match(run):
-        return
-    raise CheckpointLayoutError(
-        f"checkpoint {path.name} ({path}) was saved with {saved.describe()}; this run is {run.describe()}: "
-        f"its model shards and optimizer partitions do not fit this layout. Convert it with "
-        f"`fpa-reshard --checkpoint {path} --tensor {run.tensor} --pipeline {run.pipeline} "
-        + (f"--virtual-pipeline {run.virtual_pipeline} " if run.virtual_pipeline > 1 else "")
-        + (f"--context {run.context} " if run.context != saved.context else "")
-        + f"--world-size {run.world_size} --out NEW_DIR`, "
-        f"then resume with checkpoint.resume=NEW_DIR (or run with parallel.tensor={saved.tensor} "
-        + (f"parallel.context={saved.context} " if saved.context > 1 else "")
-        + f"parallel.pipeline={saved.pipeline} "
-        + (f"parallel.virtual_pipeline={saved.virtual_pipeline} " if saved.virtual_pipeline > 1 else "")
-        + f"on {saved.world_size} ranks)")
 
 
 # ------------------------------------------------------------------------------------------ lineage
@@ -541,7 +472,9 @@ class Checkpointer:
                  Path(engine._get_zero_ckpt_name(str(path.parent), path.name)).name, TRAINER_STATE]
         if not (path / RESHARDED).exists():
             names.append(f"rng_rank_{dist.get_rank()}.pt")
-        if has_checksums(path):
+        if not self._layout_fits(path):  # this rank's files are not the ones it would read: rank 0 checks all
+            names = None if dist.get_rank() == 0 else [TRAINER_STATE]  # (load then rewrites it or refuses)
+        if has_checksums(path) and names is not None:
             names.append(LAYOUT)
         elif dist.get_rank() == 0:
             log.warning(f"checkpoint {path} has no checksums (written before checksums were recorded): "
@@ -589,22 +522,39 @@ class Checkpointer:
             problem = self.verify(path, engine)
             if problem:
                 raise CheckpointIntegrityError(f"checkpoint {path} is damaged: {problem}")
-        check_layout(path, CheckpointLayout.of_run(self.cfg, dist.get_world_size()))
+        load_dir = self._loadable(path)  # path, or (parallel.elastic) its copy rewritten for this world size
         load_safely(engine)  # DeepSpeed's files through weights_only=True
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+        load_path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-        rng_file = path / f"rng_rank_{dist.get_rank()}.pt"
-        if rng_file.exists() or not (path / RESHARDED).exists():
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {load_dir}")
+        rng_file = load_dir / f"rng_rank_{dist.get_rank()}.pt"
+        if rng_file.exists() or not (load_dir / RESHARDED).exists():
             set_rng_state(load_trusted(rng_file))
         elif dist.get_rank() == 0:  # RNG streams do not map across layouts: keep those seeded from train.seed
-            log.info(f"{path} was resharded (fpa-reshard): RNG streams start from train.seed")
-        state = load_trusted(path / TRAINER_STATE)
+            log.info(f"{load_dir} was resharded (fpa-reshard or parallel.elastic): RNG streams start from train.seed")
+        state = load_trusted(load_dir / TRAINER_STATE)
         self.resumed_from = path
         self._protected.add(path.resolve())
         dist.barrier()  # every rank has read path before rank 0 reorganizes the root
         if dist.get_rank() == 0:
             self._start_lineage(path)
+            elastic.remove_copy(load_dir, self.root)
         dist.barrier()
         return state
+
+    def _layout_fits(self, path: Path) -> bool:
+        """Whether this run's ranks can read checkpoint path's files as they are (an unreadable layout counts
+        as fitting: the verification then names what is wrong with the files)."""
+        try:
+            return read_layout(path).shards_match(CheckpointLayout.of_run(self.cfg, dist.get_world_size()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+
+    def _loadable(self, path: Path) -> Path:
+        """The directory to load path from: path itself when its layout is this run's; under parallel.elastic
+        a copy rewritten for this world size when only the data-parallel size differs; else
+        CheckpointLayoutError naming both layouts (before any weight is read)."""
+        run = CheckpointLayout.of_run(self.cfg, dist.get_world_size())
+        saved = check_layout(path, run, elastic=self.cfg.parallel.elastic)
+        return path if saved is None else elastic.rewrite_for_this_world(path, saved, run, self.root)

@@ -8,7 +8,9 @@ its TensorBoard files and compared with one node running both ranks.
   group (--max-restarts), both resume from the newest checkpoint and end equal to the uninterrupted run;
 - the store hosted outside the agents (--external-store, python -m fpa_megatron.parallel.rendezvous_store):
   node 0, which would otherwise host it, is lost and comes back: the same;
-- a node that never comes back: the survivor fails within parallel.timeout_minutes, naming the lost node.
+- a node that never comes back: the survivor fails within parallel.timeout_minutes, naming the lost node;
+- unless the job is elastic (--nnodes 1:2): then the survivor goes on alone, its newest checkpoint's ZeRO
+  partitions rewritten for DP1, and ends with the two-node run's losses.
 """
 
 from __future__ import annotations
@@ -159,10 +161,8 @@ def test_with_the_store_outside_the_agents_losing_node_zero_is_survived_too(tmp_
     """Without --external-store, losing the agent that hosts the store ends the job (every other agent fails
     with RendezvousConnectionError); hosted by its own process, the store outlives the lost node."""
     port = free_port()
-    store = subprocess.Popen([sys.executable, "-m", "fpa_megatron.parallel.rendezvous_store", "--port", str(port)],
-                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    store = _external_store(port)
     try:
-        assert "listening" in store.stdout.readline()
         codes, log, attempts = _lost_and_back(tmp_path, config_file, "--external-store", store_port=port,
                                               lose_first=True)
     finally:
@@ -193,3 +193,39 @@ def test_a_node_that_never_returns_fails_the_survivor_in_time_naming_it(tmp_path
                      rf"the lost or stalled peer is on node \d \(host \S+, rank {lost_rank}\)", log), log[-3000:]
     # the restarted group waited for the node as long as a collective may wait, then the job failed
     assert ended - gone <= timedelta(minutes=timeout_minutes, seconds=90), (ended - gone, log[-3000:])
+
+
+def _external_store(port: int) -> subprocess.Popen:
+    store = subprocess.Popen([sys.executable, "-m", "fpa_megatron.parallel.rendezvous_store", "--port", str(port)],
+                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert "listening" in store.stdout.readline()
+    return store
+
+
+def test_an_elastic_job_goes_on_with_the_nodes_left(tmp_path, config_file, one_node):
+    """--nnodes 1:2, node b lost for good as step 4 starts: node a's agent restarts the group alone (the
+    rendezvous closes --last-call seconds after its one node joined), the step-2 checkpoint (DP2) is rewritten
+    for DP1 (parallel.elastic, set by the launcher), and DP1 with 4 micro-batches per step continues as the
+    two-node run did (fp32 rounding of the other reduction order). The store runs outside the agents so both
+    nodes join the first rendezvous together."""
+    port = free_port()
+    logs = [tmp_path / "node_a.log", tmp_path / "node_b.log"]
+    args = ("--nnodes", "1:2", "--max-restarts", "2", "--external-store", "--last-call", "10")
+    store = _external_store(port)
+    try:
+        survivor = _agent(config_file, tmp_path, port, logs[0], *args)
+        lost = _agent(config_file, tmp_path, port, logs[1], *args, fault=KILL_NODE)
+        assert lost.wait(timeout=400) == -9, _logs(*logs)[-3000:]
+        (code,) = _finish(survivor)
+    finally:
+        store.terminate()
+        store.wait(timeout=30)
+    log = _logs(*logs)
+    assert code == 0, log[-4000:]
+    assert ("parallel.elastic: checkpoint iter_0000002 was saved with TP1 x PP1 x DP2 (2 ranks); this run is "
+            "TP1 x PP1 x DP1 (1 ranks)") in log, log[-3000:]
+    attempts = losses_per_attempt(tmp_path / "run")
+    assert attempts[0] == {step: one_node[step] for step in range(1, LOST_AT)}  # two nodes, up to the loss
+    last = attempts[-1]
+    assert sorted(last) == list(range(3, STEPS + 1))
+    assert [last[s] for s in sorted(last)] == pytest.approx([one_node[s] for s in sorted(last)], rel=1e-5, abs=0)
