@@ -7,7 +7,9 @@ penalty on; the optimizer update is the same in both and left out) on the same m
 Peak tensor memory: a TorchDispatchMode that counts every storage an op creates while it is alive (weakref
 finalizers see the frees; views share their storage and count once), so the figure is the bytes of live
 tensors the step added on top of the weights (activations, temporaries, gradients, communication buffers),
-not the allocator's or the OS's view. The maximum over the two ranks is reported.
+not the allocator's or the OS's view (`fpa_megatron.planner.live_memory.LiveTensorBytes`, the counter the
+planner is tested against). The maximum over the two ranks is reported. Also timed: the backend's all-reduce
+against a reduce-scatter + all-gather of one [S, hidden] activation (what TP and SP send per norm region).
 Time: the cases alternate round by round in the same processes (rank 0's wall time of the step, medians).
 Targets: peak TP2+SP / TP2 <= 0.7 at S = 2048, time <= 1.05. What SP can save is only what lives in the
 norm / residual region: per layer the two norms' inputs and the QKV / fc1 inputs (Megatron's linears keep the
@@ -25,38 +27,11 @@ import argparse
 import json
 import statistics
 import time
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from fpa_megatron.planner.live_memory import LiveTensorBytes
 from fpa_megatron.testing import run_distributed
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the storages created under this mode that are still alive: `current` and its `peak`."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes: dict[int, int] = {}
-        self.current = self.peak = 0
-
-    def _freed(self, key: int) -> None:
-        self.current -= self.sizes.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = storage._cdata  # the StorageImpl: one entry per storage, whatever views are made of it
-                if key not in self.sizes:
-                    self.sizes[key] = storage.nbytes()
-                    self.current += self.sizes[key]
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._freed, key)
-        return out
 
 
 def bench_rank(args) -> dict:
@@ -103,7 +78,31 @@ def bench_rank(args) -> dict:
             t0 = time.perf_counter()
             step(key)
             out["seconds"][key].append(time.perf_counter() - t0)
+    out["collectives"] = time_collectives(args.seq, args.hidden)
     return out
+
+
+def time_collectives(seq: int, hidden: int, rounds: int = 20) -> dict:
+    """Median seconds of what each layout sends per norm region on this backend, for one [seq, hidden] fp32
+    activation over the TP group: TP's all-reduce, SP's reduce-scatter + all-gather (on NCCL a ring
+    all-reduce is itself a reduce-scatter + all-gather, so the two move the same bytes)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    x = torch.randn(seq, hidden)
+    shard, full = torch.empty(seq // 2, hidden), torch.empty(seq, hidden)
+    seconds = {"all_reduce": [], "reduce_scatter_all_gather": []}
+    for _ in range(rounds):
+        torch.distributed.barrier(group)
+        t0 = time.perf_counter()
+        torch.distributed.all_reduce(x, group=group)
+        seconds["all_reduce"].append(time.perf_counter() - t0)
+        torch.distributed.barrier(group)
+        t0 = time.perf_counter()
+        torch.distributed.reduce_scatter_tensor(shard, x, group=group)
+        torch.distributed.all_gather_into_tensor(full, shard, group=group)
+        seconds["reduce_scatter_all_gather"].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in seconds.items()}
 
 
 def main() -> None:
@@ -133,6 +132,12 @@ def main() -> None:
               f"loss {res['loss'][tp2]:.6f} vs {res['loss'][sp]:.6f}")
         summary[recompute] = {"peak_mib_tp2": res["peak_mib"][tp2], "peak_mib_tp2_sp": res["peak_mib"][sp],
                               "memory_ratio": mem, "time_ratio": time_ratio, "time_ratios": ratios}
+    comm = res["collectives"]
+    summary["collectives_s"] = comm
+    print(f"the backend's collectives for one [{args.seq}, {args.hidden}] fp32 activation: all-reduce (TP) "
+          f"{comm['all_reduce'] * 1e3:.2f} ms, reduce-scatter + all-gather (SP) "
+          f"{comm['reduce_scatter_all_gather'] * 1e3:.2f} ms -> "
+          f"{comm['reduce_scatter_all_gather'] / comm['all_reduce']:.2f}x")
     print(json.dumps(summary))
 
 

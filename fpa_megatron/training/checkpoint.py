@@ -12,8 +12,9 @@ What makes a checkpoint trustworthy:
   wrote it, `integrity.py`). On resume every rank verifies the files it reads and the ranks agree; a damaged
   checkpoint (a file missing, cut, or with changed bytes) is moved to `abandoned/` with the reason, and
   `resume: auto` takes the newest intact one of the lineage (`latest` follows); an explicit `resume: DIR`
-  that fails is an error naming the file. A marker without checksums (older checkpoints) loads, with a log line. `complete`, `latest` and
-  `history.json` are each written atomically (temp file, fsync, rename, fsync of the directory).
+  that fails is an error naming the file. A marker without checksums (older checkpoints) loads, with a log
+  line. `complete`, `latest` and `history.json` are each written atomically (temp file, fsync, rename, fsync
+  of the directory).
 - `<root>/latest` names the checkpoint `resume: auto` takes. Only when it is missing or names something
   incomplete does auto fall back to the newest complete checkpoint of the lineage, and it says so.
 - Lineage, not step numbers. `<root>/history.json` lists the checkpoints of the current line of training

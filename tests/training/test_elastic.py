@@ -80,7 +80,7 @@ def test_growing_back_to_two_replicas_continues_too(tmp_path, straight, shrunk):
     _assert_steps_equal(history, straight[0], range(5, STEPS + 1))
 
 
-def test_without_elastic_a_larger_world_is_refused_and_the_checkpoint_kept(tmp_path, shrunk):
+def test_without_elastic_a_larger_world_is_refused_before_any_process_group(tmp_path, shrunk):
     """A DP1 checkpoint resumed on 2 ranks: the config check names both layouts and parallel.elastic."""
     from fpa_megatron.config import config_from_dict
     from fpa_megatron.config_checks import check_config
