@@ -285,3 +285,16 @@ def test_config_errors(overrides, world, message):
         check_config(config_from_dict(_values("/tmp/unused"), overrides), world)
     assert message in str(err.value)
     assert not torch.distributed.is_initialized()
+
+
+def vp_dp_rank(values: dict) -> list[dict]:
+    return _train(values, VP + ["optimizer.zero_stage=1", "logging.run_name=vp_dp2", "logging.tensorboard=false"])
+
+
+def test_pp2_vp2_with_zero1_over_dp2_trains_like_one_process(runs):
+    """PP2 x VP2 x DP2 on 4 ranks (ZeRO-1 partitions over DP2, the chunks' gradients reduced per DP group):
+    the same 8 steps as the one-process reference on every rank, validation loss included. The attention
+    diagnostics are left out: under DP each replica probes its own first micro-batch (by design)."""
+    ranks = run_distributed(vp_dp_rank, 4, _values(runs["root"]))
+    for history in ranks:
+        _assert_close_steps(history, runs["single"]["tied"], skip=DIAGNOSTICS[1:])
