@@ -286,7 +286,8 @@ class PenalizedDotProductAttention(DotProductAttention):
 
             return context_parallel_attention(q, k, v, self.softmax_scale,
                                               cp_group=parallel_state.get_context_parallel_group(), kernel=path,
-                                              block_size=self.penalty.block_size, **kernel_args)
+                                              block_size=self.penalty.block_size, attention_mask=attention_mask,
+                                              **kernel_args)
         if path == "sdpa":
             return sdpa_attention(q, k, v, self.softmax_scale), None
         if path == "triton":

@@ -166,7 +166,8 @@ class AttentionStats:
         """Record one layer's local heads; q [b, hq_local, s, d], k [b, hkv_local, s, d] (causal).
 
         Under context parallelism q and k are this rank's two chunks: the keys of the whole sequence are
-        gathered, and each query chunk sees the keys up to its own end (the causal mask of its rows).
+        gathered, and each query chunk sees the keys up to its own end (the causal mask of its rows), and an
+        explicit mask's rows of it ([.., .., s_local, S], as `split_batch_for_context_parallel` leaves it).
         """
         from fpa_megatron.parallel.context import context_parallel_rank, context_parallel_size, gather_sequence
         from fpa_megatron.parallel.context_attention import cp_chunk_bounds
@@ -177,8 +178,9 @@ class AttentionStats:
         else:
             keys = gather_sequence(k, seq_dim=2)
             bounds = cp_chunk_bounds(keys.shape[2], cp_size, context_parallel_rank())
-            rows = [self._row_stats(part, keys[:, :, :end], softmax_scale, None)
-                    for part, (_, end) in zip(q.chunk(2, dim=2), bounds)]
+            masks = (None, None) if attention_mask is None else attention_mask.chunk(2, dim=2)  # [.., c, S] each
+            rows = [self._row_stats(part, keys[:, :, :end], softmax_scale, None if mask is None else mask[..., :end])
+                    for part, mask, (_, end) in zip(q.chunk(2, dim=2), masks, bounds)]
             collision, entropy, max_logit = (torch.cat(values, dim=2) for values in zip(*rows))
         heads = slice(head_offset, head_offset + q.shape[1])
         for record, value in ((self.collision, collision.mean((0, 2))), (self.entropy, entropy.mean((0, 2))),

@@ -3,9 +3,9 @@
 Every sequence is cut into 2C chunks and CP rank r keeps chunks r and 2C-1-r (Megatron's load-balanced causal
 layout: the early chunk has little to attend to, the late one much, so every rank gets the same work).
 `split_batch_for_context_parallel` applies it to a micro-batch (tokens, labels, loss mask and position ids
-alike) with Megatron's own `get_batch_on_this_cp_rank`, which runs on CPU as it is. `gather_sequence` is the
-inverse, for the no-grad attention diagnostics that need every key of the sequence. With C = 1 both are the
-identity.
+alike, an explicit attention mask by its query rows) with Megatron's own `get_batch_on_this_cp_rank`, which
+runs on CPU as it is. `gather_sequence` is the inverse, for the no-grad attention diagnostics that need every
+key of the sequence. With C = 1 both are the identity.
 """
 
 from __future__ import annotations
@@ -28,12 +28,16 @@ def context_parallel_rank() -> int:
 
 
 def split_batch_for_context_parallel(batch: dict) -> dict:
-    """This CP rank's two chunks of every [b, s] tensor of the micro-batch (a new dict; the input is kept)."""
+    """This CP rank's two chunks of every [b, s] tensor of the micro-batch (a new dict; the input is kept).
+
+    An explicit attention_mask [b, 1, s, s] (True = masked) keeps the rows of this rank's queries and every
+    key column in sequence order ([b, 1, s / C, s]), as Megatron's split does; the eager kernel applies it."""
     if context_parallel_size() == 1:
         return batch
-    if batch.get("attention_mask") is not None:
-        raise ValueError("an explicit attention_mask is not supported with parallel.context > 1 (the attention "
-                         "across context-parallel ranks is causal)")
+    mask, seq = batch.get("attention_mask"), batch["tokens"].shape[1]
+    if mask is not None and (mask.dim() != 4 or tuple(mask.shape[2:]) != (seq, seq)):
+        raise ValueError(f"attention_mask of shape {tuple(mask.shape)}: with parallel.context > 1 it must be "
+                         f"[b, 1, s, s] with s = {seq} (its query rows are split over the CP ranks)")
     parts = {key: value.contiguous() for key, value in batch.items() if value is not None}
     return get_batch_on_this_cp_rank(parts, parallel_state.get_context_parallel_group())
 

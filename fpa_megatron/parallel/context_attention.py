@@ -314,23 +314,26 @@ class _GatherSequence(torch.autograd.Function):
         return dk, dv, None
 
 
-def _eager_context_attention(q, k, v, softmax_scale, group, target, compute_penalty):
+def _eager_context_attention(q, k, v, softmax_scale, group, target, compute_penalty, attention_mask=None):
     """The reference: explicit scores of each local half against every key up to its end (eager_attention's
-    causal mask is aligned to the last key, which is what a chunk against the keys [0, its end) needs)."""
+    causal mask is aligned to the last key, which is what a chunk against the keys [0, its end) needs); an
+    explicit mask [.., .., s_local, S] adds the half's rows of it, keys [0, end)."""
     cp_size, rank = dist.get_world_size(group), dist.get_rank(group)
     c = q.shape[2] // 2
     k_all, v_all = _GatherSequence.apply(k, v, group)
     outs, penalties = [], []
-    for qh, chunk in zip(_halves(q), (rank, 2 * cp_size - 1 - rank)):
+    for half, (qh, chunk) in enumerate(zip(_halves(q), (rank, 2 * cp_size - 1 - rank))):
         end = (chunk + 1) * c
+        mask = None if attention_mask is None else attention_mask[:, :, half * c:(half + 1) * c, :end]
         out, penalty = eager_attention(qh, k_all[:, :, :end], v_all[:, :, :end], softmax_scale, target=target,
-                                       compute_penalty=compute_penalty)
+                                       compute_penalty=compute_penalty, attention_mask=mask)
         outs.append(out)
         penalties.append(penalty)
     return torch.cat(outs, dim=2), torch.cat(penalties, dim=2) if compute_penalty else None
 
 
-def _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, kernel, block_size):
+def _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, kernel, block_size,
+                              attention_mask=None):
     """CP size 1: the whole sequence is local and in order (chunks 0 and 1): the ordinary kernels."""
     if kernel == "blockwise":
         from fpa_megatron.model.blockwise_attention import blockwise_attention
@@ -343,12 +346,14 @@ def _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, k
         return triton_attention(q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty)
     if kernel == "sdpa":
         return sdpa_attention(q, k, v, softmax_scale), None
-    return eager_attention(q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty)
+    return eager_attention(q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty,
+                           attention_mask=attention_mask)
 
 
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, cp_group,
                                target: str = "probs", compute_penalty: bool = True, kernel: str = "blockwise",
-                               block_size: int = 64) -> tuple[Tensor, Optional[Tensor]]:
+                               block_size: int = 64, attention_mask: Optional[Tensor] = None
+                               ) -> tuple[Tensor, Optional[Tensor]]:
     """q [b, hq, s_local, d], k/v [b, hkv, s_local, d]: this CP rank's tokens in Megatron's load-balanced
     causal layout (the sequence of length S = s_local * C cut into 2C chunks, CP rank r holds chunks r and
     2C-1-r, in that order; C = cp_group size, r = rank in cp_group). Returns (out [b, hq, s_local, d],
@@ -356,7 +361,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: f
     of the whole sequence, and each row's exact penalty (probs: sum_j p_ij^2; logits: sum over visible j of s_ij^2).
     kernel: 'blockwise' | 'triton' | 'eager' | 'sdpa' (sdpa only with compute_penalty=False). Differentiable:
     dq, dk, dv exact, dk/dv returned to the ranks that own those keys. cp_group None (or of size 1): the
-    whole sequence is local, the single-process kernels run."""
+    whole sequence is local, the single-process kernels run. attention_mask (kernel 'eager' only): bool, True =
+    masked, [b or 1, 1 or hq, s_local, S], this rank's query rows (its two chunks in order) against every key in
+    sequence order, on top of the causal mask (what `split_batch_for_context_parallel` makes of [b, 1, S, S])."""
     if target not in TARGETS:
         raise ValueError(f"target={target!r}: expected one of {TARGETS}")
     if kernel not in CP_KERNELS:
@@ -372,10 +379,17 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: f
         raise ValueError(f"s_local={q.shape[2]}: a CP rank holds two equal chunks, s_local must be even")
     # None means no context parallelism (not the default group: a non-CP multi-rank run must not split)
     cp_size = dist.get_world_size(cp_group) if cp_group is not None and dist.is_initialized() else 1
+    if attention_mask is not None:
+        if kernel != "eager":
+            raise ValueError(f"kernel={kernel!r} is causal only: an explicit attention_mask needs kernel='eager'")
+        if attention_mask.dim() != 4 or tuple(attention_mask.shape[2:]) != (q.shape[2], q.shape[2] * cp_size):
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)}: expected [b, h, s_local, S] "
+                             f"= [.., .., {q.shape[2]}, {q.shape[2] * cp_size}]")
     if cp_size == 1:
-        return _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, kernel, block_size)
+        return _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, kernel, block_size,
+                                         attention_mask)
     if kernel == "eager":
-        return _eager_context_attention(q, k, v, softmax_scale, cp_group, target, compute_penalty)
+        return _eager_context_attention(q, k, v, softmax_scale, cp_group, target, compute_penalty, attention_mask)
     penalty_target = target if compute_penalty else None
     if kernel == "blockwise":
         impl = _BlockwiseKernel(float(softmax_scale), penalty_target, int(block_size))

@@ -225,5 +225,10 @@ def test_cp_chunk_bounds_and_bad_arguments():
     for words, kwargs in cases.items():
         with pytest.raises(ValueError, match=words):
             context_parallel_attention(x, kv, kv, 0.1, cp_group=None, **kwargs)
+    mask = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="kernel='blockwise' is causal only: an explicit attention_mask needs"):
+        context_parallel_attention(x, kv, kv, 0.1, cp_group=None, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(1, 1, 6, 5\): expected \[b, h, s_local, S\]"):
+        context_parallel_attention(x, kv, kv, 0.1, cp_group=None, kernel="eager", attention_mask=mask[..., :5])
     with pytest.raises(ValueError, match="s_local=5"):
         context_parallel_attention(x[:, :, :5], kv[:, :, :5], kv[:, :, :5], 0.1, cp_group=None)

@@ -1,4 +1,5 @@
-"""Context parallelism through `train(cfg)`: CP2 (and CP2 x TP2, x PP2, x DP2) follows the single-process run.
+"""Context parallelism through `train(cfg)`: CP2 (and CP2 x TP2, with and without sequence parallelism, x PP2,
+x DP2) follows the single-process run.
 
 Each rank function runs several configurations one after another in the same gloo processes (train() sets
 the model-parallel groups up anew each time), so the whole comparison costs one spawn per world size. Every
@@ -156,8 +157,11 @@ def test_cp2_trains_like_one_process(tmp_path, single):
 
 
 def test_cp2_with_tp2_pp2_dp2_trains_like_one_process(tmp_path, single):
-    """4 ranks: CP2 x TP2, CP2 x PP2 (1F1B, tied embeddings across stages) and CP2 x DP2 with ZeRO-1."""
-    layouts = {"cp2tp2": ["parallel.tensor=2"], "cp2pp2": ["parallel.pipeline=2"], "cp2dp2": []}
+    """4 ranks: CP2 x TP2, CP2 x TP2 with sequence parallelism (each CP rank's 12 tokens scattered over TP, the
+    norms' partial gradients summed over TP), CP2 x PP2 (1F1B, tied embeddings across stages) and CP2 x DP2
+    with ZeRO-1."""
+    layouts = {"cp2tp2": ["parallel.tensor=2"], "cp2tp2sp": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+               "cp2pp2": ["parallel.pipeline=2"], "cp2dp2": []}
     runs = [(layout, VARIANTS["rope_gqa"] + ["parallel.context=2"] + extra) for layout, extra in layouts.items()]
     got = run_distributed(train_rank, 4, _values(tmp_path), runs)
     for rank_out in got:
