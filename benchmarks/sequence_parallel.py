@@ -18,7 +18,7 @@ dropout masks, blockwise attention: no S x S buffer); the column-parallel activa
 Korthikanti et al.'s own accounting gives 34/t / (10 + 24/t) = 0.77 at t = 2 (16-bit, with dropout masks).
 
     python benchmarks/sequence_parallel.py [--seq 2048] [--hidden 256] [--layers 4] [--heads 8] [--rounds 5]
-        [--recompute none selective] [--vocab 1024]
+        [--recompute none selective] [--vocab 1024] [--tensor 2]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def bench_rank(args) -> dict:
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.training.forward_backward import forward_backward
 
-    init_model_parallel(2, 1, seed=1)
+    init_model_parallel(args.tensor, 1, seed=1)
     micro, num_micro = 1, 2
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (num_micro * micro, args.seq + 1), generator=g)
@@ -90,7 +90,7 @@ def time_collectives(seq: int, hidden: int, rounds: int = 20) -> dict:
 
     group = parallel_state.get_tensor_model_parallel_group()
     x = torch.randn(seq, hidden)
-    shard, full = torch.empty(seq // 2, hidden), torch.empty(seq, hidden)
+    shard, full = torch.empty(seq // torch.distributed.get_world_size(group), hidden), torch.empty(seq, hidden)
     seconds = {"all_reduce": [], "reduce_scatter_all_gather": []}
     for _ in range(rounds):
         torch.distributed.barrier(group)
@@ -113,20 +113,22 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tensor", type=int, default=2, help="TP size (= ranks); the targets are for 2")
     parser.add_argument("--recompute", nargs="+", default=["none", "selective"])
     args = parser.parse_args()
-    res = run_distributed(bench_rank, 2, args, timeout_s=1800)[0]
+    res = run_distributed(bench_rank, args.tensor, args, timeout_s=1800)[0]
+    tp = f"TP{args.tensor}"
     print(f"GPT {args.layers} layers, hidden {args.hidden}, {args.heads} heads, S={args.seq}, vocab {args.vocab}, "
-          f"2 micro-batches of 1, fp32, FPA on (blockwise attention), 2 gloo ranks (TP2)")
+          f"2 micro-batches of 1, fp32, FPA on (blockwise attention), {args.tensor} gloo ranks ({tp})")
     summary = {}
     for recompute in args.recompute:
         tp2, sp = (recompute, False), (recompute, True)
         mem = res["peak_mib"][sp] / res["peak_mib"][tp2]
         ratios = [b / a for a, b in zip(res["seconds"][tp2], res["seconds"][sp])]
         time_ratio = statistics.median(ratios)
-        print(f"recompute={recompute}: peak tensor memory per rank TP2 {res['peak_mib'][tp2]:.1f} MiB, "
-              f"TP2+SP {res['peak_mib'][sp]:.1f} MiB -> {mem:.3f} [{'met' if mem <= 0.7 else 'MISSED'} <= 0.7]; "
-              f"step TP2 {statistics.median(res['seconds'][tp2]):.2f} s, TP2+SP "
+        print(f"recompute={recompute}: peak tensor memory per rank {tp} {res['peak_mib'][tp2]:.1f} MiB, "
+              f"{tp}+SP {res['peak_mib'][sp]:.1f} MiB -> {mem:.3f} [{'met' if mem <= 0.7 else 'MISSED'} <= 0.7]; "
+              f"step {tp} {statistics.median(res['seconds'][tp2]):.2f} s, {tp}+SP "
               f"{statistics.median(res['seconds'][sp]):.2f} s -> {time_ratio:.3f} "
               f"[{min(ratios):.3f}..{max(ratios):.3f}] [{'met' if time_ratio <= 1.05 else 'MISSED'} <= 1.05]; "
               f"loss {res['loss'][tp2]:.6f} vs {res['loss'][sp]:.6f}")
