@@ -1,9 +1,15 @@
-"""`run_distributed(fn, world_size)`: run fn in real gloo processes (spawned), return each rank's result.
+"""`run_distributed(fn, world_size)`: run fn in real gloo processes (new ones each call), return each rank's result.
 
 Used by the tests and benchmarks. Each rank gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* in its environment,
 OMP_NUM_THREADS=1, a gloo process group with a timeout, and a free port of its own. Warnings follow the
 caller's filters in every rank (under pytest: setup.cfg's, so an "error" filter fails the rank), and the
 ones a rank shows are raised again in the caller, so that pytest reports them like its own.
+
+The ranks start from a fork server that has imported torch, Megatron-core and DeepSpeed once (the first call
+starts it): a fresh interpreter importing them costs each rank seconds of CPU, which a suite of many spawns
+paid again and again (4 ranks on 2 cores: ~15 s a spawn). The server imports only; nothing runs in it, so a
+rank is a fresh process in every other respect, and it gets the caller's environment as it is at the call.
+FPA_RUN_DISTRIBUTED_START=spawn starts each rank in a new interpreter instead (the default where CUDA is).
 """
 
 from __future__ import annotations
@@ -55,8 +61,23 @@ def _module_of(filename: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+# imported once by the fork server (what every rank needs first; a failed import is skipped by multiprocessing)
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "deepspeed", "fpa_megatron.training.trainer"]
+
+
+def _context():
+    # where CUDA is present, spawn: the server's imports may touch CUDA, and CUDA does not survive a fork
+    method = os.environ.get("FPA_RUN_DISTRIBUTED_START", "spawn" if torch.cuda.is_available() else "forkserver")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, timeout_s: float,
-            warning_filters: list[tuple]):
+            warning_filters: list[tuple], environ: dict[str, str]):
+    os.environ.clear()  # the caller's environment now, not the fork server's from when it started
+    os.environ.update(environ)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
@@ -85,12 +106,13 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
 
     fn must be importable (module level). Raises RuntimeError with the rank's traceback on failure.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     filters = [f for f in warnings.filters if _picklable(f)]
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout_s, filters), daemon=False)
+        ctx.Process(target=_worker, daemon=False,
+                    args=(r, world_size, port, fn, args, results, timeout_s, filters, dict(os.environ)))
         for r in range(world_size)
     ]
     shown: dict[tuple, None] = {}  # the warnings the ranks showed, each once

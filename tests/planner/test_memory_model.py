@@ -24,7 +24,7 @@ from fpa_megatron.testing import run_distributed
 VOCAB, LAYERS_PER_STAGE, TOLERANCE = 256, 2, 0.15
 SEQS = (256, 1024, 2048)
 RECOMPUTE = ("none", "selective", "full")
-MICROBATCHES = 4  # with PP2 the first stage holds 2 in flight
+MICROBATCHES = 3  # more than PP2 keeps: with PP2 the first stage holds 2 in flight, not 3
 
 
 def case_config(tp, pp, sp, cp, seq, recompute, impl):
