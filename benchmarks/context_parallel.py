@@ -61,17 +61,19 @@ def bench_rank(context: int, seqs: list[int], steps: int) -> dict:
     for seq in seqs:
         init_model_parallel(1, 1, seed=0, context=context)
         mc = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8, seq_length=seq, attention_impl="auto")
-        penalty = make_penalty(mc, FPAConfig(normalize="mean"))
-        models = {"auto": build_gpt_model(mc, VOCAB, penalty, seed=0),  # the same weights, another kernel choice
-                  "blockwise": build_gpt_model(replace(mc, attention_impl="blockwise"), VOCAB, penalty, seed=0)}
+        models = {}  # impl -> (model, its penalty: the penalty state carries the kernel choice); the same weights
+        for impl in ("auto", "blockwise"):
+            impl_config = replace(mc, attention_impl=impl)
+            penalty = make_penalty(impl_config, FPAConfig(normalize="mean"))
+            models[impl] = build_gpt_model(impl_config, VOCAB, penalty, seed=0), penalty
         g = torch.Generator().manual_seed(seq)
         tokens = torch.randint(0, VOCAB, (1, seq + 1), generator=g)
         batch = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(1, seq),
                      position_ids=torch.arange(seq).unsqueeze(0))
 
         def step(fpa: str) -> None:
+            model, penalty = models["blockwise" if fpa == "off_blockwise" else "auto"]
             penalty.set_step(LAMBDA if fpa == "on" else 0.0, fpa == "on")
-            model = models["blockwise" if fpa == "off_blockwise" else "auto"]
             forward_backward(model, iter([batch]), penalty, num_microbatches=1, micro_batch_size=1, seq_length=seq)
             model.zero_grad(set_to_none=True)
 
