@@ -287,14 +287,18 @@ def test_config_errors(overrides, world, message):
     assert not torch.distributed.is_initialized()
 
 
-def vp_dp_rank(values: dict) -> list[dict]:
-    return _train(values, VP + ["optimizer.zero_stage=1", "logging.run_name=vp_dp2", "logging.tensorboard=false"])
+def vp_layout_rank(values: dict, layout: list[str]) -> list[dict]:
+    return _train(values, VP + layout + ["logging.run_name=vp_" + "_".join(layout), "logging.tensorboard=false"])
 
 
-def test_pp2_vp2_with_zero1_over_dp2_trains_like_one_process(runs):
-    """PP2 x VP2 x DP2 on 4 ranks (ZeRO-1 partitions over DP2, the chunks' gradients reduced per DP group):
-    the same 8 steps as the one-process reference on every rank, validation loss included. The attention
-    diagnostics are left out: under DP each replica probes its own first micro-batch (by design)."""
-    ranks = run_distributed(vp_dp_rank, 4, _values(runs["root"]))
+@pytest.mark.parametrize("layout", [["optimizer.zero_stage=1"], ["parallel.tensor=2", "parallel.sequence_parallel=true"]],
+                         ids=["dp2-zero1", "tp2-sp"])
+def test_pp2_vp2_on_four_ranks_trains_like_one_process(runs, layout):
+    """PP2 x VP2 with DP2 (ZeRO-1 partitions over DP2, the chunks' gradients reduced per DP group) or with TP2 + SP
+    (every chunk's layers split over TP, the SP norms' gradients summed over TP): the same 8 steps as the
+    one-process reference on every rank, validation loss included. The attention diagnostics are left out
+    under DP: each replica probes its own first micro-batch (by design)."""
+    ranks = run_distributed(vp_layout_rank, 4, _values(runs["root"]), layout)
+    skip = DIAGNOSTICS[1:] if "optimizer.zero_stage=1" in layout else ()
     for history in ranks:
-        _assert_close_steps(history, runs["single"]["tied"], skip=DIAGNOSTICS[1:])
+        _assert_close_steps(history, runs["single"]["tied"], skip=skip)
