@@ -291,8 +291,11 @@ def vp_layout_rank(values: dict, layout: list[str]) -> list[dict]:
     return _train(values, VP + layout + ["logging.run_name=vp_" + "_".join(layout), "logging.tensorboard=false"])
 
 
-@pytest.mark.parametrize("layout", [["optimizer.zero_stage=1"], ["parallel.tensor=2", "parallel.sequence_parallel=true"]],
-                         ids=["dp2-zero1", "tp2-sp"])
+FOUR_RANK_LAYOUTS = {"dp2-zero1": ["optimizer.zero_stage=1"],
+                     "tp2-sp": ["parallel.tensor=2", "parallel.sequence_parallel=true"]}
+
+
+@pytest.mark.parametrize("layout", list(FOUR_RANK_LAYOUTS.values()), ids=list(FOUR_RANK_LAYOUTS))
 def test_pp2_vp2_on_four_ranks_trains_like_one_process(runs, layout):
     """PP2 x VP2 with DP2 (ZeRO-1 partitions over DP2, the chunks' gradients reduced per DP group) or with TP2 + SP
     (every chunk's layers split over TP, the SP norms' gradients summed over TP): the same 8 steps as the
