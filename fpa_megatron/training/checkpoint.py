@@ -475,8 +475,9 @@ class Checkpointer:
             names.append(f"rng_rank_{dist.get_rank()}.pt")
         if not self._layout_fits(path):  # this rank's files are not the ones it would read: rank 0 checks all
             names = None if dist.get_rank() == 0 else [TRAINER_STATE]  # (load then rewrites it or refuses)
-        if has_checksums(path) and names is not None:
-            names.append(LAYOUT)
+        if has_checksums(path):
+            if names is not None:  # (None: every recorded file, the layout among them)
+                names.append(LAYOUT)
         elif dist.get_rank() == 0:
             log.warning(f"checkpoint {path} has no checksums (written before checksums were recorded): "
                         f"its files are only checked to exist")
