@@ -8,10 +8,10 @@ import os
 import shutil
 
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 from tests.data_prep.helpers import read_encode
+from tests.inference.test_generate import greedy_loop
 from tests.trained_runs import BPE_TEXTS, BPE_VOCAB, bytelevel_run
 
 PROMPT = "def read(path):\n    "
@@ -50,17 +50,6 @@ def test_data_and_export_encode_like_the_library(run, library):
         assert tokenizer.decode(ids) == library.decode(ids, skip_special_tokens=False) == text
         unseen += sum(len(library.id_to_token(i)) == 1 for i in ids)  # single-byte symbols: unmerged bytes
     assert unseen > 100
-
-
-def greedy_loop(model, ids: list[int], eod: int, max_new: int) -> list[int]:
-    new = []
-    with torch.no_grad():
-        for _ in range(max_new):
-            next_id = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
-            if next_id == eod:
-                break
-            new.append(next_id)
-    return new
 
 
 def test_generate_from_checkpoint_and_export_uses_the_library_ids(run, library, capsys):

@@ -29,17 +29,11 @@ import yaml
 
 from fpa_megatron.testing import free_port
 from tests.training.tensorboard_losses import losses_per_attempt
+from tests.training.test_fault_drills import CONFIG as DRILL_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = {
-    "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 256},
-    "fpa": {"lambda0": 0.2, "gamma": 0.9},
-    "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "zero_stage": 1},
-    "data": {"mock": True},
-    "train": {"steps": 6, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 0, "seed": 3},
-    "checkpoint": {"interval": 2, "keep_last": 10},
-    "logging": {"interval": 1, "tensorboard": True, "attention_stats_interval": 0},
-}
+# the fault drills' tiny GPT (DP2, ZeRO-1, checkpoints every 2 steps), without the attention probes
+CONFIG = {**DRILL_CONFIG, "logging": {**DRILL_CONFIG["logging"], "attention_stats_interval": 0}}
 STEPS = CONFIG["train"]["steps"]
 LOST_AT = 4  # the node is lost as step 4 starts; the newest checkpoint is step 2
 KILL_NODE = f"kill_node@{LOST_AT}:0,kill_node@{LOST_AT}:1"  # set on one agent only: fires on its rank, whichever
