@@ -38,7 +38,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fpa_megatron.model.blockwise_attention import DEFAULT_BLOCK_SIZE, blockwise_attention, eager_attention
+from fpa_megatron.attention.blockwise import DEFAULT_BLOCK_SIZE, blockwise_attention
+from fpa_megatron.attention.reference import eager_attention
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 CASES = ("eager", "blockwise", "blockwise_off", "sdpa")

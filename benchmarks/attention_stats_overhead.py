@@ -30,7 +30,7 @@ def bench_rank(values: dict, overrides: list[str], rounds: int, steps_per_round:
     from megatron.core import parallel_state
 
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
     from fpa_megatron.data.datasets import build_gpt_datasets, micro_batches
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel

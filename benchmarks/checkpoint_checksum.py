@@ -4,7 +4,7 @@
 
 Writes one float32 tensor of --size-mb with torch.save and fsyncs it (what a checkpoint save does per file),
 then reads it back through each candidate checksum (zlib.crc32, hashlib.blake2b, xxhash xxh3_64 / xxh3_128)
-in the chunks `fpa_megatron.training.integrity` uses, right after the write (the pages still cached, as at
+in the chunks `fpa_megatron.checkpoint.integrity` uses, right after the write (the pages still cached, as at
 commit), and once more after dropping the file from the page cache where the OS allows it (as on resume).
 Prints each time and its ratio to the write.
 """

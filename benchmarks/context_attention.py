@@ -6,7 +6,7 @@ times). Prints the speedup single / CP2 per kernel, and the share of the K/V exc
                                            [--split-only]
 
 --split-only: no processes; one process times each CP2 rank's kernel work (the partials of its two chunks,
-merges and partial backwards, as context_attention.py runs them, without the exchange) against the whole
+merges and partial backwards, as fpa_megatron/attention/context_parallel.py runs them, without the exchange) against the whole
 sequence: the speedup CP2 reaches when the two ranks really run on two free cores. (On a shared machine two
 concurrent processes may not get two cores; then the CP2 figure above is the machine's, not the method's.)
 
@@ -23,9 +23,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from fpa_megatron.parallel.context_attention import (_BlockwiseKernel, _GradScatter, _KVGather, _SdpaCpuKernel,
-                                                     context_parallel_attention, cp_chunk_bounds, merge_partials,
-                                                     row_penalty, score_grad_shift)
+from fpa_megatron.attention.context_parallel import (_BlockwiseKernel, _GradScatter, _KVGather, _SdpaCpuKernel, context_parallel_attention)
+from fpa_megatron.parallel.context import cp_chunk_bounds
+from fpa_megatron.attention.partial import merge_partials, row_penalty, score_grad_shift
 from fpa_megatron.testing import run_distributed
 
 KERNELS = {"blockwise (FPA probs)": ("blockwise", True), "sdpa (no penalty)": ("sdpa", False)}

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-from fpa_megatron.model.triton_attention import chosen_tiles, triton_attention, triton_attention_supported  # noqa: E402
+from fpa_megatron.attention.triton_attention import chosen_tiles, triton_attention, triton_attention_supported  # noqa: E402
 
 CASES = ("flash", "fpa", "fpa_off")
 

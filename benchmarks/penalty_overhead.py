@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from fpa_megatron.model.attention_options import ATTENTION_IMPLS
+from fpa_megatron.options import ATTENTION_IMPLS
 from fpa_megatron.testing import run_distributed
 
 SEQ, VOCAB = 512, 8192
@@ -37,7 +37,7 @@ def bench_rank(rounds: int, micro_batch: int, threads: int, impl: str):
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.training.forward_backward import forward_backward
-    from fpa_megatron.training.lambda_schedule import LambdaSchedule
+    from fpa_megatron.schedules import LambdaSchedule
 
     init_model_parallel(1, 1, seed=0)
     mc = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=8, seq_length=SEQ, attention_impl=impl)

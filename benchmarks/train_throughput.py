@@ -129,7 +129,7 @@ def long_rank(values: dict, seq: int, rounds: int, warmup: int, overrides: list[
     torch.set_num_threads(1)
     now = time.perf_counter if clock == "wall" else time.process_time
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.training.forward_backward import forward_backward

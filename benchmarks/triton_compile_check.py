@@ -25,8 +25,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fpa_megatron.model import triton_attention_kernels as kernels
-from fpa_megatron.model.triton_attention import GPU_TILES
+from fpa_megatron.attention import triton_kernels as kernels
+from fpa_megatron.attention.triton_attention import GPU_TILES
 
 DTYPES = {"fp32": (tl.float32, "ieee"), "fp16": (tl.float16, "tf32"), "bf16": (tl.bfloat16, "tf32")}
 PENALTIES = {"none": kernels.PENALTY_NONE.value, "probs": kernels.PENALTY_PROBS.value,

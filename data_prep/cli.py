@@ -11,7 +11,7 @@ import json
 import sys
 
 from data_prep.common import PrepError
-from fpa_megatron.quiet import quiet_optional_dependency_warnings
+from data_prep.quiet import quiet_optional_dependency_warnings
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:

@@ -39,6 +39,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from data_prep.common import PrepError, atomic_write_json, ensure_writable_dir, fsync_close
+from data_prep.indexed import WRITERS, bin_path, idx_path
+from data_prep.quiet import quiet_optional_dependency_warnings
+from data_prep.readers import (DEFAULT_MAX_LINE_BYTES, InputInfo, check_text, decompressed_bytes, iter_records,
+                               resolve_inputs, scan_input, truncation_report)
+from data_prep.tokenizer import load_tokenizer, tokenizer_info
 
 FORMAT_VERSION = 1
 STATE_DIR = ".state"
@@ -131,7 +136,6 @@ _processors: dict = {}
 
 def _init_worker(progress_queue, tokenizer_path: str, eod_piece: str) -> None:
     global _progress_queue
-    from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
     quiet_optional_dependency_warnings()  # --index-writer megatron imports megatron.core in the worker
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -146,8 +150,6 @@ def _noop() -> None:
 def _processor(path: str, eod_piece: str):
     """The worker's tokenizer for `path` (sentencepiece or tokenizer.json) with the run's EOD, loaded once."""
     if (path, eod_piece) not in _processors:
-        from data_prep.tokenizer import load_tokenizer
-
         _processors[path, eod_piece] = load_tokenizer(path, eod_piece)
     return _processors[path, eod_piece]
 
@@ -193,8 +195,6 @@ def _report(shard: int, records: int, tokens: int) -> None:
 def encode_shard(job: dict) -> dict:
     """Encode one shard (run in a worker): its datasets, rejects and commit record. Returns its stats,
     plus the bytes this shard decompressed (not part of the commit record)."""
-    from data_prep.readers import InputInfo, decompressed_bytes
-
     before = decompressed_bytes()
     shard = ShardEncoder(job)
     for input_dict, start, end in job["segments"]:
@@ -211,8 +211,6 @@ class ShardEncoder:
 
     def __init__(self, job: dict):
         import numpy as np
-
-        from data_prep.indexed import WRITERS, bin_path
 
         self.job = job
         self.index = job["index"]
@@ -235,8 +233,6 @@ class ShardEncoder:
 
     def encode_range(self, info, start: int, end: int) -> None:
         """Every record of `info` in units [start, end)."""
-        from data_prep.readers import iter_records
-
         for loc, fields, bad_record in iter_records(info, start, end, self.keys, self.job["max_line_bytes"]):
             self.records += 1
             self._unreported[0] += 1
@@ -249,8 +245,6 @@ class ShardEncoder:
 
     def encode_field(self, info, loc, fields: dict, key: str) -> None:
         """One document from fields[key], or a reject saying why not."""
-        from data_prep.readers import check_text
-
         bad = check_text(fields, key, self.job["max_doc_chars"])
         if bad is not None:
             value = fields.get(key)
@@ -301,8 +295,6 @@ class ShardEncoder:
 
     def commit(self) -> dict:
         """Finish the temp files, publish them by rename, then write the commit record; returns it."""
-        from data_prep.indexed import bin_path, idx_path
-
         files, published = {}, {}
         for key, writer in self.writers.items():
             p = self.prefixes[key]
@@ -459,8 +451,6 @@ def _manifest(base: dict, states: dict, num_shards: int, keys: list) -> dict:
 
 def _write_rejects(out_dir: str, num_shards: int, inputs: list[dict]) -> None:
     """rejects.jsonl: the truncated inputs first, then every shard's rejects in shard order."""
-    from data_prep.readers import truncation_report
-
     final = os.path.join(out_dir, REJECTS)
     with open(final + ".tmp", "wb") as out:
         for i in inputs:
@@ -483,9 +473,6 @@ def _log(msg: str) -> None:
 
 def run_encode(opts: EncodeOptions) -> tuple[dict, int]:
     """Run (or resume) an encode; returns (manifest, exit status). Raises PrepError on bad arguments."""
-    from data_prep.readers import resolve_inputs
-    from data_prep.tokenizer import tokenizer_info
-
     if not opts.text_keys:
         raise PrepError("at least one --text-key is needed")
     if len(set(opts.text_keys)) != len(opts.text_keys):
@@ -543,8 +530,6 @@ class WorkerPool:
 
 def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool, plain_dir: str,
                 t0: float) -> tuple[dict, int]:
-    from data_prep.readers import DEFAULT_MAX_LINE_BYTES, decompressed_bytes, scan_input
-
     before = decompressed_bytes()
     infos = [scan_input(s, os.path.join(plain_dir, f"input_{i:05d}.jsonl")) for i, s in enumerate(specs)]
     decompressed = decompressed_bytes() - before
@@ -692,8 +677,6 @@ def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, don
 
 
 def _summary(manifest: dict, out_dir: str, new_tokens: int, decompressed: int, work_s: float, total_s: float) -> None:
-    from data_prep.readers import truncation_report
-
     lines = []
     for key, d in manifest["datasets"].items():
         span = f" {d['shards'][0]} .. {d['shards'][-1]}" if d["shards"] else ""

@@ -11,6 +11,7 @@ from typing import Optional
 
 from data_prep.common import PrepError
 from data_prep.indexed import bin_path, idx_path
+from data_prep.tokenizer import load_tokenizer
 
 
 def _manifest_tokenizer(prefix: str) -> dict:
@@ -58,8 +59,6 @@ def inspect_prefix(prefix: str, tokenizer: Optional[str] = None, docs: int = 3, 
         tokenizer, eod_piece = find_tokenizer(prefix), find_eod_piece(prefix)
     tok = None
     if tokenizer:
-        from data_prep.tokenizer import load_tokenizer
-
         tok = load_tokenizer(tokenizer, eod_piece)
         eod = tok.eod_id
         if len(lengths):

@@ -13,7 +13,7 @@ import sys
 
 from fpa_megatron import exit_codes
 from fpa_megatron.config import ConfigError, load_config
-from fpa_megatron.quiet import quiet_optional_dependency_warnings, quiet_training_notices
+from data_prep.quiet import quiet_optional_dependency_warnings, quiet_training_notices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from fpa_megatron.config_checks import check_config
+        from fpa_megatron.preflight import check_config
 
         layout = check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError) as err:
         print(f"fpa-train: config error: {err}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
     quiet_training_notices()
-    from fpa_megatron.logging.run_log import failure_line, is_collective_timeout, setup_logging, where
+    from fpa_megatron.run_log import failure_line, is_collective_timeout, setup_logging, where
     from fpa_megatron.training.trainer import train
 
     log = setup_logging()

@@ -1,6 +1,6 @@
 """One config system: YAML files mapped onto dataclasses, `key.sub=value` overrides, unknown keys rejected.
 
-`load_config(path, overrides)` builds a `RunConfig`; `fpa_megatron.config_checks.check_config` validates it
+`load_config(path, overrides)` builds a `RunConfig`; `fpa_megatron.preflight.check_config` validates it
 before any process group starts; `save_config` writes the resolved config next to a run.
 
 A string field keeps its value as written: YAML 1.1 would read `run_name: off` as False, `1_000` as 1000,

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from fpa_megatron.logging.run_log import get_logger
+from fpa_megatron.run_log import get_logger
 
 ENV = "FPA_FAULT"
 LOSS_FAULTS = ("nan_loss", "spike")

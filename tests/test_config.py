@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
-from fpa_megatron.config_checks import ResolvedLayout, check_config, padded_vocab_size, parse_split
+from fpa_megatron.rules import ResolvedLayout, padded_vocab_size
+from fpa_megatron.preflight import check_config
+from fpa_megatron.data.data_checks import parse_split
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOKENIZER_VOCAB = 60

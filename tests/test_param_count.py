@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from fpa_megatron.config import ModelConfig, load_config
-from fpa_megatron.config_checks import check_config, padded_vocab_size
+from fpa_megatron.preflight import check_config
+from fpa_megatron.rules import padded_vocab_size
 from fpa_megatron.model.param_count import count_non_embedding_parameters, count_parameters, parameter_breakdown
 from fpa_megatron.testing import run_distributed
 

@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fpa_megatron.quiet import quiet_optional_dependency_warnings
+from data_prep.quiet import quiet_optional_dependency_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 TE_APEX = "Transformer Engine and Apex are not installed. Falling back to Torch optimizers."

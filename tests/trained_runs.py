@@ -112,11 +112,12 @@ def train_and_probe(runs: dict) -> dict:
     from megatron.core import parallel_state
 
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import MegatronMPU, init_model_parallel
     from fpa_megatron.parallel.weights import gather_global
-    from fpa_megatron.training.checkpoint import Checkpointer, complete_checkpoints
+    from fpa_megatron.checkpoint.checkpointer import Checkpointer
+    from fpa_megatron.checkpoint.lineage import complete_checkpoints
     from fpa_megatron.training.optimizer import build_engine
     from fpa_megatron.training.trainer import train
 

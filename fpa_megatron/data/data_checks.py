@@ -1,6 +1,6 @@
 """The data section of the config check: prefixes, weights, split, and each indexed dataset's files.
 
-Runs before any process group (from `config_checks.check_config`). A `.bin` cut short (a truncated copy), an
+Runs before any process group (from `preflight.check_config`). A `.bin` cut short (a truncated copy), an
 `.idx` that is not Megatron's, or token ids stored in a dtype too small for the vocabulary would otherwise fail
 deep in the data loader, naming no file; here the error names the file and both sizes.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from fpa_megatron.config import ConfigError, RunConfig
+from fpa_megatron.run_tokenizer import load_run_tokenizer
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"  # Megatron-core's .idx header: magic, version 1 (<Q), dtype code (<B), counts
 INDEX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
@@ -103,8 +104,8 @@ def check_dataset_files(i: int, prefix: str, vocab_size: Optional[int]) -> Index
 def _check_splits(cfg: RunConfig, counts: list[int]) -> None:
     """Every split that gets a share must get a sequence of every prefix (Megatron's builder cannot build an
     empty split), and evaluation needs a validation split at all."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                        parse_and_normalize_split)
 
     d, t = cfg.data, cfg.train
     if t.eval_interval > 0 and parse_split(d.split)[1] == 0:
@@ -140,8 +141,6 @@ def _check_encoded_with_tokenizer(cfg: RunConfig) -> None:
         if Path(prefix).name not in names:
             continue  # the manifest describes other datasets
         if ours is None:
-            from fpa_megatron.config_checks import load_run_tokenizer  # (config_checks imports this module)
-
             tok = load_run_tokenizer(d.tokenizer)
             ours = tok.sha256
         if recorded.get("sha256") == ours and recorded.get("eod_id", tok.eod_id) != tok.eod_id:

@@ -25,6 +25,9 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from data_prep.common import PrepError
+from data_prep.tokenizer import load_tokenizer
+
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
@@ -33,9 +36,6 @@ class FileTokenizer(MegatronTokenizerBase):
     `load_tokenizer`, so ids equal the encode's); EOD is the tokenizer's eos (or eod_piece)."""
 
     def __init__(self, model_path: str, eod_piece: Optional[str] = None):
-        from data_prep.common import PrepError
-        from data_prep.tokenizer import load_tokenizer
-
         if not os.path.exists(model_path):
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
         try:

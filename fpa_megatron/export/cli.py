@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from fpa_megatron.quiet import quiet_optional_dependency_warnings
+from data_prep.quiet import quiet_optional_dependency_warnings
 
 
 def export_hf(checkpoint: str, out: str, tokenizer: Optional[str] = None, overwrite: bool = False) -> int:
     from fpa_megatron.export.hf import describe, save_hf, to_hf
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
+    from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -52,7 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from fpa_megatron.config import ConfigError
     from fpa_megatron.export.hf import ExportError, quiet_transformers
-    from fpa_megatron.training.checkpoint_reader import CheckpointError
+    from fpa_megatron.checkpoint.reader import CheckpointError
 
     quiet_transformers()
     try:

@@ -19,8 +19,10 @@ from typing import Optional
 
 import torch
 
+from data_prep.common import PrepError
+from data_prep.tokenizer import load_tokenizer
+from fpa_megatron.checkpoint.reader import ModelCheckpoint, read_model_checkpoint
 from fpa_megatron.config import ModelConfig
-from fpa_megatron.training.checkpoint_reader import ModelCheckpoint
 
 # (model.position_embedding, model.normalization, model.activation) -> the transformers architecture that
 # computes the same function; only LLaMA has grouped-query attention.
@@ -99,9 +101,6 @@ class TokenizerSpec:
 
 def tokenizer_spec(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None) -> TokenizerSpec:
     """The run's tokenizer (data.tokenizer, or `tokenizer_path` if it moved); EOD = its eos, as in training."""
-    from data_prep.common import PrepError
-    from data_prep.tokenizer import load_tokenizer
-
     path = tokenizer_path or ckpt.config.data.tokenizer
     if path is None:  # mock data: the MockTokenizer's vocabulary and EOD
         vocab = ckpt.config.model.vocab_size
@@ -162,10 +161,9 @@ def hf_tokenizer(spec: TokenizerSpec, model_max_length: int):
 def hf_config(ckpt: ModelCheckpoint, arch: str, tok: TokenizerSpec, vocab_size: int, dtype: torch.dtype):
     """The transformers config of the exported model (vocabulary `vocab_size`, EOD as its eos, weights `dtype`)."""
     transformers = require_transformers()
-    from fpa_megatron.model.gpt import transformer_config
 
     m = ckpt.config.model
-    eps = transformer_config(m).layernorm_epsilon
+    eps = m.norm_epsilon  # what the Megatron model uses (model.gpt.transformer_config)
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
     positions = m.max_position_embeddings or m.seq_length
     common = dict(vocab_size=vocab_size, eos_token_id=tok.eod_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
@@ -438,8 +436,6 @@ def load_hf(path: str | Path, tokenizer_path: Optional[str] = None) -> HFExport:
     """A transformers model and tokenizer from an exported directory, or converted in memory from a training
     checkpoint (any layout; `tokenizer_path` if the run's tokenizer moved)."""
     if not is_hf_dir(path):
-        from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
-
         return to_hf(read_model_checkpoint(path), tokenizer_path)
     transformers = require_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path))

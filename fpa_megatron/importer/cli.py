@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Optional
 
-from fpa_megatron.quiet import quiet_optional_dependency_warnings
+from data_prep.quiet import quiet_optional_dependency_warnings
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -23,9 +23,16 @@ from typing import Callable, Optional
 
 import torch
 
-from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, parse_overrides
-from fpa_megatron.export.hf import (EMBEDDING, HEAD, OUTPUT, _LAYOUT, _Source, mapping_rules, require_transformers,
+from fpa_megatron.checkpoint.layout import CheckpointLayout
+from fpa_megatron.checkpoint.reshard import (GlobalState, ReshardError, check_new_layout, reset_optimizer_state,
+                                             write_checkpoint)
+from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, parse_overrides, save_config
+from fpa_megatron.export.hf import (_LAYOUT, EMBEDDING, HEAD, OUTPUT, _Source, mapping_rules, require_transformers,
                                     to_megatron_tensor)
+from fpa_megatron.rules import padded_vocab_size
+from fpa_megatron.run_tokenizer import tokenizer_vocab_size
+from fpa_megatron.schedules import LambdaSchedule
+from fpa_megatron.training.optimizer import deepspeed_config
 
 # config.json's model_type -> the export family whose tensor names it uses
 SUPPORTED_MODEL_TYPES = {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "mistral": "llama"}
@@ -150,8 +157,6 @@ def run_config(c, tensor: int, pipeline: int, overrides: Optional[list[str]] = N
                             + ("larger than the checkpoint's" if cfg.model.vocab_size > vocab else
                                "rows would be dropped"))
     if cfg.data.tokenizer is not None:
-        from fpa_megatron.config_checks import tokenizer_vocab_size
-
         size = tokenizer_vocab_size(cfg.data.tokenizer)
         if size > vocab:
             raise HFImportError(f"data.tokenizer={cfg.data.tokenizer!r} has {size} tokens, more than the checkpoint's "
@@ -212,9 +217,6 @@ def global_state(weights: OrderedDict, cfg: RunConfig, layout):
     """fpa-reshard's GlobalState for `weights` with a fresh AdamW state (moments 0, step 0)."""
     import deepspeed
 
-    from fpa_megatron.training.optimizer import deepspeed_config
-    from fpa_megatron.training.reshard import GlobalState, reset_optimizer_state
-
     decay = [name for name, w in weights.items() if w.dim() >= 2]  # as optimizer.param_groups
     rest = [name for name, w in weights.items() if w.dim() < 2]
     meta = {"buffer_names": [], "optimizer": None, "frozen_param_shapes": None, "shared_params": {},
@@ -232,12 +234,6 @@ def import_hf(model_dir: str | Path, out: str | Path, tensor: int = 1, pipeline:
               write_config: Optional[str | Path] = None, log: Callable[[str], None] = print) -> Path:
     """Write the transformers checkpoint in `model_dir` as a complete checkpoint root `out` for TP x PP x DP;
     every check happens before anything is written. Returns the iteration directory (step 0)."""
-    from fpa_megatron.config import save_config
-    from fpa_megatron.config_checks import padded_vocab_size
-    from fpa_megatron.training.checkpoint import CheckpointLayout
-    from fpa_megatron.training.lambda_schedule import LambdaSchedule
-    from fpa_megatron.training.reshard import ReshardError, check_new_layout, write_checkpoint
-
     model_dir, out = Path(model_dir), Path(out)
     _require(not out.exists() or (out.is_dir() and not any(out.iterdir())),
              f"--out {out} exists and is not empty; choose a new directory (nothing was written)")

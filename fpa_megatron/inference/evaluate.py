@@ -19,23 +19,25 @@ Tokens:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-if TYPE_CHECKING:
-    import torch
-
-from fpa_megatron.quiet import quiet_optional_dependency_warnings
-
-SPLITS = ("valid", "test")
+from data_prep.readers import check_text
+from fpa_megatron.checkpoint.reader import read_model_checkpoint
+from fpa_megatron.data.datasets import build_gpt_datasets, build_tokenizer, dataset_tokens, micro_batches
+from fpa_megatron.export.hf import is_hf_dir, load_hf
+from fpa_megatron.inference.megatron_lm import megatron_lm
+from fpa_megatron.options import EVAL_SPLITS
+from fpa_megatron.run_tokenizer import tokenizer_vocab_size
 
 
 @dataclass
@@ -56,8 +58,6 @@ def jsonl_tokens(path: str, encode: Callable[[str], list[int]], eod_id: int,
                  text_key: str = "text") -> tuple[np.ndarray, Counter]:
     """Every document of a JSON Lines file encoded and followed by EOD, concatenated, as fpa-prep stores them;
     records fpa-prep would reject (bad JSON, no string text, empty text) are skipped and counted by reason."""
-    from data_prep.readers import check_text
-
     out: list[int] = []
     skipped: Counter = Counter()
     with open(path, encoding="utf-8") as f:
@@ -81,8 +81,6 @@ def jsonl_tokens(path: str, encode: Callable[[str], list[int]], eod_id: int,
 def data_tokens(data: str, encode: Optional[Callable[[str], list[int]]], eod_id: int,
                 text_key: str) -> tuple[np.ndarray, str]:
     """Tokens of `--data` (an indexed dataset prefix or a .jsonl file) and what they are, in words."""
-    from fpa_megatron.data.datasets import dataset_tokens
-
     if Path(data + ".bin").is_file() and Path(data + ".idx").is_file():
         return dataset_tokens(data), f"indexed dataset {data}"
     if Path(data).is_file() and data.endswith((".jsonl", ".json")):
@@ -108,8 +106,6 @@ def windows(tokens: np.ndarray, seq_length: int) -> list[tuple[np.ndarray, np.nd
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
 
 
@@ -125,8 +121,6 @@ def score_stream(token_losses, tokens: np.ndarray, seq_length: int, batch_size: 
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[p] for p in pieces if len(p[0]) != seq_length]  # the shorter last window alone
     for batch in batches:
-        import torch  # (here, not at import: `fpa-eval --help` stays instant)
-
         inputs = torch.from_numpy(np.stack([b[0] for b in batch]))
         labels = torch.from_numpy(np.stack([b[1] for b in batch]))
         losses = token_losses(inputs, labels).double()
@@ -141,9 +135,6 @@ def score_stream(token_losses, tokens: np.ndarray, seq_length: int, batch_size: 
 
 def split_micro_batches(ckpt, split: str, batches: Optional[int]) -> tuple[Iterator[dict], int, str]:
     """The run's `split` dataset as the trainer builds it; its first `batches` global batches as micro-batches."""
-    from fpa_megatron.config_checks import tokenizer_vocab_size
-    from fpa_megatron.data.datasets import build_gpt_datasets, micro_batches
-
     cfg = ckpt.config
     t = cfg.train
     batches = batches or t.eval_iters
@@ -197,8 +188,6 @@ class HFScorer:
         self.model = model
 
     def token_losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        import torch
-
         with torch.no_grad():
             logits = self.model(tokens).logits.float()
             return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
@@ -208,12 +197,10 @@ def evaluate(checkpoint: str, data: Optional[str] = None, split: Optional[str] =
              text_key: str = "text", batch_size: int = 8, tokenizer: Optional[str] = None,
              progress: bool = True) -> EvalResult:
     """Loss and perplexity of `checkpoint` on `data` (prefix or .jsonl) or on the run's `split`."""
-    from fpa_megatron.export.hf import is_hf_dir
-
     if (data is None) == (split is None):
         raise ValueError("give exactly one of --data and --split")
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"--split={split!r} is not one of {', '.join(SPLITS)}")
+    if split is not None and split not in EVAL_SPLITS:
+        raise ValueError(f"--split={split!r} is not one of {', '.join(EVAL_SPLITS)}")
     if is_hf_dir(checkpoint):
         if split is not None:
             raise ValueError(f"--split needs a training checkpoint (its run config); {checkpoint} is an exported model")
@@ -223,10 +210,6 @@ def evaluate(checkpoint: str, data: Optional[str] = None, split: Optional[str] =
 
 def _evaluate_checkpoint(checkpoint, data, split, batches, text_key, batch_size, tokenizer, progress) -> EvalResult:
     """A training checkpoint, as one TP1 x PP1 Megatron model in this process."""
-    from fpa_megatron.data.datasets import build_tokenizer
-    from fpa_megatron.inference.megatron_lm import megatron_lm
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
-
     ckpt = read_model_checkpoint(checkpoint)
     if tokenizer is not None:
         ckpt.config.data.tokenizer = tokenizer
@@ -242,8 +225,6 @@ def _evaluate_checkpoint(checkpoint, data, split, batches, text_key, batch_size,
 
 def _evaluate_exported(path, data, text_key, batch_size, progress) -> EvalResult:
     """An `fpa-export hf` directory, in transformers."""
-    from fpa_megatron.export.hf import load_hf
-
     loaded = load_hf(path)
     encode = None
     if loaded.tokenizer is not None:
@@ -252,70 +233,3 @@ def _evaluate_exported(path, data, text_key, batch_size, progress) -> EvalResult
     config = loaded.model.config
     seq = getattr(config, "max_position_embeddings", None) or config.n_positions
     return score_stream(HFScorer(loaded.model).token_losses, tokens, seq, batch_size, source, progress)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    quiet_optional_dependency_warnings()  # before anything imports megatron
-    parser = argparse.ArgumentParser(prog="fpa-eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="training checkpoint (iter_ dir, checkpoint root or run dir) or fpa-export hf output")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="indexed dataset prefix (PREFIX.bin/.idx) or a .jsonl file of documents")
-    source.add_argument("--split", choices=SPLITS, help="the run's own data config: its validation or test split")
-    source.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: names (e.g. hellaswag,arc_easy; "
-                                        "their data must be on this machine: no download) or task YAML files")
-    parser.add_argument("--include-path", action="append", default=None, metavar="DIR",
-                        help="--tasks: a directory of task YAMLs to add to lm-eval's (repeatable)")
-    parser.add_argument("--num-fewshot", type=int, default=None,
-                        help="--tasks: few-shot examples (default: the task's)")
-    parser.add_argument("--limit", type=float, default=None,
-                        help="--tasks: first N documents per task (< 1: a fraction)")
-    parser.add_argument("--output", default=None, help="--tasks: write the results as JSON to this file")
-    parser.add_argument("--seed", type=int, default=1234, help="--tasks: seed of lm-eval's few-shot sampling")
-    parser.add_argument("--batches", type=int, default=None, help="--split: global batches (default train.eval_iters)")
-    parser.add_argument("--text-key", default="text", help=".jsonl: the field holding the text")
-    parser.add_argument("--batch-size", type=int, default=8, help="--data: sequences per forward pass")
-    parser.add_argument("--tokenizer", default=None, help="the run's tokenizer (.model or tokenizer.json), if it moved")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-
-    from fpa_megatron.config import ConfigError
-    from fpa_megatron.export.hf import ExportError, quiet_transformers
-    from fpa_megatron.training.checkpoint_reader import CheckpointError
-
-    quiet_transformers()
-    if args.tasks is not None:
-        return _main_tasks(args)
-    try:
-        result = evaluate(args.checkpoint, args.data, args.split, args.batches, args.text_key, args.batch_size,
-                          args.tokenizer, progress=not args.no_progress)
-    except (CheckpointError, ConfigError, ExportError, FileNotFoundError, ValueError) as err:
-        print(f"fpa-eval: {err}", file=sys.stderr)
-        return 2
-    print(f"{result.source}")
-    print(f"loss {result.loss:.6f} | perplexity {result.perplexity:.3f} | {result.tokens:,} tokens")
-    return 0
-
-
-def _main_tasks(args) -> int:
-    """--tasks: lm-eval on the model; the table on stdout, the JSON in --output."""
-    from fpa_megatron.config import ConfigError
-    from fpa_megatron.export.hf import ExportError
-    from fpa_megatron.inference.harness import results_table, run_tasks, write_results
-    from fpa_megatron.training.checkpoint_reader import CheckpointError
-
-    try:
-        results = run_tasks(args.checkpoint, args.tasks, args.include_path, args.num_fewshot, args.limit,
-                            args.batch_size, args.tokenizer, args.seed)
-    except (CheckpointError, ConfigError, ExportError, FileNotFoundError, ImportError, ValueError) as err:
-        print(f"fpa-eval: {err}", file=sys.stderr)
-        return 2
-    print(results_table(results))
-    if args.output:
-        write_results(results, args.output)
-        print(f"results: {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

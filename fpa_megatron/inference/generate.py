@@ -7,12 +7,8 @@ writes) or an exported directory. Decoding is transformers' `generate`: greedy b
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from typing import Optional
-
-from fpa_megatron.quiet import quiet_optional_dependency_warnings
 
 
 @dataclass
@@ -61,43 +57,3 @@ def generate(model, tokenizer, eod_id: int, prompt: str, max_new_tokens: int = 6
     if stopped:
         new_ids = new_ids[: new_ids.index(eod_id)]
     return Generation(prompt_ids, new_ids, tokenizer.decode(new_ids), stopped)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    quiet_optional_dependency_warnings()  # before anything imports megatron
-    parser = argparse.ArgumentParser(prog="fpa-generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="training checkpoint (iter_ dir, checkpoint root or run dir) or fpa-export hf output")
-    parser.add_argument("--prompt", required=True, help="text to continue ('' starts a new document)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample within top-p probability mass")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--tokenizer", default=None, help="the run's tokenizer (.model or tokenizer.json), if it moved")
-    args = parser.parse_args(argv)
-
-    from fpa_megatron.export.hf import ExportError, load_hf, quiet_transformers
-    from fpa_megatron.training.checkpoint_reader import CheckpointError
-
-    quiet_transformers()
-    try:
-        sampling_options(args.temperature, args.top_k, args.top_p)
-        loaded = load_hf(args.checkpoint, args.tokenizer)
-        if loaded.tokenizer is None:
-            raise ExportError(f"{args.checkpoint}: no tokenizer (a run on mock data?): cannot encode a prompt")
-        result = generate(loaded.model, loaded.tokenizer, loaded.tokenizer_spec.eod_id, args.prompt,
-                          args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    except (CheckpointError, ExportError, ValueError) as err:
-        print(f"fpa-generate: {err}", file=sys.stderr)
-        return 2
-    print(args.prompt + result.text)
-    mode = "greedy" if args.temperature == 0 else f"sampled (temperature {args.temperature}, seed {args.seed})"
-    end = ("stopped at end of document" if result.stopped_at_eod
-           else f"stopped after --max-new-tokens={args.max_new_tokens}")
-    print(f"[{len(result.new_ids)} new tokens, {mode}, {end}]", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from fpa_megatron.export.hf import load_hf
+
 INSTALL_HINT = "pip install -e .[eval]  (or: pip install 'lm-eval>=0.4.13,<0.5')"
 
 
@@ -140,8 +142,6 @@ def run_tasks(checkpoint: str, tasks: str, include_path: Optional[list[str]] = N
               limit: Optional[float] = None, batch_size: int = 8, tokenizer: Optional[str] = None,
               seed: int = 1234) -> dict:
     """lm-eval's `simple_evaluate` on a checkpoint or an exported directory; returns its results dict."""
-    from fpa_megatron.export.hf import load_hf
-
     lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
 

@@ -13,16 +13,17 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from fpa_megatron.training.checkpoint_reader import ModelCheckpoint
+from fpa_megatron.checkpoint.reader import ModelCheckpoint
+from fpa_megatron.model.gpt import build_gpt_model, make_penalty
+from fpa_megatron.parallel.state import destroy_model_parallel, init_model_parallel
+from fpa_megatron.parallel.weights import load_global_state
+from fpa_megatron.run_tokenizer import tokenizer_vocab_size
 
 
 class MegatronLM:
     """The full model of a checkpoint on this process (build inside `megatron_lm`)."""
 
     def __init__(self, checkpoint: ModelCheckpoint):
-        from fpa_megatron.model.gpt import build_gpt_model, make_penalty
-        from fpa_megatron.parallel.weights import load_global_state
-
         cfg = checkpoint.config
         self.checkpoint = checkpoint
         self.penalty = make_penalty(cfg.model, cfg.fpa)
@@ -55,8 +56,6 @@ def real_vocab_size(checkpoint: ModelCheckpoint) -> int:
     """The run's vocabulary (model.vocab_size, else its tokenizer's), which its loss's softmax covered."""
     cfg = checkpoint.config
     if cfg.model.vocab_size is None and cfg.data.tokenizer:
-        from fpa_megatron.config_checks import tokenizer_vocab_size
-
         try:
             return tokenizer_vocab_size(cfg.data.tokenizer)
         except ValueError:  # the tokenizer moved: the padded vocabulary, as before
@@ -67,8 +66,6 @@ def real_vocab_size(checkpoint: ModelCheckpoint) -> int:
 @contextmanager
 def megatron_lm(checkpoint: ModelCheckpoint) -> Iterator[MegatronLM]:
     """MegatronLM of `checkpoint` with TP1 x PP1 process groups (a one-rank gloo group if none exists)."""
-    from fpa_megatron.parallel.state import destroy_model_parallel, init_model_parallel
-
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())

@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fpa_megatron.config import ModelConfig
-from fpa_megatron.model.attention_penalty import AttentionPenalty, PenalizedDotProductAttention
+from fpa_megatron.model.penalized_attention import AttentionPenalty, PenalizedDotProductAttention
 from fpa_megatron.model.sp_norm import SequenceParallelNorm
 from fpa_megatron.parallel.state import compute_device
 from fpa_megatron.parallel.weights import init_global_weights

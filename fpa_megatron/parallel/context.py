@@ -16,6 +16,18 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from torch import Tensor
 
 
+def cp_chunk_bounds(seq_length: int, cp_size: int, cp_rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two global position ranges [start, end) that CP rank `cp_rank` of `cp_size` holds: chunks r and
+    2C-1-r of the 2C equal chunks of the sequence."""
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} of cp_size={cp_size}: need 0 <= cp_rank < cp_size")
+    if seq_length % (2 * cp_size):
+        raise ValueError(f"seq_length={seq_length} is not divisible by 2 * context parallel size = {2 * cp_size}")
+    c = seq_length // (2 * cp_size)
+    last = 2 * cp_size - 1 - cp_rank
+    return (cp_rank * c, (cp_rank + 1) * c), (last * c, (last + 1) * c)
+
+
 def context_parallel_size() -> int:
     """C (1 before the model-parallel groups exist)."""
     if not parallel_state.model_parallel_is_initialized():

@@ -11,7 +11,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from fpa_megatron.config import ParallelConfig
-from fpa_megatron.logging.run_log import record_job_nodes
+from fpa_megatron.run_log import record_job_nodes
 from fpa_megatron.parallel import cpu_bridge
 
 

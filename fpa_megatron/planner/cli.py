@@ -1,6 +1,6 @@
 """`fpa-plan CONFIG [key=value ...] --gpus N --gpu-memory GB`: the layouts of CONFIG that fit, fastest first.
 
-Every layout config_checks accepts on N GPUs (TP within a node, PP, VP, CP, DP, SP, ZeRO stage, recompute,
+Every layout the config check accepts on N GPUs (TP within a node, PP, VP, CP, DP, SP, ZeRO stage, recompute,
 micro-batch size) gets its per-GPU memory term by term (fpa_megatron/planner/memory.py) and an estimated step
 time (planner/time.py); the ones whose total fits in --gpu-memory are listed. Exit status 1 when none fits,
 2 for a bad argument or config.
@@ -15,7 +15,6 @@ from dataclasses import asdict
 
 from fpa_megatron.config import ConfigError, load_config
 from fpa_megatron.planner.memory import ALLOCATOR_FRACTION, FIXED_RESERVE_BYTES, GIB
-from fpa_megatron.planner.search import plan
 from fpa_megatron.planner.time import Hardware
 
 MEMORY_COLUMNS = ("weights", "gradients", "master_fp32", "adam_moments", "fp32_gradient_partition", "activations",
@@ -109,6 +108,8 @@ def to_json(result: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # overrides may come after the options
+    from fpa_megatron.planner.search import plan  # the config check it runs imports torch: not for --help
+
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from fpa_megatron.attention.choice import attention_path
 from fpa_megatron.config import RunConfig
 from fpa_megatron.model.param_count import uses_linear_bias
 
@@ -175,8 +176,6 @@ def layer_activations(cfg: RunConfig, layout: Layout, device: str = "cuda") -> L
 
 def attention_kernel(cfg: RunConfig, device: str = "cuda") -> str:
     """The kernel a training step runs while the penalty is on (`attention_path`); SDPA when FPA is off."""
-    from fpa_megatron.model.attention_penalty import attention_path
-
     return attention_path(cfg.model.attention_impl, cfg.fpa.enabled, device, has_mask=False)
 
 

@@ -1,4 +1,4 @@
-"""Enumerate the layouts a config allows on N GPUs, keep those config_checks accepts and that fit, rank by time."""
+"""Enumerate the layouts a config allows on N GPUs, keep those the config check accepts and that fit, rank by time."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import dataclasses
 import os
 
 from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, config_to_dict
-from fpa_megatron.config_checks import RECOMPUTE, ZERO_STAGES, _check_enums, _check_model, check_config
+from fpa_megatron.options import RECOMPUTE, ZERO_STAGES
 from fpa_megatron.planner.memory import GIB, Layout, step_memory
 from fpa_megatron.planner.time import Hardware, step_time
+from fpa_megatron.preflight import check_config
+from fpa_megatron.rules import check_model
 
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
 
@@ -31,7 +33,7 @@ def planning_config(cfg: RunConfig) -> RunConfig:
 
 def candidate_layouts(cfg: RunConfig, gpus: int, gpus_per_node: int):
     """Every combination of TP (within a node), PP, VP, CP, DP, SP, ZeRO stage, recompute and micro-batch size
-    whose sizes multiply to `gpus` (config_checks decides later which of them the project runs)."""
+    whose sizes multiply to `gpus` (the config check decides later which of them the project runs)."""
     m = cfg.model
     for tp in _divisors(min(gpus, gpus_per_node)):
         for cp in _divisors(gpus // tp):
@@ -57,11 +59,10 @@ def candidate_layouts(cfg: RunConfig, gpus: int, gpus_per_node: int):
 def plan(cfg: RunConfig, gpus: int, gpu_memory_gb: float, hw: Hardware) -> dict:
     """All accepted layouts with their memory and time terms; those that fit first, fastest first."""
     base = planning_config(cfg)
-    _check_enums(base)  # the config's own options, before the layout keys are replaced by each candidate's
-    _check_model(base)
+    check_model(base)  # the config's own options, before the layout keys are replaced by each candidate's
     rows, rejected = [], {}
     values = config_to_dict(base)
-    checked: dict = {}  # config_checks' verdict does not depend on the recompute mode: one check per the rest
+    checked: dict = {}  # the config check's verdict does not depend on the recompute mode: one check per the rest
     for layout in candidate_layouts(base, gpus, hw.gpus_per_node):
         key = dataclasses.replace(layout, recompute="none")
         if key not in checked:
@@ -87,7 +88,7 @@ def plan(cfg: RunConfig, gpus: int, gpu_memory_gb: float, hw: Hardware) -> dict:
 
 
 def own_layout(cfg: RunConfig, gpus: int) -> tuple[Layout, int]:
-    """The layout cfg itself asks for on `gpus` GPUs (checked by config_checks) and its padded vocabulary."""
+    """The layout cfg itself asks for on `gpus` GPUs (checked by the config check) and its padded vocabulary."""
     plan_cfg = planning_config(cfg)
     resolved = check_config(plan_cfg, gpus)
     p = cfg.parallel

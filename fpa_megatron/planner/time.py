@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fpa_megatron.config import RunConfig
-from fpa_megatron.logging.flops import flops_per_token
+from fpa_megatron.flops import flops_per_token
 from fpa_megatron.planner.memory import BYTES, Layout
 
 

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from fpa_megatron.quiet import quiet_optional_dependency_warnings
+from data_prep.quiet import quiet_optional_dependency_warnings
 from fpa_megatron.studies.studies import SCALES, STUDIES, failed_runs, log_hint
 
 STUDY_FILE = "study.json"
@@ -144,7 +144,7 @@ def _write_base_config(study, specs, ranks: int, overrides: list[str] = ()) -> P
     arm's overrides (before anything runs). With more ranks per run the global batch stays the same (with
     data parallelism, micro-batches are cut)."""
     from fpa_megatron.config import config_from_dict, config_to_dict, save_config
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
 
     base = config_from_dict(study.base_config(), list(overrides))
     train, p = base.train, base.parallel

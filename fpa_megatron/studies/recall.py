@@ -9,7 +9,7 @@ finds the queries, their answers and distances in the tokens). Each run gets `<r
 
     python -m fpa_megatron.studies.recall --test data/mqar/test --buckets 4-15 16-29 ... -- RUN_DIR [RUN_DIR ...]
 
-Any training layout: the checkpoint is read offline (`checkpoint_reader`) into one TP1 x PP1 model.
+Any training layout: the checkpoint is read offline (`checkpoint.reader`) into one TP1 x PP1 model.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpa_megatron.quiet import quiet_optional_dependency_warnings
+from data_prep.quiet import quiet_optional_dependency_warnings
+from data_prep.synthetic import recall_by_lookup
+from fpa_megatron.checkpoint.reader import read_model_checkpoint, resolve_checkpoint_dir
+from fpa_megatron.inference.megatron_lm import megatron_lm
+from fpa_megatron.studies.report import bucket_name
 
 RESULT_FILE = "recall.json"
 
 
 def query_table(tokens: np.ndarray, num_pairs: int) -> dict[str, np.ndarray]:
     """Every query of the [n, s] token array: its sequence (row), position, answer and distance."""
-    from data_prep.synthetic import recall_by_lookup
-
     found = [(i, *query) for i, seq in enumerate(tokens) for query in recall_by_lookup(seq, num_pairs)]
     columns = np.array(found, dtype=np.int64).reshape(-1, 4).T
     return dict(zip(("row", "position", "answer", "distance"), columns))
@@ -60,10 +62,6 @@ def recalled(model, tokens: np.ndarray, queries: dict[str, np.ndarray], batch_si
     return predictions[queries["row"], queries["position"]] == queries["answer"]
 
 
-def bucket_name(lo: int, hi: int) -> str:
-    return f"d{lo:02d}-{hi:02d}"
-
-
 def accuracy_by_bucket(hits: np.ndarray, distances: np.ndarray, buckets: list[tuple[int, int]]) -> dict:
     """{bucket name: accuracy, correct, queries, min/max distance seen} and "overall" for all queries."""
     out = {}
@@ -81,9 +79,6 @@ def accuracy_by_bucket(hits: np.ndarray, distances: np.ndarray, buckets: list[tu
 def evaluate_run(run_dir: Path, test_prefix: str, buckets: list[tuple[int, int]], num_pairs: int) -> dict:
     """Score the run's newest complete checkpoint (any layout, read offline) on the held-out sequences, in this
     process; write and return its recall.json."""
-    from fpa_megatron.inference.megatron_lm import megatron_lm
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint, resolve_checkpoint_dir
-
     checkpoint = read_model_checkpoint(resolve_checkpoint_dir(run_dir))
     tokens = read_sequences(test_prefix)
     queries = query_table(tokens, num_pairs)

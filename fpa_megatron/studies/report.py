@@ -13,6 +13,11 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 
+def bucket_name(lo: int, hi: int) -> str:
+    """The name of a key-to-query distance bucket of the recall study."""
+    return f"d{lo:02d}-{hi:02d}"
+
+
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...] sorted by step} of every scalar in the run's TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

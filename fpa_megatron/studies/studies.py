@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from data_prep.cli import main as prep
+from data_prep.synthetic import MQARSpec
 from fpa_megatron.studies import report as rp
 from fpa_megatron.studies.runner import LOG_FILE, RunSpec, run_dir
 
@@ -69,8 +71,6 @@ def prepare_demo_corpus(data_dir: Path, scale: str) -> tuple[Path, Path]:
 
     `tiny` makes a small one instead (0.25 MiB of text, 512 pieces) for the tests. Returns (prefix, tokenizer).
     """
-    from data_prep.cli import main as prep
-
     tiny = scale == "tiny"
     corpus, tokenizer = data_dir / "corpus" / "stdlib.jsonl", data_dir / "tokenizer" / "spm.model"
     shards, prefix = data_dir / "shards", data_dir / "shards" / "stdlib"
@@ -405,7 +405,6 @@ class RecallStudy(Study):
             return tuple(self.buckets)
         if self.seq == self.SEQ:
             return self.BUCKETS
-        from data_prep.synthetic import MQARSpec
 
         lo, hi = MQARSpec(seq_length=self.seq, num_pairs=self.PAIRS, vocab_size=self.VOCAB).distance_bounds()
         edges = [lo + round(i * (hi + 1 - lo) / 4) for i in range(5)]
@@ -416,8 +415,6 @@ class RecallStudy(Study):
         return str((self.out / "data" / "test").resolve())
 
     def base_config(self) -> dict:
-        from data_prep.cli import main as prep
-
         data, s = self.out / "data", self.size
         for name, count, seed in (("train", s["train_sequences"], 1), ("test", s["test_sequences"], 2)):
             if (data / f"{name}.idx").is_file():
@@ -461,9 +458,8 @@ class RecallStudy(Study):
 
     def report(self, specs, done):
         arms = list(dict.fromkeys(s.arm for s in specs))
-        from fpa_megatron.studies.recall import bucket_name
 
-        buckets = [bucket_name(lo, hi) for lo, hi in self.distance_buckets]
+        buckets = [rp.bucket_name(lo, hi) for lo, hi in self.distance_buckets]
         per_run = {}
         scalars = {s.name: self.scalars(s) if done.get(s.name) else {} for s in specs}
         for s in specs:

@@ -1,6 +1,6 @@
 """Attention diagnostics in every run: every `logging.attention_stats_interval` steps, one fixed micro-batch
 goes through the model without gradients and every layer records its heads' collision, entropy and max
-logit (`fpa_megatron.model.attention_stats`), FPA on or off.
+logit (`fpa_megatron.attention.stats`), FPA on or off.
 
 The probe micro-batch is the first one of this data-parallel rank in the validation split (the training
 split when there is none): the same tokens at every measurement, so the curves show the model changing, not
@@ -16,7 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from fpa_megatron.data.datasets import micro_batches
-from fpa_megatron.model.attention_penalty import AttentionPenalty
+from fpa_megatron.model.penalized_attention import AttentionPenalty
 from fpa_megatron.training.forward_backward import forward_backward, smallest_microbatch_count
 
 

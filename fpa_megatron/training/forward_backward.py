@@ -20,7 +20,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from fpa_megatron import faults
-from fpa_megatron.model.attention_penalty import AttentionPenalty, reduce_penalty_record
+from fpa_megatron.model.penalized_attention import AttentionPenalty, reduce_penalty_record
 from fpa_megatron.model.gpt import ModelChunks, model_chunks
 from fpa_megatron.parallel.context import context_parallel_size, split_batch_for_context_parallel
 from fpa_megatron.parallel.state import compute_device

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from fpa_megatron.config import TrainConfig
 from fpa_megatron.exit_codes import Diverged, LossSpikeStop
-from fpa_megatron.logging.run_log import get_logger
+from fpa_megatron.run_log import get_logger
 from fpa_megatron.parallel.state import compute_device
 
 log = get_logger("guard")

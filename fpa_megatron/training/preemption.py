@@ -12,7 +12,7 @@ import signal
 import threading
 from typing import Optional
 
-from fpa_megatron.logging.run_log import get_logger
+from fpa_megatron.run_log import get_logger
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 log = get_logger("preemption")

@@ -24,22 +24,24 @@ from megatron.core import parallel_state
 
 from fpa_megatron import faults
 from fpa_megatron.config import RunConfig, run_dir, save_config
-from fpa_megatron.config_checks import ResolvedLayout, check_config
+from fpa_megatron.rules import ResolvedLayout
+from fpa_megatron.preflight import check_config
 from fpa_megatron.data.datasets import build_gpt_datasets, micro_batches
 from fpa_megatron.exit_codes import Preempted
-from fpa_megatron.logging.flops import flops_per_token
-from fpa_megatron.logging.metrics_logger import MetricsLogger, memory_gb
-from fpa_megatron.logging.run_log import get_logger, setup_logging, where
-from fpa_megatron.model.attention_stats import attention_summary
+from fpa_megatron.flops import flops_per_token
+from fpa_megatron.training.metrics import MetricsLogger, memory_gb
+from fpa_megatron.run_log import get_logger, setup_logging, where
+from fpa_megatron.attention.stats import attention_summary
 from fpa_megatron.model.gpt import build_gpt_model, make_penalty
 from fpa_megatron.parallel.state import init_distributed, init_model_parallel
 from fpa_megatron.parallel.weights import load_global_state
 from fpa_megatron.training.attention_diagnostics import AttentionDiagnostics
-from fpa_megatron.training.checkpoint import Checkpointer, checkpoint_root
-from fpa_megatron.training.checkpoint_reader import initial_weights
+from fpa_megatron.checkpoint.checkpointer import Checkpointer
+from fpa_megatron.checkpoint.lineage import checkpoint_root
+from fpa_megatron.checkpoint.reader import initial_weights
 from fpa_megatron.training.forward_backward import forward_backward
 from fpa_megatron.training.guard import ROLLBACK, TrainingGuard
-from fpa_megatron.training.lambda_schedule import LambdaSchedule
+from fpa_megatron.schedules import LambdaSchedule
 from fpa_megatron.training.optimizer import build_engine, discard_gradients, lr_at, optimizer_step
 from fpa_megatron.training.preemption import StopSignals
 

@@ -123,7 +123,7 @@ def test_missing_transformers_says_what_to_install(monkeypatch):
 
 GENERATE_WITHOUT_MEGATRON = r"""
 import sys
-from fpa_megatron.inference.generate import main
+from fpa_megatron.inference.cli import generate_main as main
 code = main(["--checkpoint", sys.argv[1], "--prompt", "def f(x):", "--max-new-tokens", "3"])
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"megatron", "deepspeed"})
 print("HEAVY", heavy)

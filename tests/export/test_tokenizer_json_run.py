@@ -56,7 +56,8 @@ def test_generate_from_checkpoint_and_export_uses_the_library_ids(run, library, 
     from transformers import AutoModelForCausalLM
 
     from fpa_megatron.export.hf import load_hf
-    from fpa_megatron.inference.generate import generate, main
+    from fpa_megatron.inference.cli import generate_main as main
+    from fpa_megatron.inference.generate import generate
 
     model = AutoModelForCausalLM.from_pretrained(run["export"]).eval()
     eod = library.token_to_id("<|endoftext|>")
@@ -84,7 +85,7 @@ def _bigger_tokenizer(directory, vocab: int) -> str:
 
 def test_a_tokenizer_larger_than_the_model_is_refused_before_writing(run, tmp_path, capsys):
     from fpa_megatron.export.cli import main as export
-    from fpa_megatron.inference.generate import main as generate
+    from fpa_megatron.inference.cli import generate_main as generate
 
     big = _bigger_tokenizer(tmp_path / "big", 600)  # the checkpoint's embedding has 512 rows (300 padded for TP2)
     out = tmp_path / "out"
@@ -98,7 +99,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused_before_writing(run, tmp_pa
 def test_training_config_errors_name_the_tokenizer(run, tmp_path):
     from data_prep.cli import main as prep
     from fpa_megatron.config import ConfigError, config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
 
     values = json.loads(json.dumps(run["values"]))
     # another byte-level BPE (another seed): the data's token ids would mean other pieces

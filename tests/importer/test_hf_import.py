@@ -49,10 +49,11 @@ def probe_and_train(import_dir: str, probe: torch.Tensor, layouts: dict) -> dict
     """On 4 ranks: load the import through DeepSpeed at TP2 x PP2 (what a resume does) and read its logits and the
     trainer's loss through the pipeline; then train 3 steps from checkpoint.init_from in every layout."""
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
-    from fpa_megatron.training.checkpoint import Checkpointer, resolve_resume
+    from fpa_megatron.checkpoint.checkpointer import Checkpointer
+    from fpa_megatron.checkpoint.lineage import resolve_resume
     from fpa_megatron.training.forward_backward import forward_backward
     from fpa_megatron.training.optimizer import build_engine
     from fpa_megatron.training.trainer import train
@@ -154,7 +155,7 @@ def test_export_of_the_import_is_the_original_tensor_for_tensor(tmp_path_factory
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_training_from_the_import_is_the_same_in_every_layout_and_starts_at_step_0(tmp_path_factory, family):
     from fpa_megatron.export.hf import split_qkv
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
+    from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     run = imported(tmp_path_factory, family)
     tp2, tp1 = run["ranks"][0]["tp2pp2"], run["ranks"][0]["tp1pp1"]
@@ -288,7 +289,7 @@ def test_out_that_is_not_empty_is_refused(tmp_path, llama_dir):
 
 def test_init_from_that_is_not_a_checkpoint_or_of_another_shape_is_a_config_error(tmp_path, llama_dir):
     from fpa_megatron.config import ConfigError, config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
 
     status, _, err = fpa_import(["hf", "--model", str(llama_dir), "--out", str(tmp_path / "imported"),
                                  "--write-config", str(tmp_path / "run.yaml")])

@@ -18,7 +18,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_validation_split_gives_the_trainers_validation_loss(runs, capsys, family):
-    from fpa_megatron.inference.evaluate import main
+    from fpa_megatron.inference.cli import eval_main as main
 
     run = runs["runs"][family]
     trainer = run["history"][-1]["val_loss"]  # validated at the last step, right before the checkpoint was saved
@@ -35,7 +35,7 @@ def test_raw_text_equals_its_indexed_dataset_and_a_float64_reference(runs):
     from fpa_megatron.data.datasets import dataset_tokens
     from fpa_megatron.inference.evaluate import evaluate, score_stream
     from fpa_megatron.inference.megatron_lm import megatron_lm
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
+    from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     checkpoint = runs["runs"]["llama"]["checkpoint"]
     tokens = dataset_tokens(runs["data"]["prefix"])

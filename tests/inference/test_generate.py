@@ -33,7 +33,8 @@ def test_greedy_output_equals_a_greedy_loop(runs, tmp_path_factory, capsys, fami
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fpa_megatron.export.hf import load_hf
-    from fpa_megatron.inference.generate import generate, main
+    from fpa_megatron.inference.cli import generate_main as main
+    from fpa_megatron.inference.generate import generate
 
     out_dir = exported(tmp_path_factory, family)[0]
     sp = spm.SentencePieceProcessor(model_file=runs["data"]["tokenizer"])
@@ -67,7 +68,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(runs, tmp_path_factory):
 
 
 def test_bad_options_are_errors(runs, capsys):
-    from fpa_megatron.inference.generate import main
+    from fpa_megatron.inference.cli import generate_main as main
 
     checkpoint = runs["runs"]["gpt2"]["checkpoint"]
     assert main(["--checkpoint", checkpoint, "--prompt", "x", "--top-k", "5"]) == 2

@@ -76,7 +76,7 @@ def reference_logliks(run) -> list[list[float]]:
 
 def test_task_accuracy_equals_the_one_computed_from_loglikelihoods(run, task, tmp_path, capsys):
     from fpa_megatron.export.hf import load_hf
-    from fpa_megatron.inference.evaluate import main
+    from fpa_megatron.inference.cli import eval_main as main
     from fpa_megatron.inference.harness import harness_lm
 
     reference = reference_logliks(run)
@@ -107,7 +107,7 @@ def test_task_accuracy_equals_the_one_computed_from_loglikelihoods(run, task, tm
 def test_bad_tasks_and_tokenizers_are_errors(run, task, tmp_path, capsys):
     from tokenizers import models
 
-    from fpa_megatron.inference.evaluate import main
+    from fpa_megatron.inference.cli import eval_main as main
 
     # (an unknown task name is reported too, after lm-eval indexed its own ~15k tasks: 20 s, not tested here)
     assert main(["--checkpoint", run["export"], "--tasks", str(tmp_path / "missing.yaml")]) == 2

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fpa_megatron.config import ModelConfig
-from fpa_megatron.logging.flops import achieved_tflops, flops_per_token, mfu
+from fpa_megatron.flops import achieved_tflops, flops_per_token, mfu
 from fpa_megatron.testing import run_distributed
 
 

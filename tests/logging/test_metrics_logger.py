@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fpa_megatron.logging.metrics_logger import TAGS, MetricsLogger, colormap, heatmap_image, memory_gb
+from fpa_megatron.training.metrics import TAGS, MetricsLogger, colormap, heatmap_image, memory_gb
 
 METRICS = {
     "lm_loss": 5.123, "penalty": 0.43, "penalty_weighted": 0.43 * 9.9e-3, "lambda": 9.9e-3, "lr": 3e-4,

@@ -9,10 +9,12 @@ import warnings
 import pytest
 import torch
 
-from fpa_megatron.model import attention_penalty
-from fpa_megatron.model.attention_options import ATTENTION_IMPLS
-from fpa_megatron.model.attention_penalty import (AttentionPenalty, attention_path, eager_attention,
-                                                  load_triton_attention, sdpa_attention)
+from fpa_megatron.attention import dispatch, triton_attention
+from fpa_megatron.attention.choice import attention_path
+from fpa_megatron.attention.dispatch import load_triton_attention
+from fpa_megatron.attention.reference import eager_attention, sdpa_attention
+from fpa_megatron.model.penalized_attention import AttentionPenalty
+from fpa_megatron.options import ATTENTION_IMPLS
 from fpa_megatron.testing import run_distributed
 
 SEQ, MICRO, NUM_MICRO, VOCAB = 16, 2, 2, 128
@@ -58,12 +60,12 @@ def test_penalty_is_computed_only_when_active_with_positive_lambda():
 
 @pytest.fixture
 def triton_module_missing(monkeypatch):
-    """As if fpa_megatron.model.triton_attention were not installed (None in sys.modules fails the import)."""
-    monkeypatch.setitem(sys.modules, "fpa_megatron.model.triton_attention", None)
-    monkeypatch.setattr(attention_penalty, "_triton_warnings", set())
-    attention_penalty._triton_module.cache_clear()
+    """As if the Triton kernels (and triton) were not installed (None in sys.modules fails the import)."""
+    monkeypatch.setitem(sys.modules, "fpa_megatron.attention.triton_kernels", None)
+    monkeypatch.setattr(dispatch, "_triton_warnings", set())
+    triton_attention._kernels.cache_clear()
     yield
-    attention_penalty._triton_module.cache_clear()
+    triton_attention._kernels.cache_clear()
 
 
 def test_triton_missing_falls_back_with_one_warning_or_fails_when_asked_for(triton_module_missing):
@@ -120,12 +122,12 @@ def _batches(with_mask: bool = False):
 def dispatch_rank(tmp_dir: str):
     """One process, a 2-layer GQA GPT with `auto`: the kernels taken per state of the penalty."""
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
     from fpa_megatron.data.datasets import build_gpt_datasets
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.training.forward_backward import forward_backward
-    from fpa_megatron.training.lambda_schedule import LambdaSchedule
+    from fpa_megatron.schedules import LambdaSchedule
     from fpa_megatron.training.trainer import evaluate
 
     cfg = config_from_dict({}, [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fpa_megatron.model.attention_penalty import eager_attention
+from fpa_megatron.attention.reference import eager_attention
 from fpa_megatron.testing import run_distributed
 
 
@@ -112,11 +112,11 @@ def _batches():
 
 def gradient_path_rank(pp: int, normalize: str):
     from fpa_megatron.config import FPAConfig, ModelConfig
-    from fpa_megatron.model.attention_penalty import PenalizedDotProductAttention
+    from fpa_megatron.model.penalized_attention import PenalizedDotProductAttention
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.training.forward_backward import forward_backward
-    from fpa_megatron.training.lambda_schedule import LambdaSchedule
+    from fpa_megatron.schedules import LambdaSchedule
 
     init_model_parallel(1, pp, seed=7)
     mc = ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2, seq_length=SEQ, dtype="fp64")

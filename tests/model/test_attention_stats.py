@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fpa_megatron.model.attention_stats import (
+from fpa_megatron.attention.stats import (
     AttentionStats, attention_summary, eager_attention_stats, online_attention_stats, per_layer,
 )
 from fpa_megatron.testing import run_distributed

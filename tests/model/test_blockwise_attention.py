@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fpa_megatron.model.blockwise_attention import blockwise_attention, eager_attention
+from fpa_megatron.attention.blockwise import blockwise_attention
+from fpa_megatron.attention.reference import eager_attention
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -70,7 +70,7 @@ def reference_rank(variant_names):
 
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.training.forward_backward import forward_backward
-    from fpa_megatron.model.attention_penalty import PenalizedDotProductAttention
+    from fpa_megatron.model.penalized_attention import PenalizedDotProductAttention
 
     init_model_parallel(1, 1, seed=1234)
     out = {}

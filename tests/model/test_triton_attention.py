@@ -14,12 +14,12 @@ import os
 import pytest
 import torch
 
-from fpa_megatron.model.attention_penalty import eager_attention
-from fpa_megatron.model.blockwise_attention import blockwise_attention
-from fpa_megatron.model.triton_attention import triton_attention, triton_attention_supported
+from fpa_megatron.attention.reference import eager_attention
+from fpa_megatron.attention.blockwise import blockwise_attention
+from fpa_megatron.attention.triton_attention import triton_attention, triton_attention_supported
 
 os.environ.setdefault("FPA_TRITON_AUTOTUNE", "0")  # on a GPU: one tile config per kernel, a few compiles only
-triton_kernels = pytest.importorskip("fpa_megatron.model.triton_attention_kernels")
+triton_kernels = pytest.importorskip("fpa_megatron.attention.triton_kernels")
 if triton_kernels.INTERPRETING:
     DEVICE = "cpu"
 elif torch.cuda.is_available():
@@ -210,7 +210,7 @@ def test_triton_partials_with_offsets_merge_to_whole_attention(target, compute_p
     """Queries [40, 117) of 150 against slices before them, their own positions (the diagonal: the kernels
     without offsets), after their diagonal (rows that see nothing of it) and past them (nobody sees it): full
     and masked tiles of every kernel, GQA, head dim 8 (padded)."""
-    from fpa_megatron.model.triton_attention import triton_attention_partial, triton_attention_partial_backward
+    from fpa_megatron.attention.triton_attention import triton_attention_partial, triton_attention_partial_backward
     from tests.parallel.test_context_attention import check_key_slices
 
     check_key_slices(triton_attention_partial, triton_attention_partial_backward, 150, (40, 117),

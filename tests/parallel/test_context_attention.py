@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fpa_megatron.model.blockwise_attention import (blockwise_attention_partial,
+from fpa_megatron.attention.blockwise import (blockwise_attention_partial,
                                                      blockwise_attention_partial_backward)
-from fpa_megatron.parallel.context_attention import (Partial, context_parallel_attention, cp_chunk_bounds,
-                                                     merge_partials, row_penalty, score_grad_shift)
+from fpa_megatron.attention.partial import Partial, merge_partials, row_penalty, score_grad_shift
+from fpa_megatron.attention.context_parallel import context_parallel_attention
+from fpa_megatron.parallel.context import cp_chunk_bounds
 from fpa_megatron.testing import run_distributed
 
 B, HQ, HKV, D = 2, 4, 2, 8
@@ -26,7 +27,7 @@ SCALE = 1 / math.sqrt(D)
 CP_CASES = [("blockwise", "probs", True, 4), ("blockwise", "logits", True, 64), ("blockwise", "probs", False, 4),
             ("eager", "probs", True, 64), ("eager", "logits", True, 64), ("sdpa", "probs", False, 64)]
 try:  # the Triton kernels on CPU run interpreted (tests/conftest.py sets TRITON_INTERPRET=1; ranks inherit it)
-    from fpa_megatron.model.triton_attention_kernels import INTERPRETING
+    from fpa_megatron.attention.triton_kernels import INTERPRETING
 except ImportError:
     INTERPRETING = False
 if INTERPRETING:

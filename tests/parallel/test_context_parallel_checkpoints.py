@@ -41,7 +41,7 @@ def _reshard_on_rank0(args: list[str]) -> None:
     """The CLI on rank 0; every rank learns whether it worked (else the others would wait forever)."""
     import torch.distributed as dist
 
-    from fpa_megatron.training.reshard import main as reshard_main
+    from fpa_megatron.checkpoint.cli import reshard_main as reshard_main
 
     error = [None]
     if dist.get_rank() == 0:
@@ -132,7 +132,7 @@ def test_export_reads_a_cp2_checkpoint(session):
     """The HF model of the CP2 checkpoint: the same logits as that of its CP1 rewrite (the same weights) and
     close to the CP1-trained checkpoint of the same step; the reader reports the CP layout."""
     from fpa_megatron.export.hf import to_hf
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
+    from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     _, root = session
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -150,6 +150,8 @@ def test_export_reads_a_cp2_checkpoint(session):
     assert torch.equal(cp2_logits, rewritten_logits)
     # two trainings, not one set of weights: the CP2 attention sums in another fp32 order (a partial per key
     # owner), and 3 Adam steps at lr 1e-2 turn rounding-level gradient differences into ~1e-4 weight
-    # differences; a wrong reader differs by O(1). Exactness is checked above (torch.equal) and in
-    # tests/parallel/test_context_attention.py (1e-5 against float64).
-    torch.testing.assert_close(cp2_logits, cp1_logits, rtol=1e-3, atol=1e-3)
+    # differences; a wrong reader differs by O(1). How far the rounding carries depends on the CPU's kernels:
+    # at most 1e-3 on one x86 machine, 2.0e-3 (7 of 12288 logits past 1e-3) on an AMD EPYC one, so the bound is
+    # 1e-2. Exactness is checked above (torch.equal) and in tests/parallel/test_context_attention.py (1e-5
+    # against float64).
+    torch.testing.assert_close(cp2_logits, cp1_logits, rtol=1e-2, atol=1e-2)

@@ -37,7 +37,7 @@ def _step(cp: int, target: str, with_mask: bool = True) -> dict:
     from megatron.core import parallel_state
 
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.parallel.weights import gather_global

@@ -95,7 +95,7 @@ def test_cpu_rng_tracker_forks_reproducible_streams():
 def rope_slice_rank():
     """Megatron's CP slice of the rotary table fails on CPU without the bridge; with it, rank r gets the rows of
     chunks r and 2C-1-r (a table whose rows are their own positions, compared with cp_chunk_bounds)."""
-    from fpa_megatron.parallel.context_attention import cp_chunk_bounds
+    from fpa_megatron.parallel.context import cp_chunk_bounds
 
     group = torch.distributed.group.WORLD
     table = torch.arange(16.0).reshape(16, 1, 1, 1)

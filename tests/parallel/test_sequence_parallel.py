@@ -193,7 +193,7 @@ def test_export_from_a_sequence_parallel_checkpoint(saved_runs):
     TP2 run's, which trained the same function (5 Adam steps amplify the summation-order rounding of tiny
     gradients, such as the biases', to ~1e-4 of a tensor; over all weights together the runs agree to 1e-5)."""
     from fpa_megatron.export.hf import to_hf
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
+    from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     exports = {name: to_hf(read_model_checkpoint(str(ckpt)), with_tokenizer=False).model.state_dict()
                for name, (_, ckpt) in saved_runs.items()}
@@ -216,7 +216,7 @@ def test_export_from_a_sequence_parallel_checkpoint(saved_runs):
 ], ids=["tp1", "seq-not-divisible", "not-bool"])
 def test_bad_sequence_parallel_config_is_rejected(overrides, world, fragments):
     from fpa_megatron.config import ConfigError, config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
 
     with pytest.raises(ConfigError) as err:
         check_config(config_from_dict(BASE, overrides), world)
@@ -230,7 +230,7 @@ def test_presets_turn_it_on_wherever_tensor_parallel():
     from pathlib import Path
 
     from fpa_megatron.config import load_config
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
 
     presets = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
     assert presets

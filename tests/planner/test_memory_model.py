@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fpa_megatron.config import ConfigError, config_from_dict
-from fpa_megatron.config_checks import check_config
+from fpa_megatron.preflight import check_config
 from fpa_megatron.planner.memory import Layout, activation_peak, stage_parameters
 from fpa_megatron.testing import run_distributed
 

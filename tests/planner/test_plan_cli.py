@@ -133,7 +133,7 @@ def test_step_time_terms():
     """Compute at the stated MFU, the bubble (p-1)/(m v), and links chosen by the groups' span."""
     from dataclasses import replace
 
-    from fpa_megatron.logging.flops import flops_per_token
+    from fpa_megatron.flops import flops_per_token
     from fpa_megatron.planner.time import Hardware, step_time
 
     cfg = config_from_dict({"model": dict(num_layers=8, hidden_size=256, num_attention_heads=4, seq_length=1024,

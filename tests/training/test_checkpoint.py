@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from fpa_megatron.training.checkpoint import load_trusted, resolve_latest, resolve_resume
+from fpa_megatron.checkpoint.format import load_trusted
+from fpa_megatron.checkpoint.lineage import resolve_latest, resolve_resume
 
 
 class RunsCodeWhenUnpickled:

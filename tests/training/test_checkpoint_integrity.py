@@ -28,8 +28,8 @@ def train_cases(values: dict, cases: list[tuple[str, list[str], int]]):
     import time
 
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.logging.run_log import LOGGER_NAME, setup_logging
-    from fpa_megatron.training.checkpoint import Checkpointer
+    from fpa_megatron.run_log import LOGGER_NAME, setup_logging
+    from fpa_megatron.checkpoint.checkpointer import Checkpointer
     from fpa_megatron.training.trainer import train
 
     messages: list[str] = []
@@ -83,7 +83,7 @@ class WritesAFileWhenUnpickled:
 
 
 def _fpa_ckpt(args, capsys) -> tuple[int, str]:
-    from fpa_megatron.training.integrity import main
+    from fpa_megatron.checkpoint.cli import ckpt_main as main
 
     capsys.readouterr()
     code = main(["verify", *map(str, args)])
@@ -99,8 +99,8 @@ def runs(tmp_path_factory):
     import contextlib
     import io
 
-    from fpa_megatron.training.checkpoint import load_deepspeed_file, mark_complete
-    from fpa_megatron.training.integrity import main as fpa_ckpt
+    from fpa_megatron.checkpoint.format import load_deepspeed_file, mark_complete
+    from fpa_megatron.checkpoint.cli import ckpt_main as fpa_ckpt
 
     tmp = tmp_path_factory.mktemp("integrity")
     straight = run_distributed(train_cases, WORLD, _values(tmp), [("straight", COMMON + [
@@ -178,7 +178,7 @@ def test_a_missing_file_falls_back_to_an_older_checkpoint_without_checksums(runs
 
 
 def test_an_explicit_damaged_resume_is_an_error_naming_the_file(runs):
-    from fpa_megatron.training.checkpoint_reader import CheckpointError, read_model_checkpoint
+    from fpa_megatron.checkpoint.reader import CheckpointError, read_model_checkpoint
 
     target = runs["roots"]["explicit"] / "iter_0000006"
     error, _ = runs["explicit"]
@@ -191,9 +191,9 @@ def test_an_explicit_damaged_resume_is_an_error_naming_the_file(runs):
 
 
 def test_deepspeed_files_refuse_a_pickle_that_would_run_code(runs, tmp_path):
-    from fpa_megatron.training.checkpoint import load_deepspeed_file
-    from fpa_megatron.training.integrity import CheckpointIntegrityError
-    from fpa_megatron.training.reshard import main as fpa_reshard
+    from fpa_megatron.checkpoint.format import load_deepspeed_file
+    from fpa_megatron.checkpoint.integrity import CheckpointIntegrityError
+    from fpa_megatron.checkpoint.cli import reshard_main as fpa_reshard
 
     ckpt = runs["roots"]["pickle"] / "iter_0000008"
     error, _ = runs["pickle"]  # through DeepSpeed's own engine.load_checkpoint

@@ -17,7 +17,7 @@ def runs(tmp_path_factory):
 
 
 def test_model_parallel_rank_order_is_megatrons(runs):
-    from fpa_megatron.training.checkpoint_reader import model_parallel_coordinates
+    from fpa_megatron.checkpoint.reader import model_parallel_coordinates
 
     expected = model_parallel_coordinates(2, 2)
     for run in runs["runs"].values():
@@ -39,7 +39,7 @@ def test_split_table_matches_megatrons_attributes(runs):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_reader_equals_the_live_model(runs, family):
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
+    from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     run = runs["runs"][family]
     with warnings.catch_warnings(record=True) as caught:
@@ -61,7 +61,7 @@ def test_reader_equals_the_live_model(runs, family):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tp1_pp1_model_from_the_reader_gives_the_same_logits(runs, family):
     from fpa_megatron.inference.megatron_lm import megatron_lm
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
+    from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     run = runs["runs"][family]
     with megatron_lm(read_model_checkpoint(run["checkpoint"])) as lm:
@@ -72,7 +72,7 @@ def test_tp1_pp1_model_from_the_reader_gives_the_same_logits(runs, family):
 
 
 def test_reader_accepts_run_and_root_dirs_and_rejects_incomplete(runs, tmp_path):
-    from fpa_megatron.training.checkpoint_reader import CheckpointError, read_model_checkpoint, resolve_checkpoint_dir
+    from fpa_megatron.checkpoint.reader import CheckpointError, read_model_checkpoint, resolve_checkpoint_dir
 
     run = runs["runs"]["gpt2"]
     ckpt_dir = resolve_checkpoint_dir(run["checkpoint"])

@@ -25,7 +25,9 @@ def _train(tmp_path, world: int, name: str, *overrides: str):
 
 def _checkpoints_until(root, step: int, into):
     """A copy of the checkpoint root as it was when `step` was the newest checkpoint (later ones left out)."""
-    from fpa_megatron.training.checkpoint import TAG_PREFIX, _write_history, read_history, write_atomic
+    from fpa_megatron.checkpoint.format import TAG_PREFIX, write_atomic
+    from fpa_megatron.checkpoint.lineage import write_history
+    from fpa_megatron.checkpoint.lineage import read_history
 
     kept = [p.name for p in sorted(root.glob(TAG_PREFIX + "*")) if int(p.name[len(TAG_PREFIX):]) <= step]
     into.mkdir(parents=True)
@@ -33,7 +35,7 @@ def _checkpoints_until(root, step: int, into):
         shutil.copytree(root / tag, into / tag)
     history = read_history(root)
     history["lineage"] = [t for t in history["lineage"] if t in kept]
-    _write_history(into, history)
+    write_history(into, history)
     write_atomic(into / "latest", kept[-1] + "\n")
     return into
 
@@ -65,7 +67,7 @@ def shrunk(tmp_path_factory, straight):
 def test_shrinking_to_one_replica_continues_as_the_uninterrupted_run(straight, shrunk):
     history, ckpts = shrunk
     _assert_steps_equal(history, straight[0], range(3, STEPS + 1))
-    from fpa_megatron.training.checkpoint import read_layout
+    from fpa_megatron.checkpoint.layout import read_layout
 
     assert read_layout(ckpts / "iter_0000002").data == 2  # the original is kept as it was
     assert read_layout(ckpts / "iter_0000004").data == 1  # what the shrunk run saved
@@ -83,8 +85,8 @@ def test_growing_back_to_two_replicas_continues_too(tmp_path, straight, shrunk):
 def test_without_elastic_a_larger_world_is_refused_before_any_process_group(tmp_path, shrunk):
     """A DP1 checkpoint resumed on 2 ranks: the config check names both layouts and parallel.elastic."""
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
-    from fpa_megatron.training.checkpoint import CheckpointLayoutError
+    from fpa_megatron.preflight import check_config
+    from fpa_megatron.checkpoint.layout import CheckpointLayoutError
 
     _, ckpts = shrunk
     cfg = config_from_dict(VALUES, [f"checkpoint.dir={ckpts}", "logging.dir=" + str(tmp_path)])

@@ -163,7 +163,7 @@ def drill_ranks(root: str, config_file: str) -> dict:
     """Everything the in-process tests need, on each of 2 ranks."""
     import torch.distributed as dist
 
-    from fpa_megatron.logging.run_log import setup_logging
+    from fpa_megatron.run_log import setup_logging
 
     rank = dist.get_rank()
     handler = logging.FileHandler(Path(root) / f"log_rank{rank}.txt")

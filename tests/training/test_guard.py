@@ -15,10 +15,10 @@ import torch
 
 from fpa_megatron import faults
 from fpa_megatron.config import ConfigError, TrainConfig, config_from_dict
-from fpa_megatron.config_checks import check_config
+from fpa_megatron.preflight import check_config
 from fpa_megatron.exit_codes import Diverged, LossSpikeStop
-from fpa_megatron.logging.run_log import failure_line, is_collective_timeout, where
-from fpa_megatron.config_checks import SPIKE_POLICIES
+from fpa_megatron.run_log import failure_line, is_collective_timeout, where
+from fpa_megatron.options import SPIKE_POLICIES
 from fpa_megatron.training.guard import (ACTION_ON_SPIKE, ROLLBACK, SKIP, STOP, UPDATE, GradientProbe,
                                          SpikeDetector, TrainingGuard)
 from fpa_megatron.training.preemption import StopSignals

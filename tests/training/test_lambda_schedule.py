@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from fpa_megatron.training.lambda_schedule import LambdaSchedule
+from fpa_megatron.schedules import LambdaSchedule
 
 
 def test_values_follow_lambda0_gamma_power_t():

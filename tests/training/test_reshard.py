@@ -38,7 +38,7 @@ def _session(values: dict, root: str) -> dict:
     import torch.distributed as dist
 
     from fpa_megatron.config import config_from_dict, load_config
-    from fpa_megatron.training.reshard import main as reshard_main
+    from fpa_megatron.checkpoint.cli import reshard_main as reshard_main
     from fpa_megatron.training.trainer import train
 
     def run(overrides):
@@ -148,7 +148,7 @@ def _tensors(iter_dir) -> dict:
 
 def test_round_trip_through_dp2_gives_back_every_tensor(session, tmp_path):
     """TP2 x PP2 x DP1 -> TP1 x PP2 x DP2 (fixture) -> TP2 x PP2 x DP1: the same bits, optimizer included."""
-    from fpa_megatron.training.reshard import reshard
+    from fpa_megatron.checkpoint.reshard import reshard
 
     _, root = session
     back = reshard(root / "tp1pp2dp2", tmp_path / "back", tensor=2, pipeline=2, log=lambda _: None)
@@ -165,7 +165,7 @@ def test_round_trip_through_dp2_gives_back_every_tensor(session, tmp_path):
 def test_vocabulary_padding_is_kept(session):
     """At TP 1 the default padding (128) would drop 128 of the 256 rows TP 2 trained; the tool keeps them."""
     from fpa_megatron.config import load_config
-    from fpa_megatron.config_checks import padded_vocab_size
+    from fpa_megatron.rules import padded_vocab_size
 
     _, root = session
     assert padded_vocab_size(100, 1) == 128 and padded_vocab_size(100, 2) == 256
@@ -182,7 +182,7 @@ def test_vocabulary_padding_is_kept(session):
 
 
 def _cli(args: list, capsys) -> tuple[int, str]:
-    from fpa_megatron.training.reshard import main
+    from fpa_megatron.checkpoint.cli import reshard_main as main
 
     code = main([str(a) for a in args])
     return code, capsys.readouterr().err
@@ -248,7 +248,7 @@ def test_missing_optimizer_state_needs_explicit_reset(session, tmp_path, capsys)
 def test_vocab_divisor_is_a_checked_config_key():
     """model.make_vocab_size_divisible_by (Megatron-LM's knob): rejected when < 1, used for the padded size."""
     from fpa_megatron.config import ConfigError, config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
 
     values = {**BASE, "model": {**MODEL, "vocab_size": 300}}
     assert check_config(config_from_dict(values), 1).padded_vocab_size == 384

@@ -182,7 +182,7 @@ def test_resume_from_an_older_checkpoint_starts_a_new_lineage(tmp_path, straight
     import json
     import shutil
 
-    from fpa_megatron.training.checkpoint import resolve_resume
+    from fpa_megatron.checkpoint.lineage import resolve_resume
 
     world, overrides = RESUME_LAYOUTS["pp2"]
     straight, every2 = straight_runs("pp2")
@@ -249,8 +249,8 @@ def test_layout_change_is_refused_before_any_weight_is_read(straight_runs, monke
     import torch
 
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
-    from fpa_megatron.training.checkpoint import CheckpointLayoutError
+    from fpa_megatron.preflight import check_config
+    from fpa_megatron.checkpoint.layout import CheckpointLayoutError
     from fpa_megatron.training.trainer import train
 
     _, every2 = straight_runs("pp2")

@@ -44,7 +44,7 @@ def _first_step_gradients(values: dict, overrides: list[str]) -> dict:
     """The gradients, loss and [L, H] penalty of one step on the model `train` builds (seeded global init), for
     the layout-equivalence batches (2 micro-batches); every rank returns the global gradients."""
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
 
@@ -69,11 +69,11 @@ def single_rank(values: dict, root: str) -> dict:
 def _live_weights(values: dict, overrides: list[str], path: str) -> dict:
     """A fresh model and engine loading checkpoint `path` through DeepSpeed: its weights in global names."""
     from fpa_megatron.config import config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.parallel.weights import gather_global
-    from fpa_megatron.training.checkpoint import Checkpointer
+    from fpa_megatron.checkpoint.checkpointer import Checkpointer
     from fpa_megatron.training.optimizer import build_engine
 
     cfg = config_from_dict(values, COMMON + overrides)
@@ -87,7 +87,7 @@ def _live_weights(values: dict, overrides: list[str], path: str) -> dict:
 
 
 def vp_rank(values: dict, root: str) -> dict:
-    from fpa_megatron.training.reshard import reshard
+    from fpa_megatron.checkpoint.reshard import reshard
 
     ckpt = lambda name: [f"checkpoint.dir={root}/{name}", f"logging.run_name={name}"]  # noqa: E731
     out = {}
@@ -113,7 +113,7 @@ def vp_rank(values: dict, root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from fpa_megatron.training.reshard import main as reshard_main
+    from fpa_megatron.checkpoint.cli import reshard_main as reshard_main
 
     root = str(tmp_path_factory.mktemp("vpp"))
     values = _values(root)
@@ -214,7 +214,7 @@ TRAINED_WEIGHTS_REL = 1e-3
 def test_checkpoint_reader_gives_the_live_weights(runs):
     """The VP checkpoint read offline in global names: bitwise what DeepSpeed loads into the chunks (Megatron's
     own layer offsets), and the one-process checkpoint of the same step up to training noise."""
-    from fpa_megatron.training.checkpoint_reader import read_model_checkpoint
+    from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     live = runs["vp"][0]["live_weights"]
     mine = read_model_checkpoint(f"{runs['root']}/vp_tied/iter_0000008")
@@ -279,7 +279,7 @@ def test_offline_layer_numbering_is_megatrons():
 ])
 def test_config_errors(overrides, world, message):
     from fpa_megatron.config import ConfigError, config_from_dict
-    from fpa_megatron.config_checks import check_config
+    from fpa_megatron.preflight import check_config
 
     with pytest.raises(ConfigError) as err:
         check_config(config_from_dict(_values("/tmp/unused"), overrides), world)

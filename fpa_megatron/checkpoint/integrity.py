@@ -10,9 +10,7 @@ marker holding only the step (checkpoints written before this) means: no checksu
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -152,48 +150,3 @@ def checkpoint_state(path: Path) -> tuple[str, bool]:
     if recorded.files is None:
         return "no checksums (written before checksums were recorded): files present, contents not verifiable", True
     return f"intact ({len(recorded.files)} files match their {CHECKSUM} checksums)", True
-
-
-def verify_main(target: Path) -> int:
-    """Print the state of a checkpoint, or of each checkpoint under a checkpoint root; 1 if the asked one
-    (the checkpoint itself, or the one the root's `latest` names) is not intact."""
-    if (target / MARKER).is_file() or target.name.startswith("iter_"):
-        line, ok = checkpoint_state(target)
-        print(f"{target}: {line}")
-        return 0 if ok else 1
-    roots = [r for r in (target, target / "checkpoints") if r.is_dir() and any(r.glob("iter_*"))]
-    if not roots:
-        print(f"fpa-ckpt: {target} holds no checkpoint (iter_*)", file=sys.stderr)
-        return 2
-    root = roots[0]
-    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
-    asked_ok = latest is None
-    for path in sorted(p for p in root.glob("iter_*") if p.is_dir()):
-        line, ok = checkpoint_state(path)
-        mark = "  <- latest" if path.name == latest else ""
-        print(f"{path.name}: {line}{mark}")
-        if path.name == latest:
-            asked_ok = ok
-    for path in sorted(p for p in (root / "abandoned").glob("iter_*") if p.is_dir()):
-        print(f"abandoned/{path.name}: {checkpoint_state(path)[0]}")
-    if latest is not None and not (root / latest).is_dir():
-        print(f"latest names {latest!r}, which does not exist")
-        asked_ok = False
-    return 0 if asked_ok else 1
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fpa-ckpt", description="Inspect training checkpoints.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="check every file of a checkpoint against its recorded checksum")
-    verify.add_argument("dir", help="an iter_XXXXXXX checkpoint, a checkpoint root or a run directory")
-    args = parser.parse_args(argv)
-    target = Path(args.dir)
-    if not target.exists():
-        print(f"fpa-ckpt: {target} does not exist", file=sys.stderr)
-        return 2
-    return verify_main(target)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import shutil
-import sys
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,15 +35,17 @@ from typing import Callable, Optional
 
 import torch
 
+from fpa_megatron.checkpoint.format import (LATEST, RESHARDED, TRAINER_STATE, load_deepspeed_file, mark_complete,
+                                            save_durable, write_atomic, write_layout)
+from fpa_megatron.checkpoint.integrity import CheckpointIntegrityError, one_file_problem
+from fpa_megatron.checkpoint.layout import CheckpointLayout
+from fpa_megatron.checkpoint.reader import (CheckpointError, ModelCheckpoint, model_parallel_coordinates,
+                                            read_model_checkpoint)
 from fpa_megatron.config import ConfigError, RunConfig, save_config
 from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, layer_placement,
-                                           split_shard, stage_global_name, uniform_layer_offset,
-                                           tensor_parallel_dim)
-from fpa_megatron.training.checkpoint import (LATEST, RESHARDED, TRAINER_STATE, load_deepspeed_file, mark_complete,
-                                             save_durable, write_atomic, write_layout)
-from fpa_megatron.training.checkpoint_reader import (CheckpointError, CheckpointLayout, ModelCheckpoint,
-                                                     model_parallel_coordinates, read_model_checkpoint)
-from fpa_megatron.training.integrity import CheckpointIntegrityError, one_file_problem
+                                           split_shard, stage_global_name, tensor_parallel_dim, uniform_layer_offset)
+from fpa_megatron.rules import check_values, padded_vocab_size
+from fpa_megatron.run_tokenizer import tokenizer_vocab_size
 
 MODEL_FILE = "mp_rank_{mp:02d}_model_states.pt"
 ZERO_FILE = "{prefix}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
@@ -409,8 +410,6 @@ def write_checkpoint(state: GlobalState, cfg: RunConfig, layout: CheckpointLayou
 
 def vocab_divisor(cfg: RunConfig, padded_old: int, tensor: int) -> int:
     """A `model.make_vocab_size_divisible_by` that gives the new TP size the checkpoint's padded vocabulary."""
-    from fpa_megatron.config_checks import padded_vocab_size, tokenizer_vocab_size
-
     vocab = cfg.model.vocab_size
     if vocab is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
         vocab = tokenizer_vocab_size(cfg.data.tokenizer)
@@ -424,17 +423,12 @@ def vocab_divisor(cfg: RunConfig, padded_old: int, tensor: int) -> int:
 
 
 def check_new_layout(cfg: RunConfig, layout: CheckpointLayout) -> None:
-    """The config's own checks for the new layout (heads and groups % TP, layers % PP, batch % DP, ZeRO-2 and PP).
+    """The config's own rules for the new layout (heads and groups % TP, layers % PP, batch % DP, ZeRO-2 and PP).
 
     Data files, the tokenizer and the resume path are not needed to rewrite a checkpoint, so they are not checked.
     """
-    from fpa_megatron.config_checks import check_config
-
-    probe = copy.deepcopy(cfg)
-    probe.data.mock, probe.data.tokenizer, probe.checkpoint.resume = True, None, "none"
-    probe.model.vocab_size = probe.model.vocab_size or 1  # the padding is handled by vocab_divisor
     try:
-        check_config(probe, layout.world_size)
+        check_values(cfg, layout.world_size)
     except ConfigError as err:
         raise ReshardError(f"the layout {layout.describe()} is not valid for this run: {err}") from None
 
@@ -519,10 +513,3 @@ def reset_optimizer_state(state: GlobalState, cfg: RunConfig) -> None:
     state.zero_meta = {"loss_scaler": LossScaler(scale=1.0), "dynamic_loss_scale": False, "clip_grad": o.grad_clip,
                        "zero_stage": ZeroStageEnum(o.zero_stage), "ds_version": deepspeed.__version__,
                        "prefix": "bf16_" if cfg.model.dtype == "bf16" else ""}
-
-
-from fpa_megatron.training.reshard_cli import main  # noqa: E402,F401 - the command (its parser imports nothing heavy)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

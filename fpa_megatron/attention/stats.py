@@ -27,9 +27,12 @@ import math
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state
 from torch import Tensor
 
-STATS = ("collision", "entropy", "max_logit")
+from fpa_megatron.parallel.context import context_parallel_rank, context_parallel_size, cp_chunk_bounds, gather_sequence
+from fpa_megatron.parallel.state import compute_device
+
 DEFAULT_STATS_BLOCK = 128  # key tile of the online statistics
 
 
@@ -169,9 +172,6 @@ class AttentionStats:
         gathered, and each query chunk sees the keys up to its own end (the causal mask of its rows), and an
         explicit mask's rows of it ([.., .., s_local, S], as `split_batch_for_context_parallel` leaves it).
         """
-        from fpa_megatron.parallel.context import context_parallel_rank, context_parallel_size, gather_sequence
-        from fpa_megatron.parallel.context_attention import cp_chunk_bounds
-
         cp_size = context_parallel_size()
         if cp_size == 1:
             collision, entropy, max_logit = self._row_stats(q, k, softmax_scale, attention_mask)
@@ -200,14 +200,10 @@ class AttentionStats:
         filled only its own cells -- then MEAN over data-parallel and context-parallel ranks (their micro-batches;
         the CP ranks' rows of the same sequences, as many on each). Max logit: MAX over all of them.
         """
-        from fpa_megatron.parallel.state import compute_device
-
         device = compute_device()
         means = torch.stack([self.collision, self.entropy]).to(device)
         maxes = self.max_logit.to(device)
         if torch.distributed.is_initialized():
-            from megatron.core import parallel_state
-
             dist = torch.distributed
             mp_group = parallel_state.get_model_parallel_group()
             dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)

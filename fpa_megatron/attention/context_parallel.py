@@ -19,7 +19,7 @@ one call each and overlap as well. K/V are small next to the attention itself (2
 token), so holding the gathered S tokens of K/V for the duration of one layer's attention is cheap up to
 large C. benchmarks/context_attention.py measures the exchange's share of the CP2 attention step.
 
-Merging (docs/fpa_math.md section 6): a partial over a key set K holds, per query row, the output normalized
+Merging (partial.py, docs/fpa_math.md section 6): a partial over a key set K holds, per query row, the output normalized
 over K, lse2 = log2 sum_{j in K} 2^(t_ij) (t = s * log2 e: the kernels work in base 2) and the penalty's
 statistic: probs: log2 sum_{j in K} 2^(2 t_ij) (then c = 2^(stat - 2 lse2)); logits: sum_{j in K} s_ij^2.
 LSEs merge by logaddexp2, sums add. The backward of every partial, given the merged LSE and
@@ -33,75 +33,18 @@ a differentiable all-gather, then explicit [s_local / 2, keys] scores per chunk,
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fpa_megatron.model.attention_penalty import TARGETS, eager_attention, sdpa_attention
-
-CP_KERNELS = ("blockwise", "triton", "eager", "sdpa")
-LOG2E = math.log2(math.e)
-
-
-def cp_chunk_bounds(seq_length: int, cp_size: int, cp_rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The two global position ranges [start, end) that CP rank `cp_rank` of `cp_size` holds: chunks r and
-    2C-1-r of the 2C equal chunks of the sequence."""
-    if cp_size < 1 or not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank={cp_rank} of cp_size={cp_size}: need 0 <= cp_rank < cp_size")
-    if seq_length % (2 * cp_size):
-        raise ValueError(f"seq_length={seq_length} is not divisible by 2 * context parallel size = {2 * cp_size}")
-    c = seq_length // (2 * cp_size)
-    last = 2 * cp_size - 1 - cp_rank
-    return (cp_rank * c, (cp_rank + 1) * c), (last * c, (last + 1) * c)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# partial results over disjoint key sets, and their merge
-
-
-class Partial(NamedTuple):
-    """Attention of some query rows over one key set: out [..., s, d] normalized over that set, lse2 [..., s]
-    (base-2 LSE of the scores; -inf for a row that sees none of the keys), stat [..., s] or None (probs: base-2
-    LSE of twice the scores; logits: sum of the squared visible scores)."""
-
-    out: Tensor
-    lse2: Tensor
-    stat: Optional[Tensor]
-
-
-def merge_partials(partials: Sequence[Partial], target: Optional[str]) -> Partial:
-    """The partial over the union of the (disjoint) key sets: LSEs by logaddexp2, outputs weighted by
-    2^(lse2_k - lse2), the probs statistic by logaddexp2, the logits one summed. target None: no statistic."""
-    lse2 = functools.reduce(torch.logaddexp2, [p.lse2 for p in partials])
-    ref = lse2.masked_fill(lse2 == float("-inf"), 0.0)  # a row that sees no key at all stays 0
-    out = sum(p.out * torch.exp2(p.lse2 - ref).to(p.out.dtype).unsqueeze(-1) for p in partials)
-    stat = None
-    if target == "probs":
-        stat = functools.reduce(torch.logaddexp2, [p.stat for p in partials])
-    elif target == "logits":
-        stat = sum(p.stat for p in partials)
-    return Partial(out, lse2, stat)
-
-
-def row_penalty(merged: Partial, target: str) -> Tensor:
-    """Each row's penalty from merged statistics: probs c = 2^(stat - 2 lse2) = sum_j p_ij^2; logits the sum."""
-    return torch.exp2(merged.stat - 2.0 * merged.lse2) if target == "probs" else merged.stat
-
-
-def score_grad_shift(out: Tensor, grad_out: Tensor, collision: Optional[Tensor],
-                     grad_penalty: Optional[Tensor]) -> Tensor:
-    """D'_i = rowsum(dO_i * O_i) (+ 2 g_i c_i for the probs penalty), [..., s] float32 (float64 for float64):
-    with the merged O and c, the shift of every partial's dS = p (dP + 2 g p - D')."""
-    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-    delta = torch.linalg.vecdot(grad_out.to(acc), out.to(acc))
-    if collision is not None and grad_penalty is not None:
-        delta = delta.addcmul_(grad_penalty.to(acc), collision.to(acc), value=2.0)
-    return delta
-
+from fpa_megatron.attention.blockwise import blockwise_attention_partial, blockwise_attention_partial_backward
+from fpa_megatron.attention.kernels import run_kernel
+from fpa_megatron.attention.partial import LOG2E, Partial, merge_partials, row_penalty, score_grad_shift
+from fpa_megatron.attention.reference import eager_attention
+from fpa_megatron.attention.triton_attention import triton_attention_partial, triton_attention_partial_backward
+from fpa_megatron.options import FPA_TARGETS, KERNELS, require_one_of
 
 # ----------------------------------------------------------------------------------------------------------
 # the kernels, behind one interface: forward(q, k, v, causal) -> Partial, backward(...) -> (dq, dk, dv)
@@ -113,14 +56,10 @@ class _BlockwiseKernel:
         self.scale, self.target, self.block_size = softmax_scale, target, block_size
 
     def forward(self, q, k, v, causal: bool) -> Partial:
-        from fpa_megatron.model.blockwise_attention import blockwise_attention_partial
-
         return Partial(*blockwise_attention_partial(q, k, v, self.scale, target=self.target, causal=causal,
                                                     block_size=self.block_size))
 
     def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool):
-        from fpa_megatron.model.blockwise_attention import blockwise_attention_partial_backward
-
         return blockwise_attention_partial_backward(q, k, v, grad_out, lse2, delta, grad_penalty, self.scale,
                                                     target=self.target, causal=causal, block_size=self.block_size)
 
@@ -130,13 +69,9 @@ class _TritonKernel:
         self.scale, self.target = softmax_scale, target
 
     def forward(self, q, k, v, causal: bool) -> Partial:
-        from fpa_megatron.model.triton_attention import triton_attention_partial
-
         return Partial(*triton_attention_partial(q, k, v, self.scale, target=self.target, causal=causal))
 
     def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool):
-        from fpa_megatron.model.triton_attention import triton_attention_partial_backward
-
         return triton_attention_partial_backward(q, k, v, grad_out, lse2, delta, grad_penalty, self.scale,
                                                  target=self.target, causal=causal)
 
@@ -332,24 +267,6 @@ def _eager_context_attention(q, k, v, softmax_scale, group, target, compute_pena
     return torch.cat(outs, dim=2), torch.cat(penalties, dim=2) if compute_penalty else None
 
 
-def _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, kernel, block_size,
-                              attention_mask=None):
-    """CP size 1: the whole sequence is local and in order (chunks 0 and 1): the ordinary kernels."""
-    if kernel == "blockwise":
-        from fpa_megatron.model.blockwise_attention import blockwise_attention
-
-        return blockwise_attention(q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty,
-                                   block_size=block_size)
-    if kernel == "triton":
-        from fpa_megatron.model.triton_attention import triton_attention
-
-        return triton_attention(q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty)
-    if kernel == "sdpa":
-        return sdpa_attention(q, k, v, softmax_scale), None
-    return eager_attention(q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty,
-                           attention_mask=attention_mask)
-
-
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, cp_group,
                                target: str = "probs", compute_penalty: bool = True, kernel: str = "blockwise",
                                block_size: int = 64, attention_mask: Optional[Tensor] = None
@@ -364,10 +281,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: f
     whole sequence is local, the single-process kernels run. attention_mask (kernel 'eager' only): bool, True =
     masked, [b or 1, 1 or hq, s_local, S], this rank's query rows (its two chunks in order) against every key in
     sequence order, on top of the causal mask (what `split_batch_for_context_parallel` makes of [b, 1, S, S])."""
-    if target not in TARGETS:
-        raise ValueError(f"target={target!r}: expected one of {TARGETS}")
-    if kernel not in CP_KERNELS:
-        raise ValueError(f"kernel={kernel!r}: expected one of {CP_KERNELS}")
+    require_one_of("target", target, FPA_TARGETS)
+    require_one_of("kernel", kernel, KERNELS)
     if kernel == "sdpa" and compute_penalty:
         raise ValueError("kernel='sdpa' computes no penalty: pass compute_penalty=False or another kernel")
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -386,8 +301,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: f
             raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)}: expected [b, h, s_local, S] "
                              f"= [.., .., {q.shape[2]}, {q.shape[2] * cp_size}]")
     if cp_size == 1:
-        return _single_process_attention(q, k, v, softmax_scale, target, compute_penalty, kernel, block_size,
-                                         attention_mask)
+        return run_kernel(kernel, q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty,
+                          block_size=block_size, attention_mask=attention_mask)
     if kernel == "eager":
         return _eager_context_attention(q, k, v, softmax_scale, cp_group, target, compute_penalty, attention_mask)
     penalty_target = target if compute_penalty else None

@@ -22,26 +22,24 @@ Tiles are computed in float32 (float64 for float64 inputs), whatever the input d
 blocks against wide key tiles were fastest at one thread (few large matmuls and few Python-level ops;
 benchmarks/train_throughput.py --long); the memory stays O(block_size x key_block_size) per (batch, head).
 
-The reference is `eager_attention` (attention_penalty.py): explicit [b, h, s, s] scores, masked softmax.
+The reference is `eager_attention` (reference.py): explicit [b, h, s, s] scores, masked softmax.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fpa_megatron.model.attention_penalty import TARGETS, eager_attention  # noqa: F401  (eager: the reference)
-
+from fpa_megatron.attention.partial import LOG2E
+from fpa_megatron.options import FPA_TARGETS, require_one_of
 
 # Query rows per block and keys per tile: narrow query blocks against wide key tiles were the fastest at one
 # thread per process (64 x 2048: 1.04x the time of torch's fused SDPA at S = 2048, d = 32, fwd + bwd with the
 # penalty, benchmarks/attention_memory.py; 128- and 256-query blocks were slower).
 DEFAULT_BLOCK_SIZE = 64  # the default of model.attention_block_size too
 KEY_BLOCK_SIZE = 2048
-LOG2E = math.log2(math.e)  # natural -> base-2 units: exp(x) = 2^(x * LOG2E)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -338,8 +336,7 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *
     row_penalty: probs: c_i = sum_j p_ij^2; logits: sum over unmasked j of s_ij^2, s_ij = scale * q_i . k_j.
     It is differentiable with any upstream gradient. Equals `eager_attention` up to rounding.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target={target!r}: expected one of {TARGETS}")
+    require_one_of("target", target, FPA_TARGETS)
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"expected q [b, hq, s, d] and k, v [b, hkv, s, d], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")

@@ -2,7 +2,7 @@
 
 `triton_attention` computes what `blockwise_attention` and `eager_attention` compute -- the output, and per
 query row the penalty (probs: c_i = sum_j p_ij^2; logits: sum over visible j of s_ij^2) -- in three kernels
-(triton_attention_kernels.py): a FlashAttention-2 forward that also keeps each row's running sum of squared
+(triton_kernels.py): a FlashAttention-2 forward that also keeps each row's running sum of squared
 exponentials, and a backward that recomputes the tiles from the saved log-sum-exp and adds the penalty's
 terms to dS for any incoming gradient of the row penalty. Memory is O(s): nothing of size [s, s] exists.
 
@@ -14,13 +14,14 @@ autotune list per head dim on the GPU (Hopper-sized), one small fixed set under 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fpa_megatron.model.attention_penalty import TARGETS
+from fpa_megatron.options import FPA_TARGETS, require_one_of
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -64,9 +65,8 @@ TUNING_KEY = ["seq_len", "seq_len_k", "num_q_heads", "group", "HEAD_DIM", "CAUSA
 @functools.lru_cache(maxsize=None)
 def _kernels():
     """The kernels module, imported on first use: whether it runs interpreted is fixed at that moment."""
-    from fpa_megatron.model import triton_attention_kernels
-
-    return triton_attention_kernels
+    # imports triton (optional); whether it runs interpreted is fixed at that first import
+    return importlib.import_module("fpa_megatron.attention.triton_kernels")
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,7 +124,7 @@ def triton_attention_supported(q: Tensor, k: Tensor, v: Optional[Tensor] = None)
     try:
         kernels = _kernels()
     except ImportError as e:
-        return False, f"the Triton kernels cannot be loaded ({e})"
+        return False, f"the Triton kernels cannot be imported ({e})"
     if kernels.INTERPRETING and q.device.type != "cpu":
         return False, f"device {q.device}: Triton's interpreter (TRITON_INTERPRET=1) runs CPU tensors only"
     if not kernels.INTERPRETING and q.device.type != "cuda":
@@ -230,8 +230,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, t
     sum_j p_ij^2; logits: sum over visible j of s_ij^2, s_ij = scale * q_i . k_j. Differentiable in q, k, v
     and in row_penalty (any upstream gradient). Raises ValueError when `triton_attention_supported` says no.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target={target!r}: expected one of {TARGETS}")
+    require_one_of("target", target, FPA_TARGETS)
     ok, reason = triton_attention_supported(q, k, v)
     if not ok:
         raise ValueError(f"triton_attention: {reason}")

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from fpa_megatron.logging.run_log import get_logger
-from fpa_megatron.training.checkpoint_layout import CheckpointLayout, CheckpointLayoutError
-from fpa_megatron.training.integrity import agree_on_problem
+from fpa_megatron.checkpoint.integrity import agree_on_problem
+from fpa_megatron.checkpoint.layout import CheckpointLayout, CheckpointLayoutError
+from fpa_megatron.checkpoint.reshard import reshard
+from fpa_megatron.run_log import get_logger
 
 ELASTIC = "elastic"  # the rewritten copies, under the checkpoint root
 log = get_logger("elastic")
@@ -36,8 +37,6 @@ def rewrite_for_this_world(path: Path, saved: CheckpointLayout, run: CheckpointL
     """All ranks: rank 0 rewrites checkpoint `path` (saved as `saved`) for this run's layout into
     `<root>/elastic/`; every rank waits for it. Returns the iteration directory to load. A failure on rank 0
     (a damaged file, a layout the config refuses) raises on every rank, naming it."""
-    from fpa_megatron.training.reshard import reshard  # its writer imports the checkpoint module
-
     target = root / ELASTIC / f"{path.name}-world{run.world_size}"
     problem = None
     if dist.get_rank() == 0:

@@ -7,28 +7,24 @@ optimizer through `PenaltyGradInjector`: identity on the attention output in for
 feeds `grad_scale` as the gradient of the penalty, on whatever pipeline stage the layer lives (Megatron's
 MoE aux-loss auto-scaler pattern). `AttentionPenalty` is the run-time state shared by all layers of one
 model replica: the current lambda, whether to compute at all, the gradient scale and the [L, H] record.
-Each call runs on the kernel `attention_path` picks for `model.attention_impl` (with `auto`: SDPA when no
-penalty is computed, else blockwise on CPU and the Triton kernel on CUDA); `eager_attention` is the reference.
+Each call runs on the kernel that `attention.dispatch` picks for `model.attention_impl` (with `auto`: SDPA when
+no penalty is computed, else blockwise on CPU and the Triton kernel on CUDA).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import warnings
 from collections import Counter
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import Tensor
 
-from fpa_megatron.model.attention_options import ATTENTION_IMPLS
-from fpa_megatron.model.attention_options import FPA_NORMALIZATIONS as NORMALIZATIONS
-from fpa_megatron.model.attention_options import FPA_TARGETS as TARGETS
-from fpa_megatron.model.attention_stats import AttentionStats
+from fpa_megatron.attention.dispatch import attend
+from fpa_megatron.attention.stats import AttentionStats
+from fpa_megatron.options import ATTENTION_IMPLS, FPA_NORMALIZATIONS, FPA_TARGETS, require_one_of
 from fpa_megatron.parallel.context import context_parallel_size
 from fpa_megatron.parallel.state import compute_device
 
@@ -47,12 +43,9 @@ class AttentionPenalty:
 
     def __init__(self, num_layers: int, num_heads: int, target: str = "probs", normalize: str = "sum",
                  impl: str = "auto", block_size: int = 128):
-        if target not in TARGETS:
-            raise ValueError(f"fpa.target={target!r}: expected one of {TARGETS}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"fpa.normalize={normalize!r}: expected one of {NORMALIZATIONS}")
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+        require_one_of("fpa.target", target, FPA_TARGETS)
+        require_one_of("fpa.normalize", normalize, FPA_NORMALIZATIONS)
+        require_one_of("model.attention_impl", impl, ATTENTION_IMPLS)
         self.num_layers, self.num_heads = num_layers, num_heads
         self.target, self.normalize, self.impl, self.block_size = target, normalize, impl, block_size
         self.lambda_value = 0.0
@@ -108,134 +101,6 @@ class PenaltyGradInjector(torch.autograd.Function):
         return grad_output, torch.full_like(penalty, ctx.grad_scale), None
 
 
-class SoftmaxWithCollision(torch.autograd.Function):
-    """p = softmax(s) along the last dim and c = sum_j p_j^2, with one fused backward.
-
-    The gradient of c with respect to p is 2 p, so the penalty folds into the softmax backward as
-    dP += 2 g p: dS = p (dP + 2 g p - D - 2 g c), the formula of docs/fpa_math.md section 2, with no extra
-    [b, h, s, s] temporaries beyond one fused multiply-add.
-    """
-
-    @staticmethod
-    def forward(ctx, scores: Tensor):
-        probs = torch.softmax(scores, dim=-1)
-        # sum_j p_ij^2 as a squared norm: one fused reduction pass, the fastest of the forms we measured
-        collision = torch.linalg.vector_norm(probs, dim=-1).square()  # [b, h, s]
-        ctx.save_for_backward(probs)
-        return probs, collision
-
-    @staticmethod
-    def backward(ctx, grad_probs: Tensor, grad_collision: Tensor):
-        (probs,) = ctx.saved_tensors
-        if grad_probs is None:
-            grad_probs = torch.zeros_like(probs)
-        if grad_collision is not None:
-            # dP + 2 g P, in place: the incoming gradient buffer is this node's alone (one consumer of probs)
-            grad_probs = grad_probs.addcmul_(probs, (2.0 * grad_collision).unsqueeze(-1))
-        return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-
-
-def causal_mask(sq: int, sk: int, device) -> Tensor:
-    """[sq, sk] bool, True where key j is in the future of query i (masked)."""
-    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1 + sk - sq)
-
-
-def eager_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, target: str = "probs",
-                    compute_penalty: bool = True, causal: bool = True, attention_mask: Optional[Tensor] = None,
-                    dropout=None) -> tuple[Tensor, Optional[Tensor]]:
-    """Attention (causal by default) with its per-row penalty, materializing the [b, h, s, s] scores.
-
-    q: [b, hq, s, d]; k, v: [b, hkv, s, d] (GQA: hq % hkv == 0). attention_mask: optional bool, True = masked,
-    broadcastable to [b, hq, s, s]. Returns (out [b, hq, s, d], row_penalty [b, hq, s] float32 or None):
-    probs: sum_j p_ij^2 (before dropout); logits: sum over unmasked j of s_ij^2.
-    """
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    if target not in TARGETS:
-        raise ValueError(f"target={target!r}: expected one of {TARGETS}")
-    scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale  # [b, h, sq, sk]
-    if causal:
-        mask = causal_mask(q.shape[2], k.shape[2], q.device)
-    else:
-        mask = torch.zeros(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
-    if attention_mask is not None:
-        mask = mask | attention_mask
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = scores.to(acc_dtype).masked_fill(mask, float("-inf"))
-    row_penalty = None
-    if compute_penalty and target == "probs":
-        probs, row_penalty = SoftmaxWithCollision.apply(scores)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-        if compute_penalty:  # logits: the masked entries are excluded
-            unmasked = scores.masked_fill(mask, 0.0)
-            row_penalty = torch.linalg.vector_norm(unmasked, dim=-1).square()
-    probs = probs.to(q.dtype)
-    if dropout is not None:
-        probs = dropout(probs)
-    return torch.matmul(probs, v), row_penalty
-
-
-def attention_path(impl: str, compute_penalty: bool, device_type: str, has_mask: bool) -> str:
-    """The kernel that runs one attention call: 'sdpa', 'blockwise', 'triton' or 'eager'.
-
-    `auto` picks the fastest exact one for the call: no penalty -> 'sdpa'; penalty on CUDA -> 'triton'; on
-    CPU -> 'blockwise'; an explicit attention_mask (not the causal default) -> 'eager', the only path that
-    takes arbitrary masks. The other impls always run their own kernel (causal only, except eager).
-    """
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"model.attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
-    if impl == "auto":
-        if has_mask:
-            return "eager"
-        if not compute_penalty:
-            return "sdpa"
-        return "triton" if device_type == "cuda" else "blockwise"
-    if has_mask and impl != "eager":
-        raise ValueError(f"model.attention_impl={impl!r} is causal only: the batch's attention_mask must be None "
-                         f"(use 'auto' or 'eager' for an explicit mask)")
-    return impl
-
-
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float) -> Tensor:
-    """Causal attention without the penalty through torch's fused kernels (FlashAttention or memory-efficient
-    attention on CUDA, a flash-style kernel on CPU); GQA reads the shared K/V heads without repeating them."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
-
-
-@functools.cache
-def _triton_module():
-    """fpa_megatron.model.triton_attention, or the reason it cannot be imported (tried once per process)."""
-    try:
-        import fpa_megatron.model.triton_attention as module
-    except ImportError as err:
-        return None, f"fpa_megatron.model.triton_attention cannot be imported ({err})"
-    return module, None
-
-
-_triton_warnings: set = set()
-
-
-def load_triton_attention(q: Tensor, k: Tensor, required: bool):
-    """`triton_attention` if the Triton kernel can run on q, k; else None after one warning per reason
-    (`auto` falls back to blockwise), or ValueError when the config asked for `triton` itself."""
-    module, reason = _triton_module()
-    if module is not None:
-        supported, reason = module.triton_attention_supported(q, k)
-        if supported:
-            return module.triton_attention
-    if required:
-        raise ValueError(f"model.attention_impl='triton' cannot run here: {reason}")
-    if reason not in _triton_warnings:
-        _triton_warnings.add(reason)
-        warnings.warn(f"model.attention_impl='auto': the Triton FPA kernel cannot run ({reason}); "
-                      f"the penalized attention falls back to the blockwise kernel", RuntimeWarning, stacklevel=2)
-    return None
-
-
 class PenalizedDotProductAttention(DotProductAttention):
     """Megatron-core's core attention with the FPA penalty of its local heads (causal self-attention).
 
@@ -275,30 +140,14 @@ class PenalizedDotProductAttention(DotProductAttention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
                compute_penalty: bool) -> tuple[Tensor, Optional[Tensor]]:
         """(out [b, h, s, d], row penalty [b, h, s] or None) on the kernel `attention_path` picks; counted."""
-        impl, kernel_args = self.penalty.impl, dict(target=self.penalty.target, compute_penalty=compute_penalty)
-        path = attention_path(impl, compute_penalty, q.device.type, attention_mask is not None)
-        if path == "triton":
-            triton_attention = load_triton_attention(q, k, required=impl == "triton")
-            path = "blockwise" if triton_attention is None else path
-        self.penalty.path_calls[path] += 1
-        if context_parallel_size() > 1:  # the same kernel, run across the CP ranks' key chunks
-            from fpa_megatron.parallel.context_attention import context_parallel_attention
-
-            return context_parallel_attention(q, k, v, self.softmax_scale,
-                                              cp_group=parallel_state.get_context_parallel_group(), kernel=path,
-                                              block_size=self.penalty.block_size, attention_mask=attention_mask,
-                                              **kernel_args)
-        if path == "sdpa":
-            return sdpa_attention(q, k, v, self.softmax_scale), None
-        if path == "triton":
-            return triton_attention(q, k, v, self.softmax_scale, **kernel_args)
-        if path == "blockwise":
-            from fpa_megatron.model.blockwise_attention import blockwise_attention  # imports this module
-
-            return blockwise_attention(q, k, v, self.softmax_scale, block_size=self.penalty.block_size, **kernel_args)
+        cp_group = parallel_state.get_context_parallel_group() if context_parallel_size() > 1 else None
         dropout = self._dropout if self.attention_dropout.p > 0 and self.training else None
-        return eager_attention(q, k, v, self.softmax_scale, attention_mask=attention_mask, dropout=dropout,
-                               **kernel_args)
+        path, out, row_penalty = attend(q, k, v, self.softmax_scale, impl=self.penalty.impl,
+                                        target=self.penalty.target, compute_penalty=compute_penalty,
+                                        block_size=self.penalty.block_size, attention_mask=attention_mask,
+                                        cp_group=cp_group, dropout=dropout)
+        self.penalty.path_calls[path] += 1
+        return out, row_penalty
 
     def _dropout(self, probs: Tensor) -> Tensor:
         if self.config.sequence_parallel:

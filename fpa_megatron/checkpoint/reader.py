@@ -21,13 +21,16 @@ from pathlib import Path
 
 import torch
 
-from fpa_megatron.config import RunConfig, load_config
+from fpa_megatron.checkpoint.format import TRAINER_STATE, load_trusted
+from fpa_megatron.checkpoint.integrity import MARKER, has_checksums, one_file_problem
+from fpa_megatron.checkpoint.layout import CheckpointLayout
+from fpa_megatron.checkpoint.lineage import resolve_latest
+from fpa_megatron.config import ConfigError, RunConfig, load_config
 from fpa_megatron.parallel.weights import is_gated_fc1, join_shards, stage_global_name, tensor_parallel_dim
-from fpa_megatron.training.checkpoint import (MARKER, TRAINER_STATE, CheckpointLayout, load_trusted, log,
-                                             resolve_latest)
-from fpa_megatron.training.integrity import has_checksums, one_file_problem
+from fpa_megatron.run_log import get_logger
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+log = get_logger("checkpoint")
 TIED_COPY = "output_layer.weight"  # the last stage's copy of tied word embeddings
 
 
@@ -249,8 +252,6 @@ def _model_key(model, key: str):
 def check_init_from(cfg: RunConfig, vocab_size: int) -> None:
     """checkpoint.init_from names a complete checkpoint whose model has this run's shape and covers its vocabulary
     (reads only its config.yaml); a ConfigError naming the key otherwise."""
-    from fpa_megatron.config import ConfigError
-
     key = f"checkpoint.init_from={cfg.checkpoint.init_from!r}"
     try:
         path = resolve_checkpoint_dir(cfg.checkpoint.init_from)

@@ -1,30 +1,22 @@
-"""Validate a RunConfig against the world size before any process group starts.
+"""The pure rules of a run config: every value in range, the layout arithmetic, the derived layout.
 
-`check_config(cfg, world_size)` raises `ConfigError` naming the key and the bad value at the first problem
-(a bad layout, batch arithmetic, missing data or tokenizer, an unsupported ZeRO stage, ...), and otherwise
-returns the derived layout (`ResolvedLayout`): data-parallel size, micro-batches per step, vocabulary sizes.
-It does not modify the config.
+No file, device or process group is touched here, so the rules can check a layout that is not this machine's
+(fpa-reshard's new layout, the planner's candidates). `check_values(cfg, world_size)` raises `ConfigError`
+naming the key and the bad value at the first problem; `resolve_layout` returns what the trainer builds from.
+The checks that read files or the machine (data, tokenizer, checkpoint to resume, CUDA) are preflight.py's.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from fpa_megatron.config import ConfigError, RunConfig
-from fpa_megatron.data.data_checks import check_data, parse_split  # noqa: F401 - parse_split: part of this API
-from fpa_megatron.model.attention_options import ATTENTION_IMPLS, FPA_NORMALIZATIONS, FPA_TARGETS
-from fpa_megatron.training.lambda_schedule import LambdaSchedule
+from fpa_megatron.options import (ACTIVATIONS, ATTENTION_IMPLS, DTYPES, FPA_NORMALIZATIONS, FPA_TARGETS, NORMALIZATIONS,
+                                  POSITION_EMBEDDINGS, RECOMPUTE, SPIKE_POLICIES, ZERO_STAGES)
+from fpa_megatron.schedules import LambdaSchedule
 
-POSITION_EMBEDDINGS = ("rope", "learned")
-NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
-RECOMPUTE = ("none", "selective", "full")
-DTYPES = ("fp32", "bf16")
-ZERO_STAGES = (1, 2)
-SPIKE_POLICIES = ("warn", "skip", "rollback", "stop")
 VOCAB_DIVISIBLE_BY = 128
 
 
@@ -61,25 +53,6 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int =
         )
     multiple = divisible_by * tensor_parallel
     return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
-def load_run_tokenizer(path: str):
-    """data.tokenizer (a sentencepiece .model, a tokenizer.json or a directory with one) loaded by fpa-prep's
-    loader, or ConfigError naming data.tokenizer."""
-    from data_prep.common import PrepError
-    from data_prep.tokenizer import load_tokenizer
-
-    if not Path(path).exists():
-        raise ConfigError(f"data.tokenizer={path!r} does not exist")
-    try:
-        return load_tokenizer(str(path))
-    except PrepError as err:  # (training takes EOD from the tokenizer's eos: a tokenizer_config.json eos_token)
-        raise ConfigError(f"data.tokenizer={path!r} cannot be used: {err}") from None
-
-
-def tokenizer_vocab_size(path: str) -> int:
-    """Vocabulary size of the tokenizer at `path`, or ConfigError naming data.tokenizer."""
-    return int(load_run_tokenizer(path).vocab_size)
 
 
 # ------------------------------------------------------------------------------------------ small helpers
@@ -164,26 +137,6 @@ def _check_model(cfg: RunConfig) -> None:
             _fail(f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings={max_positions} "
                   f"(learned position embeddings)")
     _check_attention_impl(cfg)
-
-
-def _check_attention_impl(cfg: RunConfig) -> None:
-    m = cfg.model
-    if m.attention_impl != "eager" and m.attention_dropout > 0:
-        # Only the eager path has dropout; the fast kernels (SDPA, blockwise, Triton) are used without it.
-        _fail(f"model.attention_dropout={m.attention_dropout} is not supported by "
-              f"model.attention_impl={m.attention_impl!r}: set model.attention_dropout=0 (the usual setting "
-              f"for pretraining) or model.attention_impl=eager")
-    if m.attention_impl == "triton":
-        import importlib.util
-
-        import torch
-
-        if not torch.cuda.is_available():
-            _fail("model.attention_impl='triton' needs a CUDA device and none is available: use 'auto' (blockwise "
-                  "on CPU when the penalty is computed) or 'blockwise'")
-        for module in ("triton", "fpa_megatron.model.triton_attention"):
-            if importlib.util.find_spec(module) is None:
-                _fail(f"model.attention_impl='triton' needs the module {module!r}, which is not installed")
 
 
 def _check_parallel(cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
@@ -313,27 +266,6 @@ def _check_optimizer(cfg: RunConfig, pipeline: int) -> None:
               f"(use zero_stage 1, or parallel.pipeline=1)")
 
 
-def _check_fpa(cfg: RunConfig) -> None:
-    f = cfg.fpa
-    try:  # the schedule's own validation: one rule for the config check and the run
-        LambdaSchedule(f.lambda0, f.gamma, f.min_lambda, f.enabled)
-    except ValueError as err:
-        _fail(str(err))
-
-
-def _check_vocab(cfg: RunConfig) -> tuple[int, Optional[int]]:
-    tok_size = tokenizer_vocab_size(cfg.data.tokenizer) if cfg.data.tokenizer is not None else None
-    vocab = cfg.model.vocab_size
-    if vocab is None:
-        if tok_size is None:
-            _fail("model.vocab_size=None and data.tokenizer=None: set one of them")
-        return tok_size, tok_size
-    if tok_size is not None and vocab < tok_size:
-        _fail(f"model.vocab_size={vocab} is smaller than the vocabulary of data.tokenizer="
-              f"{cfg.data.tokenizer!r} ({tok_size} pieces)")
-    return vocab, tok_size
-
-
 def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
     lg, ck = cfg.logging, cfg.checkpoint
     _int_at_least("logging.interval", lg.interval, 1)
@@ -343,17 +275,6 @@ def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
     _int_at_least("checkpoint.interval", ck.interval, 0)
     _int_at_least("checkpoint.keep_last", ck.keep_last, 1)
     _number_at_least("checkpoint.interval_minutes", ck.interval_minutes, 0.0)
-
-
-def _check_resume(cfg: RunConfig, world_size: int) -> None:
-    """The checkpoint this run would resume from is complete and was saved in this run's layout, or in one
-    that parallel.elastic rewrites (read from its layout.json, before any weight is read)."""
-    from fpa_megatron.training.checkpoint import (CheckpointLayout, check_layout, checkpoint_root,
-                                                  resolve_resume)
-
-    path, _ = resolve_resume(checkpoint_root(cfg), str(cfg.checkpoint.resume))
-    if path is not None:
-        check_layout(path, CheckpointLayout.of_run(cfg, world_size), elastic=cfg.parallel.elastic)
 
 
 def _check_guard_and_timeout(cfg: RunConfig) -> None:
@@ -370,13 +291,33 @@ def _check_guard_and_timeout(cfg: RunConfig) -> None:
     _int_at_least("train.spike.max_rollbacks", spike.max_rollbacks, 0)
 
 
-def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
-    """Check every value of cfg for a run on world_size ranks; return the derived layout.
+def _check_attention_impl(cfg: RunConfig) -> None:
+    m = cfg.model
+    if m.attention_impl != "eager" and m.attention_dropout > 0:
+        # Only the eager path has dropout; the fast kernels (SDPA, blockwise, Triton) are used without it.
+        _fail(f"model.attention_dropout={m.attention_dropout} is not supported by "
+              f"model.attention_impl={m.attention_impl!r}: set model.attention_dropout=0 (the usual setting "
+              f"for pretraining) or model.attention_impl=eager")
 
-    Raises ConfigError (message names the key and its value) at the first problem. Touches no process group.
-    """
+
+def _check_fpa(cfg: RunConfig) -> None:
+    f = cfg.fpa
+    try:  # the schedule's own validation: one rule for the config check and the run
+        LambdaSchedule(f.lambda0, f.gamma, f.min_lambda, f.enabled)
+    except ValueError as err:
+        _fail(str(err))
+
+
+def check_model(cfg: RunConfig) -> None:
+    """The model section and the options, alone (the planner's check before it varies the layout)."""
     _check_enums(cfg)
     _check_model(cfg)
+
+
+def check_values(cfg: RunConfig, world_size: int) -> tuple[int, int, int, int]:
+    """Every value of cfg that needs no file: ConfigError at the first problem, else (tensor, pipeline,
+    data_parallel, num_microbatches)."""
+    check_model(cfg)
     tensor, pipeline, data_parallel = _check_parallel(cfg, world_size)
     num_microbatches = _check_batch(cfg, data_parallel)
     _check_interleaved_schedule(cfg, num_microbatches)
@@ -384,13 +325,13 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
     _check_fpa(cfg)
     _check_guard_and_timeout(cfg)
     _check_logging_and_checkpoint(cfg)
-    _check_resume(cfg, world_size)
-    vocab, tok_size = _check_vocab(cfg)
-    check_data(cfg, tok_size or vocab)  # files, sizes and token dtype of every prefix
-    if cfg.checkpoint.init_from:
-        from fpa_megatron.training.checkpoint_reader import check_init_from
+    return tensor, pipeline, data_parallel, num_microbatches
 
-        check_init_from(cfg, vocab)
+
+def resolve_layout(cfg: RunConfig, world_size: int, vocab_size: int,
+                   tokenizer_vocab_size: Optional[int] = None) -> ResolvedLayout:
+    """The derived layout of a valid cfg on world_size ranks (checked by `check_values` first)."""
+    tensor, pipeline, data_parallel, num_microbatches = check_values(cfg, world_size)
     m = cfg.model
     return ResolvedLayout(
         world_size=world_size,
@@ -398,13 +339,13 @@ def check_config(cfg: RunConfig, world_size: int) -> ResolvedLayout:
         pipeline_parallel=pipeline,
         data_parallel=data_parallel,
         num_microbatches=num_microbatches,
-        vocab_size=vocab,
-        padded_vocab_size=padded_vocab_size(vocab, tensor, m.make_vocab_size_divisible_by),
+        vocab_size=vocab_size,
+        padded_vocab_size=padded_vocab_size(vocab_size, tensor, m.make_vocab_size_divisible_by),
         ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
         max_position_embeddings=m.max_position_embeddings or m.seq_length,
         num_query_groups=m.num_query_groups or m.num_attention_heads,
         kv_channels=m.hidden_size // m.num_attention_heads,
-        tokenizer_vocab_size=tok_size,
+        tokenizer_vocab_size=tokenizer_vocab_size,
         context_parallel=cfg.parallel.context,
         virtual_pipeline=cfg.parallel.virtual_pipeline,
         sequence_parallel=cfg.parallel.sequence_parallel,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from fpa_megatron.config import ConfigError, RunConfig
+from fpa_megatron.config import ConfigError, RunConfig, load_config
 
 LAYOUT = "layout.json"
 
@@ -64,7 +64,6 @@ def read_layout(path: Path) -> CheckpointLayout:
     if (path / LAYOUT).is_file():
         values = json.loads((path / LAYOUT).read_text())  # older ones: no virtual_pipeline, no context (1)
         return CheckpointLayout(**{k: int(values[k]) for k in CheckpointLayout.__dataclass_fields__ if k in values})
-    from fpa_megatron.config import load_config
 
     saved = load_config(path / "config.yaml")
     world = max(len(list(path.glob("rng_rank_*.pt"))), len(list(path.glob("*_optim_states.pt"))))
@@ -73,7 +72,7 @@ def read_layout(path: Path) -> CheckpointLayout:
 
 def check_layout(path: Path, run: CheckpointLayout, elastic: bool = False) -> Optional[CheckpointLayout]:
     """None when the checkpoint at path loads into run as it is; with `elastic` (parallel.elastic), its saved
-    layout when only the data-parallel size differs (the caller rewrites it: training/elastic.py); else raise
+    layout when only the data-parallel size differs (the caller rewrites it: elastic.py); else raise
     CheckpointLayoutError naming both layouts."""
     saved = read_layout(path)
     if saved.shards_match(run):

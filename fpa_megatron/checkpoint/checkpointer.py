@@ -1,11 +1,7 @@
-"""Checkpoints through DeepSpeed: model shards per TP x PP rank, ZeRO partitions per DP rank, plus our state.
+"""The Checkpointer: saves through DeepSpeed (model shards per TP x PP rank, ZeRO partitions per DP rank) plus
+our state, on its own cadence, and finds and loads the checkpoint to resume from.
 
-Layout of `<root>/iter_0000040/`: DeepSpeed's files (mp_rank_XX_model_states.pt, one per model-parallel
-rank; *_optim_states.pt, one per rank), `rng_rank_<r>.pt` per global rank (every rank's RNG streams
-differ), `trainer_state.pt` (iteration, consumed samples, lambda schedule), `layout.json` (world size,
-TP, PP, DP, ZeRO stage, virtual pipeline size), `config.yaml`, and the marker `complete`.
-
-What makes a checkpoint trustworthy:
+What makes a checkpoint trustworthy (files: format.py; which one to resume: lineage.py):
 - Durable before it counts. Every rank fsyncs the files it wrote, then a barrier; rank 0 fsyncs the
   directory (and every file in it) and only then writes `complete`.
 - Verified before it is used. `complete` records every file's size and checksum (computed by the rank that
@@ -13,18 +9,11 @@ What makes a checkpoint trustworthy:
   checkpoint (a file missing, cut, or with changed bytes) is moved to `abandoned/` with the reason, and
   `resume: auto` takes the newest intact one of the lineage (`latest` follows); an explicit `resume: DIR`
   that fails is an error naming the file. A marker without checksums (older checkpoints) loads, with a log
-  line. `complete`, `latest` and `history.json` are each written atomically (temp file, fsync, rename, fsync
-  of the directory).
-- `<root>/latest` names the checkpoint `resume: auto` takes. Only when it is missing or names something
-  incomplete does auto fall back to the newest complete checkpoint of the lineage, and it says so.
-- Lineage, not step numbers. `<root>/history.json` lists the checkpoints of the current line of training
-  in save order. A run that resumes from (or rolls back to) an older checkpoint starts a new line there:
-  the checkpoints saved after it belong to an abandoned future and are moved to `<root>/abandoned/`
-  (kept, never resumed by auto, never silently deleted; the log says so). Pruning keeps the last
-  `keep_last` checkpoints of the lineage, and never the one this run resumed from or the newest.
-- Our own files hold only tensors, numbers, strings, lists and dicts, and are read with
-  `torch.load(weights_only=True)`: no pickled code runs on resume. DeepSpeed's files too: its engine loads
-  through `SafeCheckpointEngine` (weights_only=True, allowing only the DeepSpeed classes it pickles).
+  line.
+- A run that resumes from (or rolls back to) an older checkpoint starts a new line there: the checkpoints
+  saved after it belong to an abandoned future and are moved to `<root>/abandoned/` (kept, never resumed by
+  auto, never silently deleted; the log says so). Pruning keeps the last `keep_last` checkpoints of the
+  lineage, and never the one this run resumed from or the newest.
 - The layout is recorded; resuming under another world size, TP or PP is refused before any weight is
   read, with both layouts named and the `fpa-reshard` command that converts the checkpoint. Under
   `parallel.elastic` a change of the data-parallel size alone is rewritten on the fly (elastic.py).
@@ -32,234 +21,35 @@ What makes a checkpoint trustworthy:
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import tensor_parallel
 
-from fpa_megatron.config import ConfigError, RunConfig, run_dir, save_config
-from fpa_megatron.logging.run_log import get_logger
-from fpa_megatron.training.checkpoint_layout import (LAYOUT, CheckpointLayout, CheckpointLayoutError,  # noqa: F401
-                                                     check_layout, read_layout)
-from fpa_megatron.training import elastic
-from fpa_megatron.training.integrity import (MARKER, CheckpointIntegrityError, agree_on_problem,
-                                             checkpoint_problem, describe_files, has_checksums, marker_text)
+from fpa_megatron.checkpoint import elastic
+from fpa_megatron.checkpoint.format import (ABANDONED, LATEST, RESHARDED, TAG_PREFIX, TRAINER_STATE, checkpoint_tag,
+                                            fsync_path, is_complete, load_safely, load_trusted, mark_complete,
+                                            save_durable, write_atomic, write_layout)
+from fpa_megatron.checkpoint.integrity import (MARKER, CheckpointIntegrityError, agree_on_problem, checkpoint_problem,
+                                               describe_files, has_checksums)
+from fpa_megatron.checkpoint.layout import LAYOUT, CheckpointLayout, check_layout, read_layout
+from fpa_megatron.checkpoint.lineage import (complete_checkpoints, read_history, resolve_latest, resolve_resume,
+                                             write_history)
+from fpa_megatron.config import RunConfig, save_config
+from fpa_megatron.run_log import get_logger
 
-LATEST = "latest"
-HISTORY = "history.json"
-TRAINER_STATE = "trainer_state.pt"
-ABANDONED = "abandoned"
-TAG_PREFIX = "iter_"
 log = get_logger("checkpoint")
-RESHARDED = "resharded.json"  # written by fpa-reshard in place of the per-rank RNG states
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"{TAG_PREFIX}{step:07d}"
-
-
-def checkpoint_root(cfg: RunConfig) -> Path:
-    """Where a run's checkpoints live: checkpoint.dir, else <logging.dir>/<run name>/checkpoints."""
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"
-
-
-def is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / MARKER).is_file()
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories directly under root, lowest step first (abandoned/ is not scanned)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(TAG_PREFIX) and is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name[len(TAG_PREFIX):]))
-
-
-# ------------------------------------------------------------------------------------------ durable files
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes the names created in it durable)."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path so that a reader (or a crash) sees the old content or the new, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def mark_complete(path: Path, step: int, checksums: Optional[dict] = None) -> None:
-    """Make checkpoint directory `path` durable (its files, itself, its name in the root), then write its
-    marker with every file's size and checksum: a checkpoint counts only once everything in it would survive
-    a crash. `checksums`: what the ranks computed for their own files; the rest are computed here."""
-    files = [f for f in path.iterdir() if f.is_file() and f.name != MARKER and not f.name.startswith(".")]
-    for file in files:
-        fsync_path(file)
-    fsync_path(path)
-    fsync_path(path.parent)  # the directory entry of iter_... itself
-    recorded = dict(checksums or {})
-    recorded.update(describe_files(f for f in files if f.name not in recorded))
-    write_atomic(path / MARKER, marker_text(step, recorded))
-
-
-def save_durable(obj: Any, path: Path) -> None:
-    """torch.save and fsync (the caller makes the directory entry durable)."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def deepspeed_safe_globals() -> list:
-    """The classes DeepSpeed 0.19 pickles into its files (what torch.load(weights_only=True) refused in a saved
-    checkpoint): the ZeRO files' loss scaler, ZeRO stage and parameter fragment addresses. Nothing else."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_deepspeed_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """One of DeepSpeed's checkpoint files, read with weights_only=True plus DeepSpeed's own classes: a file
-    holding any other object (e.g. one whose unpickling would run code) is refused with its name."""
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file {path} is missing") from None
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError / RuntimeError for refused objects
-        raise CheckpointIntegrityError(
-            f"checkpoint file {path} is not loadable with torch.load(weights_only=True) and DeepSpeed's own "
-            f"classes (it holds other objects, or is damaged); refusing it: {err}") from None
-
-
-@functools.cache
-def _safe_checkpoint_engine_class() -> type:
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeCheckpointEngine(TorchCheckpointEngine):
-        """DeepSpeed's torch checkpoint engine, loading with weights_only=True and DeepSpeed's own classes."""
-
-        def load(self, path: str, map_location=None):
-            return load_deepspeed_file(path, map_location=map_location)
-
-    return SafeCheckpointEngine
-
-
-def load_safely(engine) -> None:
-    """DeepSpeed 0.19's torch checkpoint engine loads with weights_only=False; every file `engine.load_checkpoint`
-    reads goes through `engine.checkpoint_engine.load`, so the engine gets one that does not."""
-    safe = _safe_checkpoint_engine_class()
-    if not isinstance(engine.checkpoint_engine, safe):
-        engine.checkpoint_engine = safe(engine._config)
-
-
-def load_trusted(path: Path) -> Any:
-    """Read one of our own files with weights_only=True: tensors, numbers, strings, lists, dicts; nothing
-    that could run code. A file holding anything else is refused with its name."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file {path} is missing") from None
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError / RuntimeError for refused objects
-        raise RuntimeError(f"checkpoint file {path} is not loadable with torch.load(weights_only=True) (it holds "
-                           f"more than tensors, numbers, strings, lists and dicts); refusing it: {err}") from None
-
-
-# ------------------------------------------------------------------------------------------ layout
-
-
-def write_layout(path: Path, layout: CheckpointLayout, step: int) -> None:
-    """Record the layout next to the shards (layout.json), so a resume can check it before reading weights."""
-    write_atomic(path / LAYOUT, json.dumps(dict(asdict(layout), step=step)) + "\n")
-
-
-
-# ------------------------------------------------------------------------------------------ lineage
-
-
-def read_history(root: Path) -> dict:
-    """{'lineage': [tags in save order], 'abandoned': [...]}; without history.json (older runs) the
-    lineage is the complete checkpoints in step order."""
-    path = root / HISTORY
-    try:
-        history = json.loads(path.read_text())
-        history["lineage"] = [str(tag) for tag in history["lineage"]]
-        history.setdefault("abandoned", [])
-        return history
-    except (OSError, ValueError, KeyError, TypeError):  # missing (or not ours): rebuilt from the directories
-        return {"lineage": [p.name for p in complete_checkpoints(root)], "abandoned": []}
-
-
-def _write_history(root: Path, history: dict) -> None:
-    write_atomic(root / HISTORY, json.dumps(history, indent=2) + "\n")
-
-
-def resolve_latest(root: Path) -> tuple[Optional[Path], Optional[str]]:
-    """The checkpoint `resume: auto` takes, and a note when `latest` could not be trusted.
-
-    `latest` decides. Only when it is missing or names an incomplete directory: the newest complete
-    checkpoint of the lineage (history.json), else the highest complete step under root.
-    """
-    pointer = root / LATEST
-    named = pointer.read_text().strip() if pointer.is_file() else ""
-    if named and is_complete(root / named):
-        return root / named, None
-    lineage = [root / tag for tag in read_history(root)["lineage"] if is_complete(root / tag)]
-    fallback = lineage[-1] if lineage else None
-    if fallback is None:
-        return None, (f"{pointer} names {named!r}, which is not a complete checkpoint, and no complete "
-                      f"checkpoint is left" if named else None)
-    why = f"names {named!r}, which is not a complete checkpoint" if named else "is missing"
-    return fallback, f"{pointer} {why}: taking the newest complete checkpoint of the lineage, {fallback.name}"
-
-
-def resolve_resume(root: Path, resume: str) -> tuple[Optional[Path], Optional[str]]:
-    """(checkpoint to resume from or None, note) for checkpoint.resume = auto | none | <directory>.
-
-    <directory> is one checkpoint, or a checkpoint root (then its `latest`, as for auto). Raises
-    ConfigError when it is neither. Needs no process group.
-    """
-    if resume == "none":
-        return None, None
-    if resume == "auto":
-        return resolve_latest(root)
-    path = Path(resume)
-    if is_complete(path):
-        return path, None
-    if path.is_dir() and ((path / LATEST).is_file() or complete_checkpoints(path)):
-        found, note = resolve_latest(path)  # a checkpoint root (e.g. what fpa-reshard wrote): its `latest`
-        if found is not None:
-            return found, note
-    why = (f"it has no '{MARKER}' marker (not a checkpoint, or its save did not finish) and holds no complete "
-           f"checkpoint" if path.is_dir() else "no such directory")
-    raise ConfigError(f"checkpoint.resume={resume!r} is not a complete checkpoint directory: {why}")
 
 
 # ------------------------------------------------------------------------------------------ RNG states
 
 
 def rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -267,8 +57,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
@@ -369,7 +157,7 @@ class Checkpointer:
         mark_complete(path, int(path.name[len(TAG_PREFIX):]), checksums)  # and whatever else was written in it
         history = read_history(self.root)
         history["lineage"] = [t for t in history["lineage"] if t != path.name] + [path.name]
-        _write_history(self.root, history)
+        write_history(self.root, history)
         write_atomic(self.root / LATEST, path.name + "\n")
         self._prune(history)
 
@@ -386,7 +174,7 @@ class Checkpointer:
             shutil.rmtree(doomed, ignore_errors=True)
         if removed:
             history["lineage"] = [t for t in lineage if t not in removed]
-            _write_history(self.root, history)
+            write_history(self.root, history)
 
     def _start_lineage(self, resumed_from: Optional[Path]) -> None:
         """Rank 0: this run continues the lineage up to resumed_from; what was saved after it (or, for a
@@ -407,7 +195,7 @@ class Checkpointer:
             if path.name not in kept:
                 self._abandon(path, history, cause)
         history["lineage"] = kept
-        _write_history(self.root, history)
+        write_history(self.root, history)
         pointer = self.root / LATEST
         if kept and (not pointer.is_file() or pointer.read_text().strip() != kept[-1]):
             write_atomic(pointer, kept[-1] + "\n")
@@ -421,7 +209,7 @@ class Checkpointer:
             history = read_history(self.root)
             self._abandon(path, history, f"a new checkpoint of step {path.name} replaces it")
             history["lineage"] = [t for t in history["lineage"] if t != path.name]
-            _write_history(self.root, history)
+            write_history(self.root, history)
         else:
             shutil.rmtree(path)
 
@@ -492,7 +280,7 @@ class Checkpointer:
         history = read_history(self.root)
         self._abandon(path, history, problem, damaged=True)
         history["lineage"] = [t for t in history["lineage"] if t != path.name]
-        _write_history(self.root, history)
+        write_history(self.root, history)
         fallback = next((self.root / t for t in reversed(history["lineage"]) if is_complete(self.root / t)), None)
         if fallback is not None:
             write_atomic(self.root / LATEST, fallback.name + "\n")

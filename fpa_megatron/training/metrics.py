@@ -1,7 +1,7 @@
 """One-line stdout progress plus TensorBoard scalars and [layers x heads] heatmaps (penalty, attention entropy).
 
 Only the logging rank constructs an enabled `MetricsLogger`; on every other rank it is a no-op, so the
-trainer can call it unconditionally. Lines go to the run log (`fpa_megatron.logging.run_log`: timestamp and
+trainer can call it unconditionally. Lines go to the run log (`fpa_megatron.run_log`: timestamp and
 rank in front), or to `stream` when one is given. Tags are stable (see `TAGS`) so runs compare in one TensorBoard.
 """
 
@@ -13,7 +13,8 @@ from typing import Mapping, Optional, TextIO
 
 import numpy as np
 
-from fpa_megatron.logging.run_log import get_logger
+from fpa_megatron.attention.stats import attention_summary, per_layer
+from fpa_megatron.run_log import get_logger
 
 # metric key passed to `log` -> (TensorBoard tag, stdout label, stdout format)
 TAGS: dict[str, tuple[str, str, str]] = {
@@ -158,7 +159,6 @@ class MetricsLogger:
         `attention/entropy_heatmap` (rows = layers, columns = heads, darker = lower entropy: collapsing heads)."""
         if not self.enabled:
             return
-        from fpa_megatron.model.attention_stats import attention_summary, per_layer
 
         summary = attention_summary(stats)
         self._print(f"attention {self._step_text(step)} | collision {summary['attention/collision']:.4f} | "
