@@ -132,7 +132,7 @@ def train_and_probe(runs: dict) -> dict:
         model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size)
         engine = build_engine(model, cfg.optimizer, cfg.model.dtype, MICRO, layout.num_microbatches)
         (path,) = complete_checkpoints(Path(cfg.checkpoint.dir))
-        Checkpointer(cfg.checkpoint.dir, 0, 2, "none", cfg).load(path, engine)
+        Checkpointer(cfg, root=cfg.checkpoint.dir).load(path, engine)
         params = dict(model.named_parameters())
         weights = gather_global(model, {n: p.detach() for n, p in params.items()})
         mpu = MegatronMPU()

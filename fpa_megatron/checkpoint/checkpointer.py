@@ -38,7 +38,7 @@ from fpa_megatron.checkpoint.format import (ABANDONED, LATEST, RESHARDED, TAG_PR
 from fpa_megatron.checkpoint.integrity import (MARKER, CheckpointIntegrityError, agree_on_problem, checkpoint_problem,
                                                describe_files, has_checksums)
 from fpa_megatron.checkpoint.layout import LAYOUT, CheckpointLayout, check_layout, read_layout
-from fpa_megatron.checkpoint.lineage import (complete_checkpoints, read_history, resolve_latest, resolve_resume,
+from fpa_megatron.checkpoint.lineage import (checkpoint_root, complete_checkpoints, read_history, resolve_latest, resolve_resume,
                                              write_history)
 from fpa_megatron.config import RunConfig, save_config
 from fpa_megatron.run_log import get_logger
@@ -87,11 +87,13 @@ class Checkpointer:
 
     clock = staticmethod(time.monotonic)  # the wall clock of interval_minutes (tests freeze it on one rank)
 
-    def __init__(self, root: str | Path, interval: int, keep_last: int, resume: str, cfg: RunConfig,
-                 interval_minutes: float = 0.0):
-        self.root = Path(root)
-        self.interval, self.keep_last, self.resume_mode, self.cfg = interval, keep_last, resume, cfg
-        self.interval_minutes = interval_minutes
+    def __init__(self, cfg: RunConfig, root: Optional[str | Path] = None):
+        """The run's checkpointer: its `checkpoint` section (interval, interval_minutes, keep_last, resume);
+        `root` defaults to the run's checkpoint root (checkpoint.dir, else <run dir>/checkpoints)."""
+        self.root = Path(root) if root is not None else checkpoint_root(cfg)
+        ck = cfg.checkpoint
+        self.interval, self.keep_last, self.resume_mode, self.cfg = ck.interval, ck.keep_last, str(ck.resume), cfg
+        self.interval_minutes = ck.interval_minutes
         self.last_save_time = self.clock()  # the wall-clock interval counts from the start, then from each save
         self.resumed_from: Optional[Path] = None  # the checkpoint this run last loaded (resume or rollback)
         self._protected: set[Path] = set()  # every checkpoint this run loaded: never pruned

@@ -15,20 +15,40 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
+from fpa_megatron.attention.stats import attention_summary
+from fpa_megatron.config import RunConfig
 from fpa_megatron.data.datasets import micro_batches
 from fpa_megatron.model.penalized_attention import AttentionPenalty
 from fpa_megatron.training.forward_backward import forward_backward, smallest_microbatch_count
+from fpa_megatron.training.metrics import MetricsLogger
 
 
 class AttentionDiagnostics:
-    """Owns the cadence of the attention statistics; `maybe_measure(step)` returns {stat: [L, H]} or None."""
+    """Owns the cadence of the attention statistics; `maybe_measure(step)` returns {stat: [L, H]} or None;
+    `after_step(step)` also logs them and returns their whole-model summary for the step's record."""
 
     def __init__(self, interval: int, model, engine, penalty: AttentionPenalty, valid_ds, train_ds,
-                 micro_batch_size: int, seq_length: int):
+                 micro_batch_size: int, seq_length: int, logger: Optional[MetricsLogger] = None):
         self.interval, self.model, self.engine, self.penalty = interval, model, engine, penalty
         self.datasets = [ds for ds in (valid_ds, train_ds) if ds is not None]
         self.micro_batch_size, self.seq_length = micro_batch_size, seq_length
+        self.logger = logger
         self._batch = None
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, logger: MetricsLogger, model, engine, penalty: AttentionPenalty, valid_ds,
+                train_ds) -> "AttentionDiagnostics":
+        """Every `logging.attention_stats_interval` steps (0: never), on the run's micro-batch shape."""
+        return cls(cfg.logging.attention_stats_interval, model, engine, penalty, valid_ds, train_ds,
+                   cfg.train.micro_batch_size, cfg.model.seq_length, logger)
+
+    def after_step(self, step: int, final: bool = False) -> dict[str, float]:
+        """Measure and log when due; the summary scalars for the step's record ({} when not due)."""
+        stats = self.maybe_measure(step, final)
+        if stats is None:
+            return {}
+        self.logger.log_attention(step, stats)
+        return attention_summary(stats)
 
     def maybe_measure(self, step: int, final: bool = False) -> Optional[dict[str, torch.Tensor]]:
         """Measure at step 0, every `interval` steps and at the final step (nothing when interval is 0)."""

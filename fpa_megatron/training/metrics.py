@@ -14,6 +14,7 @@ from typing import Mapping, Optional, TextIO
 import numpy as np
 
 from fpa_megatron.attention.stats import attention_summary, per_layer
+from fpa_megatron.config import LoggingConfig
 from fpa_megatron.run_log import get_logger
 
 # metric key passed to `log` -> (TensorBoard tag, stdout label, stdout format)
@@ -94,9 +95,11 @@ class MetricsLogger:
     """
 
     def __init__(self, log_dir: Optional[str], enabled: bool = True, tensorboard: bool = True,
-                 total_steps: Optional[int] = None, cell_px: int = 16, stream: Optional[TextIO] = None):
+                 total_steps: Optional[int] = None, cell_px: int = 16, stream: Optional[TextIO] = None,
+                 interval: int = 1, heatmap_interval: int = 0):
         self.enabled = bool(enabled)
         self.total_steps = total_steps
+        self.interval, self.heatmap_interval = interval, heatmap_interval or interval
         self.cell_px = cell_px
         self.stream = stream
         self.writer = None
@@ -107,6 +110,22 @@ class MetricsLogger:
 
             os.makedirs(log_dir, exist_ok=True)
             self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    @classmethod
+    def for_run(cls, cfg: LoggingConfig, log_dir: str, enabled: bool, total_steps: int) -> "MetricsLogger":
+        """The trainer's logger: `logging.interval` for the step lines, `logging.heatmap_interval` (else the
+        interval) for the per-layer penalty and its heatmap."""
+        return cls(log_dir, enabled=enabled, tensorboard=cfg.tensorboard, total_steps=total_steps,
+                   interval=cfg.interval, heatmap_interval=cfg.heatmap_interval)
+
+    def log_step(self, step: int, metrics: Mapping[str, float], penalty_matrix, applied: bool, final: bool) -> None:
+        """A training step, on this logger's cadence: the line and scalars every `interval` steps, at step 1, at
+        the last step and at every step whose update was not applied; the penalty per layer and its [layers x
+        heads] heatmap every `heatmap_interval` steps and at the last."""
+        if step % self.interval == 0 or step == 1 or final or not applied:
+            self.log(step, metrics)
+        if step % self.heatmap_interval == 0 or final:
+            self.log_penalty(step, penalty_matrix.sum(dim=1), penalty_matrix)
 
     def _print(self, line: str) -> None:
         if self.stream is not None:

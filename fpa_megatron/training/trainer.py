@@ -1,13 +1,13 @@
 """`train(cfg)`: the whole pretraining run, top to bottom.
 
-Set up the process groups, the GPT with the penalized attention, DeepSpeed ZeRO, the data, the lambda
-schedule, the checkpointer, the guard and the logger; resume if there is a checkpoint; then one loop: set
-lambda_t, forward/backward on Megatron's schedule, let the guard decide for all ranks (one all-reduce),
-update or drop the update, log, evaluate, checkpoint.
+`setup` builds the run: process groups, the GPT with the penalized attention, DeepSpeed ZeRO, the data, the
+train state (resumed from the newest checkpoint if there is one) and the components that act on their own
+cadence: the checkpointer, the metrics logger, the evaluator and the attention diagnostics. `train` is the
+loop: set lambda_t, forward/backward on Megatron's schedule, let the guard decide for all ranks (one
+all-reduce), update or drop the update, roll back after a loss spike, hand the step to the components, stop.
 
-`step` counts the global batches consumed (a skipped or rolled-back step consumes its batch); `updates` counts
-the optimizer updates applied, which the LR and lambda schedules follow. A deliberate stop (SIGTERM/SIGUSR1,
-divergence, a loss spike) raises `RunStopped` with its exit code (fpa_megatron/exit_codes.py).
+A deliberate stop (SIGTERM/SIGUSR1, divergence, a loss spike) raises `RunStopped` with its exit code
+(fpa_megatron/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -15,75 +15,118 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from fpa_megatron import faults
+from fpa_megatron.checkpoint.checkpointer import Checkpointer
+from fpa_megatron.checkpoint.reader import initial_weights
 from fpa_megatron.config import RunConfig, run_dir, save_config
-from fpa_megatron.rules import ResolvedLayout
-from fpa_megatron.preflight import check_config
 from fpa_megatron.data.datasets import build_gpt_datasets, micro_batches
 from fpa_megatron.exit_codes import Preempted
 from fpa_megatron.flops import flops_per_token
-from fpa_megatron.training.metrics import MetricsLogger, memory_gb
-from fpa_megatron.run_log import get_logger, setup_logging, where
-from fpa_megatron.attention.stats import attention_summary
 from fpa_megatron.model.gpt import build_gpt_model, make_penalty
+from fpa_megatron.model.penalized_attention import AttentionPenalty
 from fpa_megatron.parallel.state import init_distributed, init_model_parallel
 from fpa_megatron.parallel.weights import load_global_state
+from fpa_megatron.preflight import check_config
+from fpa_megatron.rules import ResolvedLayout
+from fpa_megatron.run_log import get_logger, setup_logging, where
+from fpa_megatron.schedules import LambdaSchedule
 from fpa_megatron.training.attention_diagnostics import AttentionDiagnostics
-from fpa_megatron.checkpoint.checkpointer import Checkpointer
-from fpa_megatron.checkpoint.lineage import checkpoint_root
-from fpa_megatron.checkpoint.reader import initial_weights
+from fpa_megatron.training.evaluator import Evaluator
 from fpa_megatron.training.forward_backward import forward_backward
 from fpa_megatron.training.guard import ROLLBACK, TrainingGuard
-from fpa_megatron.schedules import LambdaSchedule
+from fpa_megatron.training.metrics import MetricsLogger, memory_gb
 from fpa_megatron.training.optimizer import build_engine, discard_gradients, lr_at, optimizer_step
 from fpa_megatron.training.preemption import StopSignals
+from fpa_megatron.training.state import TrainState
 
 log = get_logger("trainer")
 
 
-def evaluate(model, engine, penalty, valid_ds, cfg: RunConfig, layout) -> float:
-    """Mean LM loss over the first eval_iters global batches of the validation split (the same each time)."""
-    batches = micro_batches(valid_ds, 0, cfg.train.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                            layout.data_parallel)
-    saved = (penalty.lambda_value, penalty.active)
-    penalty.set_step(0.0, False)  # validation reports the LM loss; no penalty needed
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for _ in range(cfg.train.eval_iters):
-            result = forward_backward(model, batches, penalty, num_microbatches=layout.num_microbatches,
-                                      micro_batch_size=cfg.train.micro_batch_size,
-                                      seq_length=cfg.model.seq_length, forward_only=True, engine=engine)
-            losses.append(result.lm_loss)
-    model.train()
-    penalty.set_step(*saved)
-    return sum(losses) / len(losses)
+@dataclass
+class Run:
+    """What `setup` built: the model and its engine, the data, the state and the components."""
+
+    cfg: RunConfig
+    layout: ResolvedLayout
+    model: object
+    engine: object
+    penalty: AttentionPenalty
+    batches: object  # this data-parallel rank's micro-batches, from the state's data position on
+    state: TrainState
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    evaluator: Evaluator
+    diagnostics: AttentionDiagnostics
+    flops_per_token: float
 
 
-def roll_back(checkpointer: Checkpointer, engine, lambdas: LambdaSchedule, step: int,
-              updates: int) -> tuple[Optional[Path], int]:
-    """After a loss spike: reload model, optimizer, RNG and lambda from the run's newest checkpoint (`latest`).
+def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
+    """Process groups, model, engine, data and components; the state resumed from the newest checkpoint."""
+    init_distributed(cfg.parallel.timeout_minutes)
+    init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed, cfg.parallel.timeout_minutes,
+                        context=cfg.parallel.context, virtual_pipeline=cfg.parallel.virtual_pipeline)
+    rank = dist.get_rank()
+    setup_logging(rank)
+    out_dir = run_dir(cfg)
+    if rank == 0:
+        save_config(cfg, out_dir / "config.yaml")
 
-    The data position stays where it is, so the batches between that checkpoint and the spike are not
-    replayed. Returns the checkpoint (None if there is none yet: nothing changes) and the update count.
-    """
-    target = checkpointer.latest()
+    checkpointer = Checkpointer(cfg)
+    import_weights = cfg.checkpoint.init_from and not checkpointer.has_resume_candidate()
+    penalty = make_penalty(cfg.model, cfg.fpa)
+    model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed,
+                            vocab_size=layout.vocab_size, sequence_parallel=layout.sequence_parallel)
+    if import_weights:  # weights only (before the engine copies them): step 0, a fresh optimizer, lambda_0
+        load_global_state(model, initial_weights(cfg.checkpoint.init_from, layout.padded_vocab_size))
+        log.info(f"initialized from {cfg.checkpoint.init_from} (weights only: step 0, a fresh optimizer)")
+    engine = build_engine(model, cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, layout.num_microbatches)
+    steps, global_batch = cfg.train.steps, cfg.train.global_batch_size
+    eval_batches = (cfg.train.eval_iters * global_batch) if cfg.train.eval_interval > 0 else 0
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
+        (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
+        mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
+    )
+    state = TrainState(LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled),
+                       TrainingGuard(cfg.train, model, rank))  # the guard: non-finite steps, spikes, stop requests
+
+    resume_from = checkpointer.find_resume(engine)  # verified on every rank; auto passes over damaged ones
+    if resume_from is None and cfg.checkpoint.init_from and not import_weights:
+        raise RuntimeError(f"every checkpoint of this run was damaged and moved to {checkpointer.root / 'abandoned'}"
+                           f": rerun to start again from checkpoint.init_from={cfg.checkpoint.init_from}")
+    if resume_from is not None:
+        state.load_state_dict(checkpointer.load(resume_from, engine))
+        log.info(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+    batches = micro_batches(train_ds, state.consumed_samples, cfg.train.micro_batch_size,
+                            parallel_state.get_data_parallel_rank(), layout.data_parallel)
+    logger = MetricsLogger.for_run(cfg.logging, str(out_dir), enabled=rank == 0, total_steps=steps)
+    return Run(cfg, layout, model, engine, penalty, batches, state, checkpointer, logger,
+               Evaluator(cfg, layout, model, engine, penalty, valid_ds, logger),
+               AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, valid_ds, train_ds),
+               flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
+
+
+def roll_back(run: Run) -> Optional[str]:
+    """After a loss spike: reload model, optimizer, RNG and the schedules from the run's newest checkpoint
+    (`latest`). The data position stays where it is, so the batches between that checkpoint and the spike are
+    not replayed. Returns the checkpoint (None if there is none yet: nothing changes)."""
+    target = run.checkpointer.latest()
     if target is None:
-        return None, updates
-    state = checkpointer.load(target, engine)
-    lambdas.load_state_dict(state["lambda_schedule"])
+        return None
+    saved = run.checkpointer.load(target, run.engine)
+    run.state.load_state_dict(saved, rollback=True)
     if dist.get_rank() == 0:
-        log.warning(f"step {step}: rolled back to {target} (step {state['step']}): model, optimizer and lambda "
-                    f"restored; the batches of steps {state['step'] + 1}-{step} are not replayed, training "
+        step = run.state.step
+        log.warning(f"step {step}: rolled back to {target} (step {saved['step']}): model, optimizer and lambda "
+                    f"restored; the batches of steps {saved['step'] + 1}-{step} are not replayed, training "
                     f"continues with the batch of step {step + 1}")
-    return target, state.get("updates", state["step"])
+    return target
 
 
 def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
@@ -94,119 +137,45 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if layout is None:
         layout = check_config(cfg, world_size)  # every config error surfaces before any process group exists
-    init_distributed(cfg.parallel.timeout_minutes)
-    init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.seed, cfg.parallel.timeout_minutes,
-                        context=cfg.parallel.context, virtual_pipeline=cfg.parallel.virtual_pipeline)
-    rank = dist.get_rank()
-    setup_logging(rank)
-    out_dir = run_dir(cfg)
-    if rank == 0:
-        save_config(cfg, out_dir / "config.yaml")
-
-    checkpointer = Checkpointer(checkpoint_root(cfg), cfg.checkpoint.interval, cfg.checkpoint.keep_last,
-                                cfg.checkpoint.resume, cfg, interval_minutes=cfg.checkpoint.interval_minutes)
-    import_weights = cfg.checkpoint.init_from and not checkpointer.has_resume_candidate()
-    penalty = make_penalty(cfg.model, cfg.fpa)
-    model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed,
-                            vocab_size=layout.vocab_size, sequence_parallel=layout.sequence_parallel)
-    if import_weights:  # weights only (before the engine copies them): step 0, a fresh optimizer, lambda_0
-        load_global_state(model, initial_weights(cfg.checkpoint.init_from, layout.padded_vocab_size))
-        log.info(f"initialized from {cfg.checkpoint.init_from} (weights only: step 0, a fresh optimizer)")
-    engine = build_engine(model, cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, layout.num_microbatches)
-    lambdas = LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled)
-    steps, global_batch = cfg.train.steps, cfg.train.global_batch_size
-    eval_batches = (cfg.train.eval_iters * global_batch) if cfg.train.eval_interval > 0 else 0
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
-        (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
-        mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
-    )
-    guard = TrainingGuard(cfg.train, model, rank)  # non-finite steps, loss spikes, the stop request
-
-    step, consumed, updates = 0, 0, 0
-    resume_from = checkpointer.find_resume(engine)  # verified on every rank; auto passes over damaged ones
-    if resume_from is None and cfg.checkpoint.init_from and not import_weights:
-        raise RuntimeError(f"every checkpoint of this run was damaged and moved to {checkpointer.root / 'abandoned'}"
-                           f": rerun to start again from checkpoint.init_from={cfg.checkpoint.init_from}")
-    if resume_from is not None:
-        state = checkpointer.load(resume_from, engine)
-        step, consumed = state["step"], state["consumed_samples"]
-        updates = state.get("updates", step)
-        lambdas.load_state_dict(state["lambda_schedule"])
-        if "guard" in state:
-            guard.load_state_dict(state["guard"])
-        log.info(f"resumed from {resume_from} at step {step} ({consumed} samples consumed)")
-    batches = micro_batches(train_ds, consumed, cfg.train.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                            layout.data_parallel)
-    logger = MetricsLogger(str(out_dir), enabled=rank == 0, tensorboard=cfg.logging.tensorboard, total_steps=steps)
-    diagnostics = AttentionDiagnostics(cfg.logging.attention_stats_interval, model, engine, penalty, valid_ds,
-                                       train_ds, cfg.train.micro_batch_size, cfg.model.seq_length)
-    flops_token = flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length)
-
-    history = []
-    first_step = step
-    if step == 0 and cfg.train.eval_interval > 0:  # the starting point of the validation curve
-        logger.log_eval(0, evaluate(model, engine, penalty, valid_ds, cfg, layout))
-    attention = diagnostics.maybe_measure(step) if step == 0 else None  # ... and of the attention curves
-    if attention is not None:
-        logger.log_attention(step, attention)
-    with StopSignals() as stop_signals, logger:  # SIGTERM/SIGUSR1: finish the step, save, exit 75
-        drills = faults.install(rank, lambda: stop_signals.requested)  # FPA_FAULT; nothing unless it is set
-        while step < steps:
-            where.step = step + 1  # named by the failure line if this rank fails now
-            t0 = time.perf_counter()
-            drills.begin_step(step + 1)
-            lam, active = lambdas.value(), lambdas.active()
-            penalty.set_step(lam, active)
-            result = forward_backward(model, batches, penalty, num_microbatches=layout.num_microbatches,
+    run = setup(cfg, layout)
+    state, guard, checkpointer, steps = run.state, run.state.guard, run.checkpointer, cfg.train.steps
+    history: list[dict] = []
+    measures = (run.diagnostics, run.evaluator)  # each acts on its own cadence, logs, returns its record's values
+    if state.step == 0:  # the starting point of the validation and attention curves
+        for component in reversed(measures):
+            component.after_step(0)
+    with StopSignals() as stop_signals, run.logger:  # SIGTERM/SIGUSR1: finish the step, save, exit 75
+        drills = faults.install(dist.get_rank(), lambda: stop_signals.requested)  # FPA_FAULT; nothing unless set
+        while state.step < steps:
+            where.step = state.step + 1  # named by the failure line if this rank fails now
+            started = time.perf_counter()
+            drills.begin_step(state.step + 1)
+            lam = state.lambdas.value()
+            run.penalty.set_step(lam, state.lambdas.active())
+            result = forward_backward(run.model, run.batches, run.penalty, num_microbatches=layout.num_microbatches,
                                       micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
-                                      engine=engine)
-            lr = lr_at(updates, cfg.optimizer, steps)
-            verdict = guard.check(step + 1, result.lm_loss, result.penalty, stop_signals.requested,
+                                      engine=run.engine)
+            lr = lr_at(state.updates, cfg.optimizer, steps)
+            verdict = guard.check(state.step + 1, result.lm_loss, result.penalty, stop_signals.requested,
                                   checkpointer.time_due())
             if verdict.update:
-                grad_norm, applied = optimizer_step(engine, lr)
+                grad_norm, applied = optimizer_step(run.engine, lr)
             else:
-                discard_gradients(engine)
+                discard_gradients(run.engine)
                 grad_norm, applied = math.nan, False
-            step += 1
-            consumed += global_batch  # the batch is consumed whatever happened to its update
-            if applied:
-                updates += 1
-                lambdas.advance()
-            rolled_back_to = None
-            if verdict.action == ROLLBACK:  # a loss spike: back to the newest checkpoint, the data moves on
-                rolled_back_to, updates = roll_back(checkpointer, engine, lambdas, step, updates)
-            guard.conclude(step, verdict, applied, result.lm_loss, rolled_back_to)  # raises past its limits
-            seconds = time.perf_counter() - t0
+            state.advance(cfg.train.global_batch_size, applied)
+            rolled_back_to = roll_back(run) if verdict.action == ROLLBACK else None  # the data moves on
+            guard.conclude(state.step, verdict, applied, result.lm_loss, rolled_back_to)  # raises past its limits
 
-            tokens_per_s = result.tokens / seconds
-            tflops = flops_token * tokens_per_s / world_size / 1e12  # per device
-            metrics = {
-                "lm_loss": result.lm_loss, "penalty": result.penalty, "penalty_weighted": lam * result.penalty,
-                "lambda": lam, "lr": lr, "grad_norm": grad_norm, "skipped_steps": guard.skipped_steps,
-                "rollbacks": guard.rollbacks or None, "tokens_per_s": tokens_per_s, "tflops": tflops,
-                "mfu": tflops / cfg.logging.peak_tflops, "iter_time_s": seconds, "mem_gb": memory_gb(),
-            }  # None: not logged
+            final, step = state.step == steps, state.step
+            metrics = step_metrics(run, result, lam, lr, grad_norm, time.perf_counter() - started, world_size)
             history.append(dict(metrics, step=step, applied=applied))
-            if step % cfg.logging.interval == 0 or step == 1 or step == steps or not applied:
-                logger.log(step, metrics)
-            every = cfg.logging.heatmap_interval or cfg.logging.interval
-            if step % every == 0 or step == steps:  # per-layer scalars and the [layers x heads] heatmap
-                logger.log_penalty(step, result.penalty_matrix.sum(dim=1), result.penalty_matrix)
-            attention = diagnostics.maybe_measure(step, final=step == steps)  # one no-grad micro-batch every N steps
-            if attention is not None:
-                logger.log_attention(step, attention)
-                history[-1].update(attention_summary(attention))
-            if cfg.train.eval_interval > 0 and (step % cfg.train.eval_interval == 0 or step == steps):
-                val_loss = evaluate(model, engine, penalty, valid_ds, cfg, layout)
-                history[-1]["val_loss"] = val_loss
-                logger.log_eval(step, val_loss)
-            trainer_state = {"step": step, "consumed_samples": consumed, "updates": updates,
-                             "lambda_schedule": lambdas.state_dict(), "guard": guard.state_dict()}
-            exiting = cfg.train.exit_interval > 0 and step - first_step >= cfg.train.exit_interval
+            run.logger.log_step(step, metrics, result.penalty_matrix, applied, final)
+            for component in measures:
+                history[-1].update(component.after_step(step, final))
+            exiting = 0 < cfg.train.exit_interval <= state.steps_this_run()
             if guard.sound:  # the state after a skipped step is never saved
-                checkpointer.maybe_save(step, engine, trainer_state, final=step == steps,
+                checkpointer.maybe_save(step, run.engine, state.state_dict(), final=final,
                                         exiting=exiting or verdict.stop_requested, time_due=verdict.save_due)
             if verdict.stop_requested:
                 saved = f"checkpoint saved at step {step}" if guard.sound else (
@@ -218,7 +187,19 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
                 break
     if history:
         last = history[-1]
-        log.info(f"done: {step} steps ({updates} updates, {guard.skipped_steps} skipped), lm_loss {last['lm_loss']:.4f}"
+        log.info(f"done: {state.step} steps ({state.updates} updates, {guard.skipped_steps} skipped), "
+                 f"lm_loss {last['lm_loss']:.4f}"
                  + (f", val_loss {last['val_loss']:.4f} (ppl {math.exp(min(last['val_loss'], 50)):.1f})"
                     if "val_loss" in last else ""))
     return history
+
+
+def step_metrics(run: Run, result, lam: float, lr: float, grad_norm: float, seconds: float, world_size: int) -> dict:
+    """The step's scalars (None: not logged)."""
+    tokens_per_s = result.tokens / seconds
+    tflops = run.flops_per_token * tokens_per_s / world_size / 1e12  # per device
+    guard = run.state.guard
+    return {"lm_loss": result.lm_loss, "penalty": result.penalty, "penalty_weighted": lam * result.penalty,
+            "lambda": lam, "lr": lr, "grad_norm": grad_norm, "skipped_steps": guard.skipped_steps,
+            "rollbacks": guard.rollbacks or None, "tokens_per_s": tokens_per_s, "tflops": tflops,
+            "mfu": tflops / run.cfg.logging.peak_tflops, "iter_time_s": seconds, "mem_gb": memory_gb()}

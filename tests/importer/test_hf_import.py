@@ -67,7 +67,7 @@ def probe_and_train(import_dir: str, probe: torch.Tensor, layouts: dict) -> dict
                             vocab_size=layout.vocab_size)
     engine = build_engine(model, cfg.optimizer, cfg.model.dtype, MICRO, 1)
     path, _ = resolve_resume(Path(import_dir), import_dir)
-    state = Checkpointer(import_dir, 0, 2, "none", cfg).load(path, engine)
+    state = Checkpointer(cfg, root=import_dir).load(path, engine)
     logits = _pipeline_logits(model, probe[:, :SEQ])
     penalty.set_step(0.0, False)
     batch = {"tokens": probe[:, :SEQ], "labels": probe[:, 1:], "loss_mask": torch.ones(MICRO, SEQ),

@@ -128,7 +128,7 @@ def dispatch_rank(tmp_dir: str):
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.training.forward_backward import forward_backward
     from fpa_megatron.schedules import LambdaSchedule
-    from fpa_megatron.training.trainer import evaluate
+    from fpa_megatron.training.evaluator import Evaluator
 
     cfg = config_from_dict({}, [
         "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.num_query_groups=2",
@@ -169,7 +169,7 @@ def dispatch_rank(tmp_dir: str):
                                         mock_vocab_size=VOCAB)
     penalty.set_step(0.1, True)
     penalty.path_calls.clear()
-    evaluate(model, None, penalty, valid_ds, cfg, layout)
+    Evaluator(cfg, layout, model, None, penalty, valid_ds).evaluate()
     out["evaluation"] = dict(paths=dict(penalty.path_calls), restored=(penalty.lambda_value, penalty.active))
 
     # Attention dropout has no fast path: the module refuses it (the config check says so first).

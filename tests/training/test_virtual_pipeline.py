@@ -82,7 +82,7 @@ def _live_weights(values: dict, overrides: list[str], path: str) -> dict:
     penalty = make_penalty(cfg.model, cfg.fpa)
     model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size)
     engine = build_engine(model, cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, layout.num_microbatches)
-    Checkpointer(f"{path}/..", 0, 2, "none", cfg).load(path, engine)
+    Checkpointer(cfg, root=f"{path}/..").load(path, engine)
     return gather_global(model, {n: p.detach() for n, p in model.named_parameters()})
 
 

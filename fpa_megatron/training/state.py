@@ -1,0 +1,53 @@
+"""The trainer's state: where the run is, saved in every checkpoint and restored in one place.
+
+`step` counts the global batches consumed (a skipped or rolled-back step consumes its batch); `updates` counts
+the optimizer updates applied, which the LR and lambda schedules follow. The lambda schedule and the guard own
+their counters; `state_dict()` is what `trainer_state.pt` holds (the keys are the checkpoint format's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fpa_megatron.schedules import LambdaSchedule
+from fpa_megatron.training.guard import TrainingGuard
+
+
+@dataclass
+class TrainState:
+    lambdas: LambdaSchedule
+    guard: TrainingGuard
+    step: int = 0  # global batches consumed
+    consumed_samples: int = 0
+    updates: int = 0  # optimizer updates applied
+    first_step: int = field(default=0, init=False)  # where this process started (resumed or 0)
+
+    def advance(self, global_batch_size: int, applied: bool) -> None:
+        """One step done: its batch is consumed whatever happened to its update; an applied update moves the
+        schedules."""
+        self.step += 1
+        self.consumed_samples += global_batch_size
+        if applied:
+            self.updates += 1
+            self.lambdas.advance()
+
+    def steps_this_run(self) -> int:
+        return self.step - self.first_step
+
+    def state_dict(self) -> dict:
+        """Tensors, numbers, strings, lists and dicts only (read back with weights_only=True)."""
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "updates": self.updates,
+                "lambda_schedule": self.lambdas.state_dict(), "guard": self.guard.state_dict()}
+
+    def load_state_dict(self, saved: dict, *, rollback: bool = False) -> None:
+        """Resume: everything. Rollback (after a loss spike): the model's schedules only, i.e. updates and lambda;
+        the data position moves on (the batches after the checkpoint are not replayed) and the guard keeps its
+        counts (it limits rollbacks)."""
+        self.updates = saved.get("updates", saved["step"])  # saved before updates were counted: one per step
+        self.lambdas.load_state_dict(saved["lambda_schedule"])
+        if rollback:
+            return
+        self.step, self.consumed_samples = saved["step"], saved["consumed_samples"]
+        self.first_step = self.step
+        if "guard" in saved:
+            self.guard.load_state_dict(saved["guard"])
