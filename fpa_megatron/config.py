@@ -123,7 +123,7 @@ class FPAConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW through DeepSpeed ZeRO, warmup then cosine decay to min_lr, global-norm clipping."""
+    """AdamW through DeepSpeed ZeRO, linear warmup then the LR schedule, global-norm clipping, optional z-loss."""
 
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -132,9 +132,16 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 10
-    decay_steps: Optional[int] = None  # None = train.steps
+    # after the warmup: cosine (to min_lr at decay_steps) | wsd (stable, then decay to min_lr at decay_steps)
+    # | constant | inverse_sqrt (lr * sqrt(warmup_steps / (t + 1)), at least min_lr)
+    lr_schedule: str = "cosine"
+    decay_steps: Optional[int] = None  # where the cosine / WSD decay reaches min_lr; None = train.steps
+    decay_style: str = "linear"  # wsd: the decay's shape: linear | cosine | 1-sqrt
+    decay_start: Optional[int] = None  # wsd: the step where the decay begins (wins over decay_fraction)
+    decay_fraction: Optional[float] = None  # wsd: the decay takes this fraction of decay_steps (0 = no decay)
     grad_clip: float = 1.0  # 0 disables clipping
     zero_stage: int = 1  # 0 | 1 | 2
+    z_loss: float = 0.0  # weight of the z-loss: z_loss * mean over tokens of (log Z)^2 of the output softmax; 0 = off
 
 
 @dataclass
@@ -171,6 +178,9 @@ class TrainConfig:
     steps: int = 100  # optimizer steps attempted = global batches consumed (skipped steps consume theirs)
     micro_batch_size: int = 4
     global_batch_size: int = 8
+    # [start, increment, samples] as Megatron-LM's --rampup-batch-size: the global batch starts at `start` and
+    # grows by `increment` in equal shares of `samples` consumed samples up to global_batch_size; None = off
+    rampup_batch_size: Optional[list[int]] = None
     seed: int = 1234
     eval_interval: int = 50  # 0 disables validation
     eval_iters: int = 4

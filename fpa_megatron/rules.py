@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from fpa_megatron.config import ConfigError, RunConfig
-from fpa_megatron.options import (ACTIVATIONS, ATTENTION_IMPLS, DTYPES, FPA_NORMALIZATIONS, FPA_TARGETS, NORMALIZATIONS,
-                                  POSITION_EMBEDDINGS, RECOMPUTE, SPIKE_POLICIES, ZERO_STAGES)
-from fpa_megatron.schedules import LambdaSchedule
+from fpa_megatron.options import (ACTIVATIONS, ATTENTION_IMPLS, DECAY_STYLES, DTYPES, FPA_NORMALIZATIONS, FPA_TARGETS,
+                                  LR_SCHEDULES, NORMALIZATIONS, POSITION_EMBEDDINGS, RECOMPUTE, SPIKE_POLICIES,
+                                  ZERO_STAGES)
+from fpa_megatron.schedules import BatchSizeRamp, LambdaSchedule, decay_end
 
 VOCAB_DIVISIBLE_BY = 128
 
@@ -28,7 +29,7 @@ class ResolvedLayout:
     tensor_parallel: int
     pipeline_parallel: int
     data_parallel: int
-    num_microbatches: int  # per optimizer step and data-parallel rank
+    num_microbatches: int  # per optimizer step and data-parallel rank, at the final global batch size
     vocab_size: int  # model.vocab_size, or the tokenizer's vocabulary size
     padded_vocab_size: int  # vocab_size rounded up to a multiple of make_vocab_size_divisible_by * TP
     ffn_hidden_size: int
@@ -210,14 +211,40 @@ def _check_virtual_pipeline(cfg: RunConfig) -> None:
               f"{p.pipeline} * {p.virtual_pipeline} = {p.pipeline * p.virtual_pipeline} (layers per model chunk)")
 
 
-def _check_interleaved_schedule(cfg: RunConfig, num_microbatches: int) -> None:
+def _check_interleaved_schedule(cfg: RunConfig, num_microbatches: int, what: str = "train.global_batch_size") -> None:
     """Megatron's interleaved schedule runs the micro-batches in groups of PP (`microbatch_group_size_per_vp_stage`
     defaults to PP): it refuses fewer than PP micro-batches and a last group smaller than PP."""
     p = cfg.parallel
     if p.virtual_pipeline > 1 and num_microbatches % p.pipeline:
         _fail(f"parallel.virtual_pipeline={p.virtual_pipeline}: the interleaved schedule needs the micro-batches per "
-              f"step (train.global_batch_size / (train.micro_batch_size * data_parallel) = {num_microbatches}) to be "
+              f"step ({what} / (train.micro_batch_size * data_parallel) = {num_microbatches}) to be "
               f"a multiple of parallel.pipeline={p.pipeline}")
+
+
+def _check_rampup(cfg: RunConfig, data_parallel: int) -> None:
+    """train.rampup_batch_size = [start, increment, samples]: every batch size of the ramp a whole number of
+    micro-batches on every DP rank (as Megatron-LM's consistency check), reaching the final size exactly."""
+    t = cfg.train
+    ramp = t.rampup_batch_size
+    if ramp is None:
+        return
+    key = f"train.rampup_batch_size={ramp!r}"
+    if not isinstance(ramp, (list, tuple)) or len(ramp) != 3 or not all(_is_int(v) for v in ramp):
+        _fail(f"{key} must be three integers [start, increment, samples]")
+    start, increment, samples = ramp
+    if start < 1 or increment < 1 or samples < 1:
+        _fail(f"{key}: start, increment and samples must all be >= 1")
+    if start > t.global_batch_size:
+        _fail(f"{key}: start={start} is larger than train.global_batch_size={t.global_batch_size}")
+    if (t.global_batch_size - start) % increment:
+        _fail(f"{key}: train.global_batch_size - start = {t.global_batch_size} - {start} is not a multiple of "
+              f"increment={increment}")
+    per_microbatch = t.micro_batch_size * data_parallel
+    for size in BatchSizeRamp(t.global_batch_size, per_microbatch, ramp).sizes():
+        if size % per_microbatch:
+            _fail(f"{key}: the ramp's global batch size {size} is not divisible by train.micro_batch_size * "
+                  f"data_parallel = {t.micro_batch_size} * {data_parallel} = {per_microbatch}")
+        _check_interleaved_schedule(cfg, size // per_microbatch, f"the ramp's global batch size {size}")
 
 
 def _check_batch(cfg: RunConfig, data_parallel: int) -> int:
@@ -251,6 +278,8 @@ def _check_optimizer(cfg: RunConfig, pipeline: int) -> None:
     _int_at_least("optimizer.warmup_steps", o.warmup_steps, 0)
     if o.decay_steps is not None:
         _int_at_least("optimizer.decay_steps", o.decay_steps, 1)
+    _check_lr_schedule(cfg)
+    _number_at_least("optimizer.z_loss", o.z_loss, 0.0)
     _number_at_least("optimizer.grad_clip", o.grad_clip, 0.0)
     if o.zero_stage == 3:
         _fail("optimizer.zero_stage=3: ZeRO-3 is not supported with Megatron's tensor-parallel layers and "
@@ -264,6 +293,34 @@ def _check_optimizer(cfg: RunConfig, pipeline: int) -> None:
         _fail(f"optimizer.zero_stage=2 is not supported with parallel.pipeline={pipeline}: ZeRO-2 reduces "
               f"gradients in hooks on every micro-batch, which breaks under the 1F1B pipeline schedule "
               f"(use zero_stage 1, or parallel.pipeline=1)")
+
+
+def _check_lr_schedule(cfg: RunConfig) -> None:
+    o = cfg.optimizer
+    _one_of("optimizer.lr_schedule", o.lr_schedule, LR_SCHEDULES)
+    _one_of("optimizer.decay_style", o.decay_style, DECAY_STYLES)
+    if o.lr_schedule != "wsd":
+        for key in ("decay_start", "decay_fraction"):
+            if getattr(o, key) is not None:
+                _fail(f"optimizer.{key}={getattr(o, key)!r} is only used by optimizer.lr_schedule='wsd' "
+                      f"(got optimizer.lr_schedule={o.lr_schedule!r})")
+        return
+    end = decay_end(o, cfg.train.steps)
+    end_key = f"optimizer.decay_steps={o.decay_steps}" if o.decay_steps else f"train.steps={cfg.train.steps}"
+    if o.decay_start is not None:
+        _int_at_least("optimizer.decay_start", o.decay_start, 0)
+        if not o.warmup_steps <= o.decay_start <= end:
+            _fail(f"optimizer.decay_start={o.decay_start} must lie between optimizer.warmup_steps={o.warmup_steps} "
+                  f"and the end of the decay ({end_key})")
+    elif o.decay_fraction is not None:
+        if not _is_number(o.decay_fraction) or not 0.0 <= o.decay_fraction <= 1.0:
+            _fail(f"optimizer.decay_fraction={o.decay_fraction!r} must be in [0, 1]")
+        if end - int(round(o.decay_fraction * end)) < o.warmup_steps:
+            _fail(f"optimizer.decay_fraction={o.decay_fraction}: the decay would begin at step "
+                  f"{end - int(round(o.decay_fraction * end))}, inside optimizer.warmup_steps={o.warmup_steps}")
+    else:
+        _fail("optimizer.lr_schedule='wsd' needs optimizer.decay_fraction (the decay's share of the steps, e.g. 0.2;"
+              " 0 = stable to the end) or optimizer.decay_start (the step where the decay begins)")
 
 
 def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
@@ -321,6 +378,7 @@ def check_values(cfg: RunConfig, world_size: int) -> tuple[int, int, int, int]:
     tensor, pipeline, data_parallel = _check_parallel(cfg, world_size)
     num_microbatches = _check_batch(cfg, data_parallel)
     _check_interleaved_schedule(cfg, num_microbatches)
+    _check_rampup(cfg, data_parallel)
     _check_optimizer(cfg, pipeline)
     _check_fpa(cfg)
     _check_guard_and_timeout(cfg)

@@ -99,15 +99,54 @@ def transformer_config(model_cfg: ModelConfig, tensor_parallel: int = 1, pipelin
     )
 
 
+class VocabParallelLogZ(torch.autograd.Function):
+    """log Z = log sum_v exp(logit_v) over the whole vocabulary when each tensor-parallel rank holds a slice of it
+    (the last dimension): the max and the sum of exponentials are all-reduced within the TP group, in float32 at
+    least. Backward needs no communication: d log Z / d logit_v = softmax_v, this rank's slice of it, which
+    forward keeps (float32, the size of the logits: Megatron's cross-entropy changes the logits in place)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        group = parallel_state.get_tensor_model_parallel_group()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        peak = logits.max(dim=-1).values.to(dtype)
+        if tp > 1:
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
+        softmax = torch.exp(logits.to(dtype) - peak.unsqueeze(-1))
+        sum_exp = softmax.sum(dim=-1)
+        if tp > 1:
+            torch.distributed.all_reduce(sum_exp, group=group)
+        softmax /= sum_exp.unsqueeze(-1)
+        ctx.input_dtype = logits.dtype
+        ctx.save_for_backward(softmax)
+        return peak + torch.log(sum_exp)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        softmax, = ctx.saved_tensors
+        return (grad.unsqueeze(-1) * softmax).to(ctx.input_dtype)
+
+
+def vocab_parallel_log_z(logits: torch.Tensor) -> torch.Tensor:
+    """log Z of the softmax over the last (vocabulary-parallel) dimension; see `VocabParallelLogZ`."""
+    return VocabParallelLogZ.apply(logits)
+
+
 class GPTModelOverVocabulary(GPTModel):
     """Megatron's GPTModel whose LM loss is a softmax over the real vocabulary only: the columns padded for tensor
     parallelism are -inf there (a padded row's logit, 0 for a zero row, could otherwise beat every real token and
     takes probability from all of them); they get no gradient. A subclass because the loss is a GPTModel method,
-    not a module of the layer spec."""
+    not a module of the layer spec.
 
-    def __init__(self, *args, real_vocab_size: int, **kwargs):
+    With `z_loss` > 0 it also keeps (log Z)^2 per token of the last forward, [b, s] with its graph, for the loss
+    function to take (`take_log_z_squared`): OLMo-core's and GPT-NeoX's z-loss, exact under TP."""
+
+    def __init__(self, *args, real_vocab_size: int, z_loss: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.real_vocab_size = real_vocab_size
+        self.z_loss = z_loss
+        self._log_z_squared = None
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         local = logits.shape[-1]  # this tensor-parallel rank's slice of the vocabulary
@@ -115,7 +154,14 @@ class GPTModelOverVocabulary(GPTModel):
         padded = torch.arange(start, start + local, device=logits.device) >= self.real_vocab_size
         if bool(padded.any()):
             logits = logits.masked_fill(padded, float("-inf"))
+        if self.z_loss > 0:
+            self._log_z_squared = vocab_parallel_log_z(logits).square().transpose(0, 1)  # [s, b] -> [b, s]
         return super().compute_language_model_loss(labels, logits)
+
+    def take_log_z_squared(self) -> torch.Tensor | None:
+        """(log Z)^2 per token [b, s] of the last forward (None without z-loss); handed over once."""
+        value, self._log_z_squared = self._log_z_squared, None
+        return value
 
 
 class ModelChunks(torch.nn.ModuleList):
@@ -137,13 +183,15 @@ def model_chunks(model) -> list[GPTModel]:
 
 def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: AttentionPenalty,
                     ffn_hidden_size: int | None = None, seed: int | None = None,
-                    vocab_size: int | None = None, sequence_parallel: bool = False) -> GPTModel | ModelChunks:
+                    vocab_size: int | None = None, sequence_parallel: bool = False,
+                    z_loss: float = 0.0) -> GPTModel | ModelChunks:
     """This rank's stage of the GPT (parallel_state must be initialized): a GPTModel, or with a virtual
     pipeline of size V, a `ModelChunks` of V GPTModels (chunk i built with vp_stage=i: Megatron's layer offsets).
 
     With `seed`, every parameter is drawn from its global name (`init_global_weights`), so every
     (TP, PP, VP) layout starts from the same model; without it, Megatron's own initialization is kept.
     `vocab_size` (the real vocabulary; default: all `padded_vocab_size` rows) is what the loss's softmax covers.
+    `z_loss` (optimizer.z_loss): the last stage keeps (log Z)^2 per token for the loss (`GPTModelOverVocabulary`).
     """
     virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     config = transformer_config(
@@ -160,6 +208,7 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         chunk_stage = vp_stage if virtual > 1 else None
         model = GPTModelOverVocabulary(
             real_vocab_size=vocab_size or padded_vocab_size,
+            z_loss=z_loss,
             config=config,
             transformer_layer_spec=decoder_block_spec(penalized_layer_spec(model_cfg, penalty), config,
                                                       vp_stage=chunk_stage),

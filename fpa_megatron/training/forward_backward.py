@@ -3,8 +3,12 @@
 `forward_backward(...)` runs the schedule that fits the layout (no pipelining, 1F1B, or interleaved 1F1B over
 the model chunks of a virtual pipeline), then makes the gradients complete on every stage (tied embedding
 grads summed between the first chunk of the first stage and the last chunk of the last stage; the grads each
-tensor-parallel rank holds only a share of summed over TP) and returns the step's LM loss and the [L, H]
-penalty matrix, both reduced across all ranks.
+tensor-parallel rank holds only a share of summed over TP) and returns the step's LM loss, its z-loss and the
+[L, H] penalty matrix, reduced across all ranks.
+
+The loss that is differentiated is the LM loss plus, with optimizer.z_loss > 0, z_loss * the masked mean over
+tokens of (log Z)^2 (the model keeps it per token, `GPTModelOverVocabulary`); `lm_loss` stays the
+cross-entropy alone.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class StepResult:
     lm_loss: float  # mean over micro-batches and data-parallel ranks
     penalty_matrix: torch.Tensor  # [L, H] float64: mean over sequences, summed over nothing
     tokens: int  # tokens processed by this step on all data-parallel ranks together
+    z_loss: float | None = None  # z_loss * mean (log Z)^2, reduced as lm_loss; None when optimizer.z_loss = 0
 
     @property
     def penalty(self) -> float:
@@ -39,17 +44,29 @@ class StepResult:
         return float(self.penalty_matrix.sum())
 
 
-def _lm_loss(loss_mask: torch.Tensor, num_tokens: torch.Tensor, per_token_loss: torch.Tensor):
+def _masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    dtype = torch.promote_types(per_token.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+    mask = loss_mask.reshape(-1).to(dtype)
+    return (per_token.to(dtype).reshape(-1) * mask).sum() / num_tokens.to(dtype).clamp(min=1.0)
+
+
+def _lm_loss(loss_mask: torch.Tensor, num_tokens: torch.Tensor, chunk, per_token_loss: torch.Tensor):
     """Cross-entropy summed over this rank's unmasked tokens, divided by the unmasked tokens of the whole
     micro-batch: its mean over the micro-batch. Under context parallelism each CP rank holds a share of it; the
     schedule multiplies this loss by C (and divides by #micro-batches), and DeepSpeed's gradient average over
-    DP x CP divides by C again, so the CP ranks' gradients add up to the gradient of the whole mean."""
-    dtype = torch.promote_types(per_token_loss.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
-    mask = loss_mask.reshape(-1).to(dtype)
-    loss = (per_token_loss.to(dtype).reshape(-1) * mask).sum() / num_tokens.to(dtype).clamp(min=1.0)
+    DP x CP divides by C again, so the CP ranks' gradients add up to the gradient of the whole mean.
+    The z-loss (if the model `chunk` kept (log Z)^2) is the same masked mean times optimizer.z_loss, added."""
+    loss = _masked_mean(per_token_loss, loss_mask, num_tokens)
     if faults.loss_factor() != 1.0:  # FPA_FAULT drills only (NaN or spike); 1.0 otherwise
         loss = loss * faults.loss_factor()
-    return loss, {"lm_loss": loss.detach().clone()}
+    record = {"lm_loss": loss.detach().clone()}
+    take = getattr(chunk, "take_log_z_squared", None)  # absent from a stock Megatron GPTModel (tests compare one)
+    log_z_squared = take() if take is not None else None
+    if log_z_squared is not None:
+        z_loss = chunk.z_loss * _masked_mean(log_z_squared, loss_mask, num_tokens)
+        record["z_loss"] = z_loss.detach().clone()
+        loss = loss + z_loss
+    return loss, record
 
 
 def _forward_step(engine, data_iterator: Iterator, model):
@@ -60,11 +77,12 @@ def _forward_step(engine, data_iterator: Iterator, model):
     batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
     num_tokens = batch["loss_mask"].sum()  # of the whole micro-batch, before it is split over CP
     batch = split_batch_for_context_parallel(batch)
+    chunk = model
     if engine is not None:
         model = engine if model.vp_stage is None else partial(engine, chunk=model.vp_stage)
     # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, partial(_lm_loss, batch["loss_mask"], num_tokens)
+    return output, partial(_lm_loss, batch["loss_mask"], num_tokens, chunk)
 
 
 def is_tensor_parallel_partial(name: str, param) -> bool:
@@ -143,17 +161,21 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
     if not forward_only:
         finalize_grads(model, engine)
 
-    # LM loss: computed on the last stage; share it with the other stages, add the CP shares, average over DP.
-    loss = torch.zeros(1, dtype=torch.float64, device=compute_device())
+    # LM loss and z-loss: computed on the last stage; share them with the other stages, add the CP shares,
+    # average over DP. (Every stage knows whether the model has a z-loss: all chunks are built with it.)
+    with_z = getattr(model_chunks(model)[-1], "z_loss", 0.0) > 0
+    keys = ("lm_loss", "z_loss") if with_z else ("lm_loss",)
+    loss = torch.zeros(len(keys), dtype=torch.float64, device=compute_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
-        loss += torch.stack([d["lm_loss"].double() for d in losses]).mean()
+        loss += torch.stack([torch.stack([d[key].double() for key in keys]) for d in losses]).mean(dim=0)
     dp = parallel_state.get_data_parallel_world_size()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
         torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         loss /= dp
     return StepResult(
-        lm_loss=float(loss),
+        lm_loss=float(loss[0]),
         penalty_matrix=reduce_penalty_record(penalty, num_microbatches),
         tokens=num_microbatches * micro_batch_size * seq_length * dp,
+        z_loss=float(loss[1]) if with_z else None,
     )

@@ -22,9 +22,11 @@ TAGS: dict[str, tuple[str, str, str]] = {
     "lm_loss": ("train/lm_loss", "lm_loss", "{:.4f}"),
     "penalty": ("train/penalty", "penalty", "{:.4g}"),
     "penalty_weighted": ("train/penalty_weighted", "lambda*penalty", "{:.2e}"),
+    "z_loss": ("train/z_loss", "z_loss", "{:.3e}"),  # optimizer.z_loss * mean (log Z)^2; only with z-loss on
     "lambda": ("train/lambda", "lambda", "{:.1e}"),
     "lr": ("train/lr", "lr", "{:.1e}"),
     "grad_norm": ("train/grad_norm", "grad_norm", "{:.3f}"),
+    "global_batch_size": ("train/global_batch_size", "batch", "{:.0f}"),  # samples of the step (ramp-up)
     "skipped_steps": ("train/skipped_steps", "skipped", "{:.0f}"),  # updates dropped by the guard so far
     "rollbacks": ("train/rollbacks", "rollbacks", "{:.0f}"),
     "tokens_per_s": ("perf/tokens_per_s", "tok/s", "{:.0f}"),

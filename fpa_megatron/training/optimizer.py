@@ -1,4 +1,5 @@
-"""AdamW under DeepSpeed ZeRO over the data-parallel group, fed by Megatron's schedules; the LR schedule.
+"""AdamW under DeepSpeed ZeRO over the data-parallel group, fed by Megatron's schedules (the LR schedule:
+`fpa_megatron/schedules.py`).
 
 Megatron's schedule runs backward itself, so the engine runs with `managed_gradient_accumulation: false`:
 each `engine.step()` is the accumulation boundary (reduce over DP, clip, update) and the engine never
@@ -14,7 +15,6 @@ copy of tied embeddings is skipped.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from megatron.core import parallel_state
@@ -22,17 +22,6 @@ from megatron.core import parallel_state
 from fpa_megatron.config import OptimizerConfig
 from fpa_megatron.model.gpt import model_chunks
 from fpa_megatron.parallel.state import MegatronMPU
-
-
-def lr_at(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to min_lr at decay_steps."""
-    decay_steps = cfg.decay_steps or total_steps
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if step >= decay_steps:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def mark_params_for_global_norm(model) -> None:

@@ -1,15 +1,17 @@
 """The trainer's state: where the run is, saved in every checkpoint and restored in one place.
 
 `step` counts the global batches consumed (a skipped or rolled-back step consumes its batch); `updates` counts
-the optimizer updates applied, which the LR and lambda schedules follow. The lambda schedule and the guard own
-their counters; `state_dict()` is what `trainer_state.pt` holds (the keys are the checkpoint format's).
+the optimizer updates applied, which the LR and lambda schedules follow. The global batch of the next step (and
+its micro-batches) follows `consumed_samples` through the batch-size ramp, so a resume mid-ramp needs no
+more than the samples. The lambda schedule and the guard own their counters; `state_dict()` is what
+`trainer_state.pt` holds (the keys are the checkpoint format's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fpa_megatron.schedules import LambdaSchedule
+from fpa_megatron.schedules import BatchSizeRamp, LambdaSchedule
 from fpa_megatron.training.guard import TrainingGuard
 
 
@@ -17,16 +19,25 @@ from fpa_megatron.training.guard import TrainingGuard
 class TrainState:
     lambdas: LambdaSchedule
     guard: TrainingGuard
+    batch_sizes: BatchSizeRamp
     step: int = 0  # global batches consumed
     consumed_samples: int = 0
     updates: int = 0  # optimizer updates applied
     first_step: int = field(default=0, init=False)  # where this process started (resumed or 0)
 
-    def advance(self, global_batch_size: int, applied: bool) -> None:
+    def global_batch_size(self) -> int:
+        """The samples of the next step (all DP ranks)."""
+        return self.batch_sizes.global_batch_size(self.consumed_samples)
+
+    def num_microbatches(self) -> int:
+        """The micro-batches of the next step, per data-parallel rank."""
+        return self.batch_sizes.num_microbatches(self.consumed_samples)
+
+    def advance(self, applied: bool) -> None:
         """One step done: its batch is consumed whatever happened to its update; an applied update moves the
         schedules."""
+        self.consumed_samples += self.global_batch_size()
         self.step += 1
-        self.consumed_samples += global_batch_size
         if applied:
             self.updates += 1
             self.lambdas.advance()

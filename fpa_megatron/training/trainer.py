@@ -35,13 +35,13 @@ from fpa_megatron.parallel.weights import load_global_state
 from fpa_megatron.preflight import check_config
 from fpa_megatron.rules import ResolvedLayout
 from fpa_megatron.run_log import get_logger, setup_logging, where
-from fpa_megatron.schedules import LambdaSchedule
+from fpa_megatron.schedules import BatchSizeRamp, LambdaSchedule, lr_at
 from fpa_megatron.training.attention_diagnostics import AttentionDiagnostics
 from fpa_megatron.training.evaluator import Evaluator
 from fpa_megatron.training.forward_backward import forward_backward
 from fpa_megatron.training.guard import ROLLBACK, TrainingGuard
 from fpa_megatron.training.metrics import MetricsLogger, memory_gb
-from fpa_megatron.training.optimizer import build_engine, discard_gradients, lr_at, optimizer_step
+from fpa_megatron.training.optimizer import build_engine, discard_gradients, optimizer_step
 from fpa_megatron.training.preemption import StopSignals
 from fpa_megatron.training.state import TrainState
 
@@ -81,7 +81,8 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
     import_weights = cfg.checkpoint.init_from and not checkpointer.has_resume_candidate()
     penalty = make_penalty(cfg.model, cfg.fpa)
     model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed,
-                            vocab_size=layout.vocab_size, sequence_parallel=layout.sequence_parallel)
+                            vocab_size=layout.vocab_size, sequence_parallel=layout.sequence_parallel,
+                            z_loss=cfg.optimizer.z_loss)
     if import_weights:  # weights only (before the engine copies them): step 0, a fresh optimizer, lambda_0
         load_global_state(model, initial_weights(cfg.checkpoint.init_from, layout.padded_vocab_size))
         log.info(f"initialized from {cfg.checkpoint.init_from} (weights only: step 0, a fresh optimizer)")
@@ -94,7 +95,9 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
         mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
     )
     state = TrainState(LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled),
-                       TrainingGuard(cfg.train, model, rank))  # the guard: non-finite steps, spikes, stop requests
+                       TrainingGuard(cfg.train, model, rank),  # the guard: non-finite steps, spikes, stop requests
+                       BatchSizeRamp(global_batch, cfg.train.micro_batch_size * layout.data_parallel,
+                                     cfg.train.rampup_batch_size))
 
     resume_from = checkpointer.find_resume(engine)  # verified on every rank; auto passes over damaged ones
     if resume_from is None and cfg.checkpoint.init_from and not import_weights:
@@ -152,7 +155,7 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
             drills.begin_step(state.step + 1)
             lam = state.lambdas.value()
             run.penalty.set_step(lam, state.lambdas.active())
-            result = forward_backward(run.model, run.batches, run.penalty, num_microbatches=layout.num_microbatches,
+            result = forward_backward(run.model, run.batches, run.penalty, num_microbatches=state.num_microbatches(),
                                       micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
                                       engine=run.engine)
             lr = lr_at(state.updates, cfg.optimizer, steps)
@@ -163,7 +166,7 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
             else:
                 discard_gradients(run.engine)
                 grad_norm, applied = math.nan, False
-            state.advance(cfg.train.global_batch_size, applied)
+            state.advance(applied)
             rolled_back_to = roll_back(run) if verdict.action == ROLLBACK else None  # the data moves on
             guard.conclude(state.step, verdict, applied, result.lm_loss, rolled_back_to)  # raises past its limits
 
@@ -200,6 +203,7 @@ def step_metrics(run: Run, result, lam: float, lr: float, grad_norm: float, seco
     tflops = run.flops_per_token * tokens_per_s / world_size / 1e12  # per device
     guard = run.state.guard
     return {"lm_loss": result.lm_loss, "penalty": result.penalty, "penalty_weighted": lam * result.penalty,
-            "lambda": lam, "lr": lr, "grad_norm": grad_norm, "skipped_steps": guard.skipped_steps,
+            "z_loss": result.z_loss, "lambda": lam, "lr": lr, "grad_norm": grad_norm,
+            "global_batch_size": result.tokens // run.cfg.model.seq_length, "skipped_steps": guard.skipped_steps,
             "rollbacks": guard.rollbacks or None, "tokens_per_s": tokens_per_s, "tflops": tflops,
             "mfu": tflops / run.cfg.logging.peak_tflops, "iter_time_s": seconds, "mem_gb": memory_gb()}
