@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from fpa_megatron.config import ConfigError, config_from_dict
 from fpa_megatron.rules import check_values
@@ -43,22 +44,31 @@ def train_rank(values: dict, overrides: list[str]):
     return [{k: h[k] for k in KEYS} for h in train(config_from_dict(values, overrides))]
 
 
+LAYOUTS = {"dp2": (["parallel.pipeline=1"], 2), "pp2": (["parallel.pipeline=2"], 1)}  # overrides, DP
+
+
 def _run(tmp_path, overrides: list[str]):
     values = {**BASE, "logging": {**BASE["logging"], "dir": str(tmp_path)}}
-    return run_distributed(train_rank, 2, values, overrides)[0]  # DP2: one micro-batch = 2 samples
+    return run_distributed(train_rank, 2, values, overrides)[0]
 
 
-def test_a_resume_in_the_ramp_equals_the_straight_run(tmp_path):
-    straight = _run(tmp_path, [f"checkpoint.dir={tmp_path / 'straight'}", "logging.run_name=straight"])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_a_resume_in_the_ramp_equals_the_straight_run(tmp_path, name):
+    from fpa_megatron.checkpoint.format import TRAINER_STATE
+
+    layout, data_parallel = LAYOUTS[name]
+    straight = _run(tmp_path, layout + [f"checkpoint.dir={tmp_path / 'straight'}", "logging.run_name=straight"])
     sizes = megatron_batch_sizes(8, 8, *RAMP)
     assert sizes == [2, 2, 4, 6, 8, 8, 8, 8]
     assert [h["global_batch_size"] for h in straight] == sizes
-    micro_batches = [h["global_batch_size"] // (1 * 2) for h in straight]  # micro_batch_size x DP
-    assert micro_batches == [1, 1, 2, 3, 4, 4, 4, 4]
+    micro_batches = [h["global_batch_size"] // (1 * data_parallel) for h in straight]  # micro_batch_size x DP
+    assert micro_batches == [size // data_parallel for size in (2, 2, 4, 6, 8, 8, 8, 8)]
 
     resumed = [f"checkpoint.dir={tmp_path / 'resumed'}", "logging.run_name=resumed"]
-    first = _run(tmp_path, resumed + ["train.exit_interval=3"])  # stops mid-ramp: 8 samples consumed, next 6
-    second = _run(tmp_path, resumed)
+    first = _run(tmp_path, layout + resumed + ["train.exit_interval=3"])  # stops mid-ramp: next batch 6
+    saved = torch.load(tmp_path / "resumed" / "iter_0000003" / TRAINER_STATE, weights_only=True)
+    assert (saved["step"], saved["consumed_samples"]) == (3, 2 + 2 + 4)  # the data position moved by the ramp
+    second = _run(tmp_path, layout + resumed)
     assert [h["step"] for h in first] == [1, 2, 3] and [h["step"] for h in second] == [4, 5, 6, 7, 8]
     for mine, want in zip(first + second, straight):
         for key in KEYS:
