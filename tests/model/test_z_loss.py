@@ -2,7 +2,7 @@
 
 - `vocab_parallel_log_z` over a vocabulary split on TP2 gives log Z and its gradient equal to a float64
   `logsumexp` of the whole rows;
-- the model's z-loss through Megatron's schedule is the same on TP1 and TP2 (real gloo ranks), equals a float64
+- the model's z-loss through Megatron's schedule is the same on TP1, TP2 and CP2 (real gloo ranks), equals a float64
   reference computed here from the model's logits, leaves the LM loss as it is, and its gradients are the same on
   both layouts;
 - a run logs it as `z_loss` and the TensorBoard tag `train/z_loss`.
@@ -62,16 +62,18 @@ def test_log_z_over_a_split_vocabulary_equals_float64_logsumexp():
     torch.testing.assert_close(torch.cat([two[0][1], two[1][1]], dim=-1).double(), wide.grad, rtol=1e-5, atol=1e-7)
 
 
-def model_rank(tp: int, state):
-    """The z-loss model on TP `tp` (weights: the TP1 rank's, in global names): the step's result, its gradients
-    in global names, and at TP1 the full logits of every micro-batch and the LM loss without z-loss."""
+def model_rank(tp: int, state, cp: int = 1):
+    """The z-loss model on TP `tp` x CP `cp` (weights: the TP1 rank's, in global names): the step's result, its
+    gradients in global names, and at TP1 the full logits of every micro-batch and the LM loss without z-loss."""
+    from megatron.core import parallel_state
+
     from fpa_megatron.config import FPAConfig, ModelConfig
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.parallel.weights import gather_global, load_global_state
     from fpa_megatron.training.forward_backward import forward_backward
 
-    init_model_parallel(tp, 1, seed=1234)
+    init_model_parallel(tp, 1, seed=1234, context=cp)
     mc = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ, attention_impl="eager")
     penalty = make_penalty(mc, FPAConfig())
     penalty.set_step(0.0, False)
@@ -80,9 +82,13 @@ def model_rank(tp: int, state):
         load_global_state(model, state)
     kwargs = dict(num_microbatches=NUM_MICRO, micro_batch_size=MICRO, seq_length=SEQ)
     result = forward_backward(model, iter(_batches()), penalty, **kwargs)
+    if cp > 1:  # what DeepSpeed's average over DP x CP does: each CP rank's gradient is C x its share
+        for param in model.parameters():
+            torch.distributed.all_reduce(param.grad, group=parallel_state.get_context_parallel_group())
+            param.grad /= cp
     grads = gather_global(model, {n: p.grad for n, p in model.named_parameters()})
     out = dict(z_loss=result.z_loss, lm_loss=result.lm_loss, grads=grads)
-    if tp == 1:
+    if tp * cp == 1:
         out["state"] = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         with torch.no_grad():
             out["logits"] = [model(b["tokens"], b["position_ids"], None) for b in _batches()]  # [b, s, V]
@@ -113,8 +119,10 @@ def test_z_loss_matches_a_float64_reference_from_the_logits(tp1):
     assert not torch.allclose(tp1["grads"][name], tp1["plain_grads"][name], rtol=1e-3, atol=0)
 
 
-def test_z_loss_and_its_gradients_are_equal_on_tp1_and_tp2(tp1):
-    ranks = run_distributed(model_rank, 2, 2, tp1["state"])
+@pytest.mark.parametrize("tp,cp", [(2, 1), (1, 2)], ids=["tp2", "cp2"])
+def test_z_loss_and_its_gradients_on_tp2_and_cp2_equal_tp1(tp1, tp, cp):
+    """TP2 splits the vocabulary (log Z all-reduced over TP); CP2 each sequence (the masked mean in shares)."""
+    ranks = run_distributed(model_rank, 2, tp, tp1["state"], cp)
     for rank in ranks:
         assert rank["z_loss"] == pytest.approx(tp1["z_loss"], rel=1e-6)
         assert rank["lm_loss"] == pytest.approx(tp1["lm_loss"], rel=1e-6)
