@@ -202,8 +202,10 @@ def step_metrics(run: Run, result, lam: float, lr: float, grad_norm: float, seco
     tokens_per_s = result.tokens / seconds
     tflops = run.flops_per_token * tokens_per_s / world_size / 1e12  # per device
     guard = run.state.guard
+    ramp = run.cfg.train.rampup_batch_size is not None  # the step's global batch is logged while it can change
     return {"lm_loss": result.lm_loss, "penalty": result.penalty, "penalty_weighted": lam * result.penalty,
             "z_loss": result.z_loss, "lambda": lam, "lr": lr, "grad_norm": grad_norm,
-            "global_batch_size": result.tokens // run.cfg.model.seq_length, "skipped_steps": guard.skipped_steps,
-            "rollbacks": guard.rollbacks or None, "tokens_per_s": tokens_per_s, "tflops": tflops,
-            "mfu": tflops / run.cfg.logging.peak_tflops, "iter_time_s": seconds, "mem_gb": memory_gb()}
+            "global_batch_size": result.tokens // run.cfg.model.seq_length if ramp else None,
+            "skipped_steps": guard.skipped_steps, "rollbacks": guard.rollbacks or None,
+            "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / run.cfg.logging.peak_tflops,
+            "iter_time_s": seconds, "mem_gb": memory_gb()}
