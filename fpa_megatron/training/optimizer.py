@@ -118,11 +118,12 @@ def optimizer_step(engine, lr: float) -> tuple[float, bool]:
     Returns the global gradient norm and whether the update was applied (DeepSpeed drops it by itself when
     the norm is not finite).
     """
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-    engine.step()
-    norm = engine.get_global_grad_norm()
-    engine.zero_grad()
+    with torch.profiler.record_function("fpa/optimizer_step"):
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        engine.zero_grad()
     return (float(norm) if norm is not None else float("nan")), engine.was_step_applied()
 
 

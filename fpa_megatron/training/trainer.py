@@ -43,6 +43,7 @@ from fpa_megatron.training.guard import ROLLBACK, TrainingGuard
 from fpa_megatron.training.metrics import MetricsLogger, memory_gb
 from fpa_megatron.training.optimizer import build_engine, discard_gradients, lr_at, optimizer_step
 from fpa_megatron.training.preemption import StopSignals
+from fpa_megatron.training.profiling import StepProfiler
 from fpa_megatron.training.state import TrainState
 
 log = get_logger("trainer")
@@ -63,6 +64,7 @@ class Run:
     logger: MetricsLogger
     evaluator: Evaluator
     diagnostics: AttentionDiagnostics
+    profiler: StepProfiler
     flops_per_token: float
 
 
@@ -109,7 +111,7 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
     return Run(cfg, layout, model, engine, penalty, batches, state, checkpointer, logger,
                Evaluator(cfg, layout, model, engine, penalty, valid_ds, logger),
                AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, valid_ds, train_ds),
-               flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
+               StepProfiler(cfg, rank), flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
 
 
 def roll_back(run: Run) -> Optional[str]:
@@ -144,12 +146,13 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     if state.step == 0:  # the starting point of the validation and attention curves
         for component in reversed(measures):
             component.after_step(0)
-    with StopSignals() as stop_signals, run.logger:  # SIGTERM/SIGUSR1: finish the step, save, exit 75
+    with StopSignals() as stop_signals, run.logger, run.profiler:  # SIGTERM/SIGUSR1: finish the step, save, exit 75
         drills = faults.install(dist.get_rank(), lambda: stop_signals.requested)  # FPA_FAULT; nothing unless set
         while state.step < steps:
             where.step = state.step + 1  # named by the failure line if this rank fails now
             started = time.perf_counter()
             drills.begin_step(state.step + 1)
+            run.profiler.at_step(state.step + 1)
             lam = state.lambdas.value()
             run.penalty.set_step(lam, state.lambdas.active())
             result = forward_backward(run.model, run.batches, run.penalty, num_microbatches=layout.num_microbatches,
