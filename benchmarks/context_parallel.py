@@ -52,7 +52,7 @@ def bench_rank(context: int, seqs: list[int], steps: int) -> dict:
     from fpa_megatron.config import FPAConfig, ModelConfig
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
-    from fpa_megatron.planner.live_memory import LiveTensorBytes
+    from fpa_megatron.model.live_memory import LiveTensorBytes
     from fpa_megatron.training.forward_backward import forward_backward
 
     torch.set_num_threads(1)

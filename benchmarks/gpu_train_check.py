@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 from fpa_megatron.config import load_config
-from fpa_megatron.planner.memory import GIB, step_memory
+from fpa_megatron.model.memory import GIB, step_memory
 from fpa_megatron.planner.search import own_layout, planning_config
 
 

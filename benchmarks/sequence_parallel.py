@@ -7,7 +7,7 @@ penalty on; the optimizer update is the same in both and left out) on the same m
 Peak tensor memory: a TorchDispatchMode that counts every storage an op creates while it is alive (weakref
 finalizers see the frees; views share their storage and count once), so the figure is the bytes of live
 tensors the step added on top of the weights (activations, temporaries, gradients, communication buffers),
-not the allocator's or the OS's view (`fpa_megatron.planner.live_memory.LiveTensorBytes`, the counter the
+not the allocator's or the OS's view (`fpa_megatron.model.live_memory.LiveTensorBytes`, the counter the
 planner is tested against). The maximum over the two ranks is reported. Also timed: the backend's all-reduce
 against a reduce-scatter + all-gather of one [S, hidden] activation (what TP and SP send per norm region).
 Time: the cases alternate round by round in the same processes (rank 0's wall time of the step, medians).
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from fpa_megatron.planner.live_memory import LiveTensorBytes
+from fpa_megatron.model.live_memory import LiveTensorBytes
 from fpa_megatron.testing import run_distributed
 
 

@@ -216,6 +216,15 @@ class LoggingConfig:
 
 
 @dataclass
+class ProfilingConfig:
+    start_step: int = 0  # the first step traced with torch.profiler; 0 = off
+    steps: int = 1  # how many steps are traced
+    ranks: list = field(default_factory=lambda: [0])  # the global ranks that trace
+    memory: bool = False  # also memory: a CUDA allocator snapshot on GPU, the CPU memory profile on CPU
+    dir: Optional[str] = None  # where the traces go; None = <run dir>/profile
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -225,6 +234,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

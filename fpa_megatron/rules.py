@@ -334,6 +334,16 @@ def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
     _number_at_least("checkpoint.interval_minutes", ck.interval_minutes, 0.0)
 
 
+def _check_profiling(cfg: RunConfig, world_size: int) -> None:
+    p = cfg.profiling
+    _int_at_least("profiling.start_step", p.start_step, 0)
+    _int_at_least("profiling.steps", p.steps, 1)
+    if not isinstance(p.memory, bool):
+        _fail(f"profiling.memory={p.memory!r} must be true or false")
+    if not isinstance(p.ranks, list) or not p.ranks or not all(_is_int(r) and 0 <= r < world_size for r in p.ranks):
+        _fail(f"profiling.ranks={p.ranks!r} must be a non-empty list of global ranks in [0, {world_size})")
+
+
 def _check_guard_and_timeout(cfg: RunConfig) -> None:
     t, spike = cfg.train, cfg.train.spike
     _number_at_least("parallel.timeout_minutes", cfg.parallel.timeout_minutes, 0.0, strict=True)
@@ -383,6 +393,7 @@ def check_values(cfg: RunConfig, world_size: int) -> tuple[int, int, int, int]:
     _check_fpa(cfg)
     _check_guard_and_timeout(cfg)
     _check_logging_and_checkpoint(cfg)
+    _check_profiling(cfg, world_size)
     return tensor, pipeline, data_parallel, num_microbatches
 
 

@@ -135,10 +135,12 @@ class _KVGather:
         self.cp_size = dist.get_world_size(group)
         local = torch.stack([k, v])  # [2, b, hkv, s_local, d]
         self.gathered = local.new_empty((self.cp_size,) + local.shape)
-        self.work = dist.all_gather_single(self.gathered.flatten(0, 1), local, group=group, async_op=True)
+        with torch.profiler.record_function("fpa/cp_kv_exchange"):
+            self.work = dist.all_gather_single(self.gathered.flatten(0, 1), local, group=group, async_op=True)
 
     def wait(self) -> tuple[Tensor, Tensor]:
-        self.work.wait()
+        with torch.profiler.record_function("fpa/cp_kv_exchange"):
+            self.work.wait()
         return self.gathered[:, 0], self.gathered[:, 1]
 
 
@@ -148,10 +150,12 @@ class _GradScatter:
 
     def __init__(self, grads: Tensor, group):
         self.local = grads.new_empty(grads.shape[1:])
-        self.work = dist.reduce_scatter_single(self.local, grads.flatten(0, 1), group=group, async_op=True)
+        with torch.profiler.record_function("fpa/cp_grad_scatter"):
+            self.work = dist.reduce_scatter_single(self.local, grads.flatten(0, 1), group=group, async_op=True)
 
     def wait(self) -> tuple[Tensor, Tensor]:
-        self.work.wait()
+        with torch.profiler.record_function("fpa/cp_grad_scatter"):
+            self.work.wait()
         return self.local[0], self.local[1]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from fpa_megatron.attention.choice import attention_path
@@ -49,7 +50,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, impl: str, 
         path = "blockwise"
     kernel_args = dict(target=target, compute_penalty=compute_penalty, block_size=block_size,
                        attention_mask=attention_mask)
-    if cp_group is not None:  # the same kernel, run across the CP ranks' key chunks
-        return path, *context_parallel_attention(q, k, v, softmax_scale, cp_group=cp_group, kernel=path,
-                                                 **kernel_args)
-    return path, *run_kernel(path, q, k, v, softmax_scale, dropout=dropout, **kernel_args)
+    with torch.profiler.record_function(f"fpa/attention/{path}"):  # a named range when a profiler traces
+        if cp_group is not None:  # the same kernel, run across the CP ranks' key chunks
+            return path, *context_parallel_attention(q, k, v, softmax_scale, cp_group=cp_group, kernel=path,
+                                                     **kernel_args)
+        return path, *run_kernel(path, q, k, v, softmax_scale, dropout=dropout, **kernel_args)

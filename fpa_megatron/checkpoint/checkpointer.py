@@ -123,6 +123,10 @@ class Checkpointer:
         trainer_state must hold only tensors, numbers, strings, lists and dicts (it is read back with
         weights_only=True).
         """
+        with torch.profiler.record_function("fpa/checkpoint_save"):
+            return self._save(step, engine, trainer_state)
+
+    def _save(self, step: int, engine, trainer_state: dict) -> Path:
         tag = checkpoint_tag(step)
         path = self.root / tag
         rank = dist.get_rank()

@@ -3,11 +3,18 @@
 The output directory loads with `AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)`,
 no custom code: model.safetensors, config.json, generation_config.json (eos = the end-of-document token),
 tokenizer.json and tokenizer_config.json.
+
+Before it reports success the export checks itself (export/verify.py): the files are written into a temporary
+directory beside OUT, loaded back with transformers and their logits compared with the checkpoint's own model on
+a fixed sample; only a model within the tolerance is moved to OUT. Otherwise nothing is left behind and the
+command exits 2 naming the difference. `--no-verify` skips the check.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,9 +22,11 @@ from typing import Optional
 from data_prep.quiet import quiet_optional_dependency_warnings
 
 
-def export_hf(checkpoint: str, out: str, tokenizer: Optional[str] = None, overwrite: bool = False) -> int:
-    from fpa_megatron.export.hf import describe, save_hf, to_hf
+def export_hf(checkpoint: str, out: str, tokenizer: Optional[str] = None, overwrite: bool = False,
+              verify: bool = True, tolerance: Optional[float] = None) -> int:
     from fpa_megatron.checkpoint.reader import read_model_checkpoint
+    from fpa_megatron.export.hf import ExportError, describe, save_hf, to_hf
+    from fpa_megatron.export.verify import DEFAULT_TOLERANCE, verify_export
 
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -25,15 +34,40 @@ def export_hf(checkpoint: str, out: str, tokenizer: Optional[str] = None, overwr
     ckpt = read_model_checkpoint(checkpoint)
     export = to_hf(ckpt, tokenizer)  # every check happens here, before anything is written
     print(describe(ckpt, export))
-    files = save_hf(export, out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        written = [out_dir / path.relative_to(staging) for path in save_hf(export, staging)]
+        if verify:
+            check = verify_export(ckpt, staging, DEFAULT_TOLERANCE if tolerance is None else tolerance)
+            if not check.ok:
+                raise ExportError(f"the export does not reproduce the checkpoint: {check.describe()}; nothing was "
+                                  f"written to {out_dir} (--no-verify skips this check)")
+            print(f"verified: {check.describe()}")
+        _move_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out_dir}/:")
-    for path in files:
+    for path in written:
         print(f"  {str(path.relative_to(out_dir)):<28} {path.stat().st_size:>14,} bytes")
     if export.tokenizer is None:
         print("  (no tokenizer: the run used mock data)")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out_dir)!r}), "
           f"AutoTokenizer.from_pretrained({str(out_dir)!r})")
     return 0
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """The checked files into --out: a rename of the directory, or of each file into an existing one (--overwrite
+    replaces the files of the same name and keeps the others, as writing into it did)."""
+    if not out_dir.exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out_dir)
+        return
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        target = out_dir / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -48,6 +82,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf.add_argument("--tokenizer", default=None,
                     help="the run's tokenizer (.model or tokenizer.json), if it moved since training")
     hf.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    hf.add_argument("--no-verify", action="store_true",
+                    help="skip the check of the written model's logits against the checkpoint's own model")
+    hf.add_argument("--tolerance", type=float, default=None,
+                    help="largest accepted |logit difference| of that check (default 1e-3, float32 on both sides)")
     args = parser.parse_args(argv)
 
     from fpa_megatron.config import ConfigError
@@ -56,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     quiet_transformers()
     try:
-        return export_hf(args.checkpoint, args.out, args.tokenizer, args.overwrite)
+        return export_hf(args.checkpoint, args.out, args.tokenizer, args.overwrite, not args.no_verify, args.tolerance)
     except (CheckpointError, ConfigError, ExportError, FileExistsError) as err:
         print(f"fpa-export: {err}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from data_prep.readers import check_text
 from fpa_megatron.checkpoint.reader import read_model_checkpoint
 from fpa_megatron.data.datasets import build_gpt_datasets, build_tokenizer, dataset_tokens, micro_batches
 from fpa_megatron.export.hf import is_hf_dir, load_hf
-from fpa_megatron.inference.megatron_lm import megatron_lm
+from fpa_megatron.checkpoint.megatron_lm import megatron_lm
 from fpa_megatron.options import EVAL_SPLITS
 from fpa_megatron.run_tokenizer import tokenizer_vocab_size
 

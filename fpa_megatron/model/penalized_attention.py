@@ -172,9 +172,11 @@ def reduce_penalty_record(penalty: AttentionPenalty, num_microbatches: int) -> T
     cells --, SUM over context-parallel ranks (each holds some rows of the same sequences), then MEAN over
     data-parallel ranks (batches) and micro-batches. float64, on the CPU.
     """
-    record = penalty.record.to(compute_device()) / max(num_microbatches, 1)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(record, group=parallel_state.get_model_parallel_group())
-        torch.distributed.all_reduce(record, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        record /= parallel_state.get_data_parallel_world_size()
-    return record.cpu()
+    with torch.profiler.record_function("fpa/penalty_reduce"):
+        record = penalty.record.to(compute_device()) / max(num_microbatches, 1)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(record, group=parallel_state.get_model_parallel_group())
+            torch.distributed.all_reduce(record,
+                                         group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+            record /= parallel_state.get_data_parallel_world_size()
+        return record.cpu()

@@ -1,7 +1,7 @@
 """`fpa-plan CONFIG [key=value ...] --gpus N --gpu-memory GB`: the layouts of CONFIG that fit, fastest first.
 
 Every layout the config check accepts on N GPUs (TP within a node, PP, VP, CP, DP, SP, ZeRO stage, recompute,
-micro-batch size) gets its per-GPU memory term by term (fpa_megatron/planner/memory.py) and an estimated step
+micro-batch size) gets its per-GPU memory term by term (fpa_megatron/model/memory.py) and an estimated step
 time (planner/time.py); the ones whose total fits in --gpu-memory are listed. Exit status 1 when none fits,
 2 for a bad argument or config.
 """
@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 
 from fpa_megatron.config import ConfigError, load_config
-from fpa_megatron.planner.memory import ALLOCATOR_FRACTION, FIXED_RESERVE_BYTES, GIB
+from fpa_megatron.model.memory import ALLOCATOR_FRACTION, FIXED_RESERVE_BYTES, GIB
 from fpa_megatron.planner.time import Hardware
 
 MEMORY_COLUMNS = ("weights", "gradients", "master_fp32", "adam_moments", "fp32_gradient_partition", "activations",

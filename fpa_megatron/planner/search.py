@@ -8,7 +8,7 @@ import os
 
 from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from fpa_megatron.options import RECOMPUTE, ZERO_STAGES
-from fpa_megatron.planner.memory import GIB, Layout, step_memory
+from fpa_megatron.model.memory import GIB, Layout, step_memory
 from fpa_megatron.planner.time import Hardware, step_time
 from fpa_megatron.preflight import check_config
 from fpa_megatron.rules import check_model

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fpa_megatron.config import RunConfig
 from fpa_megatron.flops import flops_per_token
-from fpa_megatron.planner.memory import BYTES, Layout
+from fpa_megatron.model.memory import BYTES, Layout
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from data_prep.quiet import quiet_optional_dependency_warnings
 from data_prep.synthetic import recall_by_lookup
 from fpa_megatron.checkpoint.reader import read_model_checkpoint, resolve_checkpoint_dir
-from fpa_megatron.inference.megatron_lm import megatron_lm
+from fpa_megatron.checkpoint.megatron_lm import megatron_lm
 from fpa_megatron.studies.report import bucket_name
 
 RESULT_FILE = "recall.json"

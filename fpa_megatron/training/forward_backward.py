@@ -149,15 +149,16 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
     schedule_model = model
     if isinstance(model, ModelChunks):  # interleaved: every chunk reads each micro-batch from its own iterator
         schedule_model, data_iterator = list(model), list(itertools.tee(data_iterator, len(model)))
-    losses = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, engine),
-        data_iterator=data_iterator,
-        model=schedule_model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    with torch.profiler.record_function("fpa/forward_backward"):  # pipeline p2p inside: gloo:send / gloo:recv
+        losses = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, engine),
+            data_iterator=data_iterator,
+            model=schedule_model,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
     if not forward_only:
         finalize_grads(model, engine)
 

@@ -195,6 +195,19 @@ class MetricsLogger:
         self.writer.add_image("attention/entropy_heatmap", heatmap_image(_as_numpy(stats["entropy"]), self.cell_px),
                               step, dataformats="HWC")
 
+    def log_memory(self, step: int, predicted_gb: float, measured_gb: float, source: str, stage: int) -> None:
+        """The planner's prediction next to the measured peak: one line and `memory/predicted_gb`,
+        `memory/measured_gb`, `memory/measured_over_predicted`."""
+        if not self.enabled:
+            return
+        ratio = measured_gb / predicted_gb
+        self._print(f"memory {self._step_text(step)} | predicted {predicted_gb:.3f} GB (fpa-plan, stage {stage}) | "
+                    f"measured {measured_gb:.3f} GB ({source}) | measured/predicted {ratio:.2f}")
+        if self.writer is not None:
+            self.writer.add_scalar("memory/predicted_gb", predicted_gb, step)
+            self.writer.add_scalar("memory/measured_gb", measured_gb, step)
+            self.writer.add_scalar("memory/measured_over_predicted", ratio, step)
+
     def log_eval(self, step: int, val_loss: float) -> None:
         """Validation loss and perplexity: `val/loss`, `val/ppl` and one stdout line."""
         if not self.enabled:

@@ -15,12 +15,14 @@ copy of tied embeddings is skipped.
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
 
 from fpa_megatron.config import OptimizerConfig
 from fpa_megatron.model.gpt import model_chunks
+from fpa_megatron.model.memory import reduce_bucket_elements
 from fpa_megatron.parallel.state import MegatronMPU
 
 
@@ -50,19 +52,20 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return groups
 
 
-def deepspeed_config(cfg: OptimizerConfig, dtype: str, micro_batch_size: int, num_microbatches: int) -> dict:
+def deepspeed_config(cfg: OptimizerConfig, dtype: str, micro_batch_size: int, num_microbatches: int,
+                     parameters: Optional[int] = None) -> dict:
+    """`parameters` (this rank's): the gradient reduce bucket is sized to hold them, at most DeepSpeed's default;
+    DeepSpeed allocates the whole bucket at the first step (fp32 under ZeRO-1), 2 GB whatever the model."""
+    zero = {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True}
+    if parameters is not None:
+        zero["reduce_bucket_size"] = reduce_bucket_elements(parameters)
     return {
         # One engine step per global batch: the schedule accumulates the micro-batches itself.
         "train_micro_batch_size_per_gpu": micro_batch_size * num_microbatches,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {
-            "stage": cfg.zero_stage,
-            "overlap_comm": False,
-            "contiguous_gradients": True,
-            "reduce_scatter": True,
-        },
+        "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -95,7 +98,8 @@ def build_engine(model, cfg: OptimizerConfig, dtype: str, micro_batch_size: int,
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, mpu=MegatronMPU(),
-        config=deepspeed_config(cfg, dtype, micro_batch_size, num_microbatches),
+        config=deepspeed_config(cfg, dtype, micro_batch_size, num_microbatches,
+                                parameters=sum(p.numel() for p in model.parameters())),
         dist_init_required=False,
     )
     return engine
@@ -107,11 +111,12 @@ def optimizer_step(engine, lr: float) -> tuple[float, bool]:
     Returns the global gradient norm and whether the update was applied (DeepSpeed drops it by itself when
     the norm is not finite).
     """
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-    engine.step()
-    norm = engine.get_global_grad_norm()
-    engine.zero_grad()
+    with torch.profiler.record_function("fpa/optimizer_step"):
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        engine.zero_grad()
     return (float(norm) if norm is not None else float("nan")), engine.was_step_applied()
 
 

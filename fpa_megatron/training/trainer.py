@@ -40,9 +40,11 @@ from fpa_megatron.training.attention_diagnostics import AttentionDiagnostics
 from fpa_megatron.training.evaluator import Evaluator
 from fpa_megatron.training.forward_backward import forward_backward
 from fpa_megatron.training.guard import ROLLBACK, TrainingGuard
+from fpa_megatron.training.memory_check import MemoryCheck
 from fpa_megatron.training.metrics import MetricsLogger, memory_gb
 from fpa_megatron.training.optimizer import build_engine, discard_gradients, optimizer_step
 from fpa_megatron.training.preemption import StopSignals
+from fpa_megatron.training.profiling import StepProfiler
 from fpa_megatron.training.state import TrainState
 
 log = get_logger("trainer")
@@ -63,6 +65,8 @@ class Run:
     logger: MetricsLogger
     evaluator: Evaluator
     diagnostics: AttentionDiagnostics
+    profiler: StepProfiler
+    memory: MemoryCheck
     flops_per_token: float
 
 
@@ -112,7 +116,7 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
     return Run(cfg, layout, model, engine, penalty, batches, state, checkpointer, logger,
                Evaluator(cfg, layout, model, engine, penalty, valid_ds, logger),
                AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, valid_ds, train_ds),
-               flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
+               StepProfiler(cfg, rank), MemoryCheck(cfg, layout, model, logger, state.step), flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
 
 
 def roll_back(run: Run) -> Optional[str]:
@@ -143,21 +147,24 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     run = setup(cfg, layout)
     state, guard, checkpointer, steps = run.state, run.state.guard, run.checkpointer, cfg.train.steps
     history: list[dict] = []
-    measures = (run.diagnostics, run.evaluator)  # each acts on its own cadence, logs, returns its record's values
+    measures = (run.diagnostics, run.evaluator, run.memory)  # each acts on its own cadence, logs, returns values
     if state.step == 0:  # the starting point of the validation and attention curves
         for component in reversed(measures):
             component.after_step(0)
-    with StopSignals() as stop_signals, run.logger:  # SIGTERM/SIGUSR1: finish the step, save, exit 75
+    with StopSignals() as stop_signals, run.logger, run.profiler:  # SIGTERM/SIGUSR1: finish the step, save, exit 75
         drills = faults.install(dist.get_rank(), lambda: stop_signals.requested)  # FPA_FAULT; nothing unless set
         while state.step < steps:
             where.step = state.step + 1  # named by the failure line if this rank fails now
             started = time.perf_counter()
             drills.begin_step(state.step + 1)
+            run.profiler.at_step(state.step + 1)
             lam = state.lambdas.value()
             run.penalty.set_step(lam, state.lambdas.active())
-            result = forward_backward(run.model, run.batches, run.penalty, num_microbatches=state.num_microbatches(),
-                                      micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
-                                      engine=run.engine)
+            with run.memory.measure(state.step + 1):
+                result = forward_backward(run.model, run.batches, run.penalty,
+                                          num_microbatches=state.num_microbatches(),
+                                          micro_batch_size=cfg.train.micro_batch_size,
+                                          seq_length=cfg.model.seq_length, engine=run.engine)
             lr = lr_at(state.updates, cfg.optimizer, steps)
             verdict = guard.check(state.step + 1, result.lm_loss, result.penalty, stop_signals.requested,
                                   checkpointer.time_due())

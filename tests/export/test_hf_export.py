@@ -96,6 +96,48 @@ def test_unsupported_combinations_are_named(change, message):
         hf_architecture(model)
 
 
+def test_the_export_checks_its_own_logits_and_says_so(runs, tmp_path_factory):
+    import re
+
+    _, printed, status = exported(tmp_path_factory, "llama")
+    assert status == 0
+    found = re.search(r"verified: logits of the written model vs the checkpoint's own model on a fixed sample of "
+                      r"2 x (\d+) tokens: max \|difference\| (\S+) <= 1e-03", printed)
+    assert found, printed
+    assert 0.0 <= float(found.group(2)) <= 1e-3 and int(found.group(1)) == 32
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["checked", "no-verify"])
+def test_an_export_with_corrupted_weights_is_refused_and_leaves_nothing(runs, tmp_path, monkeypatch, capsys, verify):
+    """A mapping that changes one weight (the first layer's query/key/value projection scaled by 1.5, the kind of
+    mistake a converter makes) is caught by the check; --no-verify writes it anyway."""
+    from fpa_megatron.export import hf
+    from fpa_megatron.export.cli import main
+
+    mapped = hf.hf_state_dict
+
+    def corrupted(*args, **kwargs):
+        state = mapped(*args, **kwargs)
+        name = next(n for n in state if ".0." in n and ("q_proj" in n or "query_key_value" in n or "c_attn" in n)
+                    and n.endswith("weight"))
+        return {**state, name: state[name] * 1.5}
+
+    monkeypatch.setattr(hf, "hf_state_dict", corrupted)
+    out = tmp_path / "out"
+    argv = ["hf", "--checkpoint", runs["runs"]["llama"]["checkpoint"], "--out", str(out)]
+    status = main(argv + ([] if verify else ["--no-verify"]))
+    captured = capsys.readouterr()
+    if not verify:
+        assert status == 0 and (out / "model.safetensors").is_file() and "verified" not in captured.out
+        return
+    assert status == 2, captured
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("fpa-export: the export does not reproduce the checkpoint"), error
+    difference = float(error[0].split("max |difference| ")[1].split()[0])
+    assert difference > 1e-3 and f"nothing was written to {out}" in error[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []  # no partial directory either
+
+
 def test_refusals_happen_before_anything_is_written(runs, tmp_path):
     from fpa_megatron.export.cli import main
 

@@ -34,7 +34,7 @@ def test_validation_split_gives_the_trainers_validation_loss(runs, capsys, famil
 def test_raw_text_equals_its_indexed_dataset_and_a_float64_reference(runs):
     from fpa_megatron.data.datasets import dataset_tokens
     from fpa_megatron.inference.evaluate import evaluate, score_stream
-    from fpa_megatron.inference.megatron_lm import megatron_lm
+    from fpa_megatron.checkpoint.megatron_lm import megatron_lm
     from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     checkpoint = runs["runs"]["llama"]["checkpoint"]

@@ -18,7 +18,7 @@ import torch
 
 from fpa_megatron.config import ConfigError, config_from_dict
 from fpa_megatron.preflight import check_config
-from fpa_megatron.planner.memory import Layout, activation_peak, stage_parameters
+from fpa_megatron.model.memory import Layout, activation_peak, stage_parameters
 from fpa_megatron.testing import run_distributed
 
 VOCAB, LAYERS_PER_STAGE, TOLERANCE = 256, 2, 0.15
@@ -65,7 +65,7 @@ def measure_rank(cases):
 
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
-    from fpa_megatron.planner.live_memory import LiveTensorBytes
+    from fpa_megatron.model.live_memory import LiveTensorBytes
     from fpa_megatron.training.forward_backward import forward_backward
 
     results = []
@@ -125,7 +125,7 @@ def test_planner_memory_matches_a_measured_step(case):
 
 def test_live_tensor_bytes_counts_saved_tensors_and_frees():
     """The counter itself: a tensor saved for backward stays counted after its name is gone, until backward."""
-    from fpa_megatron.planner.live_memory import LiveTensorBytes
+    from fpa_megatron.model.live_memory import LiveTensorBytes
 
     x = torch.randn(1000, 1000, requires_grad=True)  # exists before: not counted
     with LiveTensorBytes() as live:

@@ -8,7 +8,7 @@ import pytest
 
 from fpa_megatron.config import config_from_dict
 from fpa_megatron.planner.cli import main
-from fpa_megatron.planner.memory import GIB, Layout, step_memory
+from fpa_megatron.model.memory import GIB, Layout, step_memory
 
 TINY = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4", "model.seq_length=1024",
         "model.vocab_size=1000", "model.max_position_embeddings=1024", "train.global_batch_size=8",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fpa_megatron.config import config_from_dict
-from fpa_megatron.planner.memory import Layout, optimizer_bytes, stage_parameters
+from fpa_megatron.model.memory import Layout, optimizer_bytes, stage_parameters
 from fpa_megatron.testing import run_distributed
 
 VOCAB = 256

@@ -60,7 +60,7 @@ def test_reader_equals_the_live_model(runs, family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tp1_pp1_model_from_the_reader_gives_the_same_logits(runs, family):
-    from fpa_megatron.inference.megatron_lm import megatron_lm
+    from fpa_megatron.checkpoint.megatron_lm import megatron_lm
     from fpa_megatron.checkpoint.reader import read_model_checkpoint
 
     run = runs["runs"][family]

@@ -23,7 +23,7 @@ GIB = 1024**3
 # fragmentation of the caching allocator, and a fixed reserve for the CUDA context, NCCL buffers, workspaces.
 ALLOCATOR_FRACTION = 0.10
 FIXED_RESERVE_BYTES = int(1.5 * GIB)
-ZERO2_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements), held by ZeRO-2
+REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 
 
 @dataclass(frozen=True)
@@ -236,14 +236,22 @@ def activation_peak(cfg: RunConfig, layout: Layout, padded_vocab: int, stage: in
 # ------------------------------------------------------------------------------------------ the whole step
 
 
+def reduce_bucket_elements(parameters: int) -> int:
+    """The gradient reduce bucket the trainer gives DeepSpeed for a rank's `parameters`: all of them, at most
+    DeepSpeed's default (which it would allocate whole at the first step, 2 GB in fp32 whatever the model)."""
+    return max(1, min(parameters, REDUCE_BUCKET_ELEMENTS))
+
+
 def optimizer_bytes(params: int, layout: Layout, dtype: str) -> dict:
     """DeepSpeed ZeRO-1/2 over the data-parallel group (and CP ranks, which hold the same weights):
-    fp32 master partition, Adam's two fp32 moments, the fp32 gradient partition; ZeRO-2 also partitions
-    the model-dtype gradients (keeping a reduce bucket)."""
+    fp32 master partition, Adam's two fp32 moments, the fp32 gradient partition; the gradients and the reduce
+    bucket DeepSpeed allocates at the first step (fp32 under ZeRO-1; ZeRO-2 partitions the model-dtype
+    gradients and keeps its bucket in the model dtype)."""
     e = BYTES[dtype]
     dp = layout.data * layout.context
     part = -(-params // dp)
-    grads = params * e if layout.zero_stage == 1 else part * e + min(params, ZERO2_BUCKET_ELEMENTS) * e
+    bucket = reduce_bucket_elements(params)
+    grads = params * e + bucket * FP32 if layout.zero_stage == 1 else part * e + bucket * e
     return {"gradients": grads, "master_fp32": part * FP32, "adam_moments": 2 * part * FP32,
             "fp32_gradient_partition": part * FP32}
 

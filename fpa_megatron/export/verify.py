@@ -1,0 +1,62 @@
+"""An export checks itself: the written directory, loaded back with transformers, against the checkpoint's own
+Megatron model (the trainer's model code), on a fixed sample of tokens.
+
+Both run in float32 whatever the weights' dtype (a bf16 checkpoint is compared on the same bf16-rounded
+weights), so the only difference left is the order of float32 sums: far below `DEFAULT_TOLERANCE`, where a wrong
+weight mapping (a transposed projection, swapped query/key heads, a missing bias) differs by O(1).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from fpa_megatron.checkpoint.megatron_lm import megatron_lm
+from fpa_megatron.checkpoint.reader import ModelCheckpoint
+from fpa_megatron.export.hf import load_hf
+
+DEFAULT_TOLERANCE = 1e-3  # max |logit difference| accepted, float32 on both sides
+SAMPLE_SHAPE = (2, 32)  # sequences x tokens (fewer tokens when the model's sequence is shorter)
+SAMPLE_SEED = 0
+
+
+@dataclass(frozen=True)
+class Verification:
+    max_difference: float
+    tolerance: float
+    tokens: tuple[int, int]
+
+    @property
+    def ok(self) -> bool:
+        return self.max_difference <= self.tolerance  # a NaN difference is never ok
+
+    def describe(self) -> str:
+        verdict = "<=" if self.ok else ">"
+        return (f"logits of the written model vs the checkpoint's own model on a fixed sample of "
+                f"{self.tokens[0]} x {self.tokens[1]} tokens: max |difference| {self.max_difference:.2e} "
+                f"{verdict} {self.tolerance:.0e}")
+
+
+def sample_tokens(vocab_size: int, seq_length: int) -> torch.Tensor:
+    """The fixed sample: uniform token ids from a seeded generator, the same for every export."""
+    batch, length = SAMPLE_SHAPE[0], min(SAMPLE_SHAPE[1], seq_length)
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(SAMPLE_SEED))
+
+
+def verify_export(ckpt: ModelCheckpoint, exported_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> Verification:
+    """Compare the logits of `exported_dir` (as transformers reads it) with the checkpoint's model."""
+    hf = load_hf(exported_dir).model.float()
+    vocab = hf.config.vocab_size
+    tokens = sample_tokens(vocab, ckpt.config.model.seq_length)
+    fp32 = replace(ckpt, config=copy.deepcopy(ckpt.config))
+    fp32.config.model.dtype = "fp32"  # the checkpoint's weights (bf16-rounded if so) in a float32 model
+    with megatron_lm(fp32) as lm:
+        reference = lm.logits(tokens)[..., :vocab]
+    with torch.no_grad():
+        exported = hf(tokens).logits.float()
+    difference = (exported - reference).abs().max().item()
+    return Verification(difference if torch.isfinite(exported).all() else float("nan"), tolerance,
+                        tuple(tokens.shape))
