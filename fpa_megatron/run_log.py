@@ -31,6 +31,7 @@ class Where:
     node: int = 0  # torchrun's node rank (GROUP_RANK)
     # node rank -> (host, its ranks), for the whole job (`record_job_nodes`); empty until then
     nodes: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
+    stacks: Optional[str] = None  # this rank's stall watchdog file (training/watchdog.py), once armed
 
 
 where = Where()
@@ -126,4 +127,7 @@ def failure_line(err: BaseException, timeout_minutes: Optional[float] = None) ->
     if others and (timed_out or _PEER_LOST.search(str(err))):
         lost = "the lost or stalled peer is on" if len(where.nodes) == 2 else "a peer was lost or stalled on one of"
         reason = f"{lost} {others}: {reason}"
-    return f"rank {where.rank} (host {where.host}) failed {at}: {reason}"
+    line = f"rank {where.rank} (host {where.host}) failed {at}: {reason}"
+    if timed_out and where.stacks and os.path.isfile(where.stacks) and os.path.getsize(where.stacks) > 0:
+        line += f"; every rank's Python stacks at the stall: {os.path.dirname(where.stacks)}/"
+    return line

@@ -46,6 +46,7 @@ from fpa_megatron.training.optimizer import build_engine, discard_gradients, opt
 from fpa_megatron.training.preemption import StopSignals
 from fpa_megatron.training.profiling import StepProfiler
 from fpa_megatron.training.state import TrainState
+from fpa_megatron.training.watchdog import StallWatchdog
 
 log = get_logger("trainer")
 
@@ -66,6 +67,7 @@ class Run:
     evaluator: Evaluator
     diagnostics: AttentionDiagnostics
     profiler: StepProfiler
+    watchdog: StallWatchdog
     memory: MemoryCheck
     flops_per_token: float
 
@@ -116,7 +118,9 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
     return Run(cfg, layout, model, engine, penalty, batches, state, checkpointer, logger,
                Evaluator(cfg, layout, model, engine, penalty, valid_ds, logger),
                AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, valid_ds, train_ds),
-               StepProfiler(cfg, rank), MemoryCheck(cfg, layout, model, logger, state.step), flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
+               StepProfiler(cfg, rank), StallWatchdog(cfg, rank),
+               MemoryCheck(cfg, layout, model, logger, state.step),
+               flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
 
 
 def roll_back(run: Run) -> Optional[str]:
@@ -151,11 +155,13 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     if state.step == 0:  # the starting point of the validation and attention curves
         for component in reversed(measures):
             component.after_step(0)
-    with StopSignals() as stop_signals, run.logger, run.profiler:  # SIGTERM/SIGUSR1: finish the step, save, exit 75
+    # SIGTERM/SIGUSR1: finish the step, save, exit 75; a stalled step: every rank's stacks in the run dir
+    with StopSignals() as stop_signals, run.logger, run.profiler, run.watchdog:
         drills = faults.install(dist.get_rank(), lambda: stop_signals.requested)  # FPA_FAULT; nothing unless set
         while state.step < steps:
             where.step = state.step + 1  # named by the failure line if this rank fails now
             started = time.perf_counter()
+            run.watchdog.at_step(state.step + 1)
             drills.begin_step(state.step + 1)
             run.profiler.at_step(state.step + 1)
             lam = state.lambdas.value()

@@ -1,0 +1,47 @@
+"""A stalled rank: before the collective timeout fails the run, every rank writes its Python stacks to the run
+directory (the hung one's shows where it hangs), and the failure line says where they are."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpa_megatron.testing import run_distributed
+from tests.training.test_trainer import BASE
+
+TIMEOUT_MINUTES = 0.1  # 6 s: the stacks come at 90 % of it
+
+
+def stalled_rank(values: dict):
+    import os
+
+    from fpa_megatron.config import config_from_dict
+    from fpa_megatron.run_log import failure_line
+    from fpa_megatron.training.trainer import train
+
+    os.environ["FPA_FAULT"] = "stall_rank@3:1"  # rank 1 hangs as step 3 starts (tests and drills only)
+    try:
+        train(config_from_dict(values))
+    except Exception as err:  # noqa: BLE001 - rank 0 times out waiting for rank 1: hand its failure line back
+        raise RuntimeError(f"FAILURE LINE {failure_line(err, TIMEOUT_MINUTES)}") from None
+
+
+def test_a_stalled_step_leaves_every_ranks_stacks_and_the_failure_line_names_them(tmp_path):
+    values = {**BASE, "logging": {**BASE["logging"], "dir": str(tmp_path), "run_name": "stall"},
+              "parallel": {"timeout_minutes": TIMEOUT_MINUTES}}
+    with pytest.raises(RuntimeError, match="FAILURE LINE") as failed:
+        run_distributed(stalled_rank, 2, values, timeout_s=120)
+    line = str(failed.value).rsplit("FAILURE LINE ", 1)[1].splitlines()[0]  # the message, not the source line
+    stacks = tmp_path / "stall" / "stacks"
+    assert line.startswith("rank 0 ") and "failed at step 3: a collective did not complete" in line, line
+    assert line.endswith(f"every rank's Python stacks at the stall: {stacks}/"), line
+    hung, waiting = (stacks / "rank1.txt").read_text(), (stacks / "rank0.txt").read_text()
+    assert hung.startswith("Timeout (0:00:05") and "faults.py" in hung and "begin_step" in hung, hung
+    assert waiting.startswith("Timeout (0:00:05") and "in all_reduce" in waiting, waiting  # waiting in a collective
+
+
+def test_a_run_without_a_stall_leaves_no_stacks(tmp_path):
+    from tests.training.test_trainer import train_rank
+
+    values = {**BASE, "logging": {**BASE["logging"], "dir": str(tmp_path)}}
+    run_distributed(train_rank, 2, values, ["logging.run_name=calm", "train.steps=2"])
+    assert (tmp_path / "calm").is_dir() and not (tmp_path / "calm" / "stacks").exists()
