@@ -49,7 +49,7 @@ def _dry_run(*args, **env) -> list[str]:
     return _launcher_prefix(shlex.split(proc.stdout))
 
 
-SHELL_SCRIPTS = [TORCHRUN_SH, SLURM, *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+SHELL_SCRIPTS = [TORCHRUN_SH, SLURM, ROOT / "launch" / "prep.sbatch", *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.name)
