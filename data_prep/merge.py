@@ -2,9 +2,9 @@
 
 Either name the prefixes to merge (in order), or give an encode output directory: its manifest lists
 the shards of each text key, which must all be done (an encode run as several tasks is first gathered
-from the tasks' manifest parts, which must cover every shard exactly once: gather.py), and the default output is `<dir>/<name>` (or
-`<dir>/<name>_<key>` per key with several keys). The result is written under temp names, fsynced and
-renamed. Merging the shards of an encode equals encoding everything into one shard, byte for byte.
+from the tasks' manifest parts, which must cover every shard exactly once: gather.py), and the default
+output is `<dir>/<name>` (or `<dir>/<name>_<key>` per key with several keys). The result is written
+under temp names, fsynced and renamed. Merging the shards of an encode equals encoding everything into one shard, byte for byte.
 
 The output is byte-identical to Megatron-core's `IndexedDatasetBuilder` given the same prefixes with
 `add_index` and then `finalize` (a test compares them): the `.bin` files are appended one after the

@@ -15,8 +15,7 @@ import pytest
 from data_prep.encode import EncodeOptions, run_encode
 from data_prep.merge import merge_encode_dir
 from data_prep.tasks import Task
-from tests.data_prep.helpers import file_bytes
-from tests.data_prep.test_tasks import make_corpus
+from tests.data_prep.helpers import file_bytes, make_corpus
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -122,8 +121,8 @@ def test_killed_task_reruns_without_redoing_shards_and_a_missing_task_fails_the_
         assert (st.st_ino, st.st_mtime_ns) == ident, f"{name} was rewritten"
 
     # task 0 never ran: the merge job fails and names its shards
-    merge = slurm_cluster.sbatch(["--output=logs/%x-%j.out", "--cpus-per-task=1", PREP, *args], env={**env, "PREP_STEP": "merge"},
-                                 cwd=str(tmp_path))
+    merge = slurm_cluster.sbatch(["--output=logs/%x-%j.out", "--cpus-per-task=1", PREP, *args],
+                                 env={**env, "PREP_STEP": "merge"}, cwd=str(tmp_path))
     assert slurm_cluster.wait(merge) == {merge: "FAILED"}
     missing = ", ".join(map(str, Task(0, 2).shards(SHARDS)))
     assert (f"fpa-prep merge: error: cannot merge {out}: 8 of 16 planned shard(s) missing: {missing}; rerun task "
@@ -132,8 +131,8 @@ def test_killed_task_reruns_without_redoing_shards_and_a_missing_task_fails_the_
 
     first = slurm_cluster.sbatch(["--array=0", "--cpus-per-task=1", PREP, *args], env=env, cwd=str(tmp_path))
     assert slurm_cluster.wait(first) == {f"{first}_0": "COMPLETED"}
-    merge = slurm_cluster.sbatch(["--output=logs/%x-%j.out", "--cpus-per-task=1", PREP, *args], env={**env, "PREP_STEP": "merge"},
-                                 cwd=str(tmp_path))
+    merge = slurm_cluster.sbatch(["--output=logs/%x-%j.out", "--cpus-per-task=1", PREP, *args],
+                                 env={**env, "PREP_STEP": "merge"}, cwd=str(tmp_path))
     assert slurm_cluster.wait(merge) == {merge: "COMPLETED"}
     got = _without_parts(file_bytes(out))
     assert sorted(got) == sorted(reference)

@@ -4,7 +4,6 @@ shards and parts of another encode. The same under a real SLURM job array: test_
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 
@@ -15,28 +14,9 @@ from data_prep.common import PrepError
 from data_prep.encode import EncodeOptions, run_encode
 from data_prep.merge import merge_encode_dir
 from data_prep.tasks import Task, resolve_task
-from tests.data_prep.helpers import file_bytes, write_jsonl
+from tests.data_prep.helpers import file_bytes, make_corpus
 
 SHARDS = 8
-
-
-def make_corpus(directory, docs: list[str], copies: int = 3) -> list[str]:
-    """Several input files (the last one gzip-compressed) with a few bad records among the documents."""
-    paths = []
-    for c in range(copies):
-        records = []
-        for i, text in enumerate(docs):
-            records.append(f"file {c} doc {i}\n{text}")
-            if i % 17 == 3:
-                records.append(b'{"text": 7}' if i % 2 else b"{not json")
-        path = write_jsonl(os.path.join(directory, f"part_{c}.jsonl"), records)
-        if c == copies - 1:
-            with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
-                g.write(f.read())
-            os.unlink(path)
-            path += ".gz"
-        paths.append(path)
-    return paths
 
 
 def run_task(inputs, model, out_dir, task, **kw):
