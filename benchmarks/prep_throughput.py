@@ -12,7 +12,13 @@ within 10%). Then it merges the shards of one encode, interleaved, two ways, eac
 and prints wall time (process start included), time and MB/s of the merge itself, and checks that both
 wrote the same bytes. The machine load average is printed too: other processes on the cores skew the figures.
 
-    python benchmarks/prep_throughput.py [--mb 56] [--workdir DIR] [--repeat 2]
+--tasks measures instead an encode spread over tasks (machines), here side by side on this machine:
+  1 task:   `fpa-prep encode --workers 1` in a process of its own (end to end, as a job would run it)
+  2 tasks:  `fpa-prep encode --workers 1 --task-index I --num-tasks 2`, two processes started together
+and prints MB/s of corpus for each, the 2-vs-1 ratio (target >= 1.8x, as for workers) and the time of the
+`fpa-prep merge` that gathers the two tasks' parts, checking that its .bin/.idx equal the 1-task encode's.
+
+    python benchmarks/prep_throughput.py [--mb 56] [--workdir DIR] [--repeat 2] [--tasks]
 """
 
 from __future__ import annotations
@@ -137,6 +143,52 @@ def time_merges(encode_dir: str, work: str, repeat: int) -> None:
           f"(Megatron's import alone: {best['megatron'][3]:.2f} s wall)")
 
 
+def _prep(*args: str) -> list[str]:
+    return [sys.executable, "-m", "data_prep.cli", *args]
+
+
+def time_tasks(corpus: str, model: str, work: str, shards: int, repeat: int) -> None:
+    """1 task against 2 concurrent tasks of 1 worker each, each task an `fpa-prep encode` process."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    mb = os.path.getsize(corpus) / 1e6
+    encode = ["encode", "-i", corpus, "--tokenizer", model, "--num-shards", str(shards), "--workers", "1",
+              "--no-progress"]
+    load_before = os.getloadavg()[0]
+    best = {1: float("inf"), 2: float("inf")}
+    merge_s = float("inf")
+    for _ in range(repeat):  # interleaved rounds, best of each
+        for tasks in (1, 2):
+            out = os.path.join(work, f"tasks{tasks}")
+            shutil.rmtree(out, ignore_errors=True)
+            split = [[]] if tasks == 1 else [["--task-index", str(i), "--num-tasks", "2"] for i in range(2)]
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen(_prep(*encode, "--out-dir", out, *extra), env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True) for extra in split]
+            for p in procs:
+                _, err = p.communicate()
+                assert p.returncode == 0, err
+            best[tasks] = min(best[tasks], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            subprocess.run(_prep("merge", out), env=env, check=True, capture_output=True)
+            if tasks == 2:
+                merge_s = min(merge_s, time.perf_counter() - t0)
+        for ext in (".bin", ".idx"):
+            with open(os.path.join(work, "tasks1", "data" + ext), "rb") as a, \
+                    open(os.path.join(work, "tasks2", "data" + ext), "rb") as b:
+                assert a.read() == b.read(), f"the 2 tasks' merged {ext} differs from the 1-task encode's"
+    ratio = best[1] / best[2]
+    load = os.getloadavg()[0]
+    print(f"encode as tasks: {mb:.1f} MB of JSON Lines, {shards} shards, 1 worker per task, each task an "
+          f"`fpa-prep encode` process (end to end), best of {repeat}; 1-min load average {load_before:.2f} before, "
+          f"{load:.2f} after (other processes on these cores skew the figures)")
+    print("                         wall s    MB/s")
+    print(f"1 task                : {best[1]:7.2f}  {mb / best[1]:6.2f}")
+    print(f"2 tasks (side by side): {best[2]:7.2f}  {mb / best[2]:6.2f}")
+    print(f"fpa-prep merge of the 2 tasks (parts checked, manifest and rejects written, shards merged): "
+          f"{merge_s:.2f} s (process start included); merged .bin/.idx byte-identical to the 1-task encode's")
+    print(f"scaling 2 tasks vs 1: {ratio:.2f}x wall {'[met]' if ratio >= 1.8 else '[MISSED]'} (target >= 1.8x)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=float, default=56.0, help="corpus size in MiB (>= 50 for the targets)")
@@ -144,6 +196,8 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=2, help="rounds of the three measurements; best of each")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--tasks", action="store_true",
+                        help="measure 1 task against 2 tasks of 1 worker each instead (fpa-prep encode --num-tasks)")
     args = parser.parse_args()
 
     work = args.workdir or tempfile.mkdtemp(prefix="prep-bench-")
@@ -158,6 +212,9 @@ def main() -> int:
         t0 = time.perf_counter()
         train_tokenizer(texts[:2000], model_prefix, vocab_size=8192, sample_size=200_000, seed=args.seed)
         print(f"tokenizer: 8192 BPE pieces ({time.perf_counter() - t0:.1f} s)")
+        if args.tasks:
+            time_tasks(corpus, model_prefix + ".model", work, args.shards, args.repeat)
+            return 0
 
         import sentencepiece as spm
 

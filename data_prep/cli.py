@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--index-writer", choices=["native", "megatron"], default="native",
                    help="native (numpy, fast worker start) or megatron (IndexedDatasetBuilder); same bytes")
+    p.add_argument("--task-index", type=int, default=None,
+                   help="encode only this task's shards (0-based; default: FPA_PREP_TASK_INDEX, else "
+                        "SLURM_ARRAY_TASK_ID), writing manifest.task-<I>-of-<N>.json; then `fpa-prep merge`")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="how many tasks share the encode, each on its own machine (default: FPA_PREP_NUM_TASKS, "
+                        "else SLURM_ARRAY_TASK_COUNT; none: one machine does every shard)")
 
     p = sub.add_parser("merge", help="merge shards into one dataset prefix (a file copy; no Megatron import)")
     p.add_argument("sources", nargs="+",
@@ -187,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "encode":
         from data_prep.encode import EncodeOptions, run_encode
+        from data_prep.tasks import resolve_task
 
         opts = EncodeOptions(
             inputs=args.input, tokenizer=args.tokenizer, out_dir=args.out_dir, name=args.name,
@@ -195,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             strict=args.strict,
             overwrite=args.overwrite, progress=args.progress, index_writer=args.index_writer,
             hf_split=args.hf_split, hf_cache_dir=args.hf_cache_dir, eod_piece=args.eod_piece,
+            task=resolve_task(args.task_index, args.num_tasks),
         )
         _, status = run_encode(opts)
         return status

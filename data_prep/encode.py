@@ -18,6 +18,12 @@ memory. A .gz / .zst input that ends inside a member / frame is encoded up to th
 Compressed inputs are decompressed once per run: the parent's scan (which must read every byte anyway
 to count lines and checksum) also writes a decompressed copy into `<out-dir>/.decompressed-*/`, the
 shards seek into it, and it is removed when the run ends (or by the next run, after a kill).
+
+Several machines: with a task (see tasks.py: --task-index / --num-tasks, or the environment), the run
+encodes only that task's shards of the same plan, into the same directory, and records them in its own
+manifest part instead of `manifest.json` and `rejects.jsonl`; it touches no other task's files (temp
+files, decompressed copies). `fpa-prep merge` checks the parts and writes those two files (gather.py),
+byte-identical to a one-machine encode's.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from data_prep.indexed import WRITERS, bin_path, idx_path
 from data_prep.quiet import quiet_optional_dependency_warnings
 from data_prep.readers import (DEFAULT_MAX_LINE_BYTES, InputInfo, check_text, decompressed_bytes, iter_records,
                                resolve_inputs, scan_input, truncation_report)
+from data_prep.tasks import Task
 from data_prep.tokenizer import load_tokenizer, tokenizer_info
 
 FORMAT_VERSION = 1
@@ -76,6 +83,7 @@ class EncodeOptions:
     hf_split: str = "train"
     hf_cache_dir: Optional[str] = None
     eod_piece: Optional[str] = None
+    task: Optional[Task] = None  # None: every shard (one machine); else only this task's (tasks.py)
 
 
 def available_cores() -> int:
@@ -359,11 +367,22 @@ def _shard_done(out_dir: str, index: int, fingerprint: str) -> Optional[dict]:
     return state
 
 
-def _clean_temps(out_dir: str) -> None:
+def _clean_temps(out_dir: str, owned: Optional[tuple] = None) -> None:
+    """Remove the temp files a killed run left; with `owned` (name prefixes), only those (a task's own)."""
     for d in (out_dir, os.path.join(out_dir, STATE_DIR)):
         for entry in os.listdir(d):
-            if entry.endswith(".tmp"):
+            if entry.endswith(".tmp") and (owned is None or entry.startswith(owned)):
                 os.unlink(os.path.join(d, entry))
+
+
+def _task_temp_prefixes(task: Task, shards: list[int], name: str, keys: list) -> tuple:
+    """Name prefixes of every temp file a task may leave: its shards' datasets, rejects, commit records
+    (atomic_write_json's `.<name>.<random>.tmp`), and its manifest part."""
+    out = [f".{task.part_name}."]
+    for k in shards:
+        out += [shard_prefix_name(name, keys, key, k) + "." for key in keys]
+        out += [f"rejects_{k:05d}.jsonl.", f".shard_{k:05d}.json."]
+    return tuple(out)
 
 
 def _remove_previous(out_dir: str, old: dict) -> None:
@@ -449,6 +468,32 @@ def _manifest(base: dict, states: dict, num_shards: int, keys: list) -> dict:
     }
 
 
+def task_part(base: dict, task: Task, own: list[int], states: dict) -> dict:
+    """A task's manifest part: the run's identity, the task, its planned shards, the commit records of
+    those done."""
+    done = [k for k in own if k in states]
+    return {
+        **base,
+        "task": {"index": task.index, "count": task.count},
+        "status": "complete" if len(done) == len(own) else "incomplete",
+        "shards_planned": own,
+        "shards_done": done,
+        "shard_records": {str(k): states[k] for k in done},
+    }
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 4, 8] -> '0, 4, 8'; long lists shortened: '0, 4, 8, ... 396 (100 shards)'."""
+    if len(indices) <= 12:
+        return ", ".join(map(str, indices))
+    return ", ".join(map(str, indices[:3])) + f", ... {indices[-1]} ({len(indices)} shards)"
+
+
+def _shard_records(infos: list, segments: list) -> int:
+    """About how many records a shard holds (for a task's progress bar): its share of each input."""
+    return sum(infos[i].records * (b - a) // max(infos[i].units, 1) for i, a, b in segments)
+
+
 def _write_rejects(out_dir: str, num_shards: int, inputs: list[dict]) -> None:
     """rejects.jsonl: the truncated inputs first, then every shard's rejects in shard order."""
     final = os.path.join(out_dir, REJECTS)
@@ -492,7 +537,10 @@ def run_encode(opts: EncodeOptions) -> tuple[dict, int]:
     os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
 
     t0 = time.time()
-    plain_dir = _fresh_decompressed_dir(out_dir)
+    if opts.task is not None and opts.overwrite:
+        raise PrepError("--overwrite cannot be used by a task (--num-tasks > 1): the tasks share the output "
+                        "directory; empty it, or replace the old encode with a one-machine encode --overwrite")
+    plain_dir = _fresh_decompressed_dir(out_dir, opts.task)
     # workers start (spawn, imports, tokenizer load) while the parent checksums and measures the inputs
     pool = WorkerPool(max(1, opts.workers or available_cores()), tok.path, tok.eod_piece)
     try:
@@ -502,14 +550,15 @@ def run_encode(opts: EncodeOptions) -> tuple[dict, int]:
         shutil.rmtree(plain_dir, ignore_errors=True)
 
 
-def _fresh_decompressed_dir(out_dir: str) -> str:
+def _fresh_decompressed_dir(out_dir: str, task: Optional[Task] = None) -> str:
     """An empty directory in out_dir for this run's decompressed copies of compressed inputs (each is
     decompressed once, by the scan; shards seek into the copy). A killed run's copies are removed first:
-    every run rebuilds its own."""
+    every run rebuilds its own. A task has copies of its own and removes only its own."""
+    prefix = DECOMPRESSED_DIR_PREFIX + (f"task{task.index:05d}-" if task is not None else "")
     for entry in os.listdir(out_dir):
-        if entry.startswith(DECOMPRESSED_DIR_PREFIX):
+        if entry.startswith(prefix):
             shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
-    return tempfile.mkdtemp(prefix=DECOMPRESSED_DIR_PREFIX, dir=out_dir)
+    return tempfile.mkdtemp(prefix=prefix, dir=out_dir)
 
 
 class WorkerPool:
@@ -556,28 +605,49 @@ def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool,
     base = {"tool": "fpa-prep encode", "fingerprint": fingerprint, "settings": settings,
             "inputs": inputs, "tokenizer": tokenizer}
 
+    task = opts.task
+    if task is not None and task.count > num_shards:
+        raise PrepError(f"{task.count} tasks but only {num_shards} shard(s) planned: pass --num-shards "
+                        f"{task.count} or more (every task must get a shard)")
+    own = task.shards(num_shards) if task is not None else list(range(num_shards))
     manifest_path = os.path.join(out_dir, MANIFEST)
+    record_path = manifest_path if task is None else os.path.join(out_dir, task.part_name)
     old = _load_json(manifest_path)
     if old is not None and old.get("fingerprint") != fingerprint:
-        if not opts.overwrite:
+        if task is not None or not opts.overwrite:
             raise PrepError(
                 f"{out_dir} holds an encode with other settings ({_diff(old, base)}); "
-                "pass --overwrite to replace it or choose another --out-dir"
-            )
+                + ("pass --overwrite to replace it or choose another --out-dir" if task is None else
+                   "choose another --out-dir, or empty it (the tasks must run the same command)"))
         _log(f"--overwrite: removing the previous encode in {out_dir}")
         _remove_previous(out_dir, old)
-    _clean_temps(out_dir)
+    if task is not None:
+        old_part = _load_json(record_path)
+        if old_part is not None and old_part.get("fingerprint") != fingerprint:
+            raise PrepError(f"{record_path} is from an encode with other settings ({_diff(old_part, base)}): "
+                            "the tasks must run the same command; choose another --out-dir, or empty it")
+    _clean_temps(out_dir, None if task is None else _task_temp_prefixes(task, own, opts.name, keys))
 
     plan = plan_shards(units, num_shards)
     states = {}
-    for k in range(num_shards):
+    for k in own:
         s = _shard_done(out_dir, k, fingerprint)
         if s is not None:
             states[k] = s
-    pending = [k for k in range(num_shards) if k not in states]
-    atomic_write_json(manifest_path, _manifest(base, states, num_shards, keys))
+    pending = [k for k in own if k not in states]
+
+    def write_record(states: dict) -> None:
+        """manifest.json, or this task's manifest part, for the shards done so far."""
+        record = (_manifest(base, states, num_shards, keys) if task is None
+                  else task_part(base, task, own, states))
+        atomic_write_json(record_path, record)
+
+    write_record(states)
     workers = max(1, min(pool.workers, len(pending) or 1))
     total_records = sum(i.records for i in infos)
+    if task is not None:
+        _log(f"encode: task {task.index} of {task.count} (from {task.source}): shards {_ranges(own)} "
+             f"of {num_shards}")
     _log(
         f"encode: {len(infos)} input(s), {total_records:,} records, {num_shards} shard(s), "
         f"{len(states)} already done, {len(pending)} to do, {workers} worker(s); tokenizer vocab "
@@ -607,16 +677,27 @@ def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool,
                 "index_writer": opts.index_writer,
                 "fingerprint": fingerprint,
             })
+        own_records = None if task is None else sum(_shard_records(infos, plan[k]) for k in own)
         new_tokens, worker_decompressed = _run_pool(
-            jobs, pool, opts.progress, out_dir, states, base, num_shards, keys,
-            done_records=sum(s["records"] for s in states.values()), total_records=total_records)
+            jobs, pool, opts.progress, states, write_record,
+            done_records=sum(s["records"] for s in states.values()), total_records=own_records or total_records)
         decompressed += worker_decompressed
     elapsed_work = time.time() - t_work
 
-    _write_rejects(out_dir, num_shards, inputs)
-    manifest = _manifest(base, states, num_shards, keys)
-    atomic_write_json(manifest_path, manifest)
-    _summary(manifest, out_dir, new_tokens, decompressed, elapsed_work, time.time() - t0)
+    if task is None:
+        _write_rejects(out_dir, num_shards, inputs)
+        manifest = _manifest(base, states, num_shards, keys)
+        atomic_write_json(manifest_path, manifest)
+        _summary(manifest, out_dir, new_tokens, decompressed, elapsed_work, time.time() - t0)
+    else:
+        write_record(states)
+        # the task's figures in the one-machine summary's form: a manifest of its own shards
+        manifest = _manifest(base, states, num_shards, keys)
+        manifest["status"] = "complete" if len(states) == len(own) else "incomplete"
+        _summary(manifest, out_dir, new_tokens, decompressed, elapsed_work, time.time() - t0,
+                 title=f"encode task {task.index} of {task.count} {manifest['status']} ({len(states)} of its "
+                       f"{len(own)} shard(s)); `fpa-prep merge {out_dir}` once every task is done",
+                 record_path=record_path)
     status = 0
     if opts.strict and manifest["rejects"]["total"]:
         _log(f"--strict: {manifest['rejects']['total']} reject(s): exit status {EXIT_STRICT_REJECTS}")
@@ -624,10 +705,9 @@ def _run_encode(opts: EncodeOptions, specs, tok, out_dir: str, pool: WorkerPool,
     return manifest, status
 
 
-def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, done_records,
-              total_records) -> tuple[int, int]:
-    """Run shard jobs on the pool, aggregate worker progress into one tqdm bar; returns the new tokens
-    and the bytes the workers decompressed."""
+def _run_pool(jobs, pool, progress, states, write_record, done_records, total_records) -> tuple[int, int]:
+    """Run shard jobs on the pool, aggregate worker progress into one tqdm bar, write_record(states) after
+    each shard; returns the new tokens and the bytes the workers decompressed."""
     from tqdm import tqdm
 
     progress_queue = pool.queue
@@ -638,7 +718,6 @@ def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, don
     tokens = 0  # progress reports (for the bar)
     new_tokens = 0  # committed shards (exact)
     decompressed = 0
-    manifest_path = os.path.join(out_dir, MANIFEST)
 
     def drain():
         nonlocal tokens
@@ -666,7 +745,7 @@ def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, don
                 decompressed += stats.pop("decompressed_bytes")
                 states[stats["index"]] = stats
                 new_tokens += sum(stats["tokens"].values())
-                atomic_write_json(manifest_path, _manifest(base, states, num_shards, keys))
+                write_record(states)
         drain()
     except BaseException:
         pool.close(cancel=True)
@@ -676,7 +755,8 @@ def _run_pool(jobs, pool, progress, out_dir, states, base, num_shards, keys, don
     return new_tokens, decompressed
 
 
-def _summary(manifest: dict, out_dir: str, new_tokens: int, decompressed: int, work_s: float, total_s: float) -> None:
+def _summary(manifest: dict, out_dir: str, new_tokens: int, decompressed: int, work_s: float, total_s: float,
+             title: str = "", record_path: str = "") -> None:
     lines = []
     for key, d in manifest["datasets"].items():
         span = f" {d['shards'][0]} .. {d['shards'][-1]}" if d["shards"] else ""
@@ -704,5 +784,5 @@ def _summary(manifest: dict, out_dir: str, new_tokens: int, decompressed: int, w
     rate = new_tokens / work_s if work_s > 0 and new_tokens else 0.0
     lines.append(f"  time: {total_s:.1f} s total, {work_s:.1f} s encoding"
                  + (f", {rate:,.0f} tokens/s this run" if rate else ""))
-    lines.append(f"  manifest: {os.path.join(out_dir, MANIFEST)}")
-    print(f"encode {manifest['status']}: {out_dir}\n" + "\n".join(lines), flush=True)
+    lines.append(f"  manifest: {record_path or os.path.join(out_dir, MANIFEST)}")
+    print((title or f"encode {manifest['status']}: {out_dir}") + "\n" + "\n".join(lines), flush=True)

@@ -1,9 +1,10 @@
 """`fpa-prep merge`: concatenate indexed datasets into one prefix at disk speed, without Megatron-core.
 
 Either name the prefixes to merge (in order), or give an encode output directory: its manifest lists
-the shards of each text key, which must all be done, and the default output is `<dir>/<name>` (or
-`<dir>/<name>_<key>` per key with several keys). The result is written under temp names, fsynced and
-renamed. Merging the shards of an encode equals encoding everything into one shard, byte for byte.
+the shards of each text key, which must all be done (an encode run as several tasks is first gathered
+from the tasks' manifest parts, which must cover every shard exactly once: gather.py), and the default
+output is `<dir>/<name>` (or `<dir>/<name>_<key>` per key with several keys). The result is written
+under temp names, fsynced and renamed. Merging the shards of an encode equals encoding everything into one shard, byte for byte.
 
 The output is byte-identical to Megatron-core's `IndexedDatasetBuilder` given the same prefixes with
 `add_index` and then `finalize` (a test compares them): the `.bin` files are appended one after the
@@ -29,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from data_prep.common import PrepError, ensure_writable_parent
+from data_prep.gather import gather_parts
 from data_prep.indexed import DTYPE_CODES, INDEX_HEADER, INDEX_VERSION, bin_path, idx_path
 
 # header: magic, version (u64), dtype code (u8), sequence count (u64), document-index count (u64)
@@ -182,12 +184,15 @@ def merge_prefixes(prefixes: list[str], output_prefix: str) -> dict:
 
 
 def merge_encode_dir(out_dir: str, keys: Optional[list[str]] = None, output_prefix: Optional[str] = None) -> list[dict]:
-    """Merge the shards of a complete encode in `out_dir`, per text key."""
+    """Merge the shards of a complete encode in `out_dir`, per text key. An encode run as tasks is gathered
+    first: its manifest parts checked, manifest.json and rejects.jsonl written (gather.py)."""
+    manifest = gather_parts(out_dir)
     manifest_path = os.path.join(out_dir, "manifest.json")
-    if not os.path.isfile(manifest_path):
+    if manifest is None and not os.path.isfile(manifest_path):
         raise PrepError(f"{out_dir} has no manifest.json (not an fpa-prep encode output?)")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+    if manifest is None:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
     if manifest.get("status") != "complete":
         raise PrepError(f"the encode in {out_dir} is not complete ({manifest.get('shards_done')} of "
                         f"{manifest['settings']['num_shards']} shards): re-run the same encode command first")

@@ -49,7 +49,7 @@ def _dry_run(*args, **env) -> list[str]:
     return _launcher_prefix(shlex.split(proc.stdout))
 
 
-SHELL_SCRIPTS = [TORCHRUN_SH, SLURM, *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+SHELL_SCRIPTS = [TORCHRUN_SH, SLURM, ROOT / "launch" / "prep.sbatch", *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.name)
@@ -256,3 +256,21 @@ def test_gpu_check_bad_argument():
     proc = subprocess.run(["bash", str(GPU_CHECK), "--fast"], env=_env(), capture_output=True, text=True,
                           timeout=30, cwd=ROOT)
     assert proc.returncode == 2 and "unknown argument --fast" in proc.stderr
+
+
+def test_prep_sbatch_dry_run_submits_the_array_then_the_merge_after_it(tmp_path):
+    """launch/prep.sbatch by hand: the array of NUM_TASKS encode tasks and the merge job depending on it (run
+    under a real SLURM in tests/data_prep/test_prep_slurm.py)."""
+    script = str(ROOT / "launch" / "prep.sbatch")
+    args = ["-i", "/data/a b/*.jsonl", "--tokenizer", "tok.model", "--out-dir", "/shared/out"]
+    proc = subprocess.run([script, *args], env={**_env(), "DRY_RUN": "1", "NUM_TASKS": "3", "CPUS_PER_TASK": "8"},
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    array, merge = (shlex.split(line) for line in proc.stdout.strip().splitlines())
+    assert array == ["sbatch", "--parsable", "--array=0-2", "--export=ALL,NUM_TASKS=3", "--cpus-per-task=8", script,
+                     *args]
+    assert merge == ["sbatch", "--parsable", "--dependency=afterok:ARRAY_JOB_ID", "--cpus-per-task=1",
+                     "--job-name=fpa-prep-merge", "--output=logs/%x-%j.out", "--export=ALL,PREP_STEP=merge", script,
+                     *args]
+    bad = subprocess.run([script, "-i", "x.jsonl"], env=_env(), capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "need --out-dir DIR" in bad.stderr

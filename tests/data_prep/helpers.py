@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
@@ -80,3 +81,22 @@ def encode(out_dir, inputs, model, **kw) -> dict:
                                                 progress=False, **kw))
     assert status == 0
     return manifest
+
+
+def make_corpus(directory, docs: list[str], copies: int = 3) -> list[str]:
+    """Several input files (the last one gzip-compressed) with a few bad records among the documents."""
+    paths = []
+    for c in range(copies):
+        records = []
+        for i, text in enumerate(docs):
+            records.append(f"file {c} doc {i}\n{text}")
+            if i % 17 == 3:
+                records.append(b'{"text": 7}' if i % 2 else b"{not json")
+        path = write_jsonl(os.path.join(directory, f"part_{c}.jsonl"), records)
+        if c == copies - 1:
+            with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+                g.write(f.read())
+            os.unlink(path)
+            path += ".gz"
+        paths.append(path)
+    return paths
