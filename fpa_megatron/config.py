@@ -205,6 +205,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: Optional[str] = None  # None = no W&B; a project name turns it on (pip install -e .[wandb])
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline (no network; `wandb sync` later) or online
+    dir: Optional[str] = None  # where W&B writes its files; None = the run directory
+
+
+@dataclass
 class LoggingConfig:
     dir: str = "runs"
     run_name: Optional[str] = None  # None = the config file's stem (null, ~ or empty; any other value is its text)
@@ -213,6 +221,7 @@ class LoggingConfig:
     heatmap_interval: int = 0  # per-layer penalty + [layers x heads] heatmap every N steps; 0 = logging.interval
     attention_stats_interval: int = 100  # attention collision/entropy/max logit on one no-grad micro-batch every N steps; 0 = off
     peak_tflops: float = 989.0  # per device, for MFU (H100/H200 bf16 dense)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -27,6 +27,7 @@ ZERO_STAGES = (1, 2)  # optimizer.zero_stage
 LR_SCHEDULES = ("cosine", "wsd", "constant", "inverse_sqrt")  # optimizer.lr_schedule (after the linear warmup)
 DECAY_STYLES = ("linear", "cosine", "1-sqrt")  # optimizer.decay_style: the shape of WSD's decay phase
 SPIKE_POLICIES = ("warn", "skip", "rollback", "stop")  # train.spike.policy
+WANDB_MODES = ("offline", "online")  # logging.wandb.mode
 EVAL_SPLITS = ("valid", "test")  # fpa-eval --split: the run's validation or test split
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from fpa_megatron.config import ConfigError, RunConfig
 from fpa_megatron.options import (ACTIVATIONS, ATTENTION_IMPLS, DECAY_STYLES, DTYPES, FPA_NORMALIZATIONS, FPA_TARGETS,
                                   LR_SCHEDULES, NORMALIZATIONS, POSITION_EMBEDDINGS, RECOMPUTE, SPIKE_POLICIES,
-                                  ZERO_STAGES)
+                                  WANDB_MODES, ZERO_STAGES)
 from fpa_megatron.schedules import BatchSizeRamp, LambdaSchedule, decay_end
 
 VOCAB_DIVISIBLE_BY = 128
@@ -332,6 +332,7 @@ def _check_logging_and_checkpoint(cfg: RunConfig) -> None:
     _int_at_least("checkpoint.interval", ck.interval, 0)
     _int_at_least("checkpoint.keep_last", ck.keep_last, 1)
     _number_at_least("checkpoint.interval_minutes", ck.interval_minutes, 0.0)
+    _one_of("logging.wandb.mode", lg.wandb.mode, WANDB_MODES)
 
 
 def _check_profiling(cfg: RunConfig, world_size: int) -> None:

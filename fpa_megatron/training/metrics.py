@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Optional, TextIO
+from typing import Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 
 from fpa_megatron.attention.stats import attention_summary, per_layer
 from fpa_megatron.config import LoggingConfig
 from fpa_megatron.run_log import get_logger
+from fpa_megatron.training.trackers import Tracker
 
 # metric key passed to `log` -> (TensorBoard tag, stdout label, stdout format)
 TAGS: dict[str, tuple[str, str, str]] = {
@@ -98,10 +99,11 @@ class MetricsLogger:
 
     def __init__(self, log_dir: Optional[str], enabled: bool = True, tensorboard: bool = True,
                  total_steps: Optional[int] = None, cell_px: int = 16, stream: Optional[TextIO] = None,
-                 interval: int = 1, heatmap_interval: int = 0):
+                 interval: int = 1, heatmap_interval: int = 0, trackers: Sequence[Tracker] = ()):
         self.enabled = bool(enabled)
         self.total_steps = total_steps
         self.interval, self.heatmap_interval = interval, heatmap_interval or interval
+        self.trackers = list(trackers) if self.enabled else []
         self.cell_px = cell_px
         self.stream = stream
         self.writer = None
@@ -114,11 +116,26 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(log_dir))
 
     @classmethod
-    def for_run(cls, cfg: LoggingConfig, log_dir: str, enabled: bool, total_steps: int) -> "MetricsLogger":
+    def for_run(cls, cfg: LoggingConfig, log_dir: str, enabled: bool, total_steps: int,
+                trackers: Sequence[Tracker] = ()) -> "MetricsLogger":
         """The trainer's logger: `logging.interval` for the step lines, `logging.heatmap_interval` (else the
-        interval) for the per-layer penalty and its heatmap."""
+        interval) for the per-layer penalty and its heatmap; every scalar and image also to `trackers`."""
         return cls(log_dir, enabled=enabled, tensorboard=cfg.tensorboard, total_steps=total_steps,
-                   interval=cfg.interval, heatmap_interval=cfg.heatmap_interval)
+                   interval=cfg.interval, heatmap_interval=cfg.heatmap_interval, trackers=trackers)
+
+    def _scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """TensorBoard and every tracker: the same tags and values."""
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+        for tracker in self.trackers:
+            tracker.scalars(step, values)
+
+    def _image(self, step: int, tag: str, image: np.ndarray) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+        for tracker in self.trackers:
+            tracker.image(step, tag, image)
 
     def log_step(self, step: int, metrics: Mapping[str, float], penalty_matrix, applied: bool, final: bool) -> None:
         """A training step, on this logger's cadence: the line and scalars every `interval` steps, at step 1, at
@@ -154,24 +171,19 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._print(self.format_line(step, metrics))
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if value is None:
-                    continue
-                tag = TAGS[key][0] if key in TAGS else (key if "/" in key else f"train/{key}")
-                self.writer.add_scalar(tag, float(value), step)
+        self._scalars(step, {TAGS[key][0] if key in TAGS else (key if "/" in key else f"train/{key}"): float(value)
+                             for key, value in metrics.items() if value is not None})
 
     def log_penalty(self, step: int, per_layer, per_head) -> None:
         """Per-layer penalty scalars `penalty/layer_XX` and the [layers x heads] image `penalty/heads_heatmap`."""
-        if not self.enabled or self.writer is None:
+        if not self.enabled or (self.writer is None and not self.trackers):
             return
         layers = _as_numpy(per_layer).reshape(-1)
         heads = _as_numpy(per_head)
         if heads.ndim != 2:
             raise ValueError(f"per_head must be [layers, heads], got shape {heads.shape}")
-        for i, value in enumerate(layers):
-            self.writer.add_scalar(f"penalty/layer_{i:02d}", float(value), step)
-        self.writer.add_image("penalty/heads_heatmap", heatmap_image(heads, self.cell_px), step, dataformats="HWC")
+        self._scalars(step, {f"penalty/layer_{i:02d}": float(value) for i, value in enumerate(layers)})
+        self._image(step, "penalty/heads_heatmap", heatmap_image(heads, self.cell_px))
 
     def log_attention(self, step: int, stats) -> None:
         """Attention diagnostics ({stat: [layers, heads]} from `AttentionStats.reduce`): one stdout line, the
@@ -185,15 +197,12 @@ class MetricsLogger:
         self._print(f"attention {self._step_text(step)} | collision {summary['attention/collision']:.4f} | "
                     f"entropy {summary['attention/entropy']:.3f} (lowest head {summary['attention/entropy_min']:.3f})"
                     f" | max_logit {summary['attention/max_logit']:.2f}")
-        if self.writer is None:
-            return
-        for tag, value in summary.items():
-            self.writer.add_scalar(tag, value, step)
+        values = dict(summary)
         for stat, layers in per_layer(stats).items():
-            for i, value in enumerate(_as_numpy(layers).reshape(-1)):
-                self.writer.add_scalar(f"attention/{stat}/layer_{i:02d}", float(value), step)
-        self.writer.add_image("attention/entropy_heatmap", heatmap_image(_as_numpy(stats["entropy"]), self.cell_px),
-                              step, dataformats="HWC")
+            values.update({f"attention/{stat}/layer_{i:02d}": float(v)
+                           for i, v in enumerate(_as_numpy(layers).reshape(-1))})
+        self._scalars(step, values)
+        self._image(step, "attention/entropy_heatmap", heatmap_image(_as_numpy(stats["entropy"]), self.cell_px))
 
     def log_memory(self, step: int, predicted_gb: float, measured_gb: float, source: str, stage: int) -> None:
         """The planner's prediction next to the measured peak: one line and `memory/predicted_gb`,
@@ -203,10 +212,8 @@ class MetricsLogger:
         ratio = measured_gb / predicted_gb
         self._print(f"memory {self._step_text(step)} | predicted {predicted_gb:.3f} GB (fpa-plan, stage {stage}) | "
                     f"measured {measured_gb:.3f} GB ({source}) | measured/predicted {ratio:.2f}")
-        if self.writer is not None:
-            self.writer.add_scalar("memory/predicted_gb", predicted_gb, step)
-            self.writer.add_scalar("memory/measured_gb", measured_gb, step)
-            self.writer.add_scalar("memory/measured_over_predicted", ratio, step)
+        self._scalars(step, {"memory/predicted_gb": predicted_gb, "memory/measured_gb": measured_gb,
+                             "memory/measured_over_predicted": ratio})
 
     def log_eval(self, step: int, val_loss: float) -> None:
         """Validation loss and perplexity: `val/loss`, `val/ppl` and one stdout line."""
@@ -214,19 +221,25 @@ class MetricsLogger:
             return
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
         self._print(f"eval {self._step_text(step)} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
-        if self.writer is not None:
-            self.writer.add_scalar("val/loss", float(val_loss), step)
-            self.writer.add_scalar("val/ppl", ppl, step)
-            self.writer.flush()
+        self._scalars(step, {"val/loss": float(val_loss), "val/ppl": ppl})
+        self.flush()
 
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
 
+    def log_rollback(self, step: int, to_step: int) -> None:
+        """A rollback, marked in the curves: `train/rolled_back_to_step` at the step that rolled back."""
+        if self.enabled:
+            self._scalars(step, {"train/rolled_back_to_step": float(to_step)})
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -10,6 +10,7 @@ more than the samples. The lambda schedule and the guard own their counters; `st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from fpa_megatron.schedules import BatchSizeRamp, LambdaSchedule
 from fpa_megatron.training.guard import TrainingGuard
@@ -24,6 +25,7 @@ class TrainState:
     consumed_samples: int = 0
     updates: int = 0  # optimizer updates applied
     first_step: int = field(default=0, init=False)  # where this process started (resumed or 0)
+    tracker_run_id: Optional[str] = None  # the experiment tracker's run (W&B), continued on resume
 
     def global_batch_size(self) -> int:
         """The samples of the next step (all DP ranks)."""
@@ -47,8 +49,11 @@ class TrainState:
 
     def state_dict(self) -> dict:
         """Tensors, numbers, strings, lists and dicts only (read back with weights_only=True)."""
-        return {"step": self.step, "consumed_samples": self.consumed_samples, "updates": self.updates,
-                "lambda_schedule": self.lambdas.state_dict(), "guard": self.guard.state_dict()}
+        state = {"step": self.step, "consumed_samples": self.consumed_samples, "updates": self.updates,
+                 "lambda_schedule": self.lambdas.state_dict(), "guard": self.guard.state_dict()}
+        if self.tracker_run_id is not None:
+            state["tracker_run_id"] = self.tracker_run_id
+        return state
 
     def load_state_dict(self, saved: dict, *, rollback: bool = False) -> None:
         """Resume: everything. Rollback (after a loss spike): the model's schedules only, i.e. updates and lambda;
@@ -62,3 +67,4 @@ class TrainState:
         self.first_step = self.step
         if "guard" in saved:
             self.guard.load_state_dict(saved["guard"])
+        self.tracker_run_id = saved.get("tracker_run_id", self.tracker_run_id)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch.distributed as dist
@@ -46,6 +46,7 @@ from fpa_megatron.training.optimizer import build_engine, discard_gradients, opt
 from fpa_megatron.training.preemption import StopSignals
 from fpa_megatron.training.profiling import StepProfiler
 from fpa_megatron.training.state import TrainState
+from fpa_megatron.training.trackers import trackers_for_run
 from fpa_megatron.training.watchdog import StallWatchdog
 
 log = get_logger("trainer")
@@ -114,7 +115,10 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
         log.info(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
     batches = micro_batches(train_ds, state.consumed_samples, cfg.train.micro_batch_size,
                             parallel_state.get_data_parallel_rank(), layout.data_parallel)
-    logger = MetricsLogger.for_run(cfg.logging, str(out_dir), enabled=rank == 0, total_steps=steps)
+    trackers = trackers_for_run(cfg, str(out_dir), state.tracker_run_id, asdict(layout)) if rank == 0 else []
+    if trackers:  # rank 0 saves the trainer state: the tracker's run goes on after a resume
+        state.tracker_run_id = trackers[0].run_id
+    logger = MetricsLogger.for_run(cfg.logging, str(out_dir), enabled=rank == 0, total_steps=steps, trackers=trackers)
     return Run(cfg, layout, model, engine, penalty, batches, state, checkpointer, logger,
                Evaluator(cfg, layout, model, engine, penalty, valid_ds, logger),
                AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, valid_ds, train_ds),
@@ -132,6 +136,7 @@ def roll_back(run: Run) -> Optional[str]:
         return None
     saved = run.checkpointer.load(target, run.engine)
     run.state.load_state_dict(saved, rollback=True)
+    run.logger.log_rollback(run.state.step, saved["step"])
     if dist.get_rank() == 0:
         step = run.state.step
         log.warning(f"step {step}: rolled back to {target} (step {saved['step']}): model, optimizer and lambda "
