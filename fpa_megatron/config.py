@@ -155,6 +155,8 @@ class DataConfig:
     cache_dir: Optional[str] = None  # where GPTDataset keeps its index caches
     mock: bool = False  # synthetic data (tests, benchmarks): no prefixes needed
     eod_mask_loss: bool = False  # no LM loss where the input token is EOD (Megatron-LM's --eod-mask-loss)
+    exclude_samples: list = field(default_factory=list)  # global training sample indices never trained on, or
+    # paths of the forensics files a skipped or rolled-back step wrote (<run dir>/forensics/step_*.json)
 
 
 @dataclass

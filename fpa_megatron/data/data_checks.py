@@ -158,6 +158,22 @@ def _check_encoded_with_tokenizer(cfg: RunConfig) -> None:
                 f"pieces. Set data.tokenizer to the encoding tokenizer, or encode the data again with this one")
 
 
+def excluded_samples(entries) -> list[int]:
+    """`data.exclude_samples`: global sample indices, and forensics files whose samples are taken."""
+    samples = []
+    for entry in entries:
+        if isinstance(entry, int) and not isinstance(entry, bool) and entry >= 0:
+            samples.append(entry)
+            continue
+        path = Path(str(entry))
+        try:
+            samples.extend(int(s["sample"]) for s in json.loads(path.read_text())["samples"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"data.exclude_samples: {entry!r} is neither a sample index >= 0 nor a readable "
+                              f"forensics file (<run dir>/forensics/step_*.json): {err}") from None
+    return sorted(set(samples))
+
+
 def check_data(cfg: RunConfig, vocab_size: Optional[int]) -> None:
     """The data section: split, weights, and (unless data.mock) every prefix's files against each other and
     against `vocab_size` (the tokenizer's, else model.vocab_size), the splits, the encoding tokenizer."""
@@ -165,6 +181,9 @@ def check_data(cfg: RunConfig, vocab_size: Optional[int]) -> None:
     parse_split(d.split)
     if not isinstance(d.eod_mask_loss, bool):
         raise ConfigError(f"data.eod_mask_loss={d.eod_mask_loss!r} must be true or false")
+    if not isinstance(d.exclude_samples, list):
+        raise ConfigError(f"data.exclude_samples={d.exclude_samples!r} must be a list")
+    excluded_samples(d.exclude_samples)  # every entry an index or a readable forensics file
     if d.weights is not None:
         if len(d.weights) != len(d.prefixes):
             raise ConfigError(f"data.weights={d.weights!r} has {len(d.weights)} entries but data.prefixes has "

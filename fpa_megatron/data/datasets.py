@@ -239,11 +239,35 @@ def _check_splits_not_empty(config: GPTDatasetConfig) -> None:
                 )
 
 
+class SampleOrder:
+    """The training order of the global sample indices: 0, 1, 2, ... without the excluded ones
+    (`data.exclude_samples`, e.g. the samples of a loss spike). Position p of the order is what `consumed_samples`
+    counts, so a resume under the same exclusions continues exactly; positions before the first excluded sample
+    are those of the order without exclusions."""
+
+    def __init__(self, exclude=()):
+        self.excluded = sorted(set(int(i) for i in exclude))
+
+    def sample(self, position: int) -> int:
+        """The global sample index at `position` (O(excluded) per call: the list is short)."""
+        index = position
+        for excluded in self.excluded:
+            if excluded > index:
+                break
+            index += 1
+        return index
+
+    def samples(self, start: int, count: int) -> list[int]:
+        return [self.sample(p) for p in range(start, start + count)]
+
+
 class MicroBatchSampler:
     """Megatron's pretraining sampler: in-order indices from consumed_samples, each block of
-    micro_batch_size * dp_size split so that DP rank r gets [r*mbs, (r+1)*mbs). Incomplete blocks are dropped."""
+    micro_batch_size * dp_size split so that DP rank r gets [r*mbs, (r+1)*mbs). Incomplete blocks are dropped.
+    With `order`, positions map to global sample indices without the excluded ones."""
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 order: Optional[SampleOrder] = None):
         if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad micro_batch_size={micro_batch_size} dp_rank={dp_rank} dp_size={dp_size}")
         block = micro_batch_size * dp_size
@@ -254,15 +278,17 @@ class MicroBatchSampler:
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.order = order or SampleOrder()
+        self.positions = self.total_samples - len(self.order.excluded)  # what the dataset holds past the exclusions
 
     def __len__(self) -> int:
-        return max(0, (self.total_samples - self.consumed_samples) // (self.micro_batch_size * self.dp_size))
+        return max(0, (self.positions - self.consumed_samples) // (self.micro_batch_size * self.dp_size))
 
     def __iter__(self) -> Iterator[list[int]]:
         block = self.micro_batch_size * self.dp_size
         start = self.dp_rank * self.micro_batch_size
-        for base in range(self.consumed_samples, self.total_samples - block + 1, block):
-            yield list(range(base + start, base + start + self.micro_batch_size))
+        for base in range(self.consumed_samples, self.positions - block + 1, block):
+            yield self.order.samples(base + start, self.micro_batch_size)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -275,8 +301,8 @@ class MicroBatchIterator:
     after the micro-batches yielded so far (store it in checkpoints, pass it back to resume)."""
 
     def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 num_workers: int = 0):
-        self.sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+                 num_workers: int = 0, order: Optional[SampleOrder] = None):
+        self.sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, order)
         self.consumed_samples = consumed_samples
         self._step = micro_batch_size * dp_size
         loader = torch.utils.data.DataLoader(
@@ -302,9 +328,9 @@ class MicroBatchIterator:
 
 
 def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                  num_workers: int = 0) -> MicroBatchIterator:
+                  num_workers: int = 0, order: Optional[SampleOrder] = None) -> MicroBatchIterator:
     """Shorthand for MicroBatchIterator(...)."""
-    return MicroBatchIterator(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size, num_workers)
+    return MicroBatchIterator(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size, num_workers, order)
 
 
 def dataset_tokens(prefix: str) -> np.ndarray:

@@ -25,7 +25,8 @@ from fpa_megatron import faults
 from fpa_megatron.checkpoint.checkpointer import Checkpointer
 from fpa_megatron.checkpoint.reader import initial_weights
 from fpa_megatron.config import RunConfig, run_dir, save_config
-from fpa_megatron.data.datasets import build_gpt_datasets, micro_batches
+from fpa_megatron.data.data_checks import excluded_samples
+from fpa_megatron.data.datasets import SampleOrder, build_gpt_datasets, micro_batches
 from fpa_megatron.exit_codes import Preempted
 from fpa_megatron.flops import flops_per_token
 from fpa_megatron.model.gpt import build_gpt_model, make_penalty
@@ -38,6 +39,7 @@ from fpa_megatron.run_log import get_logger, setup_logging, where
 from fpa_megatron.schedules import BatchSizeRamp, LambdaSchedule, lr_at
 from fpa_megatron.training.attention_diagnostics import AttentionDiagnostics
 from fpa_megatron.training.evaluator import Evaluator
+from fpa_megatron.training.forensics import SpikeForensics
 from fpa_megatron.training.forward_backward import forward_backward
 from fpa_megatron.training.guard import ROLLBACK, TrainingGuard
 from fpa_megatron.training.memory_check import MemoryCheck
@@ -70,6 +72,7 @@ class Run:
     profiler: StepProfiler
     watchdog: StallWatchdog
     memory: MemoryCheck
+    forensics: SpikeForensics
     flops_per_token: float
 
 
@@ -96,11 +99,15 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
     engine = build_engine(model, cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, layout.num_microbatches)
     steps, global_batch = cfg.train.steps, cfg.train.global_batch_size
     eval_batches = (cfg.train.eval_iters * global_batch) if cfg.train.eval_interval > 0 else 0
+    order = SampleOrder(excluded_samples(cfg.data.exclude_samples))  # the training order, spikes' samples left out
     train_ds, valid_ds, _ = build_gpt_datasets(
         cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
         (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
         mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
-    )
+    )  # the same samples and order whatever is excluded: the excluded ones come out of the epochs' slack
+    if len(train_ds) < steps * global_batch + len(order.excluded):
+        raise RuntimeError(f"data.exclude_samples leaves out {len(order.excluded)} samples, but the training split "
+                           f"holds {len(train_ds)} of the {steps * global_batch} train.steps needs: fewer steps")
     state = TrainState(LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled),
                        TrainingGuard(cfg.train, model, rank),  # the guard: non-finite steps, spikes, stop requests
                        BatchSizeRamp(global_batch, cfg.train.micro_batch_size * layout.data_parallel,
@@ -114,7 +121,7 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
         state.load_state_dict(checkpointer.load(resume_from, engine))
         log.info(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
     batches = micro_batches(train_ds, state.consumed_samples, cfg.train.micro_batch_size,
-                            parallel_state.get_data_parallel_rank(), layout.data_parallel)
+                            parallel_state.get_data_parallel_rank(), layout.data_parallel, order=order)
     trackers = trackers_for_run(cfg, str(out_dir), state.tracker_run_id, asdict(layout)) if rank == 0 else []
     if trackers:  # rank 0 saves the trainer state: the tracker's run goes on after a resume
         state.tracker_run_id = trackers[0].run_id
@@ -123,7 +130,7 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
                Evaluator(cfg, layout, model, engine, penalty, valid_ds, logger),
                AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, valid_ds, train_ds),
                StepProfiler(cfg, rank), StallWatchdog(cfg, rank),
-               MemoryCheck(cfg, layout, model, logger, state.step),
+               MemoryCheck(cfg, layout, model, logger, state.step), SpikeForensics(cfg, order, train_ds, rank),
                flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
 
 
@@ -179,6 +186,8 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
             lr = lr_at(state.updates, cfg.optimizer, steps)
             verdict = guard.check(state.step + 1, result.lm_loss, result.penalty, stop_signals.requested,
                                   checkpointer.time_due())
+            run.forensics.after_verdict(state.step + 1, verdict, result.lm_loss, state.consumed_samples,
+                                        state.global_batch_size())  # a step not kept: its samples to the run dir
             if verdict.update:
                 grad_norm, applied = optimizer_step(run.engine, lr)
             else:
