@@ -120,3 +120,21 @@ def test_worker_failure_is_one_line_with_the_exit_code_and_its_meaning(tmp_path)
                     r"many consecutive skipped steps\); torchrun stopped the others; torchrun's log: ", lines[-1])
     assert "ChildFailedError" in _launcher_log(lines[-1], tmp_path)
     assert all(line.startswith("[rank 0] ") for line in _lines(out))
+
+
+def test_killed_worker_is_one_line_naming_the_signal(tmp_path):
+    """Rank 1 SIGKILLed at step 3 (no restarts): torchrun stops rank 0; the line names rank 1 and SIGKILL, and the
+    launcher exits with torchrun's 1 (a signal is no exit code of its own)."""
+    proc = _launch(tmp_path, fault="kill_rank@3:1")
+    out, err = proc.communicate(timeout=300)
+    lines = _lines(err)
+    assert proc.returncode == 1, err
+    # rank 0 may report its own failure (the collective it waited in broke) before torchrun stops it, or not
+    survivor = [line for line in lines if line.startswith("[rank 0] ERROR: rank 0 (host ")]
+    assert len(survivor) <= 1 and all(" failed at step 3: " in line for line in survivor)
+    assert [line for line in lines[:-1] if line not in survivor] == [
+        "[rank 0] WARNING: FPA_FAULT=kill_rank@3:1: fault injection is on (tests and drills only)",
+        "[rank 1] WARNING: FPA_FAULT: rank 1 kills itself (SIGKILL) at step 3"]
+    assert re.match(r"torchrun\.sh: the workers failed: rank 1, the first, exited with code -9 \(killed by "
+                    r"SIGKILL\); torchrun stopped the others; torchrun's log: ", lines[-1])
+    assert "ChildFailedError" in _launcher_log(lines[-1], tmp_path)
