@@ -147,3 +147,32 @@ def test_a_tokenizer_that_cannot_be_used_is_named_and_null_imports_without(tmp_p
     assert status == 0, err
     assert yaml.safe_load((tmp_path / "run.yaml").read_text())["data"]["tokenizer"] is None
     assert not (out / "tokenizer").exists()
+
+
+def test_a_sentencepiece_tokenizer_model_travels_too(tmp_path):
+    """LLaMA-style directories carry a sentencepiece `tokenizer.model`: copied, named, and fpa-eval encodes with it."""
+    import random
+
+    import sentencepiece as spm
+
+    from fpa_megatron.inference.evaluate import evaluate
+
+    model_dir = save_model("llama", tmp_path / "llama")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(3000)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(" ".join(words[i:i + 12]) for i in range(0, 3000, 12)),
+                                   model_prefix=str(model_dir / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
+                                   num_threads=1, minloglevel=2)
+    (model_dir / "tokenizer.vocab").unlink()
+    out = tmp_path / "imported"
+    status, _, err = fpa_import(["hf", "--model", str(model_dir), "--out", str(out),
+                                 "--write-config", str(tmp_path / "run.yaml")])
+    assert status == 0, err
+    copy = out.resolve() / "tokenizer" / "tokenizer.model"
+    assert yaml.safe_load((tmp_path / "run.yaml").read_text())["data"]["tokenizer"] == str(copy)
+    assert copy.read_bytes() == (model_dir / "tokenizer.model").read_bytes()
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": " ".join(words[i:i + 12])}) + "\n" for i in range(0, 240, 12)))
+    sp = spm.SentencePieceProcessor(model_file=str(copy))
+    expected = sum(len(sp.encode(" ".join(words[i:i + 12]))) + 1 for i in range(0, 240, 12)) - 1
+    assert evaluate(str(out), data=str(text), progress=False).tokens == expected  # encoded without --tokenizer
