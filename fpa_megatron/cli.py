@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML run config (configs/demo_cpu.yaml, configs/gpt_1.3b.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100 parallel.tensor=2")
+    parser.add_argument("--check-only", action="store_true",
+                        help="check the config and data as the ranks would (WORLD_SIZE ranks, default 1), print the "
+                        "run directory and exit 0, or 2 with the one error line; the launchers run it before torchrun")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -34,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"fpa-train: config error: {err}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR
+    if args.check_only:
+        from fpa_megatron.config import run_dir
+
+        print(run_dir(cfg))
+        return exit_codes.OK
     quiet_training_notices()
     from fpa_megatron.run_log import failure_line, is_collective_timeout, setup_logging, where
     from fpa_megatron.training.trainer import train

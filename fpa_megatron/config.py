@@ -161,7 +161,9 @@ class DataConfig:
 
 @dataclass
 class SpikeConfig:
-    """Loss spikes: lm_loss above factor x the median lm_loss of the last `window` updated steps.
+    """Loss spikes: lm_loss above factor x the median lm_loss of the last `window` updated steps, and above that
+    median by more than min_increase nats and by more than `deviations` robust standard deviations of those
+    losses (training/guard.py: SpikeDetector says why each test is there).
 
     Checked once `min_history` steps were recorded. policy: warn (log, keep the update), skip (drop the
     update), rollback (reload the newest complete checkpoint; the batches since it are not replayed: the
@@ -171,6 +173,8 @@ class SpikeConfig:
     factor: float = 3.0  # a loss 3x the recent median is far outside step-to-step noise
     window: int = 100
     min_history: int = 50  # steps recorded before spikes are looked for (the first steps fall fast)
+    min_increase: float = 1.0  # nats above the median, at least: near zero loss a ratio alone fires on noise
+    deviations: float = 6.0  # robust standard deviations (1.4826 x MAD) above the median, at least; 0 = off
     policy: str = "rollback"  # warn | skip | rollback | stop
     max_rollbacks: int = 3  # rollbacks to the same checkpoint before the run stops (exit code 82)
 

@@ -4,8 +4,8 @@
     FPA_FAULT=nan_loss@12+         ... of every step from 12 on
     FPA_FAULT=spike@12             the LM loss of step 12 is multiplied by SPIKE_FACTOR
     FPA_FAULT=kill_rank@12:1       rank 1 kills itself with SIGKILL as step 12 starts
-    FPA_FAULT=kill_node@12:1       rank 1's node is lost as step 12 starts: its torchrun agent and the rank
-                                   itself get SIGKILL (with one rank per node: the whole node)
+    FPA_FAULT=kill_node@12:1       rank 1's node is lost as step 12 starts: its launcher (launch/torchrun.sh),
+                                   its torchrun agent and the rank itself get SIGKILL (one rank per node: all of it)
     FPA_FAULT=stall_rank@12:1      rank 1 stops doing anything as step 12 starts (a hung rank)
     FPA_FAULT=sigterm@12:1         rank 1 gets SIGTERM as step 12 starts
     FPA_FAULT=sigterm@12:launcher  torchrun gets SIGTERM (it forwards it to every worker)
@@ -108,6 +108,9 @@ class FaultInjector:
             if "TORCHELASTIC_RUN_ID" not in os.environ:
                 raise RuntimeError(f"{ENV}: kill_node@{step} needs torchrun (launch/torchrun.sh)")
             log.warning(f"{ENV}: rank {self.rank} kills its node (agent pid {os.getppid()} and itself) at step {step}")
+            launcher = os.environ.get("FPA_LAUNCHER_PID")  # launch/torchrun.sh, which waits for the agent
+            if launcher:
+                os.kill(int(launcher), signal.SIGKILL)
             os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
         elif fault.kind == "stall_rank":

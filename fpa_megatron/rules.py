@@ -351,6 +351,8 @@ def _check_guard_and_timeout(cfg: RunConfig) -> None:
     _int_at_least("train.max_consecutive_skips", t.max_consecutive_skips, 0)
     _one_of("train.spike.policy", spike.policy, SPIKE_POLICIES)
     _number_at_least("train.spike.factor", spike.factor, 1.0, strict=True)
+    _number_at_least("train.spike.min_increase", spike.min_increase, 0.0)
+    _number_at_least("train.spike.deviations", spike.deviations, 0.0)
     _int_at_least("train.spike.window", spike.window, 1)
     _int_at_least("train.spike.min_history", spike.min_history, 1)
     if spike.min_history > spike.window:

@@ -166,6 +166,80 @@ if [[ "$DRY_RUN" == 1 ]]; then
     echo
     exit 0
 fi
+# The config and data are checked once, here, as the ranks would check them: a config error is its one line
+# (fpa-train: config error: ...) and exit code 2, before torchrun starts. The check prints the run directory.
+RUN_DIR="$(WORLD_SIZE=$(( ${MIN_NODES:-$NNODES} * NPROC_PER_NODE )) "${PYTHON:-python3}" -m fpa_megatron.cli \
+    --check-only --config "$CONFIG" "${OVERRIDES[@]}")" || exit $?
+RUN_DIR="${RUN_DIR##*$'\n'}"
+mkdir -p "$RUN_DIR/launcher"
+LOG="$RUN_DIR/launcher/torchrun-$(date +%Y%m%d-%H%M%S)-$(hostname)-$$.log"
+: >>"$LOG"  # there before tail follows it
 # One OpenMP thread per rank unless the user chose otherwise (torchrun would force 1 with a warning).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "${CMD[@]}"
+
+# torchrun's own stderr (its warnings, the SignalException and ChildFailedError tracebacks) and the workers'
+# stderr go to LOG; the workers' log lines (`<time> [rank R] ...`, see fpa_megatron/run_log.py) are shown, and
+# after torchrun ends this script says in one line what happened, the exit code and where LOG is.
+# (FPA_FAULT=kill_node drills kill this script too: a lost node loses its launcher)
+FPA_LAUNCHER_PID=$$ "${CMD[@]}" 2>>"$LOG" &
+TORCHRUN_PID=$!
+tail -s 0.2 -n +1 --pid="$TORCHRUN_PID" -f "$LOG" \
+    | grep --line-buffered -E '^(fpa-train: |[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8} \[rank [0-9]+\] )' \
+    | grep --line-buffered -v 'ERROR: traceback of the failure:$' >&2 &
+FILTER_PID=$!
+
+# This shell takes the signals meant for the job and passes them on; torchrun forwards them to its workers,
+# which finish the step, save a checkpoint and exit 75. A signalled torchrun does not restart the workers.
+SIGNAL=""
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() {
+    SIGNAL="SIG$1"
+    # a signal sent to the whole process group (Ctrl-C, SLURM's scancel) reached torchrun already: a second one
+    # would cut its wait for the workers short
+    sleep 1
+    grep -q "Received $(kill -l "$1") death signal" "$LOG" || kill -s "$1" "$TORCHRUN_PID" 2>/dev/null || true
+}
+for sig in TERM INT HUP QUIT USR1; do
+    # shellcheck disable=SC2064  # the signal's name is fixed now
+    trap "forward $sig" "$sig"
+done
+while :; do
+    RC=0
+    wait "$TORCHRUN_PID" || RC=$?
+    kill -0 "$TORCHRUN_PID" 2>/dev/null || break  # still running: the wait was cut short by a signal
+done
+wait "$FILTER_PID" 2>/dev/null || true
+
+meaning() {  # fpa_megatron/exit_codes.py's words for an exit code
+    if (( $1 < 0 )); then echo "killed by SIG$(kill -l $(( -$1 )) 2>/dev/null || echo $(( -$1 )))"; return; fi
+    "${PYTHON:-python3}" -c 'import sys; from fpa_megatron.exit_codes import DESCRIPTIONS
+print(DESCRIPTIONS.get(int(sys.argv[1]), "not an fpa-train exit code"))' "$1" 2>/dev/null || echo "see the log"
+}
+# torchrun itself reports 1 for a signal or a failed worker group: the workers' own code is read from LOG
+if [[ -z "$SIGNAL" ]] && NUMBER="$(grep -oE 'got signal: [0-9]+' "$LOG" | tail -n1 | grep -oE '[0-9]+$')"; then
+    SIGNAL="SIG$(kill -l "$NUMBER" 2>/dev/null || echo "$NUMBER")"  # sent to torchrun directly
+fi
+if [[ -n "$SIGNAL" ]]; then
+    CODE="$(grep -oE '\(exit code [0-9]+: ' "$LOG" | tail -n1 | grep -oE '[0-9]+' || true)"
+    if [[ -n "$CODE" ]]; then
+        echo "torchrun.sh: $SIGNAL reached torchrun, which passed it to the workers: they stopped with exit code" \
+            "$CODE ($(meaning "$CODE")); torchrun's log: $LOG" >&2
+        exit "$CODE"
+    fi
+    echo "torchrun.sh: $SIGNAL reached torchrun, which passed it to the workers; they did not say how they" \
+        "stopped (torchrun's exit code $RC); torchrun's log: $LOG" >&2
+    exit "$RC"
+fi
+if [[ "$RC" != 0 ]]; then
+    # torchrun's failure summary names the first failed worker ("Root Cause") last
+    CODE="$(grep -oE 'exitcode *: *-?[0-9]+' "$LOG" | tail -n1 | grep -oE -- '-?[0-9]+$' || true)"
+    RANK="$(grep -oE '^ *rank *: *[0-9]+' "$LOG" | tail -n1 | grep -oE '[0-9]+$' || true)"
+    if [[ -n "$CODE" ]]; then
+        echo "torchrun.sh: the workers failed: rank ${RANK:-?}, the first, exited with code $CODE ($(meaning "$CODE"));" \
+            "torchrun stopped the others; torchrun's log: $LOG" >&2
+        if (( CODE > 0 )); then exit "$CODE"; fi
+    else
+        echo "torchrun.sh: torchrun exited with code $RC; torchrun's log: $LOG" >&2
+    fi
+fi
+exit "$RC"

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fpa_megatron.testing import free_port
 
@@ -174,11 +175,19 @@ def test_slurm_dry_run(tmp_path):
     assert shlex.split(store) == ["python3", "-m", "fpa_megatron.parallel.rendezvous_store", "--port", "29500"]
     assert shlex.split(srun) == [
         "srun", "--nodes", "3", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "--chdir", str(ROOT),
-        *FRESH_STORE, "torchrun", "--nnodes", "3", "--nproc-per-node", "8", *NO_RESTARTS, "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", "gpu07:29500", "--rdzv-id", "4242", "--rdzv-conf", "join_timeout=1800,is_host=false",
-        "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml", "checkpoint.interval_minutes=30",
+        "bash", "launch/torchrun.sh", "--nnodes", "3", "--nproc-per-node", "8", "--max-restarts", "0",
+        "--shutdown-timeout", "300", "--master-addr", "gpu07", "--master-port", "29500", "--rdzv-id", "4242",
+        "--external-store", "--join-timeout", "1800", "configs/gpt_7b.yaml", "checkpoint.interval_minutes=30",
         "data.prefixes=[/d/x_00000]",
     ]
+    # what launch/torchrun.sh runs on each node with those arguments
+    torchrun = _dry_run("--nnodes", "3", "--nproc-per-node", "8", "--max-restarts", "0", "--shutdown-timeout", "300",
+                        "--master-addr", "gpu07", "--master-port", "29500", "--rdzv-id", "4242", "--external-store",
+                        "--join-timeout", "1800", "configs/gpt_7b.yaml")
+    assert torchrun == [
+        *FRESH_STORE, "--nnodes", "3", "--nproc-per-node", "8", *NO_RESTARTS, "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "gpu07:29500", "--rdzv-id", "4242", "--rdzv-conf", "join_timeout=1800,is_host=false",
+        "-m", "fpa_megatron.cli", "--config", "configs/gpt_7b.yaml"]
 
 
 def test_slurm_directives():
@@ -205,9 +214,14 @@ def _fake_slurm(tmp_path, srun_body: str) -> dict:
     (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\necho started >> "$FAKE_LOG"\n{srun_body}\n')
     for tool in ("scontrol", "srun"):
         (bin_dir / tool).chmod(0o755)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))  # checked by the script before srun
     return _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu07",
                 SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT), FAKE_LOG=str(tmp_path / "log"),
-                MASTER_PORT=str(free_port()))  # the script hosts the rendezvous store on it
+                GPUS_PER_NODE="2", MASTER_PORT=str(free_port()))  # the script hosts the rendezvous store on it
+
+
+TINY = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 256},
+        "data": {"mock": True}, "train": {"micro_batch_size": 2, "global_batch_size": 8}}
 
 
 def test_slurm_forwards_the_time_limit_signal_and_requeues(tmp_path):
@@ -217,7 +231,7 @@ def test_slurm_forwards_the_time_limit_signal_and_requeues(tmp_path):
 
     env = _fake_slurm(tmp_path, 'trap \'echo "srun got USR1" >> "$FAKE_LOG"; exit 1\' USR1\n'
                                 'while :; do sleep 0.05; done')
-    proc = subprocess.Popen(["bash", str(SLURM), "configs/gpt_7b.yaml"], env=env, cwd=tmp_path,
+    proc = subprocess.Popen(["bash", str(SLURM), str(tmp_path / "tiny.yaml")], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "log"
     deadline = time.monotonic() + 30
@@ -233,10 +247,21 @@ def test_slurm_forwards_the_time_limit_signal_and_requeues(tmp_path):
 @pytest.mark.parametrize("srun_exit,requeued", [(0, False), (1, False), (75, True)])
 def test_slurm_requeues_only_a_preempted_run(tmp_path, srun_exit, requeued):
     env = _fake_slurm(tmp_path, f"exit {srun_exit}")
-    proc = subprocess.run(["bash", str(SLURM), "configs/gpt_7b.yaml"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["bash", str(SLURM), str(tmp_path / "tiny.yaml")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == srun_exit
     assert ("requeue 4242" in (tmp_path / "log").read_text()) == requeued
+
+
+def test_slurm_config_error_is_its_one_line_before_any_node_starts(tmp_path):
+    env = _fake_slurm(tmp_path, "exit 0")
+    proc = subprocess.run(["bash", str(SLURM), str(tmp_path / "tiny.yaml"), "model.hidden_size=30"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    banner = f"fpa-megatron: job 4242 on 1 nodes x 2 GPUs, rendezvous gpu07:{env['MASTER_PORT']}\n"
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.startswith(banner) and proc.stderr.count("\n") == 2, proc.stderr
+    assert proc.stderr[len(banner):].startswith("fpa-train: config error: ") and "model.hidden_size=30" in proc.stderr
+    assert not (tmp_path / "log").exists()  # srun never started, nothing requeued
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="GPU machine: the script would run")

@@ -12,17 +12,27 @@ Vocabulary padding: the word embeddings (and an untied output layer) get zero ro
 where every real logit is negative, so the trainer's loss leaves the padded columns out of the softmax
 (`fpa_megatron.model.gpt.GPTModelOverVocabulary`) and generation / evaluation cut logits back to the real
 vocabulary: the loss at step 0 is the transformers model's, and padded rows get no gradient.
+
+The tokenizer travels with the import: the model directory's `tokenizer.json` (with the `tokenizer_config.json`
+that names its eos) or sentencepiece `tokenizer.model`, or the one `data.tokenizer=PATH` names, is copied into
+`<out>/tokenizer/` and the written config's `data.tokenizer` is that copy's absolute path, so fpa-eval,
+fpa-generate and training need no `--tokenizer`. Its sha256 is recorded in the checkpoint's `resharded.json`
+(`tokenizer`, the fields of fpa-prep's manifest); the copy is byte for byte, so data encoded by `fpa-prep` with
+the model's tokenizer passes the run's data check, and data encoded with another is the usual config error.
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from data_prep.common import PrepError
+from data_prep.tokenizer import HF_TOKENIZER_CONFIG, resolve_tokenizer_path
 from fpa_megatron.checkpoint.layout import CheckpointLayout
 from fpa_megatron.checkpoint.reshard import (GlobalState, ReshardError, check_new_layout, reset_optimizer_state,
                                              write_checkpoint)
@@ -30,7 +40,7 @@ from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, parse_
 from fpa_megatron.export.hf import (_LAYOUT, EMBEDDING, HEAD, OUTPUT, _Source, mapping_rules, require_transformers,
                                     to_megatron_tensor)
 from fpa_megatron.rules import padded_vocab_size
-from fpa_megatron.run_tokenizer import tokenizer_vocab_size
+from fpa_megatron.run_tokenizer import load_run_tokenizer, tokenizer_vocab_size
 from fpa_megatron.schedules import LambdaSchedule
 from fpa_megatron.training.optimizer import deepspeed_config
 
@@ -43,6 +53,9 @@ ADJUSTABLE_MODEL_KEYS = {"seq_length", "dtype", "recompute", "attention_impl", "
                          "hidden_dropout", "attention_dropout", "init_std", "make_vocab_size_divisible_by",
                          "vocab_size"}
 IMPORTED_TAG = "iter_0000000"
+TOKENIZER_DIR = "tokenizer"  # <out>/tokenizer/: the copy of the tokenizer the written config names
+# the tokenizer files of a transformers model directory, in the order they are looked for
+MODEL_DIR_TOKENIZERS = ("tokenizer.json", "tokenizer.model")
 
 
 class HFImportError(ValueError):
@@ -229,6 +242,36 @@ def global_state(weights: OrderedDict, cfg: RunConfig, layout):
     return state
 
 
+def model_dir_tokenizer(model_dir: Path, overrides: Optional[list[str]]) -> Optional[str]:
+    """The tokenizer to carry: data.tokenizer when an override sets it (null: none), else the model directory's
+    tokenizer.json or tokenizer.model, else None."""
+    given = parse_overrides(overrides or []).get("data", {})
+    if "tokenizer" in given:
+        return given["tokenizer"] or None
+    return next((str(model_dir / name) for name in MODEL_DIR_TOKENIZERS if (model_dir / name).is_file()), None)
+
+
+def tokenizer_files(path: str) -> list[Path]:
+    """The files a tokenizer is read from: the model file, and a tokenizer.json's tokenizer_config.json (its eos)."""
+    try:
+        main = Path(resolve_tokenizer_path(path))
+    except PrepError as err:
+        raise HFImportError(f"tokenizer {path}: {err}") from None
+    config = main.parent / HF_TOKENIZER_CONFIG
+    return [main] + ([config] if main.suffix == ".json" and config.is_file() else [])
+
+
+def carry_tokenizer(files: list[Path], out: Path, sha256: str) -> None:
+    """Copy the tokenizer files into <out>/tokenizer/; the copy must hash as the original did."""
+    dest = out / TOKENIZER_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copyfile(file, dest / file.name)
+    copied = load_run_tokenizer(str(dest / files[0].name)).sha256
+    _require(copied == sha256, f"the copy of {files[0]} in {dest} has sha256 {copied[:12]}..., the original "
+                               f"{sha256[:12]}...: the file changed while it was copied")
+
+
 def import_hf(model_dir: str | Path, out: str | Path, tensor: int = 1, pipeline: int = 1,
               data_parallel: Optional[int] = None, overrides: Optional[list[str]] = None,
               write_config: Optional[str | Path] = None, log: Callable[[str], None] = print) -> Path:
@@ -238,10 +281,21 @@ def import_hf(model_dir: str | Path, out: str | Path, tensor: int = 1, pipeline:
     _require(not out.exists() or (out.is_dir() and not any(out.iterdir())),
              f"--out {out} exists and is not empty; choose a new directory (nothing was written)")
     c = read_hf_config(model_dir)
+    source = model_dir_tokenizer(model_dir, overrides)
+    files = tokenizer_files(source) if source else []
     try:
-        cfg = run_config(c, tensor, pipeline, overrides, where=str(model_dir / "config.json"))
+        tokenizer = load_run_tokenizer(str(files[0])) if files else None
+    except ConfigError as err:
+        raise HFImportError(f"{err}; name another with data.tokenizer=PATH, or import without one with "
+                            f"data.tokenizer=null") from None
+    tok_override = [f"data.tokenizer={files[0]}"] if files else []
+    try:
+        cfg = run_config(c, tensor, pipeline, list(overrides or []) + tok_override,
+                         where=str(model_dir / "config.json"))
     except ConfigError as err:
         raise HFImportError(str(err)) from None
+    if tokenizer is not None:  # the written config names the copy in <out>/tokenizer/
+        cfg.data.tokenizer = str(out.resolve() / TOKENIZER_DIR / files[0].name)
     layout = CheckpointLayout(tensor * pipeline * (data_parallel or 1), tensor, pipeline, data_parallel or 1,
                               cfg.optimizer.zero_stage)
     try:
@@ -260,12 +314,21 @@ def import_hf(model_dir: str | Path, out: str | Path, tensor: int = 1, pipeline:
     lambdas = LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled)
     trainer_state = {"step": 0, "consumed_samples": 0, "updates": 0, "lambda_schedule": lambdas.state_dict()}
     note = {"source": str(model_dir.resolve()), "imported_from": "transformers", "model_type": c.model_type}
+    if tokenizer is not None:  # as fpa-prep's manifest records it, with the copy's path
+        info = tokenizer.info()
+        note["tokenizer"] = dict(info.describe(), path=cfg.data.tokenizer, source=str(files[0]))
     iter_dir = write_checkpoint(state, cfg, layout, out, IMPORTED_TAG, trainer_state, note, log)
+    if tokenizer is not None:
+        carry_tokenizer(files, out, tokenizer.sha256)
+        log(f"  tokenizer {files[0]} (sha256 {tokenizer.sha256[:12]}..., vocabulary {tokenizer.vocab_size}, EOD "
+            f"{tokenizer.eod_piece!r}={tokenizer.eod_id}) copied to {out / TOKENIZER_DIR}: data.tokenizer of the "
+            f"checkpoint's config")
     if write_config is not None:
         run = copy.deepcopy(cfg)
         run.checkpoint.init_from = str(out)
         save_config(run, write_config)
-        log(f"  run config (model section from config.json, checkpoint.init_from={out}): {write_config}")
+        log(f"  run config (model section from config.json, checkpoint.init_from={out}, "
+            f"data.tokenizer={run.data.tokenizer}): {write_config}")
     log(f"done: {iter_dir}\nstart training from it with: fpa-train --config <config> checkpoint.init_from={out}"
         f" parallel.tensor={tensor} parallel.pipeline={pipeline}  (model section: {iter_dir / 'config.yaml'})")
     return iter_dir

@@ -4,7 +4,8 @@ Each rank contributes four flags to ONE all-reduce (MAX over the whole world, pi
 
 - non-finite: the step's LM loss or penalty is NaN/inf, or a gradient that reached one of this rank's
   parameters was (`GradientProbe`: autograd hooks, so it sees gradients before DeepSpeed reduces them);
-- spike: the LM loss is above train.spike.factor x the median of the recent ones (`SpikeDetector`);
+- spike: the LM loss is far above the recent ones, at any loss scale (`SpikeDetector`: above factor x their
+  median AND above their median by more than an absolute floor and more than a multiple of their robust spread);
 - stop: this rank received SIGTERM or SIGUSR1 (`StopSignals`);
 - save: checkpoint.interval_minutes passed (only rank 0's clock sets it: `Checkpointer.time_due`), so that
   every rank saves a wall-clock checkpoint at the same step.
@@ -65,17 +66,54 @@ class GradientProbe:
 
 
 class SpikeDetector:
-    """A loss is a spike when it exceeds factor x the median of the last `window` recorded losses."""
+    """A loss is a spike when it is far above the last `window` recorded losses, whatever their scale.
 
-    def __init__(self, factor: float, window: int, min_history: int):
+    With m the median of the recorded losses and s their robust spread (1.4826 x the median absolute deviation:
+    the standard deviation for normal noise, unmoved by a few outliers), a loss L is a spike when all three hold:
+
+    - L > factor x m (train.spike.factor): the ratio test. At LM losses (2 to 10 nats) it is the binding one:
+      a loss 3x the recent median is far outside step-to-step noise;
+    - L - m > min_increase (train.spike.min_increase, nats): an absolute floor. A ratio means little near zero
+      loss: at a median of 0.13 the ratio test fires at 0.4, i.e. on the noise of a model that already fits
+      its data (mock data runs at losses of 0.001 to 0.6). With factor 3 the floor binds only below a median
+      of min_increase / 2; above it the ratio test asks for the larger increase anyway;
+    - L - m > deviations x s (train.spike.deviations; 0 turns the test off): a loss within a few robust
+      standard deviations of the recent ones is their noise, at any scale (a noisy phase widens the bar, a
+      steady phase leaves it at the other two tests).
+
+    A loss that passes all three is far above the recent losses in ratio, in nats and in their own noise. The
+    decision depends only on the recorded losses, which are the same on every rank (the guard all-reduces the
+    flag anyway).
+    """
+
+    SPREAD_PER_MAD = 1.4826  # MAD x this = the standard deviation of normal noise
+
+    def __init__(self, factor: float, window: int, min_history: int, min_increase: float = 0.0,
+                 deviations: float = 0.0):
         self.factor, self.min_history = factor, min_history
+        self.min_increase, self.deviations = min_increase, deviations
         self.history: deque[float] = deque(maxlen=window)
 
+    def spread(self) -> float:
+        """1.4826 x the median absolute deviation of the recorded losses (0.0 with none)."""
+        if not self.history:
+            return 0.0
+        median = statistics.median(self.history)
+        return self.SPREAD_PER_MAD * statistics.median(abs(x - median) for x in self.history)
+
     def threshold(self) -> Optional[float]:
-        """None until min_history losses were recorded."""
+        """The loss above which a step is a spike; None until min_history losses were recorded."""
         if len(self.history) < self.min_history:
             return None
-        return self.factor * statistics.median(self.history)
+        median = statistics.median(self.history)
+        return max(self.factor * median, median + self.min_increase, median + self.deviations * self.spread())
+
+    def describe(self, loss: float) -> str:
+        """Why `loss` is a spike, with the numbers of each test (for the log)."""
+        median = statistics.median(self.history)
+        return (f"lm_loss {loss:.4f} > {self.factor:g} x median {median:.4f} of the last {len(self.history)} "
+                f"steps, and above it by {loss - median:.4f} > max(min_increase {self.min_increase:g}, "
+                f"{self.deviations:g} x spread {self.spread():.4f})")
 
     def is_spike(self, loss: float) -> bool:
         limit = self.threshold()
@@ -106,7 +144,8 @@ class TrainingGuard:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, rank: int):
         self.max_consecutive_skips = cfg.max_consecutive_skips
         self.policy, self.max_rollbacks = cfg.spike.policy, cfg.spike.max_rollbacks
-        self.spikes = SpikeDetector(cfg.spike.factor, cfg.spike.window, cfg.spike.min_history)
+        self.spikes = SpikeDetector(cfg.spike.factor, cfg.spike.window, cfg.spike.min_history,
+                                     cfg.spike.min_increase, cfg.spike.deviations)
         self.probe = GradientProbe(model)
         self.rank = rank
         self.skipped_steps = 0  # steps whose update was dropped, since the start of training
@@ -139,9 +178,8 @@ class TrainingGuard:
         elif spike:
             action = ACTION_ON_SPIKE[self.policy]
             if self.rank == 0:
-                log.warning(f"step {step}: loss spike: lm_loss {lm_loss:.4f} > {self.spikes.factor:g} x median "
-                            f"{statistics.median(self.spikes.history):.4f} of the last {len(self.spikes.history)} "
-                            f"steps (train.spike.policy={self.policy})")
+                log.warning(f"step {step}: loss spike: {self.spikes.describe(lm_loss)} "
+                            f"(train.spike.policy={self.policy})")
         else:
             action = UPDATE
         return Verdict(action, nonfinite=nonfinite, spike=spike, stop_requested=stop, save_due=save_due)

@@ -348,7 +348,11 @@ def preempted_then_lost_rank(tmp_path_factory, config_file) -> dict:
 def test_sigterm_through_torchrun_saves_that_step_and_the_rerun_matches(preempted_then_lost_rank, reference):
     run = preempted_then_lost_rank
     log = run["first_log"]
-    assert run["first_code"] != 0, log[-3000:]  # torchrun was signalled: it reports 1
+    assert run["first_code"] == 75, log[-3000:]  # the workers' code, as launch/torchrun.sh reports it
+    assert re.search(r"^torchrun\.sh: SIGTERM reached torchrun, which passed it to the workers: they stopped with "
+                     r"exit code 75 \(preempted: stopped with a checkpoint, rerun to resume\); torchrun's log: \S+$",
+                     log, re.M)
+    assert "Traceback" not in log  # torchrun's SignalException: in its log file only
     assert "[rank 0] WARNING: SIGTERM received" in log and "[rank 1] WARNING: SIGTERM received" in log
     assert ("SIGTERM: stopped after step 3, checkpoint saved at step 3; rerun the same command to resume "
             "(exit code 75") in log
@@ -383,4 +387,8 @@ def test_stalled_rank_makes_the_others_fail_with_the_timeout_error(tmp_path, con
     assert failure in log, log[-3000:]
     waited = _timestamp(log, failure) - _timestamp(log, "rank 1 stalls at step 3")
     assert waited <= timedelta(minutes=timeout_minutes, seconds=60)
-    assert re.search(r"exitcode\s*:\s*83", log)  # torchrun's summary: rank 0 exited COLLECTIVE_TIMEOUT
+    assert code == 83  # rank 0 exited COLLECTIVE_TIMEOUT, as launch/torchrun.sh reports it in one line:
+    assert re.search(r"^torchrun\.sh: the workers failed: rank 0, the first, exited with code 83 \(a collective "
+                     r"timed out \(parallel\.timeout_minutes\)\); torchrun stopped the others; torchrun's log: "
+                     r"\S+$", log, re.M)
+    assert "Traceback" not in log and "ChildFailedError" not in log

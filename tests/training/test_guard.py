@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import statistics
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch
 from fpa_megatron import faults
 from fpa_megatron.config import ConfigError, TrainConfig, config_from_dict
 from fpa_megatron.preflight import check_config
+from fpa_megatron.testing import run_distributed
 from fpa_megatron.exit_codes import Diverged, LossSpikeStop
 from fpa_megatron.run_log import failure_line, is_collective_timeout, where
 from fpa_megatron.options import SPIKE_POLICIES
@@ -44,7 +46,7 @@ def model():
 
 
 def test_spike_detector_waits_for_history_then_compares_to_the_median():
-    detector = SpikeDetector(factor=2.0, window=3, min_history=2)
+    detector = SpikeDetector(factor=2.0, window=3, min_history=2)  # the ratio test alone
     assert not detector.is_spike(1e9)  # no history yet
     for loss in (4.0, 100.0):
         detector.record(loss)
@@ -53,6 +55,62 @@ def test_spike_detector_waits_for_history_then_compares_to_the_median():
     assert detector.threshold() == 10.0 and detector.is_spike(10.5) and not detector.is_spike(10.0)
     detector.record(6.0)  # the window keeps the last 3: 100, 5, 6
     assert list(detector.history) == [100.0, 5.0, 6.0] and detector.threshold() == 12.0
+
+
+def test_spike_threshold_is_the_strictest_of_ratio_floor_and_spread():
+    """Each of the three tests binds in its own regime; the numbers are worked by hand."""
+    losses = [0.10, 0.13, 0.02, 0.60, 0.15]  # median 0.13; |deviations| 0.03, 0, 0.11, 0.47, 0.02: MAD 0.03
+    detector = SpikeDetector(factor=3.0, window=5, min_history=5, min_increase=1.0, deviations=6.0)
+    for loss in losses:
+        detector.record(loss)
+    assert detector.spread() == pytest.approx(1.4826 * 0.03)
+    assert detector.threshold() == pytest.approx(1.13)  # near zero loss the floor binds: 0.13 + 1.0 > 3 x 0.13
+    assert not detector.is_spike(0.61) and not detector.is_spike(1.13) and detector.is_spike(1.14)
+    ratio_only = SpikeDetector(factor=3.0, window=5, min_history=5)
+    ratio_only.history.extend(losses)
+    assert ratio_only.is_spike(0.61)  # the ratio alone: 0.61 > 3 x 0.13 (the false alarm of the mock-data run)
+
+    steady = SpikeDetector(factor=3.0, window=4, min_history=4, min_increase=1.0, deviations=6.0)
+    steady.history.extend([3.0, 3.1, 2.9, 3.0])  # LM losses: the ratio binds (9.0 > 4.0 and > 3.0 + 6 x 0.074)
+    assert steady.threshold() == pytest.approx(9.0)
+
+    noisy = SpikeDetector(factor=1.5, window=4, min_history=4, min_increase=1.0, deviations=6.0)
+    noisy.history.extend([2.0, 4.0, 3.0, 5.0])  # median 3.5, MAD 1.0: the spread binds (3.5 + 6 x 1.4826)
+    assert noisy.threshold() == pytest.approx(3.5 + 6 * 1.4826)
+    assert not noisy.is_spike(12.0) and noisy.is_spike(12.5)
+
+
+def _mock_run(root: str, spike: list[str]) -> list[dict]:
+    from fpa_megatron.training.trainer import train
+
+    cfg = config_from_dict(MOCK_RUN, spike + [f"logging.dir={root}"])
+    return [{k: h[k] for k in ("step", "lm_loss", "applied") if k in h} for h in train(cfg)]
+
+
+MOCK_RUN = {  # the fault drills' tiny GPT on mock data, long enough to reach losses near zero
+    "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 256},
+    "fpa": {"lambda0": 0.2, "gamma": 0.9},
+    "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "zero_stage": 1},
+    "data": {"mock": True},
+    "train": {"steps": 300, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 0, "seed": 3,
+              "spike": {"policy": "skip", "min_history": 20, "window": 50}},
+    "checkpoint": {"interval": 0, "save_at_end": False},
+    "logging": {"interval": 50, "tensorboard": False, "run_name": "mock"},
+}
+
+
+def test_no_false_alarm_on_a_mock_data_run_near_zero_loss(tmp_path):
+    """A mock-data run falls to losses of 0.001-0.6. The ratio alone (3 x the median of the last 50 losses,
+    computed here on the run's own losses) calls some of its noisy steps spikes; the guard, with its defaults
+    and train.spike.policy=skip, skips none of them."""
+    (history,) = run_distributed(_mock_run, 1, str(tmp_path), [], timeout_s=600)
+    losses = [h["lm_loss"] for h in history]
+    assert min(losses[-50:]) < 0.01 and max(losses[-100:]) > 0.1  # near zero, and noisy
+    ratio_alarms = [i + 1 for i in range(20, len(losses))
+                    if losses[i] > 3.0 * statistics.median(losses[max(0, i - 50):i])]
+    assert len(ratio_alarms) >= 3, ratio_alarms  # what the ratio alone fired on
+    # policy=skip: a step the guard called a spike would not have been applied
+    assert [h["step"] for h in history if not h["applied"]] == []
 
 
 @pytest.mark.parametrize("scale", [math.nan, math.inf])
@@ -221,6 +279,8 @@ def test_failure_line_names_rank_host_step_and_the_timeout_key():
     ("train.spike.policy=ignore", "train.spike.policy='ignore'"),
     ("train.spike.factor=1", "train.spike.factor=1"),
     ("train.spike.window=0", "train.spike.window=0"),
+    ("train.spike.min_increase=-0.5", "train.spike.min_increase=-0.5 must be a number >= 0.0"),
+    ("train.spike.deviations=abc", "train.spike.deviations: expected a number, got 'abc'"),
     ("train.spike.min_history=200", "train.spike.min_history=200 is larger than train.spike.window=100"),
     ("train.spike.max_rollbacks=-1", "train.spike.max_rollbacks=-1"),
 ])

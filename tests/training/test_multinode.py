@@ -134,7 +134,8 @@ def _lost_and_back(tmp_path: Path, config_file: str, *launcher_args: str, store_
     time.sleep(5)
     nodes[lost] = _agent(config_file, tmp_path, port, logs[lost], *args)  # the node returns
     codes = _finish(*nodes)
-    return codes, _logs(*logs), losses_per_attempt(tmp_path / "run")
+    torchrun_logs = sorted((tmp_path / "run" / "launcher").glob("*.log"))  # torchrun's own output (launch/torchrun.sh)
+    return codes, _logs(*logs, *torchrun_logs), losses_per_attempt(tmp_path / "run")
 
 
 def _assert_resumed_equal(codes, log, attempts, one_node):
