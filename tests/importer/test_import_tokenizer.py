@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tests.importer.hf_models import VOCAB, save_model
 from tests.importer.test_hf_import import fpa_import
+from tests.inference.reference_loss import stream_loss_sum
 
 DOCS = ["def f(x):\n    return x * 2\n", "Grüße, 123 and 日本", "the quick brown fox jumps over the lazy dog"]
 
@@ -98,12 +98,7 @@ def test_fpa_eval_of_the_import_needs_no_tokenizer_and_equals_transformers(impor
     eod = tok.token_to_id("<|endoftext|>")
     tokens = [t for doc in DOCS * 3 for t in tok.encode(doc, add_special_tokens=False).ids + [eod]]
     model = AutoModelForCausalLM.from_pretrained(imported["model"]).eval()
-    seq, total = imported["config"]["model"]["seq_length"], 0.0
-    with torch.no_grad():
-        for start in range(0, len(tokens) - 1, seq):
-            window = torch.tensor(tokens[start:start + seq + 1])
-            logp = torch.log_softmax(model(window[None, :-1]).logits.double()[0], dim=-1)
-            total -= float(logp.gather(1, window[1:, None]).sum())
+    total = stream_loss_sum(model, tokens, imported["config"]["model"]["seq_length"])
     assert got.tokens == len(tokens) - 1
     assert got.loss == pytest.approx(total / got.tokens, rel=1e-5)
 

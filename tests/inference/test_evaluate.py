@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.trained_runs import FAMILIES, SEQ, VOCAB, exported, trained_runs
+from tests.inference.reference_loss import stream_loss_sum
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +73,7 @@ def test_exported_directory_scores_with_transformers(runs, tmp_path_factory):
     docs = ["def f(x):\n    return x * 2\n", "Grüße, 123 and 日本"] * 5
     tokens = [t for doc in docs for t in sp.encode(doc) + [2]]
     model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(tokens) - 1, SEQ):
-            window = torch.tensor(tokens[start:start + SEQ + 1])
-            logp = torch.log_softmax(model(window[None, :-1]).logits.double()[0], dim=-1)
-            total -= float(logp.gather(1, window[1:, None]).sum())
+    total = stream_loss_sum(model, tokens, SEQ)
     assert got.tokens == len(tokens) - 1
     assert got.loss == pytest.approx(total / got.tokens, rel=1e-6)
     assert np.isfinite(got.perplexity)
