@@ -35,7 +35,7 @@ class Verification:
 
     def describe(self) -> str:
         verdict = "<=" if self.ok else ">"
-        return (f"logits of the written model vs the checkpoint's own model on a fixed sample of "
+        return (f"logits of the transformers model vs the checkpoint's own model on a fixed sample of "
                 f"{self.tokens[0]} x {self.tokens[1]} tokens: max |difference| {self.max_difference:.2e} "
                 f"{verdict} {self.tolerance:.0e}")
 
@@ -48,15 +48,21 @@ def sample_tokens(vocab_size: int, seq_length: int) -> torch.Tensor:
 
 def verify_export(ckpt: ModelCheckpoint, exported_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> Verification:
     """Compare the logits of `exported_dir` (as transformers reads it) with the checkpoint's model."""
-    hf = load_hf(exported_dir).model.float()
-    vocab = hf.config.vocab_size
+    return compare_logits(load_hf(exported_dir).model, ckpt, tolerance)
+
+
+def compare_logits(hf_model, ckpt: ModelCheckpoint, tolerance: float = DEFAULT_TOLERANCE) -> Verification:
+    """A transformers model against a checkpoint's own model, float32 both, over the vocabulary both have (an
+    import checks itself the other way round with this too)."""
+    hf = hf_model.float().eval()
+    vocab = min(hf.config.vocab_size, ckpt.config.model.vocab_size or ckpt.padded_vocab_size)
     tokens = sample_tokens(vocab, ckpt.config.model.seq_length)
     fp32 = replace(ckpt, config=copy.deepcopy(ckpt.config))
     fp32.config.model.dtype = "fp32"  # the checkpoint's weights (bf16-rounded if so) in a float32 model
     with megatron_lm(fp32) as lm:
         reference = lm.logits(tokens)[..., :vocab]
     with torch.no_grad():
-        exported = hf(tokens).logits.float()
+        exported = hf(tokens).logits.float()[..., :vocab]
     difference = (exported - reference).abs().max().item()
     return Verification(difference if torch.isfinite(exported).all() else float("nan"), tolerance,
                         tuple(tokens.shape))

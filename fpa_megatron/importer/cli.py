@@ -4,7 +4,9 @@ at step 0, with a fresh optimizer; train from it with `checkpoint.init_from=DIR`
 
 The model section comes from the model's config.json; `key.sub=value` overrides set the rest of the run config
 (e.g. model.seq_length=1024 data.tokenizer=tok.model optimizer.lr=1e-4). Anything Megatron's GPT cannot compute
-exactly is refused, naming the key, before anything is written.
+exactly is refused, naming the key, before anything is written. The written checkpoint then checks itself: its
+own model (read back, float32) must give the transformers model's logits on a fixed sample, or OUT is removed
+and the command exits 2 naming the difference (`--no-verify` skips it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     hf.add_argument("--data-parallel", type=int, default=1, help="data-parallel size (ZeRO partitions)")
     hf.add_argument("--write-config", default=None, help="also write a full run config YAML (model section from "
                     "config.json, checkpoint.init_from = --out)")
+    hf.add_argument("--no-verify", action="store_true",
+                    help="skip the check of the written checkpoint's logits against the transformers model")
+    hf.add_argument("--tolerance", type=float, default=1e-3,
+                    help="largest accepted |logit difference| of that check (float32 on both sides)")
     hf.add_argument("overrides", nargs="*", help="key.sub=value settings of the run config")
     args = parser.parse_args(argv)
 
@@ -39,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     quiet_transformers()
     try:
         import_hf(args.model, args.out, args.tensor, args.pipeline, args.data_parallel, args.overrides,
-                  args.write_config)
+                  args.write_config, verify=not args.no_verify, tolerance=args.tolerance)
     except (HFImportError, ConfigError, ExportError) as err:
         print(f"fpa-import: error: {err}", file=sys.stderr)
         return 2

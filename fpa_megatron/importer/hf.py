@@ -34,11 +34,13 @@ import torch
 from data_prep.common import PrepError
 from data_prep.tokenizer import HF_TOKENIZER_CONFIG, resolve_tokenizer_path
 from fpa_megatron.checkpoint.layout import CheckpointLayout
+from fpa_megatron.checkpoint.reader import read_model_checkpoint
 from fpa_megatron.checkpoint.reshard import (GlobalState, ReshardError, check_new_layout, reset_optimizer_state,
                                              write_checkpoint)
 from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, parse_overrides, save_config
 from fpa_megatron.export.hf import (_LAYOUT, EMBEDDING, HEAD, OUTPUT, _Source, mapping_rules, require_transformers,
                                     to_megatron_tensor)
+from fpa_megatron.export.verify import DEFAULT_TOLERANCE, compare_logits
 from fpa_megatron.rules import padded_vocab_size
 from fpa_megatron.run_tokenizer import load_run_tokenizer, tokenizer_vocab_size
 from fpa_megatron.schedules import LambdaSchedule
@@ -272,11 +274,27 @@ def carry_tokenizer(files: list[Path], out: Path, sha256: str) -> None:
                                f"{sha256[:12]}...: the file changed while it was copied")
 
 
+def check_import(model_dir: Path, iter_dir: Path, out: Path, tolerance: float, log: Callable[[str], None]) -> None:
+    """The written checkpoint, read back, against the transformers model it came from; on a mismatch `out` is
+    removed (it was new or empty) and the import fails naming the difference."""
+    transformers = require_transformers()
+    check = compare_logits(transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)),
+                           read_model_checkpoint(iter_dir), tolerance)
+    if not check.ok:
+        shutil.rmtree(out, ignore_errors=True)
+        raise HFImportError(f"the import does not reproduce {model_dir}: {check.describe()}; {out} was removed "
+                            f"(--no-verify skips this check)")
+    log(f"verified: {check.describe()}")
+
+
 def import_hf(model_dir: str | Path, out: str | Path, tensor: int = 1, pipeline: int = 1,
               data_parallel: Optional[int] = None, overrides: Optional[list[str]] = None,
-              write_config: Optional[str | Path] = None, log: Callable[[str], None] = print) -> Path:
+              write_config: Optional[str | Path] = None, log: Callable[[str], None] = print, verify: bool = True,
+              tolerance: float = DEFAULT_TOLERANCE) -> Path:
     """Write the transformers checkpoint in `model_dir` as a complete checkpoint root `out` for TP x PP x DP;
-    every check happens before anything is written. Returns the iteration directory (step 0)."""
+    every check happens before anything is written, and (`verify`) the written checkpoint's own model must give
+    the transformers model's logits on a fixed sample, or `out` is removed again. Returns the iteration
+    directory (step 0)."""
     model_dir, out = Path(model_dir), Path(out)
     _require(not out.exists() or (out.is_dir() and not any(out.iterdir())),
              f"--out {out} exists and is not empty; choose a new directory (nothing was written)")
@@ -318,6 +336,8 @@ def import_hf(model_dir: str | Path, out: str | Path, tensor: int = 1, pipeline:
         info = tokenizer.info()
         note["tokenizer"] = dict(info.describe(), path=cfg.data.tokenizer, source=str(files[0]))
     iter_dir = write_checkpoint(state, cfg, layout, out, IMPORTED_TAG, trainer_state, note, log)
+    if verify:
+        check_import(model_dir, iter_dir, out, tolerance, log)
     if tokenizer is not None:
         carry_tokenizer(files, out, tokenizer.sha256)
         log(f"  tokenizer {files[0]} (sha256 {tokenizer.sha256[:12]}..., vocabulary {tokenizer.vocab_size}, EOD "

@@ -101,7 +101,7 @@ def test_the_export_checks_its_own_logits_and_says_so(runs, tmp_path_factory):
 
     _, printed, status = exported(tmp_path_factory, "llama")
     assert status == 0
-    found = re.search(r"verified: logits of the written model vs the checkpoint's own model on a fixed sample of "
+    found = re.search(r"verified: logits of the transformers model vs the checkpoint's own model on a fixed sample of "
                       r"2 x (\d+) tokens: max \|difference\| (\S+) <= 1e-03", printed)
     assert found, printed
     assert 0.0 <= float(found.group(2)) <= 1e-3 and int(found.group(1)) == 32

@@ -316,3 +316,35 @@ def test_tokenizer_larger_than_the_checkpoints_vocabulary_is_named(tmp_path, lla
                                    num_threads=1, minloglevel=2)
     err = _refused(tmp_path, llama_dir, f"data.tokenizer={tmp_path / 'tok.model'}")
     assert "tok.model' has 400 tokens, more than the checkpoint's vocabulary (300 rows" in err
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["checked", "no-verify"])
+def test_an_import_with_corrupted_weights_is_refused_and_leaves_nothing(tmp_path, llama_dir, monkeypatch, verify):
+    """A mapping that changes one weight (the first layer's query/key/value rows scaled by 1.5) is caught by the
+    import's own check; a correct import says what it measured; --no-verify writes the corrupted one anyway."""
+    import re
+
+    from fpa_megatron.importer import hf
+
+    status, printed, err = fpa_import(["hf", "--model", str(llama_dir), "--out", str(tmp_path / "good")])
+    found = re.search(r"verified: logits of the transformers model vs the checkpoint's own model on a fixed "
+                      r"sample of 2 x \d+ tokens: max \|difference\| (\S+) <= 1e-03", printed)
+    assert status == 0 and found and float(found.group(1)) <= 1e-3, (printed, err)
+
+    mapped = hf.megatron_state
+
+    def corrupted(*args, **kwargs):
+        weights = mapped(*args, **kwargs)
+        name = next(n for n in weights if "layers.0." in n and "linear_qkv.weight" in n)
+        return type(weights)({**weights, name: weights[name] * 1.5})
+
+    monkeypatch.setattr(hf, "megatron_state", corrupted)
+    out = tmp_path / "bad"
+    status, printed, err = fpa_import(["hf", "--model", str(llama_dir), "--out", str(out)]
+                                      + ([] if verify else ["--no-verify"]))
+    if not verify:
+        assert status == 0 and (out / "latest").is_file() and "verified" not in printed, (printed, err)
+        return
+    assert status == 2 and err.startswith(f"fpa-import: error: the import does not reproduce {llama_dir}"), err
+    difference = float(err.split("max |difference| ")[1].split()[0])
+    assert difference > 1e-3 and f"{out} was removed" in err and not out.exists()
