@@ -109,9 +109,12 @@ def test_worker_failure_is_one_line_with_the_exit_code_and_its_meaning(tmp_path)
     proc = _launch(tmp_path, "train.max_consecutive_skips=0", fault="nan_loss@2+")
     out, err = proc.communicate(timeout=300)
     lines = _lines(err)
+    forensics = tmp_path / "run" / "forensics" / "step_0000002.json"  # the skipped step's samples
     assert proc.returncode == 81, err
     assert lines[:-1] == [
         "[rank 0] WARNING: FPA_FAULT=nan_loss@2+: fault injection is on (tests and drills only)",
+        f"[rank 0] WARNING: step 2: its 8 samples are in {forensics}; data.exclude_samples=[{forensics}] leaves "
+        "them out of a rerun",
         "[rank 0] WARNING: step 2: update skipped on every rank (loss or gradients not finite on some rank, lm_loss "
         "nan); 1 skipped so far, 1 in a row (train.max_consecutive_skips=0)",
         "[rank 0] ERROR: step 2: 1 steps in a row were skipped (more than train.max_consecutive_skips=0); the run "

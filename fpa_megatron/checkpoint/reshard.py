@@ -42,6 +42,7 @@ from fpa_megatron.checkpoint.layout import CheckpointLayout
 from fpa_megatron.checkpoint.reader import (CheckpointError, ModelCheckpoint, model_parallel_coordinates,
                                             read_model_checkpoint)
 from fpa_megatron.config import ConfigError, RunConfig, save_config
+from fpa_megatron.model.memory import reduce_bucket_elements
 from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, layer_placement,
                                            split_shard, stage_global_name, tensor_parallel_dim, uniform_layer_offset)
 from fpa_megatron.rules import check_values, padded_vocab_size
@@ -366,6 +367,9 @@ def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp:
     ds_config = copy.deepcopy(state.model_meta.get("ds_config") or {})
     if ds_config:
         ds_config["train_micro_batch_size_per_gpu"] = cfg.train.global_batch_size // data
+        if "reduce_bucket_size" in ds_config.get("zero_optimization", {}):  # sized to this rank's parameters
+            parameters = sum(module[local].numel() for group in groups for local, _ in group)
+            ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(parameters)
     model_states = {k: v for k, v in state.model_meta.items() if k not in ("module", "trainer")}
     model_states.update(
         module=module, param_shapes=[OrderedDict((local, module[local].shape) for local, _ in g) for g in groups],
