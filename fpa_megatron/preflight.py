@@ -23,19 +23,16 @@ from fpa_megatron.rules import ResolvedLayout, check_values, resolve_layout
 from fpa_megatron.run_tokenizer import tokenizer_vocab_size
 
 
-def _fail(message: str) -> None:
-    raise ConfigError(message)
-
-
 def _check_triton_runs_here(cfg: RunConfig) -> None:
     m = cfg.model
     if m.attention_impl == "triton":
         if not torch.cuda.is_available():
-            _fail("model.attention_impl='triton' needs a CUDA device and none is available: use 'auto' (blockwise "
-                  "on CPU when the penalty is computed) or 'blockwise'")
+            raise ConfigError("model.attention_impl='triton' needs a CUDA device and none is available: use 'auto' "
+                              "(blockwise on CPU when the penalty is computed) or 'blockwise'")
         for module in ("triton", "fpa_megatron.attention.triton_attention"):
             if importlib.util.find_spec(module) is None:
-                _fail(f"model.attention_impl='triton' needs the module {module!r}, which is not installed")
+                raise ConfigError(f"model.attention_impl='triton' needs the module {module!r}, which is not "
+                                  f"installed")
 
 
 def _check_resume(cfg: RunConfig, world_size: int) -> None:
@@ -51,11 +48,11 @@ def _check_vocab(cfg: RunConfig) -> tuple[int, Optional[int]]:
     vocab = cfg.model.vocab_size
     if vocab is None:
         if tok_size is None:
-            _fail("model.vocab_size=None and data.tokenizer=None: set one of them")
+            raise ConfigError("model.vocab_size=None and data.tokenizer=None: set one of them")
         return tok_size, tok_size
     if tok_size is not None and vocab < tok_size:
-        _fail(f"model.vocab_size={vocab} is smaller than the vocabulary of data.tokenizer="
-              f"{cfg.data.tokenizer!r} ({tok_size} pieces)")
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the vocabulary of data.tokenizer="
+                          f"{cfg.data.tokenizer!r} ({tok_size} pieces)")
     return vocab, tok_size
 
 
