@@ -155,6 +155,10 @@ class DataConfig:
     cache_dir: Optional[str] = None  # where GPTDataset keeps its index caches
     mock: bool = False  # synthetic data (tests, benchmarks): no prefixes needed
     eod_mask_loss: bool = False  # no LM loss where the input token is EOD (Megatron-LM's --eod-mask-loss)
+    # packed documents attend only to themselves (causally) and positions restart at each one; the FPA penalty
+    # is then each document's own (attention/documents.py). Megatron-LM's --reset-attention-mask and
+    # --reset-position-ids together, at O(S) memory and sum(len^2) work
+    document_mask: bool = False
     exclude_samples: list = field(default_factory=list)  # global training sample indices never trained on, or
     # paths of the forensics files a skipped or rolled-back step wrote (<run dir>/forensics/step_*.json)
 

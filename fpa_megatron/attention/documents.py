@@ -64,6 +64,14 @@ def key_ranges(q_docs: Tensor, k_docs: Tensor, block: int, *, causal: bool = Tru
     return lo, hi
 
 
+def split_attention_mask(attention_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(explicit bool mask or None, document ids or None) of the one `attention_mask` argument Megatron hands
+    down to the core attention: document masking sends the ids [b, S] through it, as integers."""
+    if attention_mask is None or attention_mask.dtype == torch.bool or attention_mask.dtype.is_floating_point:
+        return attention_mask, None
+    return None, attention_mask
+
+
 def check_document_ids(doc_ids: Optional[Tensor], batch: int, seq: int) -> None:
     """A clear error for document ids that a kernel cannot use: wrong shape, not integers, decreasing."""
     if doc_ids is None:

@@ -181,6 +181,8 @@ def check_data(cfg: RunConfig, vocab_size: Optional[int]) -> None:
     parse_split(d.split)
     if not isinstance(d.eod_mask_loss, bool):
         raise ConfigError(f"data.eod_mask_loss={d.eod_mask_loss!r} must be true or false")
+    if not isinstance(d.document_mask, bool):
+        raise ConfigError(f"data.document_mask={d.document_mask!r} must be true or false")
     if not isinstance(d.exclude_samples, list):
         raise ConfigError(f"data.exclude_samples={d.exclude_samples!r} must be a list")
     excluded_samples(d.exclude_samples)  # every entry an index or a readable forensics file

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections import OrderedDict
 from typing import Callable, Iterator, Optional, Sequence
@@ -27,6 +28,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 
 from data_prep.common import PrepError
 from data_prep.tokenizer import load_tokenizer
+from fpa_megatron.attention.documents import document_ids
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -165,6 +167,7 @@ def build_gpt_datasets(
     eod_mask_loss: bool = False,
     reset_position_ids: bool = False,
     reset_attention_mask: bool = False,
+    document_mask: bool = False,
     is_built_on_rank: Optional[Callable[[], bool]] = None,
 ):
     """(train, valid, test) GPT datasets of `seq_length`-token samples; a split is None when its share is 0.
@@ -176,6 +179,8 @@ def build_gpt_datasets(
     mock=True: MockGPTDataset (no files), tokenizer from `tokenizer_model` or MockTokenizer(mock_vocab_size).
     Samples are dicts of tokens/labels (int64), loss_mask (float32), position_ids (int64), no attention
     mask (the model builds the causal mask).
+    document_mask (data.document_mask): positions restart after each EOD (Megatron's reset_position_ids) and the
+    micro-batches carry each token's document id (`collate`), which the attention masks by.
     """
     if tokenizer is None:
         tokenizer = build_tokenizer(tokenizer_model, mock_vocab_size)
@@ -203,8 +208,8 @@ def build_gpt_datasets(
         split=split,
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
-        reset_position_ids=reset_position_ids,
-        reset_attention_mask=reset_attention_mask,
+        reset_position_ids=reset_position_ids or document_mask,
+        reset_attention_mask=reset_attention_mask or document_mask,  # no mask is built: it marks the documents
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
         mmap_bin_files=True,
@@ -291,9 +296,19 @@ class MicroBatchSampler:
             yield self.order.samples(base + start, self.micro_batch_size)
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack GPTDataset samples into [micro_batch, seq_length] tensors (only the batch keys)."""
-    return {k: torch.stack([s[k] for s in samples]) for k in BATCH_KEYS if k in samples[0]}
+def collate(samples: list[dict], eod: Optional[int] = None) -> dict:
+    """Stack GPTDataset samples into [micro_batch, seq_length] tensors (only the batch keys); with `eod` (document
+    masking) also `document_ids`, each token's document (attention/documents.py), computed once per micro-batch."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in BATCH_KEYS if k in samples[0]}
+    if eod is not None:
+        batch["document_ids"] = document_ids(batch["tokens"], eod)
+    return batch
+
+
+def document_eod(dataset) -> Optional[int]:
+    """The EOD that separates documents when `dataset` was built with document masking, else None."""
+    config = getattr(dataset, "config", None)
+    return config.tokenizer.eod if config is not None and config.reset_attention_mask else None
 
 
 class MicroBatchIterator:
@@ -309,7 +324,7 @@ class MicroBatchIterator:
             dataset,
             batch_sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=collate,
+            collate_fn=functools.partial(collate, eod=document_eod(dataset)),
             multiprocessing_context="spawn" if num_workers > 0 else None,
             persistent_workers=num_workers > 0,
         )

@@ -147,7 +147,8 @@ def split_micro_batches(ckpt, split: str, batches: Optional[int]) -> tuple[Itera
     vocab = cfg.model.vocab_size or (tokenizer_vocab_size(cfg.data.tokenizer) if cfg.data.tokenizer else 0)
     datasets = build_gpt_datasets(
         cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, t.seed, num_samples,
-        cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock, mock_vocab_size=vocab)
+        cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock, mock_vocab_size=vocab,
+        document_mask=cfg.data.document_mask)
     dataset = datasets[1 if split == "valid" else 2]
     if dataset is None or len(dataset) < wanted:
         have = 0 if dataset is None else len(dataset)
@@ -168,7 +169,8 @@ def score_split(lm, ckpt, split: str, batches: Optional[int] = None, progress: b
     for _ in range(count):
         batch = next(iterator)
         mask = batch["loss_mask"].double()
-        losses = lm.token_losses(batch["tokens"], batch["labels"]).double()
+        losses = lm.token_losses(batch["tokens"], batch["labels"], batch["position_ids"],
+                                 batch.get("document_ids")).double()
         means.append(float((losses * mask).sum() / mask.sum().clamp(min=1.0)))
         tokens += int(mask.sum())
         if bar is not None:

@@ -76,12 +76,15 @@ def _forward_step(engine, data_iterator: Iterator, model):
     device = compute_device()
     batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
     num_tokens = batch["loss_mask"].sum()  # of the whole micro-batch, before it is split over CP
+    documents = batch.pop("document_ids", None)  # whole: every CP rank's attention reads every key's document
     batch = split_batch_for_context_parallel(batch)
     chunk = model
     if engine is not None:
         model = engine if model.vp_stage is None else partial(engine, chunk=model.vp_stage)
-    # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works;
+    # with data.document_mask, the document ids [b, s] go down the same argument (attention/documents.py)
+    mask = batch.get("attention_mask") if documents is None else documents
+    output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
     return output, partial(_lm_loss, batch["loss_mask"], num_tokens, chunk)
 
 

@@ -92,7 +92,7 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
     penalty = make_penalty(cfg.model, cfg.fpa)
     model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed,
                             vocab_size=layout.vocab_size, sequence_parallel=layout.sequence_parallel,
-                            z_loss=cfg.optimizer.z_loss)
+                            z_loss=cfg.optimizer.z_loss, document_positions=cfg.data.document_mask)
     if import_weights:  # weights only (before the engine copies them): step 0, a fresh optimizer, lambda_0
         load_global_state(model, initial_weights(cfg.checkpoint.init_from, layout.padded_vocab_size))
         log.info(f"initialized from {cfg.checkpoint.init_from} (weights only: step 0, a fresh optimizer)")
@@ -104,6 +104,7 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
         cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
         (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
         mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
+        document_mask=cfg.data.document_mask,
     )  # the same samples and order whatever is excluded: the excluded ones come out of the epochs' slack
     if len(train_ds) < steps * global_batch + len(order.excluded):
         raise RuntimeError(f"data.exclude_samples leaves out {len(order.excluded)} samples, but the training split "
