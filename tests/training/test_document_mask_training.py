@@ -48,7 +48,7 @@ def train_rank(values: dict, overrides: list[str]):
     from fpa_megatron.training.trainer import train
 
     history = train(config_from_dict(values, overrides))
-    return [{k: h[k] for k in KEYS + ("step",)} for h in history]
+    return [{k: h[k] for k in KEYS + ("step", "val_loss") if k in h} for h in history]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,19 @@ def _run(data, world: int, overrides: list[str], name: str):
 
 @pytest.fixture(scope="module")
 def single(data):
-    return _run(data, 1, [], "single")
+    """The single-process reference; it also validates and saves at its last step."""
+    return _run(data, 1, ["train.eval_interval=4", "train.eval_iters=2", "checkpoint.save_at_end=true",
+                          f"checkpoint.dir={data / 'single-ckpt'}"], "single")
+
+
+def test_fpa_eval_split_gives_the_trainers_validation_loss(data, single, capsys):
+    from fpa_megatron.inference.cli import eval_main
+
+    trainer = single[-1]["val_loss"]
+    assert math.isfinite(trainer)
+    assert eval_main(["--checkpoint", str(data / "single-ckpt"), "--split", "valid"]) == 0
+    loss = float(capsys.readouterr().out.split("loss ")[1].split()[0])
+    assert abs(loss - trainer) <= 1e-5 * trainer, (loss, trainer)
 
 
 def test_the_switch_masks_the_other_documents(data, single):
