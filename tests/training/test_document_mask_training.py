@@ -1,6 +1,7 @@
 """`data.document_mask` through `train(cfg)` on real gloo ranks: data of short documents (1 to 12 tokens, so every
-16-token sample packs several, across the CP chunks and ranks); every layout follows the single-process run,
-resume is bitwise, and the switch changes the run (the documents stop seeing each other)."""
+16-token sample packs several, across the CP chunks and ranks), a LLaMA-shaped model (RoPE, GQA); every layout
+follows the single-process run, resume is bitwise, the switch changes the run (the documents stop seeing each
+other), fpa-eval reproduces the validation loss, and the Hugging Face export computes one document's logits."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def write_short_documents(prefix: str, count: int = 600, seed: int = 0) -> None:
 def _base(prefix: str, log_dir: str) -> dict:
     return {
         "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-                  "seq_length": 16, "vocab_size": VOCAB, "init_std": 0.2},
+                  "seq_length": 16, "vocab_size": VOCAB, "init_std": 0.2, "normalization": "RMSNorm",
+                  "activation": "swiglu", "ffn_hidden_size": 64, "tie_embeddings": False},  # LLaMA: exports
         "fpa": {"lambda0": 0.2, "gamma": 0.9},
         "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "zero_stage": 1},
         "data": {"prefixes": [prefix], "split": "90,5,5", "document_mask": True},
@@ -111,3 +113,30 @@ def test_resume_is_bitwise(data, tmp_path):
     for mine, want in zip(resumed, straight):
         for key in KEYS:
             assert math.isfinite(want[key]) and mine[key] == want[key], (key, mine, want)
+
+
+def test_an_exported_model_sees_one_document(data, single, tmp_path):
+    """Hugging Face models have no document masking: a prompt is one document. The export of a document-masked
+    run computes, on one document, the logits the run's model computes for it inside a packed sample."""
+    from transformers import AutoModelForCausalLM
+
+    from fpa_megatron.attention.documents import document_ids, document_positions
+    from fpa_megatron.checkpoint.megatron_lm import megatron_lm
+    from fpa_megatron.checkpoint.reader import read_model_checkpoint
+    from fpa_megatron.export.cli import main as export_main
+
+    assert export_main(["hf", "--checkpoint", str(data / "single-ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    g = torch.Generator().manual_seed(2)
+    first, second = torch.randint(1, EOD, (1, 6), generator=g), torch.randint(1, EOD, (1, 9), generator=g)
+    packed = torch.cat([first, torch.tensor([[EOD]]), second], dim=1)  # two documents
+    docs = document_ids(packed, EOD)
+    with megatron_lm(read_model_checkpoint(data / "single-ckpt")) as lm, torch.no_grad():
+        masked = lm.model(packed, document_positions(docs), docs).float()  # [1, s, padded vocab]
+        with torch.no_grad():
+            alone = hf(second).logits
+            together = hf(packed).logits
+    torch.testing.assert_close(alone, masked[:, 7:, :VOCAB], rtol=1e-4, atol=1e-4)  # the second document alone
+    torch.testing.assert_close(hf(first).logits.detach(), masked[:, :6, :VOCAB], rtol=1e-4, atol=1e-4)
+    # the packed sequence is one document to transformers: its second part sees the first
+    assert (together[:, 7:] - alone).abs().max() > 1e-3
