@@ -48,20 +48,15 @@ def _check_resume(cfg: RunConfig, world_size: int) -> None:
 
 
 def _check_mixture_change(cfg: RunConfig, path) -> None:
-    """data.prefixes / data.weights other than the checkpoint's: every dataset kept can give what the new weights
-    ask of it for the rest of the run (data/mixture.py)."""
+    """The data mixture from the checkpoint's data position on can be honoured: every dataset kept can give what
+    data.weights ask of it for the rest of the run (data/mixture.py)."""
     state_file = path / TRAINER_STATE
     if cfg.data.mock or not state_file.is_file():
         return
     saved = load_trusted(state_file)
-    record = saved.get(mixture.STATE_KEY)
-    if record is None or mixture.Mixture(record["prefixes"], record["weights"]).same_blend(cfg.data.prefixes,
-                                                                                          cfg.data.weights):
-        return
-    order = mixture.SampleOrder(excluded_samples(cfg.data.exclude_samples))
-    run_samples = cfg.train.steps * cfg.train.global_batch_size
-    mixture.plan(record, cfg.data.prefixes, cfg.data.weights, order.sample(saved["consumed_samples"]),
-                 run_samples + len(order.excluded), run_samples)
+    mixture.planned(saved.get(mixture.STATE_KEY), cfg.data.prefixes, cfg.data.weights,
+                    mixture.SampleOrder(excluded_samples(cfg.data.exclude_samples)), saved["consumed_samples"],
+                    cfg.train.steps * cfg.train.global_batch_size)
 
 
 def _check_vocab(cfg: RunConfig) -> tuple[int, Optional[int]]:

@@ -13,8 +13,10 @@ mixture at the resume position (docs/data.md states the rule):
 - a dataset whose order holds fewer samples than the new weights ask of it for the rest of the run cannot be
   honoured without repeating samples: `ConfigError` naming it, before any process group (preflight).
 
-An unchanged mixture resumes as before: Megatron's blend of the config, untouched. A checkpoint without the
-record (an older version) resumes that way too. Mock data has no mixture.
+An unchanged mixture resumes as before: Megatron's blend of the config, untouched; a mixture begun at an earlier
+resume goes on as it began. A checkpoint without the record (an older version) resumes on Megatron's blend
+too. Mock data has no mixture. `SampleOrder` (the training order without data.exclude_samples) lives here too:
+the record counts from the global sample index of the data position.
 """
 
 from __future__ import annotations
@@ -147,22 +149,19 @@ class MixtureRecord:
                 "next_sample": int(index), "datasets": datasets}
 
 
-def plan(saved: dict, prefixes: Sequence[str], weights: Optional[Sequence[float]], start: int, total: int,
+def plan(saved: dict, prefixes: Sequence[str], weights: Optional[list[float]], start: int, total: int,
          run_samples: int) -> tuple[Mixture, list[Optional[int]], dict]:
-    """The mixture from global sample index `start` (the resume's) on, for a blend that differs from the saved
-    one: (mixture, each dataset's order size, the retired datasets' entries). `total`: the global sample indices
-    the run needs (its samples and the excluded ones); `run_samples`: train.steps x global batch, what an added
-    dataset's order is sized for. ConfigError if it cannot be honoured."""
-    if weights is None and len(prefixes) > 1:
-        raise ConfigError(f"data.prefixes={list(prefixes)} / data.weights differ from the mixture the checkpoint was "
-                          f"trained on ({saved['prefixes']}, weights {saved['weights']}): a changed mixture needs "
-                          f"explicit data.weights")
-    weights = normalized(weights, len(prefixes)) or [1.0]
+    """The mixture from global sample index `start` on, with each dataset of `saved["datasets"]` continuing after
+    its `given`: (mixture, each dataset's order size, the retired datasets' entries). `weights`: normalized (None
+    for one prefix); `total`: the global sample indices the run needs (its samples and the excluded ones);
+    `run_samples`: train.steps x global batch, what an added dataset's order is sized for. ConfigError if a
+    dataset's order cannot give what the weights ask of it."""
+    blend = weights or [1.0]
     entries = saved["datasets"]
-    dataset_index, _ = blending_index(weights, max(0, total - start))
+    dataset_index, _ = blending_index(blend, max(0, total - start))
     needs = np.bincount(dataset_index, minlength=len(prefixes))
     given, sizes = [], []
-    for i, (prefix, weight, need) in enumerate(zip(prefixes, weights, needs)):
+    for i, (prefix, weight, need) in enumerate(zip(prefixes, blend, needs)):
         entry = entries.get(prefix)
         if entry is None:  # an added dataset: its order from 0, sized as Megatron's builder would size it
             given.append(0)
@@ -171,38 +170,54 @@ def plan(saved: dict, prefixes: Sequence[str], weights: Optional[Sequence[float]
         left = int(entry["order_length"]) - int(entry["given"])
         if need > left:
             raise ConfigError(
-                f"data.weights={list(weights)}: data.prefixes[{i}]={prefix!r} would have to give {int(need)} more "
-                f"samples for the rest of the run, but its sample order holds {left} it has not given yet (of "
-                f"{entry['order_length']}): it is exhausted. Lower its weight, or give more data under a new prefix")
+                f"data.weights (normalized {[round(w, 4) for w in blend]}): data.prefixes[{i}]={prefix!r} would have "
+                f"to give {int(need)} more samples for the rest of the run, but its sample order holds {left} it has "
+                f"not given yet (of {entry['order_length']}): it is exhausted. Lower its weight, or give more data "
+                f"under a new prefix")
         given.append(int(entry["given"]))
         sizes.append(entry["order_size"])
     retired = {p: e for p, e in entries.items() if p not in prefixes}
-    return Mixture(list(prefixes), None if len(prefixes) == 1 else weights, start, given), sizes, retired
+    return Mixture(list(prefixes), weights, start, given), sizes, retired
+
+
+def planned(saved: Optional[dict], prefixes: Sequence[str], weights: Optional[Sequence[float]], order: SampleOrder,
+            consumed_samples: int, run_samples: int) -> Optional[tuple[Mixture, list[Optional[int]], dict]]:
+    """`plan` for a resume at `consumed_samples`, or None where Megatron's blend of the config applies (no record,
+    or this blend since the run began). A changed blend starts a new mixture at the resume's sample index; an
+    unchanged one whose mixture began at an earlier resume is planned again from where it began (the saved
+    weights, so the blending index is the same). ConfigError if it cannot be honoured (what preflight checks)."""
+    config = Mixture(list(prefixes), normalized(weights, len(prefixes)))
+    same = saved is not None and config.same_blend(saved["prefixes"], saved["weights"])
+    if saved is None or (same and saved["start"] == 0):
+        return None
+    total = run_samples + len(order.excluded)
+    if same:
+        began = {p: dict(e, given=g) for p, e, g in zip(saved["prefixes"], (saved["datasets"][p] for p in
+                                                                          saved["prefixes"]), saved["given_at_start"])}
+        entries = {**saved["datasets"], **began}
+        return plan({"datasets": entries}, saved["prefixes"], saved["weights"], int(saved["start"]), total, run_samples)
+    if weights is None and len(prefixes) > 1:
+        raise ConfigError(f"data.prefixes={list(prefixes)} / data.weights=None differ from the mixture the "
+                          f"checkpoint was trained on ({saved['prefixes']}, weights {saved['weights']}): a changed "
+                          f"mixture needs explicit data.weights")
+    return plan(saved, prefixes, config.weights, order.sample(consumed_samples), total, run_samples)
 
 
 def resume(saved: Optional[dict], prefixes: Sequence[str], weights: Optional[Sequence[float]], train_ds,
            order: SampleOrder, consumed_samples: int, run_samples: int,
            build_order: Callable[[str, Optional[int]], object]) -> MixtureRecord:
     """The run's mixture at the data position `consumed_samples`: Megatron's blend of the config (`train_ds`)
-    when the checkpoint has no record or was trained on this blend from the start; otherwise a `MixedDataset`,
-    of the saved mixture (a resume after an earlier change) or of a new one (`plan`). run_samples: train.steps x
-    global batch; build_order(prefix, size): that dataset's GPTDataset order of the training split."""
-    config = Mixture(list(prefixes), normalized(weights, len(prefixes)))
-    if saved is None or (config.same_blend(saved["prefixes"], saved["weights"]) and saved["start"] == 0):
-        return MixtureRecord(config, train_ds, order, saved and {p: e for p, e in saved["datasets"].items()
-                                                                 if p not in prefixes})
-    index, total = order.sample(consumed_samples), run_samples + len(order.excluded)
-    if config.same_blend(saved["prefixes"], saved["weights"]):
-        mixture = Mixture(list(saved["prefixes"]), saved["weights"], int(saved["start"]),
-                          [int(g) for g in saved["given_at_start"]])
-        sizes = [saved["datasets"][p]["order_size"] for p in mixture.prefixes]
-        retired = {p: e for p, e in saved["datasets"].items() if p not in prefixes}
-    else:
-        mixture, sizes, retired = plan(saved, prefixes, weights, index, total, run_samples)
+    where `planned` says so, else a `MixedDataset` of the planned mixture. run_samples: train.steps x global
+    batch; build_order(prefix, size): that dataset's GPTDataset order of the training split."""
+    mix = planned(saved, prefixes, weights, order, consumed_samples, run_samples)
+    if mix is None:
+        retired = {p: e for p, e in saved["datasets"].items() if p not in prefixes} if saved else {}
+        return MixtureRecord(Mixture(list(prefixes), normalized(weights, len(prefixes))), train_ds, order, retired)
+    mixture, sizes, retired = mix
     orders = [build_order(prefix, size) for prefix, size in zip(mixture.prefixes, sizes)]
     for prefix, dataset in zip(mixture.prefixes, orders):
         entry = saved["datasets"].get(prefix)
         if entry is not None and len(dataset) != int(entry["order_length"]):
             raise RuntimeError(f"{prefix}: its sample order has {len(dataset)} samples, the checkpoint recorded "
                                f"{entry['order_length']}: the data or data.split/seq_length/seed changed")
-    return MixtureRecord(mixture, MixedDataset(mixture, orders, total), order, retired)
+    return MixtureRecord(mixture, MixedDataset(mixture, orders, run_samples + len(order.excluded)), order, retired)

@@ -22,7 +22,7 @@ VALUES = {
     "fpa": {"lambda0": 0.2, "gamma": 0.9},
     "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "zero_stage": 1},
     "train": {"steps": 8, "micro_batch_size": 2, "global_batch_size": 4, "eval_interval": 0, "seed": SEED},
-    "checkpoint": {"resume": "auto"},
+    "checkpoint": {"resume": "auto", "keep_last": 5},
     "logging": {"interval": 1, "tensorboard": False},
 }
 
@@ -130,8 +130,9 @@ def three_steps(tmp_path_factory, data):
 
 
 def test_a_changed_mixture_continues_each_dataset_without_repeats(three_steps, data):
-    """After steps 1-3 on A:B = 1:1, a resume on A:B:C = 1:3:4 up to step 8: the 12 samples before and the 20
-    after hold no sample twice, the 20 follow the new weights, and the checkpoints record what each dataset gave."""
+    """After steps 1-3 on A:B = 1:1, a resume on A:B:C = 1:3:4 up to step 8 (itself resumed after step 5): the 12
+    samples before and the 20 after hold no sample twice, the 20 follow the new weights, and the checkpoints
+    record what each dataset gave."""
     from megatron.core.datasets.blended_dataset import BlendedDataset
 
     from fpa_megatron.checkpoint.format import TRAINER_STATE, load_trusted
@@ -141,11 +142,14 @@ def test_a_changed_mixture_continues_each_dataset_without_repeats(three_steps, d
     from fpa_megatron.data.run_data import RunData
 
     after = run_values(three_steps, data, "mix", prefixes=[data["A"], data["B"], data["C"]], weights=[1, 3, 4])
-    second = run_distributed(train_rank, 1, after, [])[0]
-    assert [h["step"] for h in second] == [4, 5, 6, 7, 8]
+    second = run_distributed(train_rank, 1, after, ["train.exit_interval=2"])[0]
+    third = run_distributed(train_rank, 1, after, [])[0]  # the new mixture goes on as it began
+    assert [h["step"] for h in second + third] == [4, 5, 6, 7, 8]
     checkpoints = three_steps / "mix" / "checkpoints"
     at3 = load_trusted(checkpoints / "iter_0000003" / TRAINER_STATE)["data_mixture"]
+    at5 = load_trusted(checkpoints / "iter_0000005" / TRAINER_STATE)["data_mixture"]
     at8 = load_trusted(checkpoints / "iter_0000008" / TRAINER_STATE)["data_mixture"]
+    assert at5["start"] == at8["start"] == 12 and at5["next_sample"] == 20 and at8["next_sample"] == 32
 
     # before: Megatron's blend of A and B (built here as the trainer's builder does), its first 12 samples
     old, _, _ = build_gpt_datasets([data["A"], data["B"]], [1, 1], SPLIT, SEQ, SEED, (32, 0, 0), None, data["cache"],
@@ -193,8 +197,8 @@ def test_a_mixture_change_that_exhausts_a_dataset_is_a_config_error(three_steps,
     values = run_values(three_steps, data, "mix", prefixes=[data["A"], data["B"]], weights=[1, 1])
     check_config(config_from_dict(values, resume), 1)  # unchanged
     check_config(config_from_dict(values, resume + ["data.weights=[1,2]"]), 1)  # B can give that much more
-    with pytest.raises(ConfigError, match=r"^data.weights=.*data.prefixes\[1\]=.*B' would have to give \d+ more "
-                                          r"samples .* exhausted"):
+    with pytest.raises(ConfigError, match=r"^data.weights \(normalized .*\): data.prefixes\[1\]=.*B' would have to "
+                                          r"give \d+ more samples .* exhausted"):
         check_config(config_from_dict(values, resume + ["data.weights=[1,30]"]), 1)
     with pytest.raises(ConfigError, match="a changed mixture needs explicit data.weights"):
         check_config(config_from_dict({**values, "data": {**values["data"], "weights": None,
