@@ -142,8 +142,8 @@ class MixtureRecord:
         index = self.order.sample(consumed_samples)  # the next global sample index to train on
         given = given_before(self.dataset, self.mixture, index)
         datasets = dict(self.retired)
-        for prefix, order, count in zip(self.mixture.prefixes, orders_of(self.dataset), given):
-            datasets[prefix] = {"given": count, "order_size": order.num_samples, "order_length": len(order)}
+        for prefix, dataset, count in zip(self.mixture.prefixes, orders_of(self.dataset), given):
+            datasets[prefix] = {"given": count, "order_size": dataset.num_samples, "order_length": len(dataset)}
         return {"prefixes": list(self.mixture.prefixes), "weights": self.mixture.weights,
                 "start": self.mixture.start, "given_at_start": self.mixture.given_at_start,
                 "next_sample": int(index), "datasets": datasets}
