@@ -56,6 +56,8 @@ def _typed(value: Any) -> Any:
         return value.value
     if isinstance(value, list):
         return [_typed(v) for v in value]
+    if isinstance(value, dict):
+        return {_typed(k): _typed(v) for k, v in value.items()}
     return value
 
 
@@ -161,6 +163,9 @@ class DataConfig:
     document_mask: bool = False
     exclude_samples: list = field(default_factory=list)  # global training sample indices never trained on, or
     # paths of the forensics files a skipped or rolled-back step wrote (<run dir>/forensics/step_*.json)
+    # named validation sets, each evaluated every train.eval_interval steps (`val/<name>/loss`): name -> a prefix,
+    # a list of prefixes (blended by size) or {prefixes: [...], weights: [...]}; each whole prefix is held out
+    validation: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -5,6 +5,7 @@
 - `build_gpt_datasets(...)`: train/valid/test through `BlendedMegatronDatasetBuilder(GPTDataset, ...)`
   (blend by weight, split string), or `MockGPTDataset` with mock=True. Works with or without a
   torch.distributed process group (with one, rank 0 builds the index caches first, as in Megatron).
+  `build_validation_sets(...)`: the named held-out sets of `data.validation`.
 - `MicroBatchSampler` / `MicroBatchIterator`: Megatron's pretraining-sampler order. Samples are taken
   in order from `consumed_samples`; every block of micro_batch_size * dp_size samples is cut so that DP
   rank r gets the r-th micro-batch. `consumed_samples` (global, all DP ranks) is the resume position to
@@ -29,6 +30,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from data_prep.common import PrepError
 from data_prep.tokenizer import load_tokenizer
 from fpa_megatron.attention.documents import document_ids
+from fpa_megatron.data.mixture import SampleOrder
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -186,7 +188,7 @@ def build_gpt_datasets(
         tokenizer = build_tokenizer(tokenizer_model, mock_vocab_size)
     if len(num_samples) != 3:
         raise ValueError("num_samples must be (train, valid, test)")
-    sizes = [int(n) for n in num_samples]
+    sizes = [None if n is None else int(n) for n in num_samples]  # None: one epoch
     if mock:
         blend = None
     else:
@@ -222,6 +224,17 @@ def build_gpt_datasets(
     return train, valid, test
 
 
+def build_validation_sets(sets: dict, seq_length: int, seed: int, num_samples: int, tokenizer: MegatronTokenizerBase,
+                          cache_dir: Optional[str], eod_mask_loss: bool = False, document_mask: bool = False) -> dict:
+    """`data.validation` (name -> (prefixes, weights), as data_checks.validation_sets reads it): each set a
+    held-out GPT dataset of `num_samples` samples over its whole prefixes (split 0,1,0), blended by its weights;
+    the trainer and `fpa-eval --split NAME` build them with this one function."""
+    return {name: build_gpt_datasets(prefixes, weights, "0,1,0", seq_length, seed, (0, num_samples, 0), None,
+                                     cache_dir, tokenizer=tokenizer, eod_mask_loss=eod_mask_loss,
+                                     document_mask=document_mask)[1]
+            for name, (prefixes, weights) in sets.items()}
+
+
 def _check_splits_not_empty(config: GPTDatasetConfig) -> None:
     """Megatron-core 0.16 loops forever in GPTDataset._get_num_epochs when a split of a prefix has no
     token (e.g. a small shard with split 98,1,1): refuse such a blend with a clear error instead."""
@@ -242,28 +255,6 @@ def _check_splits_not_empty(config: GPTDatasetConfig) -> None:
                     f"dataset {prefix} ({n} documents) gets no token in the {name} split of "
                     f"split={config.split!r}: use the merged dataset, a larger prefix, or another split"
                 )
-
-
-class SampleOrder:
-    """The training order of the global sample indices: 0, 1, 2, ... without the excluded ones
-    (`data.exclude_samples`, e.g. the samples of a loss spike). Position p of the order is what `consumed_samples`
-    counts, so a resume under the same exclusions continues exactly; positions before the first excluded sample
-    are those of the order without exclusions."""
-
-    def __init__(self, exclude=()):
-        self.excluded = sorted(set(int(i) for i in exclude))
-
-    def sample(self, position: int) -> int:
-        """The global sample index at `position` (O(excluded) per call: the list is short)."""
-        index = position
-        for excluded in self.excluded:
-            if excluded > index:
-                break
-            index += 1
-        return index
-
-    def samples(self, start: int, count: int) -> list[int]:
-        return [self.sample(p) for p in range(start, start + count)]
 
 
 class MicroBatchSampler:

@@ -25,8 +25,9 @@ from fpa_megatron import faults
 from fpa_megatron.checkpoint.checkpointer import Checkpointer
 from fpa_megatron.checkpoint.reader import initial_weights
 from fpa_megatron.config import RunConfig, run_dir, save_config
-from fpa_megatron.data.data_checks import excluded_samples
-from fpa_megatron.data.datasets import SampleOrder, build_gpt_datasets, micro_batches
+from fpa_megatron.data.datasets import micro_batches
+from fpa_megatron.data.mixture import STATE_KEY as MIXTURE_KEY
+from fpa_megatron.data.run_data import RunData
 from fpa_megatron.exit_codes import Preempted
 from fpa_megatron.flops import flops_per_token
 from fpa_megatron.model.gpt import build_gpt_model, make_penalty
@@ -98,17 +99,7 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
         log.info(f"initialized from {cfg.checkpoint.init_from} (weights only: step 0, a fresh optimizer)")
     engine = build_engine(model, cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, layout.num_microbatches)
     steps, global_batch = cfg.train.steps, cfg.train.global_batch_size
-    eval_batches = (cfg.train.eval_iters * global_batch) if cfg.train.eval_interval > 0 else 0
-    order = SampleOrder(excluded_samples(cfg.data.exclude_samples))  # the training order, spikes' samples left out
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
-        (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
-        mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
-        document_mask=cfg.data.document_mask,
-    )  # the same samples and order whatever is excluded: the excluded ones come out of the epochs' slack
-    if len(train_ds) < steps * global_batch + len(order.excluded):
-        raise RuntimeError(f"data.exclude_samples leaves out {len(order.excluded)} samples, but the training split "
-                           f"holds {len(train_ds)} of the {steps * global_batch} train.steps needs: fewer steps")
+    data = RunData.build(cfg, layout.vocab_size)
     state = TrainState(LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled),
                        TrainingGuard(cfg.train, model, rank),  # the guard: non-finite steps, spikes, stop requests
                        BatchSizeRamp(global_batch, cfg.train.micro_batch_size * layout.data_parallel,
@@ -118,20 +109,26 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
     if resume_from is None and cfg.checkpoint.init_from and not import_weights:
         raise RuntimeError(f"every checkpoint of this run was damaged and moved to {checkpointer.root / 'abandoned'}"
                            f": rerun to start again from checkpoint.init_from={cfg.checkpoint.init_from}")
-    if resume_from is not None:
-        state.load_state_dict(checkpointer.load(resume_from, engine))
+    saved = checkpointer.load(resume_from, engine) if resume_from is not None else {}
+    if saved:
+        state.load_state_dict(saved)
         log.info(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+    state.mixture = data.training_mixture(cfg, layout.vocab_size, saved.get(MIXTURE_KEY), state.consumed_samples)
+    train_ds = data.train if state.mixture is None else state.mixture.dataset
+    if len(train_ds) < steps * global_batch + len(data.order.excluded):
+        raise RuntimeError(f"data.exclude_samples leaves out {len(data.order.excluded)} samples, but the training "
+                           f"split holds {len(train_ds)} of the {steps * global_batch} train.steps needs: fewer steps")
     batches = micro_batches(train_ds, state.consumed_samples, cfg.train.micro_batch_size,
-                            parallel_state.get_data_parallel_rank(), layout.data_parallel, order=order)
+                            parallel_state.get_data_parallel_rank(), layout.data_parallel, order=data.order)
     trackers = trackers_for_run(cfg, str(out_dir), state.tracker_run_id, asdict(layout)) if rank == 0 else []
     if trackers:  # rank 0 saves the trainer state: the tracker's run goes on after a resume
         state.tracker_run_id = trackers[0].run_id
     logger = MetricsLogger.for_run(cfg.logging, str(out_dir), enabled=rank == 0, total_steps=steps, trackers=trackers)
     return Run(cfg, layout, model, engine, penalty, batches, state, checkpointer, logger,
-               Evaluator(cfg, layout, model, engine, penalty, valid_ds, logger),
-               AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, valid_ds, train_ds),
+               Evaluator(cfg, layout, model, engine, penalty, data.valid, logger, data.named),
+               AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, data.valid, data.train),
                StepProfiler(cfg, rank), StallWatchdog(cfg, rank),
-               MemoryCheck(cfg, layout, model, logger, state.step), SpikeForensics(cfg, order, train_ds, rank),
+               MemoryCheck(cfg, layout, model, logger, state.step), SpikeForensics(cfg, data.order, train_ds, rank),
                flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
 
 
