@@ -11,25 +11,27 @@ from tests.training.test_trainer import BASE
 TIMEOUT_MINUTES = 0.1  # 6 s: the stacks come at 90 % of it
 
 
-def stalled_rank(values: dict):
+def stalled_rank(values: dict, fault: str):
     import os
 
     from fpa_megatron.config import config_from_dict
     from fpa_megatron.run_log import failure_line
     from fpa_megatron.training.trainer import train
 
-    os.environ["FPA_FAULT"] = "stall_rank@3:1"  # rank 1 hangs as step 3 starts (tests and drills only)
+    os.environ["FPA_FAULT"] = fault  # rank 1 hangs as step 3 starts (tests and drills only)
     try:
         train(config_from_dict(values))
     except Exception as err:  # noqa: BLE001 - rank 0 times out waiting for rank 1: hand its failure line back
         raise RuntimeError(f"FAILURE LINE {failure_line(err, TIMEOUT_MINUTES)}") from None
 
 
-def test_a_stalled_step_leaves_every_ranks_stacks_and_the_failure_line_names_them(tmp_path):
+@pytest.mark.parametrize("fault", ["stall_rank@3:1", "stall_rank@3:1,sigterm@3:0"],
+                         ids=["stall", "stall-then-stop-signal"])  # a stop request cannot finish the step either
+def test_a_stalled_step_leaves_every_ranks_stacks_and_the_failure_line_names_them(tmp_path, fault):
     values = {**BASE, "logging": {**BASE["logging"], "dir": str(tmp_path), "run_name": "stall"},
               "parallel": {"timeout_minutes": TIMEOUT_MINUTES}}
     with pytest.raises(RuntimeError, match="FAILURE LINE") as failed:
-        run_distributed(stalled_rank, 2, values, timeout_s=120)
+        run_distributed(stalled_rank, 2, values, fault, timeout_s=120)
     line = str(failed.value).rsplit("FAILURE LINE ", 1)[1].splitlines()[0]  # the message, not the source line
     stacks = tmp_path / "stall" / "stacks"
     assert line.startswith("rank 0 ") and "failed at step 3: a collective did not complete" in line, line
