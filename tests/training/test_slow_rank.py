@@ -43,6 +43,7 @@ def two_runs(root: str) -> dict:
             setup_logging(rank).removeHandler(handler)
             handler.close()
         out[name] = [(h["step"], h["slow_ranks"]) for h in history]
+        out[f"{name}_losses"] = [h["lm_loss"] for h in history]
     return out
 
 
@@ -73,6 +74,8 @@ def test_the_slow_rank_names_itself_with_host_and_coordinates(runs):
     # every rank judged the same times: both histories count the slow rank from the step it was named
     expected = [(step, int(step >= SLOW_FROM + IN_A_ROW - 1)) for step in range(1, STEPS + 1)]
     assert results[0]["slow"] == results[1]["slow"] == expected
+    # the times ride in the guard's all-reduce and change nothing else: the same losses, bit for bit
+    assert results[0]["slow_losses"] == results[0]["calm_losses"]
 
 
 def test_tensorboard_has_the_slowest_rank_and_its_ratio(runs):
