@@ -1,7 +1,7 @@
 """A slow rank, named: the rank whose steps take longer than the others', step after step.
 
 Each rank times its step from the step's start to the end of its forward/backward schedule, i.e. up to the
-step's first reduction over the data-parallel ranks (the loss all-reduce; ZeRO-0/1 reduce the gradients in the
+step's first reduction over the data-parallel ranks (the loss all-reduce; ZeRO-1 reduces the gradients in the
 optimizer step), and the time it waited for its micro-batches. Both travel in the guard's one all-reduce per
 step (training/guard.py: `rank_seconds`), so every rank knows every rank's times without a collective of its own.
 
