@@ -189,6 +189,16 @@ class SpikeConfig:
 
 
 @dataclass
+class SlowRankConfig:
+    """A slow rank: its step time (from the step's start to the end of its forward/backward) above `factor` x the
+    median of the other ranks' for `steps` steps in a row names it in the log: host, rank, TP/CP/PP/DP
+    (training/slow_ranks.py). The times travel in the guard's all-reduce. factor 0 or null, or steps 0: off."""
+
+    factor: Optional[float] = 2.0  # twice the others' time is no noise; a slow GPU or host, or its data
+    steps: int = 5
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps attempted = global batches consumed (skipped steps consume theirs)
     micro_batch_size: int = 4
@@ -206,6 +216,7 @@ class TrainConfig:
     # at the first one.
     max_consecutive_skips: int = 5
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+    slow_rank: SlowRankConfig = field(default_factory=SlowRankConfig)
 
 
 @dataclass

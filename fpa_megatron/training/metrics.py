@@ -230,6 +230,12 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.flush()
 
+    def log_ranks(self, step: int, values: Mapping[str, float], final: bool = False, changed: bool = False) -> None:
+        """Every rank's step time and data wait in a few `ranks/` scalars (training/slow_ranks.py): on the step
+        lines' cadence, at the last step, and whenever a rank is named slow or recovers (`changed`)."""
+        if self.enabled and (step % self.interval == 0 or step == 1 or final or changed):
+            self._scalars(step, values)
+
     def log_rollback(self, step: int, to_step: int) -> None:
         """A rollback, marked in the curves: `train/rolled_back_to_step` at the step that rolled back."""
         if self.enabled:

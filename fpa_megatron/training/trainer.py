@@ -2,9 +2,9 @@
 
 `setup` builds the run: process groups, the GPT with the penalized attention, DeepSpeed ZeRO, the data, the
 train state (resumed from the newest checkpoint if there is one) and the components that act on their own
-cadence: the checkpointer, the metrics logger, the evaluator and the attention diagnostics. `train` is the
-loop: set lambda_t, forward/backward on Megatron's schedule, let the guard decide for all ranks (one
-all-reduce), update or drop the update, roll back after a loss spike, hand the step to the components, stop.
+cadence: the checkpointer, the metrics logger, the evaluator, the attention diagnostics, the slow-rank check.
+`train` is the loop: set lambda_t, forward/backward on Megatron's schedule, let the guard decide for all ranks
+(one all-reduce), update or drop the update, roll back after a loss spike, hand the step to the components, stop.
 
 A deliberate stop (SIGTERM/SIGUSR1, divergence, a loss spike) raises `RunStopped` with its exit code
 (fpa_megatron/exit_codes.py).
@@ -48,6 +48,7 @@ from fpa_megatron.training.metrics import MetricsLogger, memory_gb
 from fpa_megatron.training.optimizer import build_engine, discard_gradients, optimizer_step
 from fpa_megatron.training.preemption import StopSignals
 from fpa_megatron.training.profiling import StepProfiler
+from fpa_megatron.training.slow_ranks import SlowRanks
 from fpa_megatron.training.state import TrainState
 from fpa_megatron.training.trackers import trackers_for_run
 from fpa_megatron.training.watchdog import StallWatchdog
@@ -74,6 +75,7 @@ class Run:
     watchdog: StallWatchdog
     memory: MemoryCheck
     forensics: SpikeForensics
+    slow_ranks: SlowRanks
     flops_per_token: float
 
 
@@ -129,6 +131,7 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
                AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, data.valid, data.train),
                StepProfiler(cfg, rank), StallWatchdog(cfg, rank),
                MemoryCheck(cfg, layout, model, logger, state.step), SpikeForensics(cfg, data.order, train_ds, rank),
+               SlowRanks.for_run(cfg.train.slow_rank, state.guard, logger, rank),
                flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
 
 
@@ -161,7 +164,7 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     run = setup(cfg, layout)
     state, guard, checkpointer, steps = run.state, run.state.guard, run.checkpointer, cfg.train.steps
     history: list[dict] = []
-    measures = (run.diagnostics, run.evaluator, run.memory)  # each acts on its own cadence, logs, returns values
+    measures = (run.diagnostics, run.evaluator, run.memory, run.slow_ranks)  # own cadence each; log; return values
     if state.step == 0:  # the starting point of the validation and attention curves
         for component in reversed(measures):
             component.after_step(0)
@@ -183,7 +186,8 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
                                           seq_length=cfg.model.seq_length, engine=run.engine)
             lr = lr_at(state.updates, cfg.optimizer, steps)
             verdict = guard.check(state.step + 1, result.lm_loss, result.penalty, stop_signals.requested,
-                                  checkpointer.time_due())
+                                  checkpointer.time_due(), step_seconds=result.finished_at - started,
+                                  data_wait_seconds=result.data_wait_s)  # the times: for run.slow_ranks
             run.forensics.after_verdict(state.step + 1, verdict, result.lm_loss, state.consumed_samples,
                                         state.global_batch_size())  # a step not kept: its samples to the run dir
             if verdict.update:
