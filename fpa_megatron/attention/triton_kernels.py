@@ -401,7 +401,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV, ColLo,
         full_start = 0
     tail_start = tl.maximum(full_start, full_rows_end)
     col_lo, col_hi = cols, cols  # unread without documents
-    if HAS_DOCS:  # masked query tiles [first, full_start) and [full_end, masked_end), unmasked in between
+    if HAS_DOCS:  # masked query tiles [first, full_start) and [full_rows_end, tail_end), unmasked in between
         first, full_start, full_rows_end, tail_end, col_lo, col_hi = _doc_tile_bounds(
             ColLo, ColHi, batch.to(tl.int64) * seq_len_k, start_n, seq_len_k, BLOCK_N, BLOCK_M)
         diag_start, diag_end, tail_start = first, tl.minimum(full_start, tail_end), full_rows_end
