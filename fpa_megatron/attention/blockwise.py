@@ -124,7 +124,8 @@ class _Tiles:
     def diagonal(self, i0: int, i1: int, j0: int, j1: int):
         """(first column of key tile [j0, j1) that some row of block [i0, i1) must not see, the [rows, cols]
         mask of the columns from there on (True = hidden: in the row's future or another document), the same
-        as an additive bias), or None when every row sees the whole tile."""
+        as an additive bias, or None for a document tile's mask, applied with masked_fill_), or None when every
+        row sees the whole tile."""
         if self.documents is not None and not (
                 self._q_docs[i0] == self._q_docs[i1 - 1] == self._k_docs[j0] == self._k_docs[j1 - 1]):
             return (0, *self._document_tile(i0, i1, j0, j1))
@@ -134,14 +135,13 @@ class _Tiles:
         shift = i0 + self.delta - j0 - start  # 0 on the diagonal; < 0 when the tile starts after row i0's keys
         return (start, *self.future(i1 - i0, j1 - j0 - start, shift))
 
-    def _document_tile(self, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Tensor]:
-        """The mask (and bias) of a tile that holds a document boundary: other documents, and the future."""
+    def _document_tile(self, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, None]:
+        """The mask of a tile that holds a document boundary (other documents, and the future); no bias."""
         q_docs, k_docs = self.documents
         mask = q_docs[i0:i1, None] != k_docs[None, j0:j1]
         if self.causal:
             mask |= torch.ones(mask.shape, dtype=torch.bool, device=self.device).triu(1 + i0 + self.delta - j0)
-        mask = mask.repeat_interleave(self.group, dim=0)
-        return mask, torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(mask, float("-inf"))
+        return mask.repeat_interleave(self.group, dim=0), None
 
     def future(self, size: int, cols: int, shift: int) -> tuple[Tensor, Tensor]:
         """The [size * group, cols] causal mask of query rows [0, size) against columns [0, cols) whose first
@@ -168,6 +168,16 @@ def _sample_tiles(sq: int, sk: int, b: int, hkv: int, q_docs: Optional[Tensor], 
 
 # ----------------------------------------------------------------------------------------------------------
 # one query block, forward and backward
+
+
+def _hide(scores: Tensor, diag) -> None:
+    """-inf, in place, on the columns `diag` (from `_Tiles.diagonal`) hides: by adding the cached causal bias, or
+    with the document tile's mask (built per tile: no bias tensor, a quarter of the memory)."""
+    start, mask, bias = diag
+    if bias is None:
+        scores[:, :, start:].masked_fill_(mask, float("-inf"))
+    else:
+        scores[:, :, start:].add_(bias)
 
 
 def _sq_sum(x: Tensor) -> Tensor:
@@ -200,7 +210,7 @@ def _forward_block(q_tile: Tensor, k_t: Tensor, v: Tensor, i0: int, i1: int, key
         if target == "logits":
             row_sq_sum += _visible_sq_sum(scores, diag)
         if diag is not None:
-            scores[:, :, diag[0]:].add_(diag[2])  # -inf on the keys in the future
+            _hide(scores, diag)  # -inf on the keys in the future (or of other documents)
         new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))
         # a row with nothing visible yet keeps max -inf; it subtracts 0 instead (no (-inf) - (-inf) = NaN)
         ref_max = new_max.masked_fill(new_max == float("-inf"), 0.0) if empty_rows else new_max
@@ -230,7 +240,7 @@ def _backward_block(q_tile, out_grad_tile, lse_tile, d_tile, g2_tile, k, k_t, v_
             score_grad = scores * (g2_tile / LOG2E)  # 2 g s in natural units; masked entries zeroed below
         probs = scores.sub_(lse_tile)
         if diag is not None:
-            probs[:, :, diag[0]:].add_(diag[2])
+            _hide(probs, diag)
         probs = probs.exp2_()  # [n, rows, cols]
         dv[:, j0:j1].baddbmm_(probs.transpose(1, 2), out_grad_tile)
         probs_grad = torch.bmm(out_grad_tile, v_t[:, :, j0:j1])  # dP
