@@ -1,0 +1,168 @@
+"""launch/slurm.sbatch under a real SLURM (tests/slurm_cluster.py: slurmctld and two slurmd, n1 and n2, on this
+machine): `sbatch --nodes=2 --gpus-per-node=0 --cpus-per-task=1` with GPUS_PER_NODE=1 trains the fault drills'
+tiny GPT (DP2, ZeRO-1, gloo, a checkpoint every 10 steps) with one rank on each node. Every run's losses are read
+back from its TensorBoard files (one file per attempt) and compared, exactly, with one node running both ranks
+(launch/torchrun.sh, 2 processes, the same config file).
+
+- the two-node job = one node;
+- the time-limit signal: SLURM signals the batch shell with SIGUSR1 (what `#SBATCH --signal=B:USR1@600` does
+  ahead of the time limit; sent here by `scancel --signal=USR1 --batch`, which is the same delivery, as soon as
+  step 2 is logged, instead of waiting minutes for a short --time to run out): the workers stop with a
+  checkpoint (exit 75), the script requeues the job, the requeued job resumes from that checkpoint and ends
+  on the one-node trajectory;
+- scancel (SIGTERM to every process of the job): the workers save and stop; the job ends CANCELLED, not requeued;
+- node n2 lost mid-run (its slurmd, slurmstepd and tasks SIGKILLed), MAX_RESTARTS=1: the survivor's torchrun
+  restarts its group and waits for the lost node; SLURM sets n2 DOWN (SlurmdTimeout), names it, and requeues
+  the job (--requeue); once n2's slurmd is back, the job runs again and resumes from the newest checkpoint,
+  ending on the one-node trajectory.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fpa_megatron.checkpoint.lineage import complete_checkpoints
+from fpa_megatron.testing import free_port
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+from tests.training.tensorboard_losses import losses_per_attempt
+from tests.training.test_multinode import CONFIG as MULTINODE_CONFIG, _env, one_node_losses
+
+ROOT = Path(__file__).resolve().parents[2]
+SBATCH = ROOT / "launch" / "slurm.sbatch"
+STEPS = 60  # ~0.1 s a step: time for a signal sent at step 2 to reach the workers (~2 s) well before the end
+CONFIG = {**MULTINODE_CONFIG, "train": {**MULTINODE_CONFIG["train"], "steps": STEPS},
+          "checkpoint": {**MULTINODE_CONFIG["checkpoint"], "interval": 10}}
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("slurm_config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory, config_file) -> dict[int, float]:
+    return one_node_losses(config_file, tmp_path_factory.mktemp("one_node"), STEPS)
+
+
+def _submit(cluster, config_file: str, work: Path, extra: tuple = (), **env) -> str:
+    """sbatch launch/slurm.sbatch on both nodes, one rank each; the run in work/run, the job's output in
+    work/job-<id>.out (appended to by a requeued job)."""
+    env = {**cluster.env, **_env(), "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()), **env}
+    return cluster.sbatch(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", f"--chdir={ROOT}",
+                           f"--output={work}/job-%j.out", str(SBATCH), config_file, f"logging.dir={work}",
+                           "logging.run_name=run", f"data.cache_dir={work / 'cache'}", *extra], env=env, cwd=str(ROOT))
+
+
+def _output(work: Path, job: str) -> str:
+    path = work / f"job-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _wait_for(what: str, condition, cluster, job: str, work: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        states = cluster.job_states(job)
+        if time.monotonic() > deadline or set(states.values()) & set(ENDED):
+            raise AssertionError(f"no {what}: job {job} {states}\n{_output(work, job)[-3000:]}")
+        time.sleep(0.1)
+
+
+def _wait_for_step(cluster, job: str, work: Path, step: int) -> None:
+    _wait_for(f"step {step}", lambda: f"] step {step}/{STEPS} " in _output(work, job), cluster, job, work)
+
+
+def _restarts(cluster, job: str) -> int:
+    return int(re.search(r"\bRestarts=(\d+)", cluster.run(["scontrol", "-o", "show", "job", job]).stdout).group(1))
+
+
+def _resumed_at(log: str) -> int:
+    (step,) = {int(s) for s in re.findall(r"\[rank 0\] resumed from \S+iter_(\d+) at step \d+", log)}
+    return step
+
+
+def test_two_node_job_equals_one_node_torchrun(slurm_cluster, tmp_path, config_file, one_node):  # noqa: F811
+    job = _submit(slurm_cluster, config_file, tmp_path)
+    assert slurm_cluster.wait(job, timeout=300) == {job: "COMPLETED"}, _output(tmp_path, job)[-3000:]
+    log = _output(tmp_path, job)
+    assert f"fpa-megatron: job {job} on 2 nodes x 1 GPUs, rendezvous n1:" in log
+    assert "NodeList=n[1-2]" in slurm_cluster.run(["scontrol", "-o", "show", "job", job]).stdout
+    assert losses_per_attempt(tmp_path / "run") == [one_node]
+    assert _restarts(slurm_cluster, job) == 0
+
+
+def test_a_config_error_is_its_one_line_before_any_node_starts_and_is_not_requeued(slurm_cluster, tmp_path,  # noqa: F811
+                                                                                   config_file):
+    job = _submit(slurm_cluster, config_file, tmp_path, extra=["model.hidden_size=30"])
+    assert slurm_cluster.wait(job) == {job: "FAILED"}
+    first, error = _output(tmp_path, job).splitlines()  # nothing else: no store, no srun
+    assert first.startswith(f"fpa-megatron: job {job} on 2 nodes x 1 GPUs, rendezvous n1:")
+    assert error.startswith("fpa-train: config error: ") and "model.hidden_size=30" in error, error
+    assert _restarts(slurm_cluster, job) == 0
+    assert "ExitCode=2:0" in slurm_cluster.run(["scontrol", "-o", "show", "job", job]).stdout
+
+
+def test_time_limit_signal_saves_requeues_and_the_requeued_job_resumes_equal(slurm_cluster, tmp_path, config_file,  # noqa: F811
+                                                                              one_node):
+    job = _submit(slurm_cluster, config_file, tmp_path)
+    _wait_for_step(slurm_cluster, job, tmp_path, 2)
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job])
+    assert slurm_cluster.wait(job, timeout=300) == {job: "COMPLETED"}, _output(tmp_path, job)[-3000:]
+    log = _output(tmp_path, job)
+    assert "fpa-megatron: SIGUSR1 ahead of the time limit: asking the workers to save and stop" in log, log[-3000:]
+    assert re.search(r"torchrun\.sh: SIGUSR1 reached torchrun, which passed it to the workers: they stopped with "
+                     r"exit code 75 \(", log), log[-3000:]
+    assert f"fpa-megatron: requeueing job {job}" in log
+    assert _restarts(slurm_cluster, job) == 1
+    stopped = _resumed_at(log)  # the requeued job resumed from the checkpoint saved at the signal
+    first, second = losses_per_attempt(tmp_path / "run")
+    assert 2 <= stopped < STEPS and sorted(first) == list(range(1, stopped + 1)), (stopped, sorted(first))
+    assert first == {s: one_node[s] for s in first}
+    assert second == {s: one_node[s] for s in range(stopped + 1, STEPS + 1)}
+
+
+def test_scancel_saves_and_does_not_requeue(slurm_cluster, tmp_path, config_file, one_node):  # noqa: F811
+    job = _submit(slurm_cluster, config_file, tmp_path)
+    _wait_for_step(slurm_cluster, job, tmp_path, 2)
+    slurm_cluster.run(["scancel", job])
+    assert slurm_cluster.wait(job, timeout=120) == {job: "CANCELLED"}
+    log = _output(tmp_path, job)
+    assert "requeueing" not in log and _restarts(slurm_cluster, job) == 0, log[-3000:]
+    (losses,) = losses_per_attempt(tmp_path / "run")
+    last = max(losses)
+    assert 2 <= last < STEPS and losses == {s: one_node[s] for s in range(1, last + 1)}, log[-3000:]
+    # the workers saved the step they stopped at
+    assert complete_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == f"iter_{last:07d}", log[-3000:]
+
+
+def test_a_lost_node_is_requeued_by_slurm_and_the_job_resumes_equal_when_it_returns(slurm_cluster, tmp_path,  # noqa: F811
+                                                                                     config_file, one_node):
+    job = _submit(slurm_cluster, config_file, tmp_path, MAX_RESTARTS="1")
+    _wait_for_step(slurm_cluster, job, tmp_path, 12)  # after the step-10 checkpoint
+    try:
+        assert slurm_cluster.kill_node("n2"), "no process of the job on n2"
+        _wait_for("n2 down and the job requeued",
+                  lambda: slurm_cluster.node_states().get("n2", "").startswith("down")
+                  and slurm_cluster.job_states(job) == {job: "PENDING"},
+                  slurm_cluster, job, tmp_path, timeout_s=120)
+    finally:
+        slurm_cluster.start_node("n2")  # the node is back (ReturnToService=2); the cluster whole for later tests
+    assert slurm_cluster.wait(job, timeout=300) == {job: "COMPLETED"}, _output(tmp_path, job)[-3000:]
+    log = _output(tmp_path, job)
+    assert "srun: error: Node failure on n2" in log, log[-3000:]
+    assert "requeue job JobId=%s due to failure of node n2" % job in slurm_cluster.log("slurmctld")
+    assert re.search(r"ERROR: rank \d \(host \S+\) failed at step \d+: the lost or stalled peer is on node \d",
+                     log), log[-3000:]
+    assert _restarts(slurm_cluster, job) == 1
+    resumed = _resumed_at(log)
+    attempts = [a for a in losses_per_attempt(tmp_path / "run") if a]
+    assert resumed >= 10 and len(attempts) == 2, (resumed, [sorted(a) for a in attempts])
+    assert attempts[0] == {s: one_node[s] for s in attempts[0]} and max(attempts[0]) >= 12
+    assert attempts[1] == {s: one_node[s] for s in range(resumed + 1, STEPS + 1)}
