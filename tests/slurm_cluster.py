@@ -9,6 +9,8 @@ of tests can run side by side, and nothing of the machine's own SLURM or munge i
 `sinfo` shows both nodes idle (a few seconds), yields a `SlurmCluster` whose `env` has SLURM_CONF set for the
 client commands (sbatch, squeue, scontrol, scancel, srun), and at the end stops every daemon it started,
 by pid. The only change outside the temp directory: `127.0.0.1 n1 n2` is added to /etc/hosts if missing.
+Its timeouts are sized for tests (CRED_EXPIRE_S, SLURMD_TIMEOUT_S, KILL_WAIT_S below); `kill_node(name)` loses
+a node as a machine would and `start_node(name)` brings it back.
 
 Use it from a test module:
 
