@@ -104,8 +104,8 @@ def test_two_node_job_equals_one_node_torchrun(slurm_cluster, tmp_path, config_f
     assert _restarts(slurm_cluster, job) == 0
 
 
-def test_a_config_error_is_its_one_line_before_any_node_starts_and_is_not_requeued(slurm_cluster, tmp_path,  # noqa: F811
-                                                                                   config_file):
+def test_a_config_error_fails_before_any_node_starts_and_is_not_requeued(slurm_cluster, tmp_path,  # noqa: F811
+                                                                         config_file):
     job = _submit(slurm_cluster, config_file, tmp_path, extra=["model.hidden_size=30"])
     assert slurm_cluster.wait(job) == {job: "FAILED"}
     first, error = _output(tmp_path, job).splitlines()  # nothing else: no store, no srun
@@ -115,8 +115,8 @@ def test_a_config_error_is_its_one_line_before_any_node_starts_and_is_not_requeu
     assert "ExitCode=2:0" in slurm_cluster.run(["scontrol", "-o", "show", "job", job]).stdout
 
 
-def test_time_limit_signal_saves_requeues_and_the_requeued_job_resumes_equal(slurm_cluster, tmp_path, config_file,  # noqa: F811
-                                                                              one_node):
+def test_time_limit_signal_saves_requeues_and_the_job_resumes_equal(slurm_cluster, tmp_path,  # noqa: F811
+                                                                     config_file, one_node):
     job = _submit(slurm_cluster, config_file, tmp_path)
     _wait_for_step(slurm_cluster, job, tmp_path, 2)
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job])
