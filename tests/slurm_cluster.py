@@ -44,10 +44,10 @@ CPUS_PER_NODE = 2
 START_TIMEOUT_S = 30.0
 # A requeued job may start again cred_expire + 1 s after it ended (SLURM's default: 120 s); a lost node is set
 # DOWN (its jobs requeued) after SlurmdTimeout (default 300 s); a cancelled job's processes get SIGTERM and
-# KillWait seconds to save before SIGKILL (default 30 s): short enough for tests, long enough for a tiny save.
+# KillWait seconds to save before SIGKILL (SLURM's default, 30 s: a tiny save on a loaded machine needs it).
 CRED_EXPIRE_S = 5
 SLURMD_TIMEOUT_S = 10
-KILL_WAIT_S = 15
+KILL_WAIT_S = 30
 
 SLURM_CONF = """\
 ClusterName={cluster}

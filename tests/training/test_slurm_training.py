@@ -185,8 +185,8 @@ def test_scancel_saves_and_does_not_requeue(lost_node_then_scancel, one_node):
     log, attempts = run["log"], run["attempts"]
     assert run["state"] == {run["job"]: "CANCELLED"}, log[-3000:]
     assert "requeueing" not in log and run["restarts"] == 1, log[-3000:]
-    assert log.count("torchrun.sh: SIGTERM reached torchrun, which passed it to the workers: they stopped with "
-                     "exit code 75 (") == 2, log[-3000:]
+    assert ("torchrun.sh: SIGTERM reached torchrun, which passed it to the workers: they stopped with exit code 75 ("
+            in log), log[-3000:]
     stop = max(attempts[-1])
     assert run["resumed"] + 2 <= stop < STEPS
     checkpoints = complete_checkpoints(run["work"] / "run" / "checkpoints")
