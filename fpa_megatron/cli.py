@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         print(run_dir(cfg))
         return exit_codes.OK
     quiet_training_notices()
-    from fpa_megatron.run_log import failure_line, is_collective_timeout, setup_logging, where
+    from fpa_megatron.run_log import failure_line, is_collective_timeout, setup_logging
     from fpa_megatron.training.trainer import train
 
     log = setup_logging()
     try:
         train(cfg, layout)
-    except exit_codes.RunStopped as stop:  # decided by all ranks together: reported once
-        if where.rank == 0:
+    except exit_codes.RunStopped as stop:  # decided by all ranks together: reported once per node (the
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # node's launch/torchrun.sh reads the code from it)
             report = log.warning if stop.exit_code == exit_codes.PREEMPTED else log.error
             report(f"{stop} (exit code {stop.exit_code}: {exit_codes.DESCRIPTIONS[stop.exit_code]})")
         return stop.exit_code

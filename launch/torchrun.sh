@@ -193,7 +193,7 @@ FILTER_PID=$!
 SIGNAL=""
 # shellcheck disable=SC2329  # invoked by the traps below
 forward() {
-    SIGNAL="SIG$1"
+    SIGNAL="${SIGNAL:-SIG$1}"  # the first one is what stopped the workers (srun may send SIGTERM after SIGUSR1)
     # a signal sent to the whole process group (Ctrl-C, SLURM's scancel) reached torchrun already: a second one
     # would cut its wait for the workers short
     sleep 1

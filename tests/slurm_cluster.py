@@ -9,6 +9,8 @@ of tests can run side by side, and nothing of the machine's own SLURM or munge i
 `sinfo` shows both nodes idle (a few seconds), yields a `SlurmCluster` whose `env` has SLURM_CONF set for the
 client commands (sbatch, squeue, scontrol, scancel, srun), and at the end stops every daemon it started,
 by pid. The only change outside the temp directory: `127.0.0.1 n1 n2` is added to /etc/hosts if missing.
+Its timeouts are sized for tests (CRED_EXPIRE_S, SLURMD_TIMEOUT_S, KILL_WAIT_S below); `kill_node(name)` loses
+a node as a machine would and `start_node(name)` brings it back.
 
 Use it from a test module:
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -39,6 +42,12 @@ DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scontr
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
 START_TIMEOUT_S = 30.0
+# A requeued job may start again cred_expire + 1 s after it ended (SLURM's default: 120 s); a lost node is set
+# DOWN (its jobs requeued) after SlurmdTimeout (default 300 s); a cancelled job's processes get SIGTERM and
+# KillWait seconds to save before SIGKILL (SLURM's default, 30 s: a tiny save on a loaded machine needs it).
+CRED_EXPIRE_S = 5
+SLURMD_TIMEOUT_S = 10
+KILL_WAIT_S = 30
 
 SLURM_CONF = """\
 ClusterName={cluster}
@@ -48,7 +57,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={cred_expire}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -60,15 +69,16 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 MpiDefault=none
 ReturnToService=2
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 MinJobAge=600
-KillWait=2
+KillWait={kill_wait}
 SlurmctldTimeout=30
-SlurmdTimeout=30
+SlurmdTimeout={slurmd_timeout}
 MessageTimeout=10
 {nodes}
 PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
@@ -82,6 +92,7 @@ class SlurmCluster:
 
     root: str
     env: dict
+    conf: str = ""
     nodes: tuple = NODES
     processes: dict = field(default_factory=dict)  # name -> Popen of each daemon
 
@@ -119,6 +130,39 @@ class SlurmCluster:
             time.sleep(0.2)
         raise AssertionError(f"job {job} still running after {timeout} s: {self.job_states(job)}")
 
+    def start_node(self, name: str, wait: bool = True) -> None:
+        """Start (or start again) the slurmd of node `name`; with `wait`, until sinfo shows it idle."""
+        out = open(os.path.join(self.root, "log", "daemons.out"), "ab")
+        self.processes[f"slurmd-{name}"] = subprocess.Popen(["slurmd", "-D", "-f", self.conf, "-N", name],
+                                                            env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        if wait:
+            _wait_for(f"node {name} idle in sinfo", lambda: self.node_states().get(name) == "idle", self.processes)
+
+    def kill_node(self, name: str) -> list[int]:
+        """Lose node `name` as a machine would: SIGKILL to its slurmd, to every job task running on it (the
+        processes whose environment says SLURMD_NODENAME=name) and to their slurmstepd. Returns the pids."""
+        daemon = self.processes[f"slurmd-{name}"]
+        daemon.kill()
+        daemon.wait()
+        victims = set()
+        for pid in _pids():
+            if _environ(pid).get("SLURMD_NODENAME") == name:
+                victims.add(pid)
+                parent = _parent(pid)
+                if parent and _comm(parent) == "slurmstepd":
+                    victims.add(parent)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return sorted(victims)
+
+    def node_states(self) -> dict:
+        """{node: state} from sinfo ('idle', 'allocated', 'down*', ...)."""
+        res = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False, timeout=10)
+        return dict(line.split() for line in res.stdout.splitlines() if len(line.split()) == 2)
+
     def log(self, name: str) -> str:
         """A daemon's log: 'slurmctld', 'slurmd-n1', 'slurmd-n2', 'munged'."""
         path = os.path.join(self.root, "log", name + ".log")
@@ -141,6 +185,35 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and {reason}")
     pytest.skip(reason)
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _environ(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().decode(errors="replace").split("\0")
+    except OSError:  # gone, or not ours to read
+        return {}
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _free_ports(n: int) -> list[int]:
@@ -223,26 +296,21 @@ def _start(cluster: SlurmCluster, root: str, processes: dict) -> None:
     with open(conf, "w") as f:
         f.write(SLURM_CONF.format(
             cluster=f"fpa{os.getpid()}", host=host, ctld_port=ctld_port, munge_socket=munge_socket, root=root,
+            cred_expire=CRED_EXPIRE_S, slurmd_timeout=SLURMD_TIMEOUT_S, kill_wait=KILL_WAIT_S,
             node_list=",".join(NODES),
             nodes="\n".join(NODE_LINE.format(name=n, host=host, port=p, cpus=CPUS_PER_NODE)
                             for n, p in zip(NODES, node_ports))))
     env = dict(os.environ, SLURM_CONF=conf)
     for var in [v for v in env if v.startswith(("SLURM_", "SBATCH_", "SRUN_")) and v != "SLURM_CONF"]:
         del env[var]  # a test run inside a SLURM job must not hand that job's settings to this cluster
-    cluster.env = env
+    cluster.env, cluster.conf = env, conf
     out = open(os.path.join(root, "log", "daemons.out"), "ab")
     processes["slurmctld"] = subprocess.Popen(["slurmctld", "-D", "-i", "-f", conf], env=env, stdout=out,
                                               stderr=subprocess.STDOUT)
     for n in NODES:
-        processes[f"slurmd-{n}"] = subprocess.Popen(["slurmd", "-D", "-f", conf, "-N", n], env=env, stdout=out,
-                                                    stderr=subprocess.STDOUT)
-
-    def idle() -> bool:
-        res = cluster.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False, timeout=10)
-        states = dict(line.split() for line in res.stdout.splitlines() if len(line.split()) == 2)
-        return res.returncode == 0 and all(states.get(n) == "idle" for n in NODES)
-
-    _wait_for("2 idle nodes in sinfo", idle, processes)
+        cluster.start_node(n, wait=False)
+    _wait_for("2 idle nodes in sinfo", lambda: all(cluster.node_states().get(n) == "idle" for n in NODES),
+              processes)
 
 
 def stop_cluster(cluster: SlurmCluster) -> None:

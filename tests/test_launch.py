@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from fpa_megatron.testing import free_port
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
@@ -157,15 +155,11 @@ def test_bad_arguments(args, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
-def test_slurm_dry_run(tmp_path):
-    """The sbatch script under a SLURM-like environment; `scontrol` is a stand-in that expands the node list."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text('#!/usr/bin/env bash\n[[ "$1 $2 $3" == "show hostnames gpu[07-09]" ]] || exit 1\n'
-                        'printf "gpu07\\ngpu08\\ngpu09\\n"\n')
-    scontrol.chmod(0o755)
-    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-09]",
+def test_slurm_dry_run(tmp_path, slurm_cluster):  # noqa: F811
+    """The sbatch script by hand with a job's environment (DRY_RUN=1: the commands it would run); the real
+    `scontrol` of the test cluster expands the node list. The script runs under SLURM in
+    tests/training/test_slurm_training.py."""
+    env = _env(SLURM_CONF=slurm_cluster.env["SLURM_CONF"], SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-09]",
                SLURM_JOB_NUM_NODES="3", SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(ROOT), DRY_RUN="1")
     proc = subprocess.run(["bash", str(SLURM), "configs/gpt_7b.yaml", "data.prefixes=[/d/x_00000]"], env=env,
                           capture_output=True, text=True, timeout=30, cwd=tmp_path)
@@ -202,66 +196,6 @@ def test_slurm_needs_a_job():
     proc = subprocess.run(["bash", str(SLURM), "configs/gpt_7b.yaml"], env=_env(DRY_RUN="1"),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "SLURM_JOB_ID" in proc.stderr
-
-
-def _fake_slurm(tmp_path, srun_body: str) -> dict:
-    """Stand-ins for srun (runs `srun_body`) and scontrol (expands the node list, records requeues)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(
-        '#!/usr/bin/env bash\n'
-        'if [[ "$1" == show ]]; then echo gpu07; else echo "$*" >> "$FAKE_LOG"; fi\n')
-    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\necho started >> "$FAKE_LOG"\n{srun_body}\n')
-    for tool in ("scontrol", "srun"):
-        (bin_dir / tool).chmod(0o755)
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))  # checked by the script before srun
-    return _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu07",
-                SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT), FAKE_LOG=str(tmp_path / "log"),
-                GPUS_PER_NODE="2", MASTER_PORT=str(free_port()))  # the script hosts the rendezvous store on it
-
-
-TINY = {"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 256},
-        "data": {"mock": True}, "train": {"micro_batch_size": 2, "global_batch_size": 8}}
-
-
-def test_slurm_forwards_the_time_limit_signal_and_requeues(tmp_path):
-    """SLURM's SIGUSR1 (--signal=B:USR1@...) reaches the batch shell: it passes it to srun, waits for the
-    workers to stop, then requeues the job."""
-    import time
-
-    env = _fake_slurm(tmp_path, 'trap \'echo "srun got USR1" >> "$FAKE_LOG"; exit 1\' USR1\n'
-                                'while :; do sleep 0.05; done')
-    proc = subprocess.Popen(["bash", str(SLURM), str(tmp_path / "tiny.yaml")], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "log"
-    deadline = time.monotonic() + 30
-    while not (log.exists() and "started" in log.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=30)
-    assert log.read_text().splitlines() == ["started", "srun got USR1", "requeue 4242"], stderr
-    assert proc.returncode == 1  # what srun (torchrun) returned
-    assert "requeueing job 4242" in stderr
-
-
-@pytest.mark.parametrize("srun_exit,requeued", [(0, False), (1, False), (75, True)])
-def test_slurm_requeues_only_a_preempted_run(tmp_path, srun_exit, requeued):
-    env = _fake_slurm(tmp_path, f"exit {srun_exit}")
-    proc = subprocess.run(["bash", str(SLURM), str(tmp_path / "tiny.yaml")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == srun_exit
-    assert ("requeue 4242" in (tmp_path / "log").read_text()) == requeued
-
-
-def test_slurm_config_error_is_its_one_line_before_any_node_starts(tmp_path):
-    env = _fake_slurm(tmp_path, "exit 0")
-    proc = subprocess.run(["bash", str(SLURM), str(tmp_path / "tiny.yaml"), "model.hidden_size=30"], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    banner = f"fpa-megatron: job 4242 on 1 nodes x 2 GPUs, rendezvous gpu07:{env['MASTER_PORT']}\n"
-    assert (proc.returncode, proc.stdout) == (2, "")
-    assert proc.stderr.startswith(banner) and proc.stderr.count("\n") == 2, proc.stderr
-    assert proc.stderr[len(banner):].startswith("fpa-train: config error: ") and "model.hidden_size=30" in proc.stderr
-    assert not (tmp_path / "log").exists()  # srun never started, nothing requeued
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="GPU machine: the script would run")

@@ -93,18 +93,22 @@ def config_file(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def one_node(tmp_path_factory, config_file) -> dict[int, float]:
-    """lm_loss per step of one node running both ranks (torchrun, 2 processes)."""
-    log_dir = tmp_path_factory.mktemp("one_node")
+def one_node_losses(config_file: str, log_dir: Path, steps: int) -> dict[int, float]:
+    """lm_loss per step of one node running both ranks (launch/torchrun.sh, 2 processes), run in log_dir/run."""
     proc = subprocess.run(["bash", "launch/torchrun.sh", "--nproc-per-node", "2", "--master-port", str(free_port()),
                            config_file, f"logging.dir={log_dir}", "logging.run_name=run",
                            "data.cache_dir=" + str(log_dir / "cache")],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     (losses,) = losses_per_attempt(log_dir / "run")
-    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert sorted(losses) == list(range(1, steps + 1))
     return losses
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory, config_file) -> dict[int, float]:
+    """lm_loss per step of one node running both ranks (torchrun, 2 processes)."""
+    return one_node_losses(config_file, tmp_path_factory.mktemp("one_node"), STEPS)
 
 
 def test_two_nodes_equal_one_node(tmp_path, config_file, one_node):
