@@ -189,6 +189,19 @@ class _ChunkDocuments:
         keys = torch.cat([self._chunk(j), self._chunk(2 * self.cp_size - 1 - j)], dim=1)[:, :n * self.c]
         return self._chunk(chunk), keys
 
+    def visible_blocks(self, chunk: int, cp_size: int) -> list[tuple[int, int]]:
+        """`visible_key_blocks` of the chunk, without the blocks none of its queries sees (`sees`)."""
+        return [(j, n) for j, n in visible_key_blocks(chunk, cp_size) if self.sees(chunk, j, n)]
+
+    def sees(self, chunk: int, j: int, n: int) -> bool:
+        """Whether some query of `chunk` shares a document with rank j's first n chunks (all before it): the
+        last of those keys is in the document of the chunk's first query or later (ids never decrease). A
+        block no query sees is skipped: its partial would be empty, its gradients zero."""
+        if self.docs is None:
+            return True
+        last_key = self._chunk(j if n == 1 else 2 * self.cp_size - 1 - j)[:, -1]
+        return bool((last_key >= self._chunk(chunk)[:, 0]).any())
+
 
 class ContextParallelAttention(torch.autograd.Function):
     """Forward and backward of `context_parallel_attention` for the merging kernels (blockwise, triton, sdpa).
@@ -209,7 +222,7 @@ class ContextParallelAttention(torch.autograd.Function):
                  for qh, kh, vh, chunk in zip(_halves(q), _halves(k), _halves(v), chunks)]
         k_ranks, v_ranks = pending.wait()
         for half, chunk, qh in zip(parts, chunks, _halves(q)):
-            for j, n in visible_key_blocks(chunk, cp_size):  # the chunks before it, every key visible
+            for j, n in documents.visible_blocks(chunk, cp_size):  # the chunks before it, every key visible
                 half.append(kernel.forward(qh, k_ranks[j, :, :, :n * c], v_ranks[j, :, :, :n * c], causal=False,
                                            docs=documents.block(chunk, j, n)))
         del k_ranks, v_ranks, pending  # the whole sequence's K/V is not kept: backward gathers it again
@@ -249,7 +262,7 @@ class ContextParallelAttention(torch.autograd.Function):
         grads = torch.zeros((cp_size, 2) + tuple(k.shape), dtype=first[1].dtype, device=k.device)  # rank order
         dq = [first[0], None]
         for i, chunk in enumerate(ctx.chunks):
-            for j, n in visible_key_blocks(chunk, cp_size):
+            for j, n in documents.visible_blocks(chunk, cp_size):
                 keys = slice(0, n * c)
                 dq_p, dk_p, dv_p = kernel.backward(rows[i][0], k_ranks[j, :, :, keys], v_ranks[j, :, :, keys],
                                                    *rows[i][1:], causal=False, docs=documents.block(chunk, j, n))
