@@ -9,8 +9,8 @@ loop: the stall per save (the time the loop spends in `Checkpointer.maybe_save` 
 whole write, fsync, checksum and commit; for async the staging to host memory and any wait for the previous
 save), the mean step time (iter_time_s) of the steps between saves (the first step left out), and the wait for
 the last save at the end of training (the first async save also allocates the host buffers that every later
-save reuses: the ratio without the first saves is printed too). Targets (issue 26): stall per save async / sync <= 0.2, step time between
-saves async / sync <= 1.10 ("unchanged").
+save reuses: the ratio without the first saves is printed too). Targets (issue 26): stall per save async / sync
+<= 0.2, step time between saves async / sync <= 1.10 ("unchanged").
 """
 
 from __future__ import annotations

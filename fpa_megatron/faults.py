@@ -17,8 +17,9 @@
 
 Several faults: comma-separated. Steps count from 1 (the step the log line calls `step 12/N`). `:R` picks
 the rank; without it, loss and save faults hit every rank and the others rank 0. The save faults act in the
-checkpoint writer (`checkpoint_write`), the background thread under checkpoint.async_save. Under torchrun the faults fire only
-in the first attempt (TORCHELASTIC_RESTART_COUNT = 0), so a restarted group runs clean. Unset: a no-op.
+checkpoint writer (`checkpoint_write`; the background thread under checkpoint.async_save). Under torchrun the
+faults fire only in the first attempt (TORCHELASTIC_RESTART_COUNT = 0), so a restarted group runs clean. Unset:
+a no-op.
 """
 
 from __future__ import annotations

@@ -187,14 +187,15 @@ class Checkpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """The end of training, the exit interval and a stop signal wait for the save in flight; so does a
-        failure, whose error stays the one reported (a failed write is then logged)."""
-        try:
-            self.wait()
-        except Exception as err:  # noqa: BLE001
-            if exc is None or isinstance(exc, RunStopped):
-                raise
-            log.error(f"the checkpoint being written failed too: {err}")
+        """The end of training, the exit interval and a stop (RunStopped: every rank agreed, all alive) wait for
+        the save in flight. A failure abandons it: rank 0 stops waiting for ranks that may be dead (the
+        checkpoint never counts; a rerun resumes from the one before), and the failure stays the error."""
+        if exc is not None and not isinstance(exc, RunStopped) and self._in_flight is not None:
+            self._in_flight.job.abandoned.set()
+            log.warning(f"checkpoint {self._in_flight.job.path.name} was still being written: abandoned")
+            self._in_flight = None
+            return
+        self.wait()
 
     def _commit(self, path: Path, checksums: dict) -> None:
         """Rank 0, after every rank's files are durable: directory, marker, history, latest, then prune."""

@@ -180,6 +180,7 @@ class SaveJob:
     files: list[tuple[Path, Callable[[Path], None]]]
     commit: Optional[Callable[[dict], None]] = None
     timeout_s: float = 600.0
+    abandoned: threading.Event = field(default_factory=threading.Event)  # the run failed: stop waiting for ranks
 
     def run(self) -> None:
         written: list[Path] = []
@@ -215,6 +216,9 @@ class SaveJob:
                 if durable.is_file():
                     checksums.update(json.loads(durable.read_text()))
                     pending.discard(rank)
+            if pending and self.abandoned.is_set():
+                raise CheckpointWriteError(f"checkpoint {self.path} abandoned: the run failed before rank(s) "
+                                           f"{sorted(pending)} reported their files durable (it never counts)")
             if pending and time.monotonic() > deadline:
                 raise CheckpointWriteError(f"checkpoint {self.path}: rank(s) {sorted(pending)} did not report their "
                                            f"files durable within {self.timeout_s:g} s (parallel.timeout_minutes)")

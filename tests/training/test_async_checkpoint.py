@@ -4,7 +4,8 @@ The async run writes its checkpoints slowly (FPA_FAULT=slow_save: the writer sle
 training goes on, so the save of step 4 waits for the one of step 2 and the end of training for the one of step
 4; the files must equal, byte for byte, those of the synchronous run (the staged copy is the state of its step,
 not a later one). Every worker SIGKILLed while the step-4 checkpoint is being written leaves it without
-`complete`; resume `auto` takes step 2 and the resumed run ends where the uninterrupted one does. A file that cannot be written fails the run, naming it.
+`complete`; resume `auto` takes step 2 and the resumed run ends where the uninterrupted one does. A file that
+cannot be written fails the run, naming it.
 """
 
 from __future__ import annotations
