@@ -7,8 +7,9 @@ that spill registers (STACK > 0) before a GPU is lent. It runs nothing.
 
     python benchmarks/triton_compile_check.py [--dtypes bf16 fp16 fp32] [--head-dim 128] [--arch 90]
 
-One line per (dtype, causal, penalty target, has penalty gradient, kernel, partial: a key slice with offsets) with the first tile config of
-`GPU_TILES` for that head dim: shared memory bytes, then cuobjdump's REG / STACK / SHARED / LOCAL figures.
+One line per (dtype, causal, penalty target, has penalty gradient, kernel, partial: a key slice with offsets,
+docs: document masking) with the first tile config of `GPU_TILES` for that head dim: shared memory bytes, then
+cuobjdump's REG / STACK / SHARED / LOCAL figures. `--docs only` / `--docs no` restrict the document variants.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ def pointer_args(dtype: str) -> dict:
     """kernel name -> (kernel, {pointer argument: Triton pointer type}); scalars default to i32 / fp32."""
     data, stats = "*" + dtype, "*fp32"
     return {
-        "fwd": (kernels.attn_fwd_kernel, dict(Q=data, K=data, V=data, Out=data, Lse2=stats, RowPenalty=stats)),
+        "fwd": (kernels.attn_fwd_kernel, dict(Q=data, K=data, V=data, Out=data, Lse2=stats, RowPenalty=stats,
+                                              RowLo="*i32", RowHi="*i32")),
         "dkdv": (kernels.attn_bwd_dkdv_kernel, dict(Q=data, K=data, V=data, DOut=data, Lse2=stats, Delta=stats,
-                                                    GradPenalty=stats, DK=data, DV=data)),
+                                                    GradPenalty=stats, DK=data, DV=data, ColLo="*i32", ColHi="*i32")),
         "dq": (kernels.attn_bwd_dq_kernel, dict(Q=data, K=data, V=data, DOut=data, Lse2=stats, Delta=stats,
-                                                GradPenalty=stats, DQ=data)),
+                                                GradPenalty=stats, DQ=data, RowLo="*i32", RowHi="*i32")),
     }
 
 
@@ -66,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--docs", choices=["both", "only", "no"], default="both",
+                        help="the document-masking variants (HAS_DOCS): with the others, only them, or none")
     args = parser.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 64)
     failures = 0
@@ -73,9 +77,10 @@ def main(argv=None) -> int:
           f"shared bytes, resource usage", flush=True)
     for dtype in args.dtypes:
         dot_dtype, precision = DTYPES[dtype]
+        docs_flags = {"both": (False, True), "only": (True,), "no": (False,)}[args.docs]
         cases = itertools.product((False, True), PENALTIES.items(), (False, True), pointer_args(dtype).items(),
-                                  (False, True))
-        for causal, (penalty, code), grad_penalty, (kind, (fn, pointers)), partial in cases:
+                                  (False, True), docs_flags)
+        for causal, (penalty, code), grad_penalty, (kind, (fn, pointers)), partial, docs in cases:
             if (kind == "fwd" and grad_penalty) or (code == 0 and grad_penalty):
                 continue  # the forward has no penalty gradient; without a penalty there is none
             block_m, block_n, warps, stages = GPU_TILES[kind][args.head_dim][0]
@@ -86,8 +91,9 @@ def main(argv=None) -> int:
             constexprs["OFFSETS"] = partial  # a key slice with offsets and its own length (context parallelism)
             if kind == "fwd":
                 constexprs["PARTIAL"] = partial  # the statistics that merge
+            constexprs["HAS_DOCS"] = docs  # document masking: per-row key ranges
             name = (f"{dtype} causal={causal} penalty={penalty} grad_penalty={grad_penalty} {kind}"
-                    + (" partial" if partial else ""))
+                    + (" partial" if partial else "") + (" docs" if docs else ""))
             try:
                 shared, usage = compile_kernel(fn, pointers, constexprs, target, warps, stages)
                 print(f"{name}: shared {shared}, {usage}", flush=True)

@@ -56,6 +56,8 @@ def _typed(value: Any) -> Any:
         return value.value
     if isinstance(value, list):
         return [_typed(v) for v in value]
+    if isinstance(value, dict):
+        return {_typed(k): _typed(v) for k, v in value.items()}
     return value
 
 
@@ -155,8 +157,15 @@ class DataConfig:
     cache_dir: Optional[str] = None  # where GPTDataset keeps its index caches
     mock: bool = False  # synthetic data (tests, benchmarks): no prefixes needed
     eod_mask_loss: bool = False  # no LM loss where the input token is EOD (Megatron-LM's --eod-mask-loss)
+    # packed documents attend only to themselves (causally) and positions restart at each one; the FPA penalty
+    # is then each document's own (attention/documents.py). Megatron-LM's --reset-attention-mask and
+    # --reset-position-ids together, at O(S) memory and sum(len^2) work
+    document_mask: bool = False
     exclude_samples: list = field(default_factory=list)  # global training sample indices never trained on, or
     # paths of the forensics files a skipped or rolled-back step wrote (<run dir>/forensics/step_*.json)
+    # named validation sets, each evaluated every train.eval_interval steps (`val/<name>/loss`): name -> a prefix,
+    # a list of prefixes (blended by size) or {prefixes: [...], weights: [...]}; each whole prefix is held out
+    validation: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -180,6 +189,16 @@ class SpikeConfig:
 
 
 @dataclass
+class SlowRankConfig:
+    """A slow rank: its step time (from the step's start to the end of its forward/backward) above `factor` x the
+    median of the other ranks' for `steps` steps in a row names it in the log: host, rank, TP/CP/PP/DP
+    (training/slow_ranks.py). The times travel in the guard's all-reduce. factor 0 or null, or steps 0: off."""
+
+    factor: Optional[float] = 2.0  # twice the others' time is no noise; a slow GPU or host, or its data
+    steps: int = 5
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps attempted = global batches consumed (skipped steps consume theirs)
     micro_batch_size: int = 4
@@ -197,6 +216,7 @@ class TrainConfig:
     # at the first one.
     max_consecutive_skips: int = 5
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+    slow_rank: SlowRankConfig = field(default_factory=SlowRankConfig)
 
 
 @dataclass

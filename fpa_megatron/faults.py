@@ -7,6 +7,8 @@
     FPA_FAULT=kill_node@12:1       rank 1's node is lost as step 12 starts: its launcher (launch/torchrun.sh),
                                    its torchrun agent and the rank itself get SIGKILL (one rank per node: all of it)
     FPA_FAULT=stall_rank@12:1      rank 1 stops doing anything as step 12 starts (a hung rank)
+    FPA_FAULT=slow_rank@12+:1      rank 1 sleeps as each step from 12 on starts (a slow rank), SLOW_RANK_FACTOR x
+                                   as long as its step before the first slow one took, at least SLOW_RANK_SECONDS
     FPA_FAULT=sigterm@12:1         rank 1 gets SIGTERM as step 12 starts
     FPA_FAULT=sigterm@12:launcher  torchrun gets SIGTERM (it forwards it to every worker)
     FPA_FAULT=slow_save@12         the checkpoint writer of the save of step 12 sleeps SLOW_SAVE_S before each file
@@ -38,9 +40,10 @@ from fpa_megatron.run_log import get_logger
 
 ENV = "FPA_FAULT"
 LOSS_FAULTS = ("nan_loss", "spike")
-PROCESS_FAULTS = ("kill_rank", "kill_node", "stall_rank", "sigterm")
+PROCESS_FAULTS = ("kill_rank", "kill_node", "stall_rank", "slow_rank", "sigterm")
 SAVE_FAULTS = ("slow_save", "kill_in_save", "fail_save")
 SPIKE_FACTOR = 100.0
+SLOW_RANK_FACTOR, SLOW_RANK_SECONDS = 2.0, 1.0  # the slow rank's step is then >= 3x the others'
 SLOW_SAVE_S = 0.5
 LAUNCHER = "launcher"
 
@@ -87,6 +90,9 @@ class FaultInjector:
     def __init__(self, faults: list[Fault], rank: int, stop_requested: Callable[[], bool] = lambda: False):
         self.faults, self.rank, self.stop_requested = faults, rank, stop_requested
         self.loss_factor = 1.0
+        self._step_started: Optional[float] = None  # when the last step began (slow_rank times the steps)
+        self._last_step_seconds = 0.0  # how long the last step took on this rank (0.0 before the second)
+        self._slow_seconds: Optional[float] = None  # slow_rank's sleep, fixed when it first fires
 
     @classmethod
     def from_env(cls, rank: int, stop_requested: Callable[[], bool] = lambda: False) -> "FaultInjector":
@@ -101,6 +107,9 @@ class FaultInjector:
 
     def begin_step(self, step: int) -> None:
         self.loss_factor = 1.0
+        previous, self._step_started = self._step_started, time.monotonic()
+        if previous is not None:
+            self._last_step_seconds = self._step_started - previous
         for fault in self.faults:
             if fault.kind not in SAVE_FAULTS and fault.fires(step, self.rank):
                 self._fire(fault, step)
@@ -139,6 +148,12 @@ class FaultInjector:
             log.warning(f"{ENV}: rank {self.rank} stalls at step {step}")
             while True:  # a hung rank: ignores everything but SIGKILL
                 time.sleep(3600)
+        elif fault.kind == "slow_rank":
+            if self._slow_seconds is None:  # first time: the last step was a normal one
+                self._slow_seconds = max(SLOW_RANK_SECONDS, SLOW_RANK_FACTOR * self._last_step_seconds)
+                log.warning(f"{ENV}: rank {self.rank} sleeps {self._slow_seconds:.2f} s as each step starts, "
+                            f"from step {step} on")
+            time.sleep(self._slow_seconds)
         elif fault.kind == "sigterm":
             self._sigterm(fault, step)
 

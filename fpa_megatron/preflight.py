@@ -14,11 +14,13 @@ from typing import Optional
 
 import torch
 
+from fpa_megatron.checkpoint.format import TRAINER_STATE, load_trusted
 from fpa_megatron.checkpoint.layout import CheckpointLayout, check_layout
 from fpa_megatron.checkpoint.lineage import checkpoint_root, resolve_resume
 from fpa_megatron.checkpoint.reader import check_init_from
 from fpa_megatron.config import ConfigError, RunConfig
-from fpa_megatron.data.data_checks import check_data
+from fpa_megatron.data import mixture
+from fpa_megatron.data.data_checks import check_data, excluded_samples
 from fpa_megatron.rules import ResolvedLayout, check_values, resolve_layout
 from fpa_megatron.run_tokenizer import tokenizer_vocab_size
 
@@ -37,10 +39,24 @@ def _check_triton_runs_here(cfg: RunConfig) -> None:
 
 def _check_resume(cfg: RunConfig, world_size: int) -> None:
     """The checkpoint this run would resume from is complete and was saved in this run's layout, or in one
-    that parallel.elastic rewrites (read from its layout.json, before any weight is read)."""
+    that parallel.elastic rewrites (read from its layout.json, before any weight is read); a changed data
+    mixture can be honoured from its data position."""
     path, _ = resolve_resume(checkpoint_root(cfg), str(cfg.checkpoint.resume))
     if path is not None:
         check_layout(path, CheckpointLayout.of_run(cfg, world_size), elastic=cfg.parallel.elastic)
+        _check_mixture_change(cfg, path)
+
+
+def _check_mixture_change(cfg: RunConfig, path) -> None:
+    """The data mixture from the checkpoint's data position on can be honoured: every dataset kept can give what
+    data.weights ask of it for the rest of the run (data/mixture.py)."""
+    state_file = path / TRAINER_STATE
+    if cfg.data.mock or not state_file.is_file():
+        return
+    saved = load_trusted(state_file)
+    mixture.planned(saved.get(mixture.STATE_KEY), cfg.data.prefixes, cfg.data.weights,
+                    mixture.SampleOrder(excluded_samples(cfg.data.exclude_samples)), saved["consumed_samples"],
+                    cfg.train.steps * cfg.train.global_batch_size)
 
 
 def _check_vocab(cfg: RunConfig) -> tuple[int, Optional[int]]:

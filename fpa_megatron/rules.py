@@ -359,6 +359,10 @@ def _check_guard_and_timeout(cfg: RunConfig) -> None:
         _fail(f"train.spike.min_history={spike.min_history} is larger than train.spike.window={spike.window} "
               f"(the median is taken over at most `window` steps)")
     _int_at_least("train.spike.max_rollbacks", spike.max_rollbacks, 0)
+    factor = t.slow_rank.factor
+    if factor is not None and factor != 0 and not (_is_number(factor) and factor > 1):
+        _fail(f"train.slow_rank.factor={factor!r} must be a number > 1 (0 or null: off)")
+    _int_at_least("train.slow_rank.steps", t.slow_rank.steps, 0)
 
 
 def _check_attention_impl(cfg: RunConfig) -> None:

@@ -32,6 +32,7 @@ class Where:
     # node rank -> (host, its ranks), for the whole job (`record_job_nodes`); empty until then
     nodes: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
     stacks: Optional[str] = None  # this rank's stall watchdog file (training/watchdog.py), once armed
+    stacks_at_signal: Optional[str] = None  # ... and its file for the stacks at a stop signal
 
 
 where = Where()
@@ -128,6 +129,12 @@ def failure_line(err: BaseException, timeout_minutes: Optional[float] = None) ->
         lost = "the lost or stalled peer is on" if len(where.nodes) == 2 else "a peer was lost or stalled on one of"
         reason = f"{lost} {others}: {reason}"
     line = f"rank {where.rank} (host {where.host}) failed {at}: {reason}"
-    if timed_out and where.stacks and os.path.isfile(where.stacks) and os.path.getsize(where.stacks) > 0:
+    if timed_out and _written(where.stacks):
         line += f"; every rank's Python stacks at the stall: {os.path.dirname(where.stacks)}/"
+    elif _written(where.stacks_at_signal):
+        line += f"; the Python stacks at the stop signal: {os.path.dirname(where.stacks_at_signal)}/"
     return line
+
+
+def _written(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isfile(path) and os.path.getsize(path) > 0

@@ -563,3 +563,17 @@ def test_typed_fields_still_read_yaml_values_and_null_is_none_for_optional_strin
     assert (over.logging.run_name, over.data.tokenizer, over.logging.dir, over.model.dtype) == (None, None, "null", "off")
     with pytest.raises(ConfigError, match="logging.interval: expected an integer, got False"):
         load_config(None, ["logging.interval=off"])
+
+
+def test_document_mask_is_checked_before_any_process_group(tokenizer, shards):
+    """data.document_mask: a boolean, read from the command line and refused otherwise; on, the layout is the
+    same as without it (every kernel and layout masks documents)."""
+    with pytest.raises(ConfigError, match=r"data\.document_mask: expected true or false, got 'maybe'"):
+        load_config(None, ["data.document_mask=maybe"])
+    values = base(tokenizer, shards)
+    values["data"]["document_mask"] = 2
+    with pytest.raises(ConfigError, match=r"data\.document_mask: expected true or false, got 2"):
+        config_from_dict(values, [])
+    on = check(tokenizer, shards, ["data.document_mask=true", "parallel.context=2", "parallel.tensor=2"])
+    off = check(tokenizer, shards, ["parallel.context=2", "parallel.tensor=2"])
+    assert on == off

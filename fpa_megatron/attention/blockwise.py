@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fpa_megatron.attention.documents import check_document_ids, key_ranges
 from fpa_megatron.attention.partial import LOG2E
 from fpa_megatron.options import FPA_TARGETS, require_one_of
 
@@ -78,42 +79,69 @@ def _base2_query_rows(q: Tensor, softmax_scale: float, group: int, acc: torch.dt
 
 
 class _Tiles:
-    """The query blocks and key tiles of one call, and the causal masks of the tiles that cross the diagonal.
+    """The query blocks and key tiles of one call (or of one sample, with documents), and the masks of the tiles
+    that cross the diagonal or a document boundary.
 
     Queries and keys may be different slices of one sequence: query row i (0 <= i < sq) sits `delta` positions
     after key j = i (delta = q_offset - k_offset; 0 for self-attention), so with causal masking it sees key j iff
     j <= i + delta. Query block [i0, i1) (folded rows [i0 * group, i1 * group)) attends to keys
     [0, min(sk, i1 + delta)) when causal (later keys are never computed; a block that sees no key has no tile),
     else [0, sk), cut every key_block keys. Keys j <= i0 + delta are visible to every row of the block.
+    `documents` (q_docs [sq], k_docs [sk] of one sample, documents.py): a row also sees only the keys of its own
+    document, so each block's keys start at its first row's document (`key_ranges`).
     """
 
     def __init__(self, sq: int, sk: int, group: int, causal: bool, block: int, key_block: int, dtype, device,
-                 delta: int = 0):
+                 delta: int = 0, documents: Optional[tuple[Tensor, Tensor]] = None):
         self.sq, self.sk, self.delta = sq, sk, delta
         self.group, self.causal, self.block, self.key_block = group, causal, block, key_block
         self.dtype, self.device = dtype, device
         self._future: dict = {}
+        self.documents = documents
+        if documents is not None:
+            q_docs, k_docs = documents
+            lo, hi = key_ranges(q_docs[None], k_docs[None], block, causal=causal, delta=delta)
+            self._ranges = list(zip(lo[0].tolist(), hi[0].tolist()))
+            self._q_docs, self._k_docs = q_docs.tolist(), k_docs.tolist()
 
     def blocks(self):
         """(i0, i1, key tiles [(j0, j1), ...]) per query block; the last block may be shorter."""
-        for i0 in range(0, self.sq, self.block):
+        for n, i0 in enumerate(range(0, self.sq, self.block)):
             i1 = min(i0 + self.block, self.sq)
-            end = min(self.sk, i1 + self.delta) if self.causal else self.sk
-            yield i0, i1, [(j, min(j + self.key_block, end)) for j in range(0, end, self.key_block)]
+            if self.documents is not None:
+                start, end = self._ranges[n]
+            else:
+                start, end = 0, min(self.sk, i1 + self.delta) if self.causal else self.sk
+            yield i0, i1, [(j, min(j + self.key_block, end)) for j in range(start, end, self.key_block)]
 
     def has_empty_rows(self, i0: int) -> bool:
-        """Whether some rows of the block starting at i0 see no key at all (only when keys start after them)."""
+        """Whether some rows of the block starting at i0 may see no key of a tile (keys start after them; with
+        documents, a tile of another document's keys only)."""
+        if self.documents is not None:
+            return True
         return self.causal and i0 + self.delta < 0
 
     def diagonal(self, i0: int, i1: int, j0: int, j1: int):
         """(first column of key tile [j0, j1) that some row of block [i0, i1) must not see, the [rows, cols]
-        mask of the columns from there on (True = in the row's future), the same as an additive bias), or None
-        when every row sees the whole tile."""
+        mask of the columns from there on (True = hidden: in the row's future or another document), the same
+        as an additive bias, or None for a document tile's mask, applied with masked_fill_), or None when every
+        row sees the whole tile."""
+        if self.documents is not None and not (
+                self._q_docs[i0] == self._q_docs[i1 - 1] == self._k_docs[j0] == self._k_docs[j1 - 1]):
+            return (0, *self._document_tile(i0, i1, j0, j1))
         if not self.causal or j1 <= i0 + self.delta + 1:
             return None
         start = max(i0 + self.delta - j0, 0)
         shift = i0 + self.delta - j0 - start  # 0 on the diagonal; < 0 when the tile starts after row i0's keys
         return (start, *self.future(i1 - i0, j1 - j0 - start, shift))
+
+    def _document_tile(self, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, None]:
+        """The mask of a tile that holds a document boundary (other documents, and the future); no bias."""
+        q_docs, k_docs = self.documents
+        mask = q_docs[i0:i1, None] != k_docs[None, j0:j1]
+        if self.causal:
+            mask |= torch.ones(mask.shape, dtype=torch.bool, device=self.device).triu(1 + i0 + self.delta - j0)
+        return mask.repeat_interleave(self.group, dim=0), None
 
     def future(self, size: int, cols: int, shift: int) -> tuple[Tensor, Tensor]:
         """The [size * group, cols] causal mask of query rows [0, size) against columns [0, cols) whose first
@@ -128,8 +156,28 @@ class _Tiles:
         return self._future[key]
 
 
+def _sample_tiles(sq: int, sk: int, b: int, hkv: int, q_docs: Optional[Tensor], k_docs: Optional[Tensor],
+                  **tiles_args) -> list[tuple[slice, _Tiles]]:
+    """The folded rows [n = b * hkv] and their tiles: all at once without documents; one sample at a time with
+    them (each sample has its own boundaries, so its own tiles)."""
+    if q_docs is None:
+        return [(slice(None), _Tiles(sq, sk, **tiles_args))]
+    return [(slice(i * hkv, (i + 1) * hkv), _Tiles(sq, sk, documents=(q_docs[i], k_docs[i]), **tiles_args))
+            for i in range(b)]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # one query block, forward and backward
+
+
+def _hide(scores: Tensor, diag) -> None:
+    """-inf, in place, on the columns `diag` (from `_Tiles.diagonal`) hides: by adding the cached causal bias, or
+    with the document tile's mask (built per tile: no bias tensor, a quarter of the memory)."""
+    start, mask, bias = diag
+    if bias is None:
+        scores[:, :, start:].masked_fill_(mask, float("-inf"))
+    else:
+        scores[:, :, start:].add_(bias)
 
 
 def _sq_sum(x: Tensor) -> Tensor:
@@ -162,7 +210,7 @@ def _forward_block(q_tile: Tensor, k_t: Tensor, v: Tensor, i0: int, i1: int, key
         if target == "logits":
             row_sq_sum += _visible_sq_sum(scores, diag)
         if diag is not None:
-            scores[:, :, diag[0]:].add_(diag[2])  # -inf on the keys in the future
+            _hide(scores, diag)  # -inf on the keys in the future (or of other documents)
         new_max = torch.maximum(row_max, scores.amax(-1, keepdim=True))
         # a row with nothing visible yet keeps max -inf; it subtracts 0 instead (no (-inf) - (-inf) = NaN)
         ref_max = new_max.masked_fill(new_max == float("-inf"), 0.0) if empty_rows else new_max
@@ -192,7 +240,7 @@ def _backward_block(q_tile, out_grad_tile, lse_tile, d_tile, g2_tile, k, k_t, v_
             score_grad = scores * (g2_tile / LOG2E)  # 2 g s in natural units; masked entries zeroed below
         probs = scores.sub_(lse_tile)
         if diag is not None:
-            probs[:, :, diag[0]:].add_(diag[2])
+            _hide(probs, diag)
         probs = probs.exp2_()  # [n, rows, cols]
         dv[:, j0:j1].baddbmm_(probs.transpose(1, 2), out_grad_tile)
         probs_grad = torch.bmm(out_grad_tile, v_t[:, :, j0:j1])  # dP
@@ -212,39 +260,44 @@ def _backward_block(q_tile, out_grad_tile, lse_tile, d_tile, g2_tile, k, k_t, v_
 # all query blocks of one call, forward and backward (the autograd function and the partial API share these)
 
 
-def _forward_rows(q_rows: Tensor, k_t: Tensor, v_rows: Tensor, tiles: _Tiles, target: Optional[str]):
+def _forward_rows(q_rows: Tensor, k_t: Tensor, v_rows: Tensor, parts: list[tuple[slice, _Tiles]],
+                  target: Optional[str]):
     """Every query block of folded rows q_rows [n, sq * group, d] (base-2 units) against k_t [n, d, sk],
-    v_rows [n, sk, d]: (out [n, rows, d], row_max, row_sum, row_sq_sum [n, rows]) as in `_forward_block`."""
-    group = tiles.group
+    v_rows [n, sk, d], each part of the n rows on its own tiles (`_sample_tiles`): (out [n, rows, d], row_max,
+    row_sum, row_sq_sum [n, rows]) as in `_forward_block`."""
     out = torch.empty_like(q_rows)
     row_max, row_sum, row_sq_sum = (torch.empty(q_rows.shape[:2], dtype=q_rows.dtype, device=q_rows.device)
                                     for _ in range(3))
-    for i0, i1, key_tiles in tiles.blocks():
-        r0, r1 = i0 * group, i1 * group  # the block's folded rows
-        out_t, max_t, sum_t, sq_sum_t = _forward_block(q_rows[:, r0:r1], k_t, v_rows, i0, i1, key_tiles, tiles,
-                                                       target)
-        out[:, r0:r1] = out_t
-        row_max[:, r0:r1], row_sum[:, r0:r1], row_sq_sum[:, r0:r1] = (
-            max_t.squeeze(-1), sum_t.squeeze(-1), sq_sum_t.squeeze(-1))
+    for n, tiles in parts:
+        group = tiles.group
+        for i0, i1, key_tiles in tiles.blocks():
+            r0, r1 = i0 * group, i1 * group  # the block's folded rows
+            out_t, max_t, sum_t, sq_sum_t = _forward_block(q_rows[n, r0:r1], k_t[n], v_rows[n], i0, i1, key_tiles,
+                                                           tiles, target)
+            out[n, r0:r1] = out_t
+            row_max[n, r0:r1], row_sum[n, r0:r1], row_sq_sum[n, r0:r1] = (
+                max_t.squeeze(-1), sum_t.squeeze(-1), sq_sum_t.squeeze(-1))
     return out, row_max, row_sum, row_sq_sum
 
 
-def _backward_rows(q_rows, out_grad, lse_rows, d_rows, g2_rows, k_rows, v_rows, tiles: _Tiles,
+def _backward_rows(q_rows, out_grad, lse_rows, d_rows, g2_rows, k_rows, v_rows, parts: list[tuple[slice, _Tiles]],
                    target: Optional[str]):
     """(dq [n, rows, d] unscaled, dk [n, sk, d] in base-2 units of q, dv [n, sk, d]) of every query block;
     the row tensors as in `_backward_block`, [n, rows] (g2_rows None without a penalty gradient)."""
-    group = tiles.group
     k_t = k_rows.transpose(1, 2)  # [n, d, sk]
     v_t = v_rows.transpose(1, 2)  # [n, d, sk]
     dq = torch.zeros_like(q_rows)
     dk = torch.zeros_like(k_rows)
     dv = torch.zeros_like(k_rows)
-    for i0, i1, key_tiles in tiles.blocks():
-        r0, r1 = i0 * group, i1 * group
-        dq[:, r0:r1] = _backward_block(
-            q_rows[:, r0:r1], out_grad[:, r0:r1], lse_rows[:, r0:r1, None], d_rows[:, r0:r1, None],
-            None if g2_rows is None else g2_rows[:, r0:r1, None], k_rows, k_t, v_t,
-            dk, dv, i0, i1, key_tiles, tiles, target)
+    for n, tiles in parts:
+        group = tiles.group
+        dk_n, dv_n = dk[n], dv[n]  # views: the blocks accumulate into them
+        for i0, i1, key_tiles in tiles.blocks():
+            r0, r1 = i0 * group, i1 * group
+            dq[n, r0:r1] = _backward_block(
+                q_rows[n, r0:r1], out_grad[n, r0:r1], lse_rows[n, r0:r1, None], d_rows[n, r0:r1, None],
+                None if g2_rows is None else g2_rows[n, r0:r1, None], k_rows[n], k_t[n], v_t[n],
+                dk_n, dv_n, i0, i1, key_tiles, tiles, target)
     return dq, dk, dv
 
 
@@ -271,7 +324,7 @@ class BlockwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, target: str,
-                compute_penalty: bool, block_size: int, causal: bool, key_block: int):
+                compute_penalty: bool, block_size: int, causal: bool, key_block: int, docs: Optional[Tensor]):
         b, hq, s, d = q.shape
         group = hq // k.shape[1]
         acc = _acc_dtype(q.dtype)
@@ -279,9 +332,10 @@ class BlockwiseAttention(torch.autograd.Function):
         q_rows = _base2_query_rows(q, softmax_scale, group, acc)  # [n, s * group, d]
         k_t = k.to(acc).reshape(-1, s, d).transpose(1, 2)  # [n, d, s]
         v_rows = v.to(acc).reshape(-1, s, d)  # [n, s, d]
-        tiles = _Tiles(s, s, group, causal, block_size, key_block, acc, q.device)
+        parts = _sample_tiles(s, s, b, k.shape[1], docs, docs, group=group, causal=causal, block=block_size,
+                              key_block=key_block, dtype=acc, device=q.device)
         block_target = target if compute_penalty else None
-        out, row_max, row_sum, row_sq_sum = _forward_rows(q_rows, k_t, v_rows, tiles, block_target)
+        out, row_max, row_sum, row_sq_sum = _forward_rows(q_rows, k_t, v_rows, parts, block_target)
         lse = row_max + torch.log2(row_sum)  # base 2
         penalty = None
         if block_target == "probs":
@@ -291,7 +345,7 @@ class BlockwiseAttention(torch.autograd.Function):
 
         out = _unfold_heads(out, b, group).to(q.dtype)  # [b, hq, s, d]
         # The collision term c enters the backward (D' = D + 2 g c); for logits nothing more is needed.
-        ctx.save_for_backward(q, k, v, out, lse, penalty if block_target == "probs" else None)
+        ctx.save_for_backward(q, k, v, out, lse, penalty if block_target == "probs" else None, docs)
         ctx.softmax_scale, ctx.target, ctx.causal = softmax_scale, target, causal
         ctx.block_size, ctx.key_block, ctx.compute_penalty = block_size, key_block, compute_penalty
         ctx.set_materialize_grads(False)
@@ -299,14 +353,14 @@ class BlockwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Optional[Tensor], grad_penalty: Optional[Tensor]):
-        q, k, v, out, lse, collision = ctx.saved_tensors
+        q, k, v, out, lse, collision, docs = ctx.saved_tensors
         scale, target = ctx.softmax_scale, ctx.target
         b, hq, s, d = q.shape
         group = hq // k.shape[1]
         acc = _acc_dtype(q.dtype)
         g = grad_penalty if ctx.compute_penalty else None
         if grad_out is None and g is None:
-            return (None,) * 9
+            return (None,) * 10
         if grad_out is None:
             grad_out = torch.zeros_like(out)
 
@@ -314,18 +368,20 @@ class BlockwiseAttention(torch.autograd.Function):
         # D_i = rowsum(dO * O); the probs penalty adds 2 g_i c_i to it (and 2 g_i p_ij to dP_ij).
         out_grad, d_rows, g2_rows = _shift_terms(grad_out, out, g, collision if target == "probs" else None,
                                                  group, acc)
-        tiles = _Tiles(s, s, group, ctx.causal, ctx.block_size, ctx.key_block, acc, q.device)
+        parts = _sample_tiles(s, s, b, k.shape[1], docs, docs, group=group, causal=ctx.causal,
+                              block=ctx.block_size, key_block=ctx.key_block, dtype=acc, device=q.device)
         dq, dk, dv = _backward_rows(q_rows, out_grad, lse, d_rows, g2_rows, k.to(acc).reshape(-1, s, d),
-                                    v.to(acc).reshape(-1, s, d), tiles, target if g is not None else None)
+                                    v.to(acc).reshape(-1, s, d), parts, target if g is not None else None)
         dq = _unfold_heads(dq.mul_(scale), b, group).to(q.dtype)
         dk = dk.mul_(1.0 / LOG2E).reshape(k.shape).to(k.dtype)  # dS^T Q used q in base-2 units
         dv = dv.reshape(v.shape).to(v.dtype)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, target: str = "probs",
                         compute_penalty: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, causal: bool = True,
-                        key_block_size: int = KEY_BLOCK_SIZE) -> tuple[Tensor, Optional[Tensor]]:
+                        key_block_size: int = KEY_BLOCK_SIZE, document_ids: Optional[Tensor] = None
+                        ) -> tuple[Tensor, Optional[Tensor]]:
     """Attention and its per-row FPA penalty, tile by tile, in O(s) memory.
 
     Tiles are `block_size` queries by up to `key_block_size` keys (rounded down to a multiple of block_size,
@@ -335,6 +391,8 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *
     row_penalty [b, hq, s] float32 (float64 for float64 inputs) or None when compute_penalty=False).
     row_penalty: probs: c_i = sum_j p_ij^2; logits: sum over unmasked j of s_ij^2, s_ij = scale * q_i . k_j.
     It is differentiable with any upstream gradient. Equals `eager_attention` up to rounding.
+    document_ids [b, s] (documents.py): each row sees only its own document's keys; every tile outside a block's
+    documents is skipped, so the work follows the sum of the squared document lengths.
     """
     require_one_of("target", target, FPA_TARGETS)
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
@@ -342,9 +400,10 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same b, s, d and hq % hkv == 0")
+    check_document_ids(document_ids, q.shape[0], q.shape[2])
     key_block = _key_block(block_size, key_block_size)
     out, row_penalty = BlockwiseAttention.apply(q, k, v, float(softmax_scale), target, bool(compute_penalty),
-                                                int(block_size), bool(causal), key_block)
+                                                int(block_size), bool(causal), key_block, document_ids)
     return out, row_penalty
 
 
@@ -361,11 +420,14 @@ def _key_block(block_size: int, key_block_size: int) -> int:
 def blockwise_attention_partial(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *,
                                 target: Optional[str] = None, causal: bool = True, q_offset: int = 0,
                                 k_offset: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
-                                key_block_size: int = KEY_BLOCK_SIZE):
+                                key_block_size: int = KEY_BLOCK_SIZE, q_documents: Optional[Tensor] = None,
+                                k_documents: Optional[Tensor] = None):
     """Attention of the queries q [b, hq, sq, d] (global positions q_offset + i) against one slice of the keys
     k, v [b, hkv, sk, d] (positions k_offset + j), with the statistics that merge it with other slices.
 
     Causal: query i sees key j iff k_offset + j <= q_offset + i; blocks and tiles that see nothing are skipped.
+    q_documents [b, sq], k_documents [b, sk] (both or neither): the document ids of these queries and keys; a
+    query also sees only the keys of its own document.
     Returns (out [b, hq, sq, d] float32 (float64 for float64 inputs), normalized over this slice;
     lse2 [b, hq, sq] float64, log2 sum_j 2^(t_ij) over the keys the row sees here (t = s * log2 e; -inf when
     none); stat [b, hq, sq] float64: probs: log2 sum_j 2^(2 t_ij); logits: sum_j s_ij^2; None for target None).
@@ -376,9 +438,10 @@ def blockwise_attention_partial(q: Tensor, k: Tensor, v: Tensor, softmax_scale: 
     q_rows = _base2_query_rows(q, softmax_scale, group, acc)  # [n, sq * group, d]
     k_t = k.to(acc).reshape(-1, sk, d).transpose(1, 2)  # [n, d, sk]
     v_rows = v.to(acc).reshape(-1, sk, d)  # [n, sk, d]
-    tiles = _Tiles(sq, sk, group, causal, block_size, _key_block(block_size, key_block_size), acc, q.device,
-                   delta=q_offset - k_offset)
-    out, row_max, row_sum, row_sq_sum = _forward_rows(q_rows, k_t, v_rows, tiles, target)
+    parts = _sample_tiles(sq, sk, b, k.shape[1], q_documents, k_documents, group=group, causal=causal,
+                          block=block_size, key_block=_key_block(block_size, key_block_size), dtype=acc,
+                          device=q.device, delta=q_offset - k_offset)
+    out, row_max, row_sum, row_sq_sum = _forward_rows(q_rows, k_t, v_rows, parts, target)
     row_max = row_max.double()
     lse2 = row_max + torch.log2(row_sum.double())
     stat = None
@@ -395,7 +458,8 @@ def blockwise_attention_partial_backward(q: Tensor, k: Tensor, v: Tensor, grad_o
                                          delta: Tensor, grad_penalty: Optional[Tensor], softmax_scale: float, *,
                                          target: Optional[str] = None, causal: bool = True, q_offset: int = 0,
                                          k_offset: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
-                                         key_block_size: int = KEY_BLOCK_SIZE):
+                                         key_block_size: int = KEY_BLOCK_SIZE, q_documents: Optional[Tensor] = None,
+                                         k_documents: Optional[Tensor] = None):
     """(dq, dk, dv) of one slice (arguments as `blockwise_attention_partial`), given the merged row statistics
     [b, hq, sq]: lse2 the base-2 LSE over all the keys the row sees (finite), delta = rowsum(dO * O) (+ 2 g c
     for probs) with the merged O and c, grad_penalty g (None: no penalty term). dq [b, hq, sq, d] and dk, dv
@@ -403,11 +467,12 @@ def blockwise_attention_partial_backward(q: Tensor, k: Tensor, v: Tensor, grad_o
     b, hq, sq, d = q.shape
     sk, group, acc = k.shape[2], hq // k.shape[1], _acc_dtype(q.dtype)
     q_rows = _base2_query_rows(q, softmax_scale, group, acc)
-    tiles = _Tiles(sq, sk, group, causal, block_size, _key_block(block_size, key_block_size), acc, q.device,
-                   delta=q_offset - k_offset)
+    parts = _sample_tiles(sq, sk, b, k.shape[1], q_documents, k_documents, group=group, causal=causal,
+                          block=block_size, key_block=_key_block(block_size, key_block_size), dtype=acc,
+                          device=q.device, delta=q_offset - k_offset)
     g2_rows = None if grad_penalty is None else _fold_heads(2.0 * grad_penalty.to(acc), group)
     dq, dk, dv = _backward_rows(q_rows, _fold_heads(grad_out.to(acc), group), _fold_heads(lse2.to(acc), group),
                                 _fold_heads(delta.to(acc), group), g2_rows, k.to(acc).reshape(-1, sk, d),
-                                v.to(acc).reshape(-1, sk, d), tiles, target if grad_penalty is not None else None)
+                                v.to(acc).reshape(-1, sk, d), parts, target if grad_penalty is not None else None)
     dq = _unfold_heads(dq.mul_(softmax_scale), b, group)
     return dq, dk.mul_(1.0 / LOG2E).reshape(k.shape), dv.reshape(v.shape)

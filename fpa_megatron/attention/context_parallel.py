@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fpa_megatron.attention.blockwise import blockwise_attention_partial, blockwise_attention_partial_backward
+from fpa_megatron.attention.documents import check_document_ids, document_mask
 from fpa_megatron.attention.kernels import run_kernel
 from fpa_megatron.attention.partial import LOG2E, Partial, merge_partials, row_penalty, score_grad_shift
 from fpa_megatron.attention.reference import eager_attention
@@ -55,25 +56,29 @@ class _BlockwiseKernel:
     def __init__(self, softmax_scale: float, target: Optional[str], block_size: int):
         self.scale, self.target, self.block_size = softmax_scale, target, block_size
 
-    def forward(self, q, k, v, causal: bool) -> Partial:
+    def forward(self, q, k, v, causal: bool, docs=(None, None)) -> Partial:
         return Partial(*blockwise_attention_partial(q, k, v, self.scale, target=self.target, causal=causal,
-                                                    block_size=self.block_size))
+                                                    block_size=self.block_size, q_documents=docs[0],
+                                                    k_documents=docs[1]))
 
-    def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool):
+    def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool, docs=(None, None)):
         return blockwise_attention_partial_backward(q, k, v, grad_out, lse2, delta, grad_penalty, self.scale,
-                                                    target=self.target, causal=causal, block_size=self.block_size)
+                                                    target=self.target, causal=causal, block_size=self.block_size,
+                                                    q_documents=docs[0], k_documents=docs[1])
 
 
 class _TritonKernel:
     def __init__(self, softmax_scale: float, target: Optional[str]):
         self.scale, self.target = softmax_scale, target
 
-    def forward(self, q, k, v, causal: bool) -> Partial:
-        return Partial(*triton_attention_partial(q, k, v, self.scale, target=self.target, causal=causal))
+    def forward(self, q, k, v, causal: bool, docs=(None, None)) -> Partial:
+        return Partial(*triton_attention_partial(q, k, v, self.scale, target=self.target, causal=causal,
+                                                 q_documents=docs[0], k_documents=docs[1]))
 
-    def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool):
+    def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool, docs=(None, None)):
         return triton_attention_partial_backward(q, k, v, grad_out, lse2, delta, grad_penalty, self.scale,
-                                                 target=self.target, causal=causal)
+                                                 target=self.target, causal=causal, q_documents=docs[0],
+                                                 k_documents=docs[1])
 
 
 class _SdpaCpuKernel:
@@ -83,13 +88,13 @@ class _SdpaCpuKernel:
     def __init__(self, softmax_scale: float):
         self.scale, self.target = softmax_scale, None
 
-    def forward(self, q, k, v, causal: bool) -> Partial:
+    def forward(self, q, k, v, causal: bool, docs=(None, None)) -> Partial:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
                                                                              scale=self.scale)
         return Partial(out.to(torch.float64 if q.dtype == torch.float64 else torch.float32), lse.double() * LOG2E,
                        None)
 
-    def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool):
+    def backward(self, q, k, v, grad_out, out, lse2, delta, grad_penalty, causal: bool, docs=(None, None)):
         lse = (lse2.double() / LOG2E).float()
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out.to(q.dtype).contiguous(), q, k, v, out.contiguous(), lse, 0.0, causal, scale=self.scale)
@@ -164,6 +169,27 @@ def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
     return t[:, :, :c], t[:, :, c:]
 
 
+class _ChunkDocuments:
+    """The document ids [b, S] of the whole sequence cut as the kernels need them: `queries(chunk)` the ids of a
+    global chunk's c positions, `keys(j, n)` those of CP rank j's first n local chunks (chunks j, 2C-1-j), each a
+    (q_docs, k_docs) pair for a kernel call. Without documents every pair is (None, None)."""
+
+    def __init__(self, docs: Optional[Tensor], c: int, cp_size: int):
+        self.docs, self.c, self.cp_size = docs, c, cp_size
+
+    def _chunk(self, i: int) -> Optional[Tensor]:
+        return None if self.docs is None else self.docs[:, i * self.c:(i + 1) * self.c]
+
+    def diagonal(self, chunk: int) -> tuple:
+        return self._chunk(chunk), self._chunk(chunk)
+
+    def block(self, chunk: int, j: int, n: int) -> tuple:
+        if self.docs is None:
+            return None, None
+        keys = torch.cat([self._chunk(j), self._chunk(2 * self.cp_size - 1 - j)], dim=1)[:, :n * self.c]
+        return self._chunk(chunk), keys
+
+
 class ContextParallelAttention(torch.autograd.Function):
     """Forward and backward of `context_parallel_attention` for the merging kernels (blockwise, triton, sdpa).
 
@@ -172,18 +198,20 @@ class ContextParallelAttention(torch.autograd.Function):
     buffer that is reduce-scattered; the kernels read views of them, one owner rank's block at a time."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kernel, group):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kernel, group, docs: Optional[Tensor]):
         cp_size, rank = dist.get_world_size(group), dist.get_rank(group)
         c = q.shape[2] // 2
         chunks = (rank, 2 * cp_size - 1 - rank)  # the global chunk index of each local half
+        documents = _ChunkDocuments(docs, c, cp_size)
         pending = _KVGather(k, v, group)
         # each half against its own chunk, while the other ranks' K/V arrive
-        parts = [[kernel.forward(qh, kh, vh, causal=True)] for qh, kh, vh in zip(_halves(q), _halves(k),
-                                                                                  _halves(v))]
+        parts = [[kernel.forward(qh, kh, vh, causal=True, docs=documents.diagonal(chunk))]
+                 for qh, kh, vh, chunk in zip(_halves(q), _halves(k), _halves(v), chunks)]
         k_ranks, v_ranks = pending.wait()
         for half, chunk, qh in zip(parts, chunks, _halves(q)):
             for j, n in visible_key_blocks(chunk, cp_size):  # the chunks before it, every key visible
-                half.append(kernel.forward(qh, k_ranks[j, :, :, :n * c], v_ranks[j, :, :, :n * c], causal=False))
+                half.append(kernel.forward(qh, k_ranks[j, :, :, :n * c], v_ranks[j, :, :, :n * c], causal=False,
+                                           docs=documents.block(chunk, j, n)))
         del k_ranks, v_ranks, pending  # the whole sequence's K/V is not kept: backward gathers it again
         merged = [merge_partials(half, kernel.target) for half in parts]
         out = torch.cat([m.out for m in merged], dim=2).to(q.dtype)
@@ -192,29 +220,31 @@ class ContextParallelAttention(torch.autograd.Function):
         if kernel.target is not None:
             acc = torch.float64 if q.dtype == torch.float64 else torch.float32
             penalty = torch.cat([row_penalty(m, kernel.target) for m in merged], dim=2).to(acc)
-        ctx.save_for_backward(q, k, v, out, lse2, penalty if kernel.target == "probs" else None)
+        ctx.save_for_backward(q, k, v, out, lse2, penalty if kernel.target == "probs" else None, docs)
         ctx.kernel, ctx.group, ctx.chunks = kernel, group, chunks
         ctx.set_materialize_grads(False)
         return out, penalty
 
     @staticmethod
     def backward(ctx, grad_out: Optional[Tensor], grad_penalty: Optional[Tensor]):
-        q, k, v, out, lse2, collision = ctx.saved_tensors
+        q, k, v, out, lse2, collision, docs = ctx.saved_tensors
         kernel, group = ctx.kernel, ctx.group
         g = grad_penalty if kernel.target is not None else None
         if grad_out is None and g is None:
-            return (None,) * 5
+            return (None,) * 6
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         cp_size = dist.get_world_size(group)
         c = q.shape[2] // 2
+        documents = _ChunkDocuments(docs, c, cp_size)
         delta = score_grad_shift(out, grad_out, collision, g)  # [b, hq, s_local]
         rows = [tuple(_halves(t)) if t is not None else (None, None) for t in (q, grad_out, out, lse2, delta, g)]
         rows = list(zip(*rows))  # per half: (q, dO, O, lse2, D', g)
 
         pending = _KVGather(k, v, group)
         (k0, k1), (v0, v1) = _halves(k), _halves(v)
-        first = kernel.backward(rows[0][0], k0, v0, *rows[0][1:], causal=True)  # while K/V arrive
+        first = kernel.backward(rows[0][0], k0, v0, *rows[0][1:], causal=True,  # while K/V arrive
+                                docs=documents.diagonal(ctx.chunks[0]))
         k_ranks, v_ranks = pending.wait()
         grads = torch.zeros((cp_size, 2) + tuple(k.shape), dtype=first[1].dtype, device=k.device)  # rank order
         dq = [first[0], None]
@@ -222,19 +252,20 @@ class ContextParallelAttention(torch.autograd.Function):
             for j, n in visible_key_blocks(chunk, cp_size):
                 keys = slice(0, n * c)
                 dq_p, dk_p, dv_p = kernel.backward(rows[i][0], k_ranks[j, :, :, keys], v_ranks[j, :, :, keys],
-                                                   *rows[i][1:], causal=False)
+                                                   *rows[i][1:], causal=False, docs=documents.block(chunk, j, n))
                 dq[i] = dq_p if dq[i] is None else dq[i] + dq_p
                 grads[j, 0, :, :, keys] += dk_p
                 grads[j, 1, :, :, keys] += dv_p
         del k_ranks, v_ranks, pending
         scatter = _GradScatter(grads, group)
-        second = kernel.backward(rows[1][0], k1, v1, *rows[1][1:], causal=True)  # while dK/dV travel
+        second = kernel.backward(rows[1][0], k1, v1, *rows[1][1:], causal=True,  # while dK/dV travel
+                                 docs=documents.diagonal(ctx.chunks[1]))
         dq[1] = second[0] if dq[1] is None else dq[1] + second[0]
         dk_local, dv_local = scatter.wait()
         del scatter, grads
         dk = dk_local + torch.cat([first[1], second[1]], dim=2)
         dv = dv_local + torch.cat([first[2], second[2]], dim=2)
-        return torch.cat(dq, dim=2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        return torch.cat(dq, dim=2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -273,8 +304,8 @@ def _eager_context_attention(q, k, v, softmax_scale, group, target, compute_pena
 
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, cp_group,
                                target: str = "probs", compute_penalty: bool = True, kernel: str = "blockwise",
-                               block_size: int = 64, attention_mask: Optional[Tensor] = None
-                               ) -> tuple[Tensor, Optional[Tensor]]:
+                               block_size: int = 64, attention_mask: Optional[Tensor] = None,
+                               document_ids: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """q [b, hq, s_local, d], k/v [b, hkv, s_local, d]: this CP rank's tokens in Megatron's load-balanced
     causal layout (the sequence of length S = s_local * C cut into 2C chunks, CP rank r holds chunks r and
     2C-1-r, in that order; C = cp_group size, r = rank in cp_group). Returns (out [b, hq, s_local, d],
@@ -284,7 +315,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: f
     dq, dk, dv exact, dk/dv returned to the ranks that own those keys. cp_group None (or of size 1): the
     whole sequence is local, the single-process kernels run. attention_mask (kernel 'eager' only): bool, True =
     masked, [b or 1, 1 or hq, s_local, S], this rank's query rows (its two chunks in order) against every key in
-    sequence order, on top of the causal mask (what `split_batch_for_context_parallel` makes of [b, 1, S, S])."""
+    sequence order, on top of the causal mask (what `split_batch_for_context_parallel` makes of [b, 1, S, S]).
+    document_ids [b, S] (documents.py): document masking; the ids of the whole sequence in sequence order (every
+    rank holds them: no exchange), each query sees only its own document's keys, on any rank."""
     require_one_of("target", target, FPA_TARGETS)
     require_one_of("kernel", kernel, KERNELS)
     if kernel == "sdpa" and compute_penalty:
@@ -304,9 +337,18 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: f
         if attention_mask.dim() != 4 or tuple(attention_mask.shape[2:]) != (q.shape[2], q.shape[2] * cp_size):
             raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)}: expected [b, h, s_local, S] "
                              f"= [.., .., {q.shape[2]}, {q.shape[2] * cp_size}]")
+    check_document_ids(document_ids, q.shape[0], q.shape[2] * cp_size)
     if cp_size == 1:
         return run_kernel(kernel, q, k, v, softmax_scale, target=target, compute_penalty=compute_penalty,
-                          block_size=block_size, attention_mask=attention_mask)
+                          block_size=block_size, attention_mask=attention_mask, document_ids=document_ids)
+    if document_ids is not None:
+        if kernel == "sdpa":
+            raise ValueError("kernel 'sdpa' takes no document ids")
+        if kernel == "eager":  # this rank's rows (its two chunks, in order) against every key
+            c = q.shape[2] // 2
+            rank = dist.get_rank(cp_group)
+            local = torch.cat([document_ids[:, i * c:(i + 1) * c] for i in (rank, 2 * cp_size - 1 - rank)], dim=1)
+            attention_mask = document_mask(local, document_ids)
     if kernel == "eager":
         return _eager_context_attention(q, k, v, softmax_scale, cp_group, target, compute_penalty, attention_mask)
     penalty_target = target if compute_penalty else None
@@ -316,4 +358,4 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: f
         impl = _TritonKernel(float(softmax_scale), penalty_target)
     else:
         impl = _SdpaCpuKernel(float(softmax_scale))
-    return ContextParallelAttention.apply(q, k, v, impl, cp_group)
+    return ContextParallelAttention.apply(q, k, v, impl, cp_group, document_ids)

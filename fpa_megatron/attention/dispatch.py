@@ -38,18 +38,22 @@ def load_triton_attention(q: Tensor, k: Tensor, required: bool) -> Optional[Call
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, impl: str, target: str, compute_penalty: bool,
-           block_size: int, attention_mask: Optional[Tensor] = None, cp_group=None,
-           dropout: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[str, Tensor, Optional[Tensor]]:
+           block_size: int, attention_mask: Optional[Tensor] = None, document_ids: Optional[Tensor] = None,
+           cp_group=None, dropout: Optional[Callable[[Tensor], Tensor]] = None
+           ) -> tuple[str, Tensor, Optional[Tensor]]:
     """(kernel taken, out [b, hq, s, d], row penalty [b, hq, s] or None) of one causal attention call.
 
     q [b, hq, s, d], k/v [b, hkv, s, d] in [b, h, s, d] layout. cp_group: the context-parallel group when the
-    sequence is split over CP ranks (None: the whole sequence is local). dropout: eager only.
+    sequence is split over CP ranks (None: the whole sequence is local). document_ids [b, S] (documents.py):
+    document masking, the ids of the WHOLE sequence (every CP rank's tokens, in sequence order). dropout:
+    eager only.
     """
-    path = attention_path(impl, compute_penalty, q.device.type, attention_mask is not None)
+    path = attention_path(impl, compute_penalty, q.device.type, attention_mask is not None,
+                          document_ids is not None)
     if path == "triton" and load_triton_attention(q, k, required=impl == "triton") is None:
         path = "blockwise"
     kernel_args = dict(target=target, compute_penalty=compute_penalty, block_size=block_size,
-                       attention_mask=attention_mask)
+                       attention_mask=attention_mask, document_ids=document_ids)
     with torch.profiler.record_function(f"fpa/attention/{path}"):  # a named range when a profiler traces
         if cp_group is not None:  # the same kernel, run across the CP ranks' key chunks
             return path, *context_parallel_attention(q, k, v, softmax_scale, cp_group=cp_group, kernel=path,

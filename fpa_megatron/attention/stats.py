@@ -50,10 +50,11 @@ def _grouped(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _mask_tile(sq: int, sk: int, j0: int, j1: int, causal: bool, attention_mask: Optional[Tensor],
-               device) -> Optional[Tensor]:
+               device, documents: Optional[tuple[Tensor, Tensor]] = None) -> Optional[Tensor]:
     """Bool mask (True = masked) of key columns [j0, j1) for all sq rows, broadcastable to [b, hkv, g, sq, cols].
 
-    attention_mask is already in the grouped layout of `_expand_mask`.
+    attention_mask is already in the grouped layout of `_expand_mask`; documents (q_docs [b, sq], k_docs [b, sk])
+    masks the keys of other documents, one tile at a time.
     """
     mask = None
     if causal:  # key j is in the future of query i (the last query sees every key when sk > sq)
@@ -62,6 +63,10 @@ def _mask_tile(sq: int, sk: int, j0: int, j1: int, causal: bool, attention_mask:
         mask = cols > rows + (sk - sq)
     if attention_mask is not None:
         tile = attention_mask[..., j0:j1].to(torch.bool)
+        mask = tile if mask is None else (mask | tile)
+    if documents is not None:
+        q_docs, k_docs = documents
+        tile = (q_docs[:, :, None] != k_docs[:, None, j0:j1])[:, None, None]  # [b, 1, 1, sq, cols]
         mask = tile if mask is None else (mask | tile)
     return mask
 
@@ -79,7 +84,8 @@ def _expand_mask(attention_mask: Optional[Tensor], hq: int, hkv: int) -> Optiona
 
 
 def eager_attention_stats(q: Tensor, k: Tensor, softmax_scale: float, *, causal: bool = True,
-                          attention_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                          attention_mask: Optional[Tensor] = None,
+                          documents: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (collision, entropy, max logit), each [b, hq, s], from the explicit softmax of all scores.
 
     q: [b, hq, s, d]; k: [b, hkv, s, d] (GQA: hq % hkv == 0). attention_mask: optional bool (True = masked),
@@ -89,7 +95,8 @@ def eager_attention_stats(q: Tensor, k: Tensor, softmax_scale: float, *, causal:
     acc = _acc_dtype(q.dtype)
     qg, kg = _grouped(q.to(acc), k.to(acc))
     scores = torch.matmul(qg, kg.transpose(-1, -2)) * softmax_scale  # [b, hkv, g, s, s]
-    mask = _mask_tile(s, k.shape[2], 0, k.shape[2], causal, _expand_mask(attention_mask, hq, k.shape[1]), q.device)
+    mask = _mask_tile(s, k.shape[2], 0, k.shape[2], causal, _expand_mask(attention_mask, hq, k.shape[1]), q.device,
+                      documents)
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -101,11 +108,12 @@ def eager_attention_stats(q: Tensor, k: Tensor, softmax_scale: float, *, causal:
 
 def online_attention_stats(q: Tensor, k: Tensor, softmax_scale: float, *, causal: bool = True,
                            attention_mask: Optional[Tensor] = None,
-                           block_size: int = DEFAULT_STATS_BLOCK) -> tuple[Tensor, Tensor, Tensor]:
+                           block_size: int = DEFAULT_STATS_BLOCK,
+                           documents: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Same as `eager_attention_stats`, one key tile of `block_size` columns at a time (O(s) memory per row).
 
     Key tiles that the causal mask hides from every row of the tile's rows are still visited (the rows are
-    all queries); the first tile always holds key 0, visible to every row, so the running max is finite.
+    all queries). A row may see none of a tile's keys (its max stays -inf, its sums 0 until a tile it sees).
     """
     if block_size < 1:
         raise ValueError(f"block_size={block_size}: must be >= 1")
@@ -118,7 +126,7 @@ def online_attention_stats(q: Tensor, k: Tensor, softmax_scale: float, *, causal
     for j0 in range(0, sk, block_size):
         j1 = min(j0 + block_size, sk)
         st = torch.matmul(qg, kg[..., j0:j1, :].transpose(-1, -2))  # [b, hkv, g, s, cols]
-        mask = _mask_tile(s, sk, j0, j1, causal, mask_full, q.device)
+        mask = _mask_tile(s, sk, j0, j1, causal, mask_full, q.device, documents)
         if mask is not None:
             st = st.masked_fill(mask, float("-inf"))
         m_tile = st.amax(-1)
@@ -165,33 +173,40 @@ class AttentionStats:
 
     @torch.no_grad()
     def observe(self, layer_index: int, head_offset: int, q: Tensor, k: Tensor, softmax_scale: float,
-                attention_mask: Optional[Tensor] = None) -> None:
+                attention_mask: Optional[Tensor] = None, document_ids: Optional[Tensor] = None) -> None:
         """Record one layer's local heads; q [b, hq_local, s, d], k [b, hkv_local, s, d] (causal).
 
         Under context parallelism q and k are this rank's two chunks: the keys of the whole sequence are
         gathered, and each query chunk sees the keys up to its own end (the causal mask of its rows), and an
         explicit mask's rows of it ([.., .., s_local, S], as `split_batch_for_context_parallel` leaves it).
+        document_ids [b, S] (the whole sequence, documents.py): each row's statistics over its own document's keys.
         """
         cp_size = context_parallel_size()
         if cp_size == 1:
-            collision, entropy, max_logit = self._row_stats(q, k, softmax_scale, attention_mask)
+            docs = None if document_ids is None else (document_ids, document_ids)
+            collision, entropy, max_logit = self._row_stats(q, k, softmax_scale, attention_mask, docs)
         else:
             keys = gather_sequence(k, seq_dim=2)
             bounds = cp_chunk_bounds(keys.shape[2], cp_size, context_parallel_rank())
             masks = (None, None) if attention_mask is None else attention_mask.chunk(2, dim=2)  # [.., c, S] each
-            rows = [self._row_stats(part, keys[:, :, :end], softmax_scale, None if mask is None else mask[..., :end])
-                    for part, mask, (_, end) in zip(q.chunk(2, dim=2), masks, bounds)]
+            docs = [None if document_ids is None else (document_ids[:, start:end], document_ids[:, :end])
+                    for start, end in bounds]
+            rows = [self._row_stats(part, keys[:, :, :end], softmax_scale, None if mask is None else mask[..., :end],
+                                    part_docs)
+                    for part, mask, (_, end), part_docs in zip(q.chunk(2, dim=2), masks, bounds, docs)]
             collision, entropy, max_logit = (torch.cat(values, dim=2) for values in zip(*rows))
         heads = slice(head_offset, head_offset + q.shape[1])
         for record, value in ((self.collision, collision.mean((0, 2))), (self.entropy, entropy.mean((0, 2))),
                               (self.max_logit, max_logit.amax((0, 2)))):
             record[layer_index, heads] = value.detach().to("cpu", torch.float64)
 
-    def _row_stats(self, q: Tensor, k: Tensor, softmax_scale: float, attention_mask: Optional[Tensor]):
+    def _row_stats(self, q: Tensor, k: Tensor, softmax_scale: float, attention_mask: Optional[Tensor],
+                   documents: Optional[tuple[Tensor, Tensor]] = None):
         """Per-row (collision, entropy, max logit) of queries q, the last q.shape[2] positions of keys k."""
         if self.method == "eager":
-            return eager_attention_stats(q, k, softmax_scale, attention_mask=attention_mask)
-        return online_attention_stats(q, k, softmax_scale, attention_mask=attention_mask, block_size=self.block_size)
+            return eager_attention_stats(q, k, softmax_scale, attention_mask=attention_mask, documents=documents)
+        return online_attention_stats(q, k, softmax_scale, attention_mask=attention_mask, block_size=self.block_size,
+                                      documents=documents)
 
     def reduce(self) -> dict[str, Tensor]:
         """{stat: [L, H] float64 on the CPU}, complete on every rank.

@@ -16,11 +16,12 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from fpa_megatron.attention.documents import check_document_ids, key_ranges
 from fpa_megatron.options import FPA_TARGETS, require_one_of
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,7 +60,7 @@ INTERPRETER_TILES = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 PREPROCESS_BLOCK_M = 64
 AUTOTUNE_ENV = "FPA_TRITON_AUTOTUNE"  # "0": only the first config of each list (fast compiles, e.g. GPU tests)
 TUNING_KEY = ["seq_len", "seq_len_k", "num_q_heads", "group", "HEAD_DIM", "CAUSAL", "PENALTY", "OFFSETS",
-              "DOT_PRECISION"]
+              "HAS_DOCS", "DOT_PRECISION"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,12 +152,44 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _row_ranges(ranges: Optional[DocumentRanges], stand_in: Tensor) -> tuple[Tensor, Tensor]:
+    """The forward's and dQ kernel's RowLo, RowHi arguments (without documents: an unread stand-in)."""
+    return (stand_in, stand_in) if ranges is None else (ranges.row_lo, ranges.row_hi)
+
+
+def _col_ranges(ranges: Optional[DocumentRanges], stand_in: Tensor) -> tuple[Tensor, Tensor]:
+    """The dK/dV kernel's ColLo, ColHi arguments (without documents: an unread stand-in)."""
+    return (stand_in, stand_in) if ranges is None else (ranges.col_lo, ranges.col_hi)
+
+
+class DocumentRanges(NamedTuple):
+    """What the kernels read of the document ids (HAS_DOCS), int32 [b, s]: per query row the keys [row_lo,
+    row_hi) it sees, per key the query rows [col_lo, col_hi) that see it (documents.py: both contiguous)."""
+
+    row_lo: Tensor
+    row_hi: Tensor
+    col_lo: Tensor
+    col_hi: Tensor
+
+
+def document_ranges(q_docs: Tensor, k_docs: Tensor, *, causal: bool, delta: int = 0) -> DocumentRanges:
+    """The per-row and per-key ranges of query rows q_docs [b, sq] against keys k_docs [b, sk] (ids of the
+    same documents; query row i sits `delta` positions after key i: causal, it sees keys j <= i + delta)."""
+    q_docs, k_docs = q_docs.to(torch.int64), k_docs.to(torch.int64)
+    row_lo, row_hi = key_ranges(q_docs, k_docs, 1, causal=causal, delta=delta)
+    col_lo, col_hi = key_ranges(k_docs, q_docs, 1, causal=False)  # the rows of each key's document
+    if causal:  # and of them the rows i >= j - delta
+        first_row = torch.arange(k_docs.shape[-1], device=k_docs.device) - delta
+        col_lo = torch.maximum(col_lo, first_row.clamp(0, q_docs.shape[-1]))
+    return DocumentRanges(*(t.to(torch.int32).contiguous() for t in (row_lo, row_hi, col_lo, col_hi)))
+
+
 class TritonAttention(torch.autograd.Function):
     """The fused forward and backward; see `triton_attention` for the arguments."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, target: str, compute_penalty: bool,
-                causal: bool):
+                causal: bool, ranges: Optional[DocumentRanges]):
         kernels = _kernels()
         b, hq, s, d = q.shape
         group = hq // k.shape[1]
@@ -171,16 +204,17 @@ class TritonAttention(torch.autograd.Function):
                      DOT_PRECISION=_dot_precision(q.dtype))
         grid = lambda meta: (_cdiv(s, meta["BLOCK_M"]), b * hq)  # noqa: E731
         _launcher("fwd", d, q.dtype == torch.float32)[grid](
-            q, k, v, out, lse2, row_penalty if compute_penalty else lse2,
+            q, k, v, out, lse2, row_penalty if compute_penalty else lse2, *_row_ranges(ranges, lse2),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            hq, group, s, s, 0, softmax_scale, PENALTY=int(penalty_kind), OFFSETS=False, PARTIAL=False, **flags)
+            hq, group, s, s, 0, softmax_scale, PENALTY=int(penalty_kind), OFFSETS=False, PARTIAL=False,
+            HAS_DOCS=ranges is not None, **flags)
 
         # The collision term enters the backward (D_i += 2 g_i c_i); the logits penalty needs nothing saved.
         collision = row_penalty if compute_penalty and target == "probs" else None
         ctx.save_for_backward(q, k, v, out, lse2, collision)
         ctx.softmax_scale, ctx.target, ctx.compute_penalty, ctx.causal = softmax_scale, target, compute_penalty, causal
-        ctx.penalty_kind = int(penalty_kind)
+        ctx.penalty_kind, ctx.ranges = int(penalty_kind), ranges
         ctx.set_materialize_grads(False)
         return out, row_penalty
 
@@ -189,7 +223,7 @@ class TritonAttention(torch.autograd.Function):
         q, k, v, out, lse2, collision = ctx.saved_tensors
         has_grad_penalty = ctx.compute_penalty and grad_penalty is not None
         if grad_out is None and not has_grad_penalty:
-            return (None,) * 7
+            return (None,) * 8
         kernels = _kernels()
         b, hq, s, d = q.shape
         group = hq // k.shape[1]
@@ -205,41 +239,50 @@ class TritonAttention(torch.autograd.Function):
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags = dict(HEAD_DIM=d, CAUSAL=ctx.causal, PENALTY=ctx.penalty_kind, HAS_GRAD_PENALTY=has_grad_penalty,
-                     OFFSETS=False, DOT_DTYPE=kernels.dot_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
+                     OFFSETS=False, HAS_DOCS=ctx.ranges is not None, DOT_DTYPE=kernels.dot_dtype(q.dtype),
+                     DOT_PRECISION=_dot_precision(q.dtype))
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
         kv_grid = lambda meta: (_cdiv(s, meta["BLOCK_N"]), b * k.shape[1])  # noqa: E731
         _launcher("dkdv", d, q.dtype == torch.float32)[kv_grid](
-            q, k, v, do, lse2, delta, g, dk, dv, *common,
+            q, k, v, do, lse2, delta, g, dk, dv, *_col_ranges(ctx.ranges, lse2), *common,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             hq, group, s, s, 0, ctx.softmax_scale, **flags)
         q_grid = lambda meta: (_cdiv(s, meta["BLOCK_M"]), b * hq)  # noqa: E731
         _launcher("dq", d, q.dtype == torch.float32)[q_grid](
-            q, k, v, do, lse2, delta, g, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
-            hq, group, s, s, 0, ctx.softmax_scale, **flags)
-        return dq, dk, dv, None, None, None, None
+            q, k, v, do, lse2, delta, g, dq, *_row_ranges(ctx.ranges, lse2), *common,
+            dq.stride(0), dq.stride(1), dq.stride(2), hq, group, s, s, 0, ctx.softmax_scale, **flags)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *, target: str = "probs",
-                     compute_penalty: bool = True, causal: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+                     compute_penalty: bool = True, causal: bool = True,
+                     document_ids: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Attention and its per-row FPA penalty in fused Triton kernels (same contract as `blockwise_attention`).
 
     q: [b, hq, s, d]; k, v: [b, hkv, s, d] (hq % hkv == 0, GQA); float32, bfloat16 or float16, d a power of
     two <= 256; CUDA tensors (CPU tensors under TRITON_INTERPRET=1). Returns (out [b, hq, s, d] in q's dtype,
     row_penalty [b, hq, s] float32, or None when compute_penalty=False). row_penalty: probs: c_i =
     sum_j p_ij^2; logits: sum over visible j of s_ij^2, s_ij = scale * q_i . k_j. Differentiable in q, k, v
-    and in row_penalty (any upstream gradient). Raises ValueError when `triton_attention_supported` says no.
+    and in row_penalty (any upstream gradient). document_ids [b, s] int (documents.py; None: one document):
+    query i sees key j only within its document, and only the tiles that hold such pairs are visited. Raises
+    ValueError when `triton_attention_supported` says no or the document ids are unusable.
     """
     require_one_of("target", target, FPA_TARGETS)
     ok, reason = triton_attention_supported(q, k, v)
     if not ok:
         raise ValueError(f"triton_attention: {reason}")
+    ranges = None
+    if document_ids is not None:
+        check_document_ids(document_ids, q.shape[0], q.shape[2])
+        docs = document_ids.to(q.device)
+        ranges = document_ranges(docs, docs, causal=bool(causal))
     d = q.shape[-1]
     if d < MIN_DOT_DIM:  # zero columns change no score; the output's extra columns are sliced off
         pad = (0, MIN_DOT_DIM - d)
         q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
     out, row_penalty = TritonAttention.apply(q, k, v, float(softmax_scale), target, bool(compute_penalty),
-                                             bool(causal))
+                                             bool(causal), ranges)
     if d < MIN_DOT_DIM:
         out = out[..., :d]
     return out, row_penalty
@@ -273,6 +316,18 @@ def _penalty_kind(target: Optional[str]):
     return {None: kernels.PENALTY_NONE, "probs": kernels.PENALTY_PROBS, "logits": kernels.PENALTY_LOGITS}[target]
 
 
+def _partial_ranges(q: Tensor, k: Tensor, q_documents: Optional[Tensor], k_documents: Optional[Tensor],
+                    causal: bool, delta: int) -> Optional[DocumentRanges]:
+    """The document ranges of a partial call (None without documents); both sides' ids or neither."""
+    if (q_documents is None) != (k_documents is None):
+        raise ValueError("triton_attention_partial: give q_documents and k_documents together, or neither")
+    if q_documents is None:
+        return None
+    check_document_ids(q_documents, q.shape[0], q.shape[2])
+    check_document_ids(k_documents, k.shape[0], k.shape[2])
+    return document_ranges(q_documents.to(q.device), k_documents.to(q.device), causal=causal, delta=delta)
+
+
 def _pad_head_dim(*tensors: Tensor) -> list[Tensor]:
     """Zero columns up to MIN_DOT_DIM (they change no score; sliced off the results)."""
     d = tensors[0].shape[-1]
@@ -283,12 +338,16 @@ def _pad_head_dim(*tensors: Tensor) -> list[Tensor]:
 
 def triton_attention_partial(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *,
                              target: Optional[str] = None, causal: bool = True, q_offset: int = 0,
-                             k_offset: int = 0) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                             k_offset: int = 0, q_documents: Optional[Tensor] = None,
+                             k_documents: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """`blockwise_attention_partial` in the fused forward kernel: q [b, hq, sq, d] against one key slice
     k, v [b, hkv, sk, d] (causal: query i sees key j iff k_offset + j <= q_offset + i; tiles that see nothing
-    are skipped). Returns (out [b, hq, sq, d] float32, lse2 [b, hq, sq] float64 (base 2, -inf for a row that
-    sees no key), stat float64 (probs: base-2 LSE of 2 t; logits: sum of squared visible scores) or None)."""
+    are skipped). q_documents [b, sq], k_documents [b, sk]: the document ids of these queries and keys (then
+    also only keys of the query's document). Returns (out [b, hq, sq, d] float32, lse2 [b, hq, sq] float64
+    (base 2, -inf for a row that sees no key), stat float64 (probs: base-2 LSE of 2 t, -inf for a row that sees
+    no key; logits: sum of squared visible scores, 0) or None); a row that sees no key has out 0."""
     _check_partial(q, k, v)
+    ranges = _partial_ranges(q, k, q_documents, k_documents, causal, q_offset - k_offset)
     kernels = _kernels()
     b, hq, sq, d = q.shape
     sk, group = k.shape[2], hq // k.shape[1]
@@ -300,24 +359,25 @@ def triton_attention_partial(q: Tensor, k: Tensor, v: Tensor, softmax_scale: flo
     penalty_kind = _penalty_kind(target)
     grid = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), b * hq)  # noqa: E731
     _launcher("fwd", dp, q.dtype == torch.float32)[grid](
-        q, k, v, out, lse2, lse2 if stat is None else stat,
+        q, k, v, out, lse2, lse2 if stat is None else stat, *_row_ranges(ranges, lse2),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, group, sq, sk, q_offset - k_offset, softmax_scale, HEAD_DIM=dp, CAUSAL=causal,
         PENALTY=int(penalty_kind), OFFSETS=_needs_offsets(sq, sk, causal, q_offset, k_offset), PARTIAL=True,
-        DOT_DTYPE=kernels.dot_dtype(q.dtype),
-        DOT_PRECISION=_dot_precision(q.dtype))
+        HAS_DOCS=ranges is not None, DOT_DTYPE=kernels.dot_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
     return out[..., :d], lse2.double(), None if stat is None else stat.double()
 
 
 def triton_attention_partial_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor,
                                       delta: Tensor, grad_penalty: Optional[Tensor], softmax_scale: float, *,
                                       target: Optional[str] = None, causal: bool = True, q_offset: int = 0,
-                                      k_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                                      k_offset: int = 0, q_documents: Optional[Tensor] = None,
+                                      k_documents: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """`blockwise_attention_partial_backward` in the fused dK/dV and dQ kernels: (dq, dk, dv) float32 of one
     key slice given the merged base-2 LSE, D' = rowsum(dO * O) (+ 2 g c) and the penalty's gradient g (None:
-    no penalty term), all [b, hq, sq]."""
+    no penalty term), all [b, hq, sq]; documents as in `triton_attention_partial`."""
     _check_partial(q, k, v)
+    ranges = _partial_ranges(q, k, q_documents, k_documents, causal, q_offset - k_offset)
     kernels = _kernels()
     b, hq, sq, d = q.shape
     sk, group = k.shape[2], hq // k.shape[1]
@@ -331,17 +391,17 @@ def triton_attention_partial_backward(q: Tensor, k: Tensor, v: Tensor, grad_out:
     dk = torch.empty(b, k.shape[1], sk, dp, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(dk)
     flags = dict(HEAD_DIM=dp, CAUSAL=causal, PENALTY=int(penalty_kind), HAS_GRAD_PENALTY=has_grad_penalty,
-                 OFFSETS=_needs_offsets(sq, sk, causal, q_offset, k_offset), DOT_DTYPE=kernels.dot_dtype(q.dtype),
-                 DOT_PRECISION=_dot_precision(q.dtype))
+                 OFFSETS=_needs_offsets(sq, sk, causal, q_offset, k_offset), HAS_DOCS=ranges is not None,
+                 DOT_DTYPE=kernels.dot_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     kv_grid = lambda meta: (_cdiv(sk, meta["BLOCK_N"]), b * k.shape[1])  # noqa: E731
     _launcher("dkdv", dp, q.dtype == torch.float32)[kv_grid](
-        q, k, v, do, lse2, delta, g, dk, dv, *common,
+        q, k, v, do, lse2, delta, g, dk, dv, *_col_ranges(ranges, lse2), *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         hq, group, sq, sk, q_offset - k_offset, softmax_scale, **flags)
     q_grid = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), b * hq)  # noqa: E731
     _launcher("dq", dp, q.dtype == torch.float32)[q_grid](
-        q, k, v, do, lse2, delta, g, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
-        hq, group, sq, sk, q_offset - k_offset, softmax_scale, **flags)
+        q, k, v, do, lse2, delta, g, dq, *_row_ranges(ranges, lse2), *common,
+        dq.stride(0), dq.stride(1), dq.stride(2), hq, group, sq, sk, q_offset - k_offset, softmax_scale, **flags)
     return dq[..., :d], dk[..., :d], dv[..., :d]

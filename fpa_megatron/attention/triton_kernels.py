@@ -23,6 +23,16 @@ j iff j <= i + delta_pos (delta_pos = q_offset - k_offset), so a chunk of querie
 keys; PARTIAL makes the forward store what merging needs (docs/fpa_math.md section 6). Without OFFSETS the
 kernels compile exactly as plain self-attention.
 
+Documents (HAS_DOCS): packed documents that attend only to themselves (attention/documents.py). The wrapper
+turns the document ids into one contiguous range per row, RowLo/RowHi [b, seq_len] int32 (the keys [lo, hi)
+query i sees: its document, cut at the causal limit), and per key, ColLo/ColHi [b, seq_len_k] (the query rows
+that see it). Both are non-decreasing, so a query tile's keys lie in [lo of its first row, hi of its last row),
+and the keys [lo of its last row, hi of its first row) are visible to every row of it: tiles there take the
+unmasked path, the others are masked by the per-row range (equivalent to q_doc != k_doc or causal), and no
+tile outside the union is visited (dK/dV: the same with the roles of rows and keys swapped). The causal and
+offset bounds are inside the ranges; without HAS_DOCS the range pointers are unread and the kernels compile
+as before.
+
 Causal tile skipping: tiles entirely above the diagonal are never visited; tiles entirely below it (and inside
 the sequence) run without any mask (MASKED=False); only the diagonal tiles and the sequence tail are masked.
 That needs BLOCK_N | BLOCK_M for the forward and dQ (key tiles inside a query tile), BLOCK_M | BLOCK_N for dK/dV.
@@ -63,6 +73,40 @@ def dot_dtype(dtype) -> tl.dtype:
 
 
 @triton.jit
+def _doc_tile_bounds(Lo, Hi, base, start, length, BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """For the tile of BLOCK positions at `start` (of `length`) whose per-position ranges [Lo, Hi) (non-decreasing,
+    int32 at Lo + base) are the other side's positions it sees: (first, full_start, full_end, end, lo, hi).
+    Tiles of STEP in [first, min(full_start, end)) and [full_end, end) need the mask, [full_start, full_end)
+    do not (visible to every position of the tile); lo, hi [BLOCK] per position (empty past `length`)."""
+    positions = start + tl.arange(0, BLOCK)
+    last = tl.minimum(start + BLOCK, length) - 1
+    lo = tl.load(Lo + base + positions, mask=positions < length, other=0)
+    hi = tl.load(Hi + base + positions, mask=positions < length, other=0)
+    union_lo, union_hi = tl.load(Lo + base + start), tl.load(Hi + base + last)
+    common_lo, common_hi = tl.load(Lo + base + last), tl.load(Hi + base + start)
+    first = (union_lo // STEP) * STEP
+    full_start = tl.maximum(((common_lo + STEP - 1) // STEP) * STEP, first)
+    full_end = tl.maximum((common_hi // STEP) * STEP, full_start)
+    return first, full_start, full_end, union_hi, lo, hi
+
+
+@triton.jit
+def _visible(rows, cols, seq_len_k, delta_pos, row_lo, row_hi, CAUSAL: tl.constexpr, OFFSETS: tl.constexpr,
+             HAS_DOCS: tl.constexpr):
+    """[BM, BN]: which (query row, key) entries of a masked tile are visible (key inside the sequence, causal,
+    and with HAS_DOCS inside the row's range [row_lo, row_hi), which holds both)."""
+    if HAS_DOCS:
+        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+    else:
+        visible = cols[None, :] < seq_len_k  # [1, BN] -> [BM, BN]
+        if CAUSAL and OFFSETS:
+            visible = visible & (cols[None, :] <= rows[:, None] + delta_pos)
+        elif CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None])
+    return visible
+
+
+@triton.jit
 def _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len_k,
                    MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The K and V tiles [BN, D] at key positions cols (zeros past seq_len_k) and q . k [BM, BN], unscaled."""
@@ -80,22 +124,20 @@ def _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq
 
 @triton.jit
 def _fwd_key_tiles(acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, stride_ks, stride_vs,
-                   rows, dims, key_start, key_end, seq_len_k, delta_pos, softmax_scale,
+                   rows, dims, key_start, key_end, seq_len_k, delta_pos, softmax_scale, row_lo, row_hi,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr, MASKED: tl.constexpr,
-                   OFFSETS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   OFFSETS: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """Online softmax of one query tile over the key tiles [key_start, key_end) (step BLOCK_N); query row i
-    sees key j iff j <= i + delta_pos when causal (with OFFSETS; delta_pos = q_offset - k_offset), else j <= i."""
+    sees key j iff j <= i + delta_pos when causal (with OFFSETS; delta_pos = q_offset - k_offset), else j <= i;
+    HAS_DOCS: iff row_lo_i <= j < row_hi_i."""
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # [BN] key positions
         k_tile, v_tile, qk = _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len_k,
                                             MASKED, DOT_DTYPE, DOT_PRECISION)  # [BN, D], [BN, D], [BM, BN]
         scores2 = qk * (softmax_scale * LOG2E)  # t_ij, base-2 scores
         if MASKED:
-            visible = cols[None, :] < seq_len_k  # [1, BN] -> [BM, BN]
-            if CAUSAL and OFFSETS:
-                visible = visible & (cols[None, :] <= rows[:, None] + delta_pos)
-            elif CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None])
+            visible = _visible(rows, cols, seq_len_k, delta_pos, row_lo, row_hi, CAUSAL, OFFSETS, HAS_DOCS)
             scores2 = tl.where(visible, scores2, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores2, 1))  # [BM]
         if MASKED:  # a row with nothing visible yet keeps max 0: no (-inf) - (-inf) = NaN below
@@ -118,19 +160,20 @@ def _fwd_key_tiles(acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, st
 
 
 @triton.jit
-def attn_fwd_kernel(Q, K, V, Out, Lse2, RowPenalty,
+def attn_fwd_kernel(Q, K, V, Out, Lse2, RowPenalty, RowLo, RowHi,
                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
                     num_q_heads, group, seq_len, seq_len_k, delta_pos, softmax_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                    PENALTY: tl.constexpr, OFFSETS: tl.constexpr, PARTIAL: tl.constexpr,
+                    PENALTY: tl.constexpr, OFFSETS: tl.constexpr, PARTIAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (query tiles, b * hq). Writes Out [b, hq, s, d], Lse2 [b * hq, s] and RowPenalty [b * hq, s].
 
     OFFSETS: seq_len queries against seq_len_k keys, query row i seeing key j iff j <= i + delta_pos when
     causal; else self-attention (seq_len_k and delta_pos unread: compiled as before offsets existed).
     PARTIAL (one key slice of several, to be merged): RowPenalty gets the statistic that merges (probs:
-    2 m + log2 row_sq_sum, the base-2 LSE of 2 t; logits: the sum), rows that see no key Out 0, Lse2 -inf."""
+    2 m + log2 row_sq_sum, the base-2 LSE of 2 t; logits: the sum), rows that see no key Out 0, Lse2 -inf.
+    HAS_DOCS: query row i sees the keys [RowLo, RowHi) [b, seq_len] (its document, causal cut included)."""
     tile = tl.program_id(0)
     if CAUSAL:  # the last query tile has the longest key loop: start it first
         tile = tl.num_programs(0) - 1 - tile
@@ -153,26 +196,37 @@ def attn_fwd_kernel(Q, K, V, Out, Lse2, RowPenalty,
     row_sq_sum = tl.zeros([BLOCK_M], tl.float32)
     if not OFFSETS:
         seq_len_k = seq_len
-    if CAUSAL and OFFSETS:  # key tiles left of the diagonal (keys j <= start_m + delta_pos): every entry visible
+    row_lo, row_hi = rows, rows  # unread without documents
+    if HAS_DOCS:  # masked tiles [first, full_start) and [full_end, masked_end), unmasked in between
+        first, full_start, full_end, masked_end, row_lo, row_hi = _doc_tile_bounds(
+            RowLo, RowHi, batch.to(tl.int64) * seq_len, start_m, seq_len, BLOCK_M, BLOCK_N)
+        acc, row_max, row_sum, row_sq_sum = _fwd_key_tiles(
+            acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, stride_ks, stride_vs, rows, dims,
+            first, tl.minimum(full_start, masked_end), seq_len_k, delta_pos, softmax_scale, row_lo, row_hi, BLOCK_N,
+            CAUSAL, PENALTY, True, OFFSETS, HAS_DOCS, DOT_DTYPE, DOT_PRECISION)
+    elif CAUSAL and OFFSETS:  # key tiles left of the diagonal (keys j <= start_m + delta_pos): every entry visible
+        full_start = 0
         full_end = tl.minimum((tl.maximum(start_m + delta_pos + 1, 0) // BLOCK_N) * BLOCK_N,
                               (seq_len_k // BLOCK_N) * BLOCK_N)
         masked_end = tl.minimum(start_m + BLOCK_M + delta_pos, seq_len_k)
     elif CAUSAL:
-        full_end = start_m  # key tiles left of the diagonal: every entry visible
+        full_start, full_end = 0, start_m  # key tiles left of the diagonal: every entry visible
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
     else:
-        full_end = (seq_len_k // BLOCK_N) * BLOCK_N
+        full_start, full_end = 0, (seq_len_k // BLOCK_N) * BLOCK_N
         masked_end = seq_len_k
     acc, row_max, row_sum, row_sq_sum = _fwd_key_tiles(
         acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, stride_ks, stride_vs, rows, dims,
-        0, full_end, seq_len_k, delta_pos, softmax_scale, BLOCK_N, CAUSAL, PENALTY, False, OFFSETS, DOT_DTYPE,
-        DOT_PRECISION)
+        full_start, full_end, seq_len_k, delta_pos, softmax_scale, row_lo, row_hi, BLOCK_N, CAUSAL, PENALTY, False,
+        OFFSETS, HAS_DOCS, DOT_DTYPE, DOT_PRECISION)
     acc, row_max, row_sum, row_sq_sum = _fwd_key_tiles(
         acc, row_max, row_sum, row_sq_sum, q_tile, k_base, v_base, stride_ks, stride_vs, rows, dims,
-        full_end, masked_end, seq_len_k, delta_pos, softmax_scale, BLOCK_N, CAUSAL, PENALTY, True, OFFSETS,
-        DOT_DTYPE, DOT_PRECISION)
+        full_end, masked_end, seq_len_k, delta_pos, softmax_scale, row_lo, row_hi, BLOCK_N, CAUSAL, PENALTY, True,
+        OFFSETS, HAS_DOCS, DOT_DTYPE, DOT_PRECISION)
 
     in_seq = rows < seq_len
+    if HAS_DOCS and not PARTIAL:  # rows past the sequence end see no key (never stored): no 0 / 0
+        row_sum = tl.where(row_sum > 0, row_sum, 1.0)
     if PARTIAL:  # a row that sees no key of this slice: row_sum 0, out 0, LSE -inf
         out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     else:
@@ -246,9 +300,9 @@ def _penalized_score_grad(p, dp, qk, delta, grad_penalty, visible, softmax_scale
 @triton.jit
 def _dkdv_query_tiles(dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride_dos, row_base,
                       Lse2, Delta, GradPenalty, cols, dims, row_start, row_end, seq_len, delta_pos, softmax_scale,
-                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr,
+                      col_lo, col_hi, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr,
                       HAS_GRAD_PENALTY: tl.constexpr, MASKED: tl.constexpr, OFFSETS: tl.constexpr,
-                      DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV [BN, D] of one key tile over the query tiles [row_start, row_end) of one head.
 
     Works on transposed tiles ([keys, queries]) so that dK and dV come out of the matmuls as [BN, D].
@@ -273,11 +327,14 @@ def _dkdv_query_tiles(dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride
         p_t = tl.math.exp2(qk_t * (softmax_scale * LOG2E) - lse2[None, :])  # [BN, BM] probabilities
         visible = True  # every entry, unless the tile is masked
         if MASKED:
-            visible = rows[None, :] < seq_len
-            if CAUSAL and OFFSETS:
-                visible = visible & (cols[:, None] <= rows[None, :] + delta_pos)
-            elif CAUSAL:
-                visible = visible & (cols[:, None] <= rows[None, :])
+            if HAS_DOCS:  # the query rows [col_lo, col_hi) see the key
+                visible = (rows[None, :] >= col_lo[:, None]) & (rows[None, :] < col_hi[:, None])
+            else:
+                visible = rows[None, :] < seq_len
+                if CAUSAL and OFFSETS:
+                    visible = visible & (cols[:, None] <= rows[None, :] + delta_pos)
+                elif CAUSAL:
+                    visible = visible & (cols[:, None] <= rows[None, :])
             p_t = tl.where(visible, p_t, 0.0)
         dv = tl.dot(p_t.to(do_tile.dtype).to(DOT_DTYPE), do_tile.to(DOT_DTYPE), dv,
                     input_precision=DOT_PRECISION)  # [BN, D] += P^T dO
@@ -297,17 +354,19 @@ def _dkdv_query_tiles(dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride
 
 
 @triton.jit
-def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV,
+def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV, ColLo, ColHi,
                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                          stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
                          stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                          num_q_heads, group, seq_len, seq_len_k, delta_pos, softmax_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, PENALTY: tl.constexpr, HAS_GRAD_PENALTY: tl.constexpr,
-                         OFFSETS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         OFFSETS: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
     """Grid (key tiles, b * hkv). dK, dV of one key tile, summed over the group's query heads and tiles.
     OFFSETS: seq_len queries, seq_len_k keys, query i sees key j iff j <= i + delta_pos when causal; else
-    self-attention (seq_len_k and delta_pos unread)."""
+    self-attention (seq_len_k and delta_pos unread). HAS_DOCS: key j is seen by the query rows
+    [ColLo, ColHi) [b, seq_len_k] (its document, causal cut included)."""
     num_kv_heads = num_q_heads // group
     bh = tl.program_id(1)
     batch, kv_head = bh // num_kv_heads, bh % num_kv_heads
@@ -341,6 +400,13 @@ def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV,
     else:  # no diagonal: every query tile is visited
         full_start = 0
     tail_start = tl.maximum(full_start, full_rows_end)
+    col_lo, col_hi = cols, cols  # unread without documents
+    if HAS_DOCS:  # masked query tiles [first, full_start) and [full_rows_end, tail_end), unmasked in between
+        first, full_start, full_rows_end, tail_end, col_lo, col_hi = _doc_tile_bounds(
+            ColLo, ColHi, batch.to(tl.int64) * seq_len_k, start_n, seq_len_k, BLOCK_N, BLOCK_M)
+        diag_start, diag_end, tail_start = first, tl.minimum(full_start, tail_end), full_rows_end
+    else:
+        tail_end = seq_len
 
     first_head = (kv_head * group).to(tl.int64)
     for head_in_group in range(group):
@@ -348,19 +414,19 @@ def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV,
         q_base = Q + batch.to(tl.int64) * stride_qb + head * stride_qh
         do_base = DOut + batch.to(tl.int64) * stride_dob + head * stride_doh
         row_base = (batch.to(tl.int64) * num_q_heads + head) * seq_len
-        if CAUSAL:
+        if CAUSAL or HAS_DOCS:
             dk, dv = _dkdv_query_tiles(
                 dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride_dos, row_base, Lse2, Delta,
-                GradPenalty, cols, dims, diag_start, diag_end, seq_len, delta_pos, softmax_scale, BLOCK_M, CAUSAL,
-                PENALTY, HAS_GRAD_PENALTY, True, OFFSETS, DOT_DTYPE, DOT_PRECISION)
+                GradPenalty, cols, dims, diag_start, diag_end, seq_len, delta_pos, softmax_scale, col_lo, col_hi,
+                BLOCK_M, CAUSAL, PENALTY, HAS_GRAD_PENALTY, True, OFFSETS, HAS_DOCS, DOT_DTYPE, DOT_PRECISION)
         dk, dv = _dkdv_query_tiles(
             dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride_dos, row_base, Lse2, Delta,
-            GradPenalty, cols, dims, full_start, full_rows_end, seq_len, delta_pos, softmax_scale, BLOCK_M, CAUSAL,
-            PENALTY, HAS_GRAD_PENALTY, False, OFFSETS, DOT_DTYPE, DOT_PRECISION)
+            GradPenalty, cols, dims, full_start, full_rows_end, seq_len, delta_pos, softmax_scale, col_lo, col_hi,
+            BLOCK_M, CAUSAL, PENALTY, HAS_GRAD_PENALTY, False, OFFSETS, HAS_DOCS, DOT_DTYPE, DOT_PRECISION)
         dk, dv = _dkdv_query_tiles(
             dk, dv, k_tile, v_tile, q_base, do_base, stride_qs, stride_dos, row_base, Lse2, Delta,
-            GradPenalty, cols, dims, tail_start, seq_len, seq_len, delta_pos, softmax_scale, BLOCK_M, CAUSAL,
-            PENALTY, HAS_GRAD_PENALTY, True, OFFSETS, DOT_DTYPE, DOT_PRECISION)
+            GradPenalty, cols, dims, tail_start, tail_end, seq_len, delta_pos, softmax_scale, col_lo, col_hi,
+            BLOCK_M, CAUSAL, PENALTY, HAS_GRAD_PENALTY, True, OFFSETS, HAS_DOCS, DOT_DTYPE, DOT_PRECISION)
 
     dk *= softmax_scale  # dS is the gradient of the scaled scores
     tl.store(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
@@ -371,11 +437,12 @@ def attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DK, DV,
 
 @triton.jit
 def _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base, stride_ks, stride_vs,
-                  rows, dims, key_start, key_end, seq_len_k, delta_pos, softmax_scale,
+                  rows, dims, key_start, key_end, seq_len_k, delta_pos, softmax_scale, row_lo, row_hi,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PENALTY: tl.constexpr,
                   HAS_GRAD_PENALTY: tl.constexpr, MASKED: tl.constexpr, OFFSETS: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dQ [BM, D] of one query tile over the key tiles [key_start, key_end)."""
+                  HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ [BM, D] of one query tile over the key tiles [key_start, key_end) (visibility as in
+    `_fwd_key_tiles`)."""
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)  # [BN] key positions
         k_tile, v_tile, qk = _load_key_tile(q_tile, k_base, v_base, stride_ks, stride_vs, cols, dims, seq_len_k,
@@ -383,11 +450,7 @@ def _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base
         p = tl.math.exp2(qk * (softmax_scale * LOG2E) - lse2[:, None])
         visible = True  # every entry, unless the tile is masked
         if MASKED:
-            visible = cols[None, :] < seq_len_k
-            if CAUSAL and OFFSETS:
-                visible = visible & (cols[None, :] <= rows[:, None] + delta_pos)
-            elif CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None])
+            visible = _visible(rows, cols, seq_len_k, delta_pos, row_lo, row_hi, CAUSAL, OFFSETS, HAS_DOCS)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do_tile.to(DOT_DTYPE), tl.trans(v_tile).to(DOT_DTYPE),
                     input_precision=DOT_PRECISION)  # [BM, BN] dP = dO V^T
@@ -399,15 +462,17 @@ def _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base
 
 
 @triton.jit
-def attn_bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DQ,
+def attn_bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DQ, RowLo, RowHi,
                        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                        stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
                        stride_dqb, stride_dqh, stride_dqs,
                        num_q_heads, group, seq_len, seq_len_k, delta_pos, softmax_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, PENALTY: tl.constexpr, HAS_GRAD_PENALTY: tl.constexpr,
-                       OFFSETS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (query tiles, b * hq). dQ of one query tile (lengths and offsets as in the dK/dV kernel)."""
+                       OFFSETS: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Grid (query tiles, b * hq). dQ of one query tile (lengths and offsets as in the dK/dV kernel, documents
+    as in the forward)."""
     tile = tl.program_id(0)
     if CAUSAL:
         tile = tl.num_programs(0) - 1 - tile
@@ -434,22 +499,33 @@ def attn_bwd_dq_kernel(Q, K, V, DOut, Lse2, Delta, GradPenalty, DQ,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if not OFFSETS:
         seq_len_k = seq_len
-    if CAUSAL and OFFSETS:  # as in the forward
+    row_lo, row_hi = rows, rows  # unread without documents
+    if HAS_DOCS:  # as in the forward
+        first, full_start, full_end, masked_end, row_lo, row_hi = _doc_tile_bounds(
+            RowLo, RowHi, batch.to(tl.int64) * seq_len, start_m, seq_len, BLOCK_M, BLOCK_N)
+        dq = _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base, stride_ks, stride_vs,
+                           rows, dims, first, tl.minimum(full_start, masked_end), seq_len_k, delta_pos,
+                           softmax_scale, row_lo, row_hi, BLOCK_N, CAUSAL, PENALTY, HAS_GRAD_PENALTY, True,
+                           OFFSETS, HAS_DOCS, DOT_DTYPE, DOT_PRECISION)
+    elif CAUSAL and OFFSETS:  # as in the forward
+        full_start = 0
         full_end = tl.minimum((tl.maximum(start_m + delta_pos + 1, 0) // BLOCK_N) * BLOCK_N,
                               (seq_len_k // BLOCK_N) * BLOCK_N)
         masked_end = tl.minimum(start_m + BLOCK_M + delta_pos, seq_len_k)
     elif CAUSAL:
-        full_end = start_m
+        full_start, full_end = 0, start_m
         masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
     else:
-        full_end = (seq_len_k // BLOCK_N) * BLOCK_N
+        full_start, full_end = 0, (seq_len_k // BLOCK_N) * BLOCK_N
         masked_end = seq_len_k
     dq = _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base, stride_ks, stride_vs,
-                       rows, dims, 0, full_end, seq_len_k, delta_pos, softmax_scale, BLOCK_N, CAUSAL, PENALTY,
-                       HAS_GRAD_PENALTY, False, OFFSETS, DOT_DTYPE, DOT_PRECISION)
+                       rows, dims, full_start, full_end, seq_len_k, delta_pos, softmax_scale, row_lo, row_hi,
+                       BLOCK_N, CAUSAL, PENALTY, HAS_GRAD_PENALTY, False, OFFSETS, HAS_DOCS, DOT_DTYPE,
+                       DOT_PRECISION)
     dq = _dq_key_tiles(dq, q_tile, do_tile, lse2, delta, grad_penalty, k_base, v_base, stride_ks, stride_vs,
-                       rows, dims, full_end, masked_end, seq_len_k, delta_pos, softmax_scale, BLOCK_N, CAUSAL,
-                       PENALTY, HAS_GRAD_PENALTY, True, OFFSETS, DOT_DTYPE, DOT_PRECISION)
+                       rows, dims, full_end, masked_end, seq_len_k, delta_pos, softmax_scale, row_lo, row_hi,
+                       BLOCK_N, CAUSAL, PENALTY, HAS_GRAD_PENALTY, True, OFFSETS, HAS_DOCS, DOT_DTYPE,
+                       DOT_PRECISION)
     dq *= softmax_scale
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
              + rows[:, None] * stride_dqs + dims[None, :], dq.to(DQ.dtype.element_ty), mask=in_seq[:, None])

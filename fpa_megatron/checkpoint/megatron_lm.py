@@ -29,7 +29,8 @@ class MegatronLM:
         self.penalty = make_penalty(cfg.model, cfg.fpa)
         self.penalty.set_step(0.0, False)  # scoring needs no penalty
         self.model = build_gpt_model(cfg.model, checkpoint.padded_vocab_size, self.penalty,
-                                     vocab_size=real_vocab_size(checkpoint))
+                                     vocab_size=real_vocab_size(checkpoint),
+                                     document_positions=cfg.data.document_mask)
         load_global_state(self.model, checkpoint.state_dict)
         self.model.eval()
 
@@ -45,11 +46,15 @@ class MegatronLM:
         return self.model(tokens, positions, None).float()
 
     @torch.no_grad()
-    def token_losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy [batch, seq] of predicting `labels` from `tokens`, as the trainer computes it."""
+    def token_losses(self, tokens: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                     document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token cross-entropy [batch, seq] of predicting `labels` from `tokens`, as the trainer computes it;
+        a training micro-batch's position_ids and document_ids (data.document_mask) when it has them."""
         tokens, labels = tokens.to(self.device), labels.to(self.device)
-        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
-        return self.model(tokens, positions, None, labels=labels).float()
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+        mask = None if document_ids is None else document_ids.to(self.device)
+        return self.model(tokens, position_ids.to(self.device), mask, labels=labels).float()
 
 
 def real_vocab_size(checkpoint: ModelCheckpoint) -> int:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from fpa_megatron.config import ConfigError, RunConfig
+from fpa_megatron.options import EVAL_SPLITS
 from fpa_megatron.run_tokenizer import load_run_tokenizer
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"  # Megatron-core's .idx header: magic, version 1 (<Q), dtype code (<B), counts
@@ -80,22 +82,24 @@ def read_index(prefix: str) -> IndexSummary:
         del reader  # drops its memory map of the index
 
 
-def check_dataset_files(i: int, prefix: str, vocab_size: Optional[int]) -> IndexSummary:
-    """`<prefix>.bin` holds exactly what `<prefix>.idx` indexes, in a dtype that can hold every token id."""
+def check_dataset_files(i: int, prefix: str, vocab_size: Optional[int], key: Optional[str] = None) -> IndexSummary:
+    """`<prefix>.bin` holds exactly what `<prefix>.idx` indexes, in a dtype that can hold every token id (errors
+    name `key`, by default data.prefixes[i])."""
+    key = key or f"data.prefixes[{i}]"
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(f"{prefix}{suffix}"):
-            raise ConfigError(f"data.prefixes[{i}]={str(prefix)!r}: {prefix}{suffix} does not exist")
+            raise ConfigError(f"{key}={str(prefix)!r}: {prefix}{suffix} does not exist")
     index = read_index(prefix)
     actual = os.path.getsize(f"{prefix}.bin")
     if actual != index.bin_bytes:
         raise ConfigError(
-            f"data.prefixes[{i}]={str(prefix)!r}: {prefix}.bin is {actual} bytes, but {prefix}.idx indexes "
+            f"{key}={str(prefix)!r}: {prefix}.bin is {actual} bytes, but {prefix}.idx indexes "
             f"{index.bin_bytes} bytes ({index.sequence_count} sequences of {index.dtype_name}): the .bin is "
             f"{'truncated (a cut copy?)' if actual < index.bin_bytes else 'longer than its index'}; copy or "
             f"encode it again")
     if vocab_size is not None and vocab_size - 1 > index.dtype_max:
         raise ConfigError(
-            f"data.prefixes[{i}]={str(prefix)!r}: {prefix}.idx stores tokens as {index.dtype_name} (ids up to "
+            f"{key}={str(prefix)!r}: {prefix}.idx stores tokens as {index.dtype_name} (ids up to "
             f"{index.dtype_max}), but the vocabulary has {vocab_size} pieces: ids above {index.dtype_max} cannot "
             f"have been stored; encode the data again with this tokenizer")
     return index
@@ -174,6 +178,53 @@ def excluded_samples(entries) -> list[int]:
     return sorted(set(samples))
 
 
+def validation_sets(validation) -> dict[str, tuple[list[str], Optional[list[float]]]]:
+    """`data.validation` as name -> (prefixes, weights or None): a value is a prefix, a list of prefixes (blended
+    by size) or {prefixes: [...], weights: [...]}. ConfigError naming the entry otherwise."""
+    if not isinstance(validation, dict):
+        raise ConfigError(f"data.validation={validation!r} must be a mapping name -> prefix (or a blend)")
+    out = {}
+    for name, value in validation.items():
+        key = f"data.validation.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{key}: a validation set's name is letters, digits, '_', '.' or '-' (it names the "
+                              f"curve val/<name>/loss and fpa-eval --split <name>)")
+        if name in EVAL_SPLITS:
+            raise ConfigError(f"{key}: the name {name!r} is taken by the training blend's own split (fpa-eval --split "
+                              f"{name}): choose another name")
+        weights = None
+        if isinstance(value, str):
+            prefixes = [value]
+        elif isinstance(value, list):
+            prefixes = value
+        elif isinstance(value, dict) and set(value) <= {"prefixes", "weights"} and "prefixes" in value:
+            prefixes, weights = value["prefixes"], value.get("weights")
+        else:
+            raise ConfigError(f"{key}={value!r} must be a prefix, a list of prefixes or {{prefixes: [...], "
+                              f"weights: [...]}}")
+        if not prefixes or not all(isinstance(p, str) and p for p in prefixes):
+            raise ConfigError(f"{key}={value!r}: its prefixes must be a non-empty list of paths")
+        if weights is not None and (not isinstance(weights, list) or len(weights) != len(prefixes) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                for w in weights)):
+            raise ConfigError(f"{key}.weights={weights!r} must be {len(prefixes)} positive numbers, one per prefix")
+        out[name] = (list(prefixes), None if weights is None else [float(w) for w in weights])
+    return out
+
+
+def _check_validation_sets(cfg: RunConfig, vocab_size: Optional[int]) -> None:
+    """Every named validation set's files, and a cadence that evaluates them."""
+    sets = validation_sets(cfg.data.validation)
+    if sets and cfg.train.eval_interval <= 0:
+        raise ConfigError(f"data.validation names {', '.join(sets)}, but train.eval_interval="
+                          f"{cfg.train.eval_interval} never evaluates: set train.eval_interval > 0")
+    for name, (prefixes, _) in sets.items():
+        for j, prefix in enumerate(prefixes):
+            key = f"data.validation.{name}" + (f"[{j}]" if len(prefixes) > 1 else "")
+            if check_dataset_files(j, prefix, vocab_size, key).bin_bytes == 0:
+                raise ConfigError(f"{key}={prefix!r} holds no token")
+
+
 def check_data(cfg: RunConfig, vocab_size: Optional[int]) -> None:
     """The data section: split, weights, and (unless data.mock) every prefix's files against each other and
     against `vocab_size` (the tokenizer's, else model.vocab_size), the splits, the encoding tokenizer."""
@@ -181,9 +232,12 @@ def check_data(cfg: RunConfig, vocab_size: Optional[int]) -> None:
     parse_split(d.split)
     if not isinstance(d.eod_mask_loss, bool):
         raise ConfigError(f"data.eod_mask_loss={d.eod_mask_loss!r} must be true or false")
+    if not isinstance(d.document_mask, bool):
+        raise ConfigError(f"data.document_mask={d.document_mask!r} must be true or false")
     if not isinstance(d.exclude_samples, list):
         raise ConfigError(f"data.exclude_samples={d.exclude_samples!r} must be a list")
     excluded_samples(d.exclude_samples)  # every entry an index or a readable forensics file
+    _check_validation_sets(cfg, vocab_size)
     if d.weights is not None:
         if len(d.weights) != len(d.prefixes):
             raise ConfigError(f"data.weights={d.weights!r} has {len(d.weights)} entries but data.prefixes has "

@@ -5,6 +5,7 @@
 - `build_gpt_datasets(...)`: train/valid/test through `BlendedMegatronDatasetBuilder(GPTDataset, ...)`
   (blend by weight, split string), or `MockGPTDataset` with mock=True. Works with or without a
   torch.distributed process group (with one, rank 0 builds the index caches first, as in Megatron).
+  `build_validation_sets(...)`: the named held-out sets of `data.validation`.
 - `MicroBatchSampler` / `MicroBatchIterator`: Megatron's pretraining-sampler order. Samples are taken
   in order from `consumed_samples`; every block of micro_batch_size * dp_size samples is cut so that DP
   rank r gets the r-th micro-batch. `consumed_samples` (global, all DP ranks) is the resume position to
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections import OrderedDict
 from typing import Callable, Iterator, Optional, Sequence
@@ -27,6 +29,8 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 
 from data_prep.common import PrepError
 from data_prep.tokenizer import load_tokenizer
+from fpa_megatron.attention.documents import document_ids
+from fpa_megatron.data.mixture import SampleOrder
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -165,6 +169,7 @@ def build_gpt_datasets(
     eod_mask_loss: bool = False,
     reset_position_ids: bool = False,
     reset_attention_mask: bool = False,
+    document_mask: bool = False,
     is_built_on_rank: Optional[Callable[[], bool]] = None,
 ):
     """(train, valid, test) GPT datasets of `seq_length`-token samples; a split is None when its share is 0.
@@ -176,12 +181,14 @@ def build_gpt_datasets(
     mock=True: MockGPTDataset (no files), tokenizer from `tokenizer_model` or MockTokenizer(mock_vocab_size).
     Samples are dicts of tokens/labels (int64), loss_mask (float32), position_ids (int64), no attention
     mask (the model builds the causal mask).
+    document_mask (data.document_mask): positions restart after each EOD (Megatron's reset_position_ids) and the
+    micro-batches carry each token's document id (`collate`), which the attention masks by.
     """
     if tokenizer is None:
         tokenizer = build_tokenizer(tokenizer_model, mock_vocab_size)
     if len(num_samples) != 3:
         raise ValueError("num_samples must be (train, valid, test)")
-    sizes = [int(n) for n in num_samples]
+    sizes = [None if n is None else int(n) for n in num_samples]  # None: one epoch
     if mock:
         blend = None
     else:
@@ -203,8 +210,8 @@ def build_gpt_datasets(
         split=split,
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
-        reset_position_ids=reset_position_ids,
-        reset_attention_mask=reset_attention_mask,
+        reset_position_ids=reset_position_ids or document_mask,
+        reset_attention_mask=reset_attention_mask or document_mask,  # no mask is built: it marks the documents
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
         mmap_bin_files=True,
@@ -215,6 +222,17 @@ def build_gpt_datasets(
     builder = _Builder(cls, sizes, is_built_on_rank or (lambda: True), config)
     train, valid, test = builder.build()
     return train, valid, test
+
+
+def build_validation_sets(sets: dict, seq_length: int, seed: int, num_samples: int, tokenizer: MegatronTokenizerBase,
+                          cache_dir: Optional[str], eod_mask_loss: bool = False, document_mask: bool = False) -> dict:
+    """`data.validation` (name -> (prefixes, weights), as data_checks.validation_sets reads it): each set a
+    held-out GPT dataset of `num_samples` samples over its whole prefixes (split 0,1,0), blended by its weights;
+    the trainer and `fpa-eval --split NAME` build them with this one function."""
+    return {name: build_gpt_datasets(prefixes, weights, "0,1,0", seq_length, seed, (0, num_samples, 0), None,
+                                     cache_dir, tokenizer=tokenizer, eod_mask_loss=eod_mask_loss,
+                                     document_mask=document_mask)[1]
+            for name, (prefixes, weights) in sets.items()}
 
 
 def _check_splits_not_empty(config: GPTDatasetConfig) -> None:
@@ -237,28 +255,6 @@ def _check_splits_not_empty(config: GPTDatasetConfig) -> None:
                     f"dataset {prefix} ({n} documents) gets no token in the {name} split of "
                     f"split={config.split!r}: use the merged dataset, a larger prefix, or another split"
                 )
-
-
-class SampleOrder:
-    """The training order of the global sample indices: 0, 1, 2, ... without the excluded ones
-    (`data.exclude_samples`, e.g. the samples of a loss spike). Position p of the order is what `consumed_samples`
-    counts, so a resume under the same exclusions continues exactly; positions before the first excluded sample
-    are those of the order without exclusions."""
-
-    def __init__(self, exclude=()):
-        self.excluded = sorted(set(int(i) for i in exclude))
-
-    def sample(self, position: int) -> int:
-        """The global sample index at `position` (O(excluded) per call: the list is short)."""
-        index = position
-        for excluded in self.excluded:
-            if excluded > index:
-                break
-            index += 1
-        return index
-
-    def samples(self, start: int, count: int) -> list[int]:
-        return [self.sample(p) for p in range(start, start + count)]
 
 
 class MicroBatchSampler:
@@ -291,9 +287,19 @@ class MicroBatchSampler:
             yield self.order.samples(base + start, self.micro_batch_size)
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack GPTDataset samples into [micro_batch, seq_length] tensors (only the batch keys)."""
-    return {k: torch.stack([s[k] for s in samples]) for k in BATCH_KEYS if k in samples[0]}
+def collate(samples: list[dict], eod: Optional[int] = None) -> dict:
+    """Stack GPTDataset samples into [micro_batch, seq_length] tensors (only the batch keys); with `eod` (document
+    masking) also `document_ids`, each token's document (attention/documents.py), computed once per micro-batch."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in BATCH_KEYS if k in samples[0]}
+    if eod is not None:
+        batch["document_ids"] = document_ids(batch["tokens"], eod)
+    return batch
+
+
+def document_eod(dataset) -> Optional[int]:
+    """The EOD that separates documents when `dataset` was built with document masking, else None."""
+    config = getattr(dataset, "config", None)
+    return config.tokenizer.eod if config is not None and config.reset_attention_mask else None
 
 
 class MicroBatchIterator:
@@ -309,7 +315,7 @@ class MicroBatchIterator:
             dataset,
             batch_sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=collate,
+            collate_fn=functools.partial(collate, eod=document_eod(dataset)),
             multiprocessing_context="spawn" if num_workers > 0 else None,
             persistent_workers=num_workers > 0,
         )

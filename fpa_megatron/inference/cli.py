@@ -11,10 +11,9 @@ import sys
 from typing import Optional
 
 from data_prep.quiet import quiet_optional_dependency_warnings
-from fpa_megatron.options import EVAL_SPLITS
 
 GENERATE_HELP = '`fpa-generate --checkpoint DIR --prompt TEXT`: continue a prompt with a trained model, on CPU.'
-EVAL_HELP = '`fpa-eval --checkpoint DIR (--data PREFIX|FILE.jsonl | --split valid|test | --tasks NAMES|YAML)`: LM loss and\nperplexity, or downstream tasks through lm-evaluation-harness (`--tasks`, see inference/harness.py).'
+EVAL_HELP = '`fpa-eval --checkpoint DIR (--data PREFIX|FILE.jsonl | --split valid|test|NAME | --tasks NAMES|YAML)`: LM loss and\nperplexity, or downstream tasks through lm-evaluation-harness (`--tasks`, see inference/harness.py).'
 
 
 def generate_main(argv: Optional[list[str]] = None) -> int:
@@ -63,7 +62,9 @@ def eval_main(argv: Optional[list[str]] = None) -> int:
                         help="training checkpoint (iter_ dir, checkpoint root or run dir) or fpa-export hf output")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="indexed dataset prefix (PREFIX.bin/.idx) or a .jsonl file of documents")
-    source.add_argument("--split", choices=EVAL_SPLITS, help="the run's own data config: its validation or test split")
+    source.add_argument("--split", metavar="valid|test|NAME",
+                        help="the run's own data config: its validation or test split, or its validation set NAME "
+                             "(data.validation)")
     source.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: names (e.g. hellaswag,arc_easy; "
                                         "their data must be on this machine: no download) or task YAML files")
     parser.add_argument("--include-path", action="append", default=None, metavar="DIR",

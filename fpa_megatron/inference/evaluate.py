@@ -1,4 +1,4 @@
-"""`fpa-eval --checkpoint DIR (--data PREFIX|FILE.jsonl | --split valid|test | --tasks NAMES|YAML)`: LM loss and
+"""`fpa-eval --checkpoint DIR (--data PREFIX|FILE.jsonl | --split valid|test|NAME | --tasks NAMES|YAML)`: LM loss and
 perplexity, or downstream tasks through lm-evaluation-harness (`--tasks`, see inference/harness.py).
 
 Model: a training checkpoint (any layout) runs as one TP1 x PP1 Megatron GPT in this process, the trainer's own
@@ -15,6 +15,8 @@ Tokens:
   GPTDataset builder as training, its first `--batches` global batches (default train.eval_iters): with the
   defaults exactly the samples the trainer validates on, averaged like the trainer (mean over micro-batches
   of each micro-batch's mean token loss).
+- `--split NAME`: the run's named validation set `data.validation.NAME`, built as the trainer builds it: with the
+  default --batches, the value the trainer logged as `val/NAME/loss`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from tqdm import tqdm
 
 from data_prep.readers import check_text
 from fpa_megatron.checkpoint.reader import read_model_checkpoint
-from fpa_megatron.data.datasets import build_gpt_datasets, build_tokenizer, dataset_tokens, micro_batches
+from fpa_megatron.data.data_checks import validation_sets
+from fpa_megatron.data.datasets import (build_gpt_datasets, build_tokenizer, build_validation_sets, dataset_tokens,
+                                        micro_batches)
 from fpa_megatron.export.hf import is_hf_dir, load_hf
 from fpa_megatron.checkpoint.megatron_lm import megatron_lm
 from fpa_megatron.options import EVAL_SPLITS
@@ -141,13 +145,26 @@ def split_micro_batches(ckpt, split: str, batches: Optional[int]) -> tuple[Itera
     if batches < 1:
         raise ValueError(f"--batches={batches} must be >= 1")
     wanted = batches * t.global_batch_size
+    vocab = cfg.model.vocab_size or (tokenizer_vocab_size(cfg.data.tokenizer) if cfg.data.tokenizer else 0)
+    named = validation_sets(cfg.data.validation)
+    if split not in EVAL_SPLITS and split not in named:
+        raise ValueError(f"--split={split!r} is not one of {', '.join(EVAL_SPLITS + tuple(named))} (valid, test, or "
+                         f"a name of the run's data.validation)")
+    if split in named:  # a named validation set, built as the trainer builds it
+        prefixes = named[split][0]
+        dataset = build_validation_sets({split: named[split]}, cfg.model.seq_length, t.seed, wanted,
+                                        build_tokenizer(cfg.data.tokenizer, vocab), cfg.data.cache_dir,
+                                        cfg.data.eod_mask_loss, cfg.data.document_mask)[split]
+        describe = (f"validation set {split} ({', '.join(prefixes)}): first {batches} global batches of "
+                    f"{t.global_batch_size} x {cfg.model.seq_length} tokens")
+        return micro_batches(dataset, 0, t.micro_batch_size), wanted // t.micro_batch_size, describe
     # The trainer's request (train, valid, test) with valid = eval_iters global batches: GPTDataset's shuffle
     # depends on the sample counts, so the default --batches reproduces the trainer's validation samples.
     num_samples = (t.steps * t.global_batch_size, wanted if split == "valid" else 0, wanted if split == "test" else 0)
-    vocab = cfg.model.vocab_size or (tokenizer_vocab_size(cfg.data.tokenizer) if cfg.data.tokenizer else 0)
     datasets = build_gpt_datasets(
         cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, t.seed, num_samples,
-        cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock, mock_vocab_size=vocab)
+        cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock, mock_vocab_size=vocab,
+        eod_mask_loss=cfg.data.eod_mask_loss, document_mask=cfg.data.document_mask)
     dataset = datasets[1 if split == "valid" else 2]
     if dataset is None or len(dataset) < wanted:
         have = 0 if dataset is None else len(dataset)
@@ -168,7 +185,8 @@ def score_split(lm, ckpt, split: str, batches: Optional[int] = None, progress: b
     for _ in range(count):
         batch = next(iterator)
         mask = batch["loss_mask"].double()
-        losses = lm.token_losses(batch["tokens"], batch["labels"]).double()
+        losses = lm.token_losses(batch["tokens"], batch["labels"], batch["position_ids"],
+                                 batch.get("document_ids")).double()
         means.append(float((losses * mask).sum() / mask.sum().clamp(min=1.0)))
         tokens += int(mask.sum())
         if bar is not None:
@@ -199,8 +217,6 @@ def evaluate(checkpoint: str, data: Optional[str] = None, split: Optional[str] =
     """Loss and perplexity of `checkpoint` on `data` (prefix or .jsonl) or on the run's `split`."""
     if (data is None) == (split is None):
         raise ValueError("give exactly one of --data and --split")
-    if split is not None and split not in EVAL_SPLITS:
-        raise ValueError(f"--split={split!r} is not one of {', '.join(EVAL_SPLITS)}")
     if is_hf_dir(checkpoint):
         if split is not None:
             raise ValueError(f"--split needs a training checkpoint (its run config); {checkpoint} is an exported model")

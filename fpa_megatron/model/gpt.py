@@ -140,13 +140,27 @@ class GPTModelOverVocabulary(GPTModel):
     not a module of the layer spec.
 
     With `z_loss` > 0 it also keeps (log Z)^2 per token of the last forward, [b, s] with its graph, for the loss
-    function to take (`take_log_z_squared`): OLMo-core's and GPT-NeoX's z-loss, exact under TP."""
+    function to take (`take_log_z_squared`): OLMo-core's and GPT-NeoX's z-loss, exact under TP.
 
-    def __init__(self, *args, real_vocab_size: int, z_loss: float = 0.0, **kwargs):
+    With `rotary_from_position_ids` (document masking: positions restart at each document) the rotary angles are
+    those of each token's `position_ids` rather than of its index in the sequence; Megatron's RoPE takes only a
+    length, so `_preprocess` swaps its table for the table's rows at the given positions."""
+
+    def __init__(self, *args, real_vocab_size: int, z_loss: float = 0.0, rotary_from_position_ids: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.real_vocab_size = real_vocab_size
         self.z_loss = z_loss
+        self.rotary_from_position_ids = rotary_from_position_ids and self.position_embedding_type == "rope"
         self._log_z_squared = None
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if not self.rotary_from_position_ids or position_ids is None or out[1] is None:
+            return out
+        table = self.rotary_pos_emb.get_emb(self.max_sequence_length)  # [max_len, 1, 1, d]: the angles of 0, 1, ...
+        at_positions = table[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, d]
+        return (out[0], at_positions, *out[2:])
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         local = logits.shape[-1]  # this tensor-parallel rank's slice of the vocabulary
@@ -184,7 +198,7 @@ def model_chunks(model) -> list[GPTModel]:
 def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: AttentionPenalty,
                     ffn_hidden_size: int | None = None, seed: int | None = None,
                     vocab_size: int | None = None, sequence_parallel: bool = False,
-                    z_loss: float = 0.0) -> GPTModel | ModelChunks:
+                    z_loss: float = 0.0, document_positions: bool = False) -> GPTModel | ModelChunks:
     """This rank's stage of the GPT (parallel_state must be initialized): a GPTModel, or with a virtual
     pipeline of size V, a `ModelChunks` of V GPTModels (chunk i built with vp_stage=i: Megatron's layer offsets).
 
@@ -192,6 +206,7 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
     (TP, PP, VP) layout starts from the same model; without it, Megatron's own initialization is kept.
     `vocab_size` (the real vocabulary; default: all `padded_vocab_size` rows) is what the loss's softmax covers.
     `z_loss` (optimizer.z_loss): the last stage keeps (log Z)^2 per token for the loss (`GPTModelOverVocabulary`).
+    `document_positions` (data.document_mask): RoPE reads the batch's position_ids (they restart at each document).
     """
     virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     config = transformer_config(
@@ -209,6 +224,7 @@ def build_gpt_model(model_cfg: ModelConfig, padded_vocab_size: int, penalty: Att
         model = GPTModelOverVocabulary(
             real_vocab_size=vocab_size or padded_vocab_size,
             z_loss=z_loss,
+            rotary_from_position_ids=document_positions,
             config=config,
             transformer_layer_spec=decoder_block_spec(penalized_layer_spec(model_cfg, penalty), config,
                                                       vp_stage=chunk_stage),

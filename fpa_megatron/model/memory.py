@@ -132,6 +132,7 @@ def layer_activations(cfg: RunConfig, layout: Layout, device: str = "cuda") -> L
     kv = 2 * groups * d
     sb = s * b
     impl = attention_kernel(cfg, device)
+    documents = cfg.data.document_mask is True
     norm_stats = (2 if m.normalization == "LayerNorm" else 1) * sb // r * FP32  # mean/rstd of one norm
 
     # attention half: input norm (input + stats), its output (QKV input), the QKV output buffer (v stays a view
@@ -143,6 +144,8 @@ def layer_activations(cfg: RunConfig, layout: Layout, device: str = "cuda") -> L
     if impl == "eager":
         # probabilities (fp32; a copy in the model dtype feeds P V when that is bf16), the causal mask (bool)
         internal = local_heads * b * s * s * (FP32 + (e if e != FP32 else 0)) + s * s
+        if documents:  # the document mask of each sample: this rank's rows against every key (bool)
+            internal += b * s * s * cp
     else:
         stats = 2 if impl in ("blockwise", "triton") else 1  # LSE and the collision sums; SDPA: LSE only
         internal = sb * h // t * e + stats * local_heads * sb * FP32  # output + per-row stats
@@ -166,7 +169,11 @@ def layer_activations(cfg: RunConfig, layout: Layout, device: str = "cuda") -> L
         tiles = 0
         if impl == "blockwise":
             block, key_block = m.attention_block_size, max(2048 // m.attention_block_size, 1) * m.attention_block_size
-            tiles = 2 * b * local_heads * block * min(s, key_block) * FP32
+            # with documents one sample at a time (each has its own tiles), plus a boundary tile's mask and bias
+            samples = 1 if documents else b
+            tiles = 2 * samples * local_heads * block * min(s, key_block) * FP32
+            if documents:
+                tiles += block * (heads // groups) * min(s, key_block) * (1 + FP32)
         attention_backward_extra = residual_grad + sb * h // t * e + copies + tiles
     if cp > 1:  # the context-parallel exchange: the gathered K/V of the whole sequence and its dK/dV buffer
         attention_backward_extra += cp * sb * kv // t * (e + FP32)
@@ -175,8 +182,10 @@ def layer_activations(cfg: RunConfig, layout: Layout, device: str = "cuda") -> L
 
 
 def attention_kernel(cfg: RunConfig, device: str = "cuda") -> str:
-    """The kernel a training step runs while the penalty is on (`attention_path`); SDPA when FPA is off."""
-    return attention_path(cfg.model.attention_impl, cfg.fpa.enabled, device, has_mask=False)
+    """The kernel a training step runs while the penalty is on (`attention_path`); SDPA when FPA is off (unless
+    documents are masked: then the kernel that skips their tiles)."""
+    return attention_path(cfg.model.attention_impl, cfg.fpa.enabled, device, has_mask=False,
+                          has_documents=cfg.data.document_mask is True)
 
 
 def inflight_microbatches(layout: Layout, stage: int) -> float:

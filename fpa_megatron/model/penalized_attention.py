@@ -23,6 +23,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from torch import Tensor
 
 from fpa_megatron.attention.dispatch import attend
+from fpa_megatron.attention.documents import split_attention_mask
 from fpa_megatron.attention.stats import AttentionStats
 from fpa_megatron.options import ATTENTION_IMPLS, FPA_NORMALIZATIONS, FPA_TARGETS, require_one_of
 from fpa_megatron.parallel.context import context_parallel_size
@@ -106,6 +107,10 @@ class PenalizedDotProductAttention(DotProductAttention):
 
     Under context parallelism (C > 1) each rank holds two chunks of every sequence; the attention of its
     queries against every key runs across the CP ranks (`context_parallel_attention`), penalty included.
+
+    `attention_mask`, the one argument Megatron hands down to the core attention: None (causal), a bool mask
+    (True = masked; eager only), or, with document masking, the document ids [b, S] of the whole sequence
+    (integers, attention/documents.py), which every kernel takes.
     """
 
     def __init__(self, config, *args, penalty: AttentionPenalty, **kwargs):
@@ -124,10 +129,11 @@ class PenalizedDotProductAttention(DotProductAttention):
         sq, b, np_, hn = query.shape
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        attention_mask, document_ids = split_attention_mask(attention_mask)
         if self.penalty.stats.measuring:  # attention diagnostics: one no-grad micro-batch now and then
             self.penalty.stats.observe(self.layer_number - 1, self.pg_collection.tp.rank() * np_, q, k,
-                                       self.softmax_scale, attention_mask)
-        out, row_penalty = self.attend(q, k, v, attention_mask, self.penalty.should_compute)
+                                       self.softmax_scale, attention_mask, document_ids)
+        out, row_penalty = self.attend(q, k, v, attention_mask, document_ids, self.penalty.should_compute)
         if row_penalty is not None:
             per_head = row_penalty.sum(-1).mean(0)  # [b, np, s] -> [np]; under CP this rank's rows only
             head_offset = self.pg_collection.tp.rank() * np_
@@ -138,14 +144,14 @@ class PenalizedDotProductAttention(DotProductAttention):
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
-               compute_penalty: bool) -> tuple[Tensor, Optional[Tensor]]:
+               document_ids: Optional[Tensor], compute_penalty: bool) -> tuple[Tensor, Optional[Tensor]]:
         """(out [b, h, s, d], row penalty [b, h, s] or None) on the kernel `attention_path` picks; counted."""
         cp_group = parallel_state.get_context_parallel_group() if context_parallel_size() > 1 else None
         dropout = self._dropout if self.attention_dropout.p > 0 and self.training else None
         path, out, row_penalty = attend(q, k, v, self.softmax_scale, impl=self.penalty.impl,
                                         target=self.penalty.target, compute_penalty=compute_penalty,
                                         block_size=self.penalty.block_size, attention_mask=attention_mask,
-                                        cp_group=cp_group, dropout=dropout)
+                                        document_ids=document_ids, cp_group=cp_group, dropout=dropout)
         self.penalty.path_calls[path] += 1
         return out, row_penalty
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from fpa_megatron.config import RunConfig, run_dir
-from fpa_megatron.data.datasets import SampleOrder
+from fpa_megatron.data.mixture import SampleOrder
 from fpa_megatron.run_log import get_logger
 from fpa_megatron.training.guard import UPDATE, Verdict
 

@@ -14,6 +14,7 @@ cross-entropy alone.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -37,6 +38,8 @@ class StepResult:
     penalty_matrix: torch.Tensor  # [L, H] float64: mean over sequences, summed over nothing
     tokens: int  # tokens processed by this step on all data-parallel ranks together
     z_loss: float | None = None  # z_loss * mean (log Z)^2, reduced as lm_loss; None when optimizer.z_loss = 0
+    data_wait_s: float = 0.0  # this rank's time waiting for its micro-batches
+    finished_at: float = 0.0  # time.perf_counter() as this rank's schedule ended, before the step's reductions
 
     @property
     def penalty(self) -> float:
@@ -69,19 +72,25 @@ def _lm_loss(loss_mask: torch.Tensor, num_tokens: torch.Tensor, chunk, per_token
     return loss, record
 
 
-def _forward_step(engine, data_iterator: Iterator, model):
+def _forward_step(engine, data_wait: list, data_iterator: Iterator, model):
     """One micro-batch through this stage (or model chunk): this context-parallel rank's chunks of it (all of
     it when C = 1). With a DeepSpeed engine, its forward wraps the model so that ZeRO's gradient hooks see the
-    schedule's own backward calls."""
+    schedule's own backward calls. The time spent waiting for the batch is added to data_wait[0]."""
     device = compute_device()
-    batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
+    asked = time.perf_counter()
+    batch = next(data_iterator)
+    data_wait[0] += time.perf_counter() - asked
+    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     num_tokens = batch["loss_mask"].sum()  # of the whole micro-batch, before it is split over CP
+    documents = batch.pop("document_ids", None)  # whole: every CP rank's attention reads every key's document
     batch = split_batch_for_context_parallel(batch)
     chunk = model
     if engine is not None:
         model = engine if model.vp_stage is None else partial(engine, chunk=model.vp_stage)
-    # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    # attention_mask None = causal (our attention builds it); a bool [b, 1, s, s] mask (True = masked) also works;
+    # with data.document_mask, the document ids [b, s] go down the same argument (attention/documents.py)
+    mask = batch.get("attention_mask") if documents is None else documents
+    output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
     return output, partial(_lm_loss, batch["loss_mask"], num_tokens, chunk)
 
 
@@ -146,12 +155,12 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
     penalty.reset_record()
     # The penalty's gradient, like the LM loss's, is scaled by C: the average over DP x CP must sum the CP shares.
     penalty.grad_scale = context_parallel_size() / num_microbatches
-    schedule_model = model
+    schedule_model, data_wait = model, [0.0]
     if isinstance(model, ModelChunks):  # interleaved: every chunk reads each micro-batch from its own iterator
         schedule_model, data_iterator = list(model), list(itertools.tee(data_iterator, len(model)))
     with torch.profiler.record_function("fpa/forward_backward"):  # pipeline p2p inside: gloo:send / gloo:recv
         losses = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, engine),
+            forward_step_func=partial(_forward_step, engine, data_wait),
             data_iterator=data_iterator,
             model=schedule_model,
             num_microbatches=num_microbatches,
@@ -159,6 +168,7 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
+    finished_at = time.perf_counter()
     if not forward_only:
         finalize_grads(model, engine)
 
@@ -179,4 +189,6 @@ def forward_backward(model, data_iterator: Iterator, penalty: AttentionPenalty, 
         penalty_matrix=reduce_penalty_record(penalty, num_microbatches),
         tokens=num_microbatches * micro_batch_size * seq_length * dp,
         z_loss=float(loss[1]) if with_z else None,
+        data_wait_s=data_wait[0],
+        finished_at=finished_at,
     )

@@ -10,6 +10,10 @@ Each rank contributes four flags to ONE all-reduce (MAX over the whole world, pi
 - save: checkpoint.interval_minutes passed (only rank 0's clock sets it: `Checkpointer.time_due`), so that
   every rank saves a wall-clock checkpoint at the same step.
 
+With train.slow_rank on, the same tensor also carries every rank's step time and data wait (each rank fills its
+own two slots, the others' are 0, so the MAX leaves every rank's values): `rank_seconds`, which
+training/slow_ranks.py judges. The flags, and so the decision, are the same with or without them.
+
 The decision (`Verdict`) is made before `engine.step()`. That matters: DeepSpeed ZeRO-1/2 silently drops an
 update whose gradient norm is not finite, while the step counter, the LR and the lambda schedules would
 advance. Here a dropped update is dropped on every rank, counted, and the schedules stay where they are.
@@ -148,6 +152,9 @@ class TrainingGuard:
                                      cfg.spike.min_increase, cfg.spike.deviations)
         self.probe = GradientProbe(model)
         self.rank = rank
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.timed_ranks = world if cfg.slow_rank.factor and cfg.slow_rank.steps and world > 1 else 0
+        self.rank_seconds: list[tuple[float, float]] = []  # last check: (step time, data wait) of every rank
         self.skipped_steps = 0  # steps whose update was dropped, since the start of training
         self.consecutive_skips = 0
         self.rollbacks = 0
@@ -160,18 +167,23 @@ class TrainingGuard:
         return self.consecutive_skips == 0
 
     def check(self, step: int, lm_loss: float, penalty: float, stop_requested: bool,
-              save_due: bool = False) -> Verdict:
-        """Combine every rank's flags in one all-reduce and decide what to do with step `step`."""
+              save_due: bool = False, step_seconds: float = 0.0, data_wait_seconds: float = 0.0) -> Verdict:
+        """Combine every rank's flags (and step time and data wait) in one all-reduce and decide what to do
+        with step `step`."""
         finite = math.isfinite(lm_loss) and math.isfinite(penalty)
         spike = finite and self.spikes.is_spike(lm_loss)
-        local = torch.tensor([float(not finite), float(spike), float(stop_requested), float(save_due)],
-                             dtype=torch.float64,
-                             device=self.probe.total.device)
-        flags = torch.cat([self.probe.nonfinite().reshape(1), local])
+        local = [float(not finite), float(spike), float(stop_requested), float(save_due)]
+        seconds = [0.0] * (2 * self.timed_ranks)
+        if self.timed_ranks:
+            seconds[2 * self.rank:2 * self.rank + 2] = [max(step_seconds, 0.0), max(data_wait_seconds, 0.0)]
+        values = torch.tensor(local + seconds, dtype=torch.float64, device=self.probe.total.device)
+        values = torch.cat([self.probe.nonfinite().reshape(1), values])
         if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the guard's one collective per step
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)  # the guard's one collective per step
         self.probe.reset()
-        bad_grads, bad_loss, spike, stop, save_due = (bool(x) for x in flags.tolist())
+        values = values.tolist()
+        self.rank_seconds = list(zip(values[5::2], values[6::2]))
+        bad_grads, bad_loss, spike, stop, save_due = (bool(x) for x in values[:5])
         nonfinite = bad_grads or bad_loss
         if nonfinite:
             action = SKIP

@@ -215,18 +215,26 @@ class MetricsLogger:
         self._scalars(step, {"memory/predicted_gb": predicted_gb, "memory/measured_gb": measured_gb,
                              "memory/measured_over_predicted": ratio})
 
-    def log_eval(self, step: int, val_loss: float) -> None:
-        """Validation loss and perplexity: `val/loss`, `val/ppl` and one stdout line."""
+    def log_eval(self, step: int, val_loss: float, name: Optional[str] = None) -> None:
+        """Validation loss and perplexity: `val/loss`, `val/ppl` (a named set: `val/<name>/loss`,
+        `val/<name>/ppl`) and one stdout line."""
         if not self.enabled:
             return
         ppl = math.exp(val_loss) if val_loss < 700 else math.inf
-        self._print(f"eval {self._step_text(step)} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
-        self._scalars(step, {"val/loss": float(val_loss), "val/ppl": ppl})
+        label, tag = ("", "val") if name is None else (f"[{name}]", f"val/{name}")
+        self._print(f"eval {self._step_text(step)} | val_loss{label} {val_loss:.4f} | val_ppl{label} {ppl:.2f}")
+        self._scalars(step, {f"{tag}/loss": float(val_loss), f"{tag}/ppl": ppl})
         self.flush()
 
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+
+    def log_ranks(self, step: int, values: Mapping[str, float], final: bool = False, changed: bool = False) -> None:
+        """Every rank's step time and data wait in a few `ranks/` scalars (training/slow_ranks.py): on the step
+        lines' cadence, at the last step, and whenever a rank is named slow or recovers (`changed`)."""
+        if self.enabled and (step % self.interval == 0 or step == 1 or final or changed):
+            self._scalars(step, values)
 
     def log_rollback(self, step: int, to_step: int) -> None:
         """A rollback, marked in the curves: `train/rolled_back_to_step` at the step that rolled back."""

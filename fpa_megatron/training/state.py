@@ -3,8 +3,9 @@
 `step` counts the global batches consumed (a skipped or rolled-back step consumes its batch); `updates` counts
 the optimizer updates applied, which the LR and lambda schedules follow. The global batch of the next step (and
 its micro-batches) follows `consumed_samples` through the batch-size ramp, so a resume mid-ramp needs no
-more than the samples. The lambda schedule and the guard own their counters; `state_dict()` is what
-`trainer_state.pt` holds (the keys are the checkpoint format's).
+more than the samples. The lambda schedule and the guard own their counters; `mixture` records the samples each
+dataset of the blend gave (data/mixture.py; set by the trainer once the data is built, None with mock data);
+`state_dict()` is what `trainer_state.pt` holds (the keys are the checkpoint format's).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fpa_megatron.data.mixture import STATE_KEY as MIXTURE_KEY, MixtureRecord
 from fpa_megatron.schedules import BatchSizeRamp, LambdaSchedule
 from fpa_megatron.training.guard import TrainingGuard
 
@@ -26,6 +28,7 @@ class TrainState:
     updates: int = 0  # optimizer updates applied
     first_step: int = field(default=0, init=False)  # where this process started (resumed or 0)
     tracker_run_id: Optional[str] = None  # the experiment tracker's run (W&B), continued on resume
+    mixture: Optional[MixtureRecord] = None  # the data mixture and what each of its datasets gave
 
     def global_batch_size(self) -> int:
         """The samples of the next step (all DP ranks)."""
@@ -53,6 +56,8 @@ class TrainState:
                  "lambda_schedule": self.lambdas.state_dict(), "guard": self.guard.state_dict()}
         if self.tracker_run_id is not None:
             state["tracker_run_id"] = self.tracker_run_id
+        if self.mixture is not None:
+            state[MIXTURE_KEY] = self.mixture.state_dict(self.consumed_samples)
         return state
 
     def load_state_dict(self, saved: dict, *, rollback: bool = False) -> None:

@@ -2,9 +2,9 @@
 
 `setup` builds the run: process groups, the GPT with the penalized attention, DeepSpeed ZeRO, the data, the
 train state (resumed from the newest checkpoint if there is one) and the components that act on their own
-cadence: the checkpointer, the metrics logger, the evaluator and the attention diagnostics. `train` is the
-loop: set lambda_t, forward/backward on Megatron's schedule, let the guard decide for all ranks (one
-all-reduce), update or drop the update, roll back after a loss spike, hand the step to the components, stop.
+cadence: the checkpointer, the metrics logger, the evaluator, the attention diagnostics, the slow-rank check.
+`train` is the loop: set lambda_t, forward/backward on Megatron's schedule, let the guard decide for all ranks
+(one all-reduce), update or drop the update, roll back after a loss spike, hand the step to the components, stop.
 
 A deliberate stop (SIGTERM/SIGUSR1, divergence, a loss spike) raises `RunStopped` with its exit code
 (fpa_megatron/exit_codes.py).
@@ -25,8 +25,9 @@ from fpa_megatron import faults
 from fpa_megatron.checkpoint.checkpointer import Checkpointer
 from fpa_megatron.checkpoint.reader import initial_weights
 from fpa_megatron.config import RunConfig, run_dir, save_config
-from fpa_megatron.data.data_checks import excluded_samples
-from fpa_megatron.data.datasets import SampleOrder, build_gpt_datasets, micro_batches
+from fpa_megatron.data.datasets import micro_batches
+from fpa_megatron.data.mixture import STATE_KEY as MIXTURE_KEY
+from fpa_megatron.data.run_data import RunData
 from fpa_megatron.exit_codes import Preempted
 from fpa_megatron.flops import flops_per_token
 from fpa_megatron.model.gpt import build_gpt_model, make_penalty
@@ -47,6 +48,7 @@ from fpa_megatron.training.metrics import MetricsLogger, memory_gb
 from fpa_megatron.training.optimizer import build_engine, discard_gradients, optimizer_step
 from fpa_megatron.training.preemption import StopSignals
 from fpa_megatron.training.profiling import StepProfiler
+from fpa_megatron.training.slow_ranks import SlowRanks
 from fpa_megatron.training.state import TrainState
 from fpa_megatron.training.trackers import trackers_for_run
 from fpa_megatron.training.watchdog import StallWatchdog
@@ -73,6 +75,7 @@ class Run:
     watchdog: StallWatchdog
     memory: MemoryCheck
     forensics: SpikeForensics
+    slow_ranks: SlowRanks
     flops_per_token: float
 
 
@@ -92,22 +95,13 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
     penalty = make_penalty(cfg.model, cfg.fpa)
     model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size, seed=cfg.train.seed,
                             vocab_size=layout.vocab_size, sequence_parallel=layout.sequence_parallel,
-                            z_loss=cfg.optimizer.z_loss)
+                            z_loss=cfg.optimizer.z_loss, document_positions=cfg.data.document_mask)
     if import_weights:  # weights only (before the engine copies them): step 0, a fresh optimizer, lambda_0
         load_global_state(model, initial_weights(cfg.checkpoint.init_from, layout.padded_vocab_size))
         log.info(f"initialized from {cfg.checkpoint.init_from} (weights only: step 0, a fresh optimizer)")
     engine = build_engine(model, cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, layout.num_microbatches)
     steps, global_batch = cfg.train.steps, cfg.train.global_batch_size
-    eval_batches = (cfg.train.eval_iters * global_batch) if cfg.train.eval_interval > 0 else 0
-    order = SampleOrder(excluded_samples(cfg.data.exclude_samples))  # the training order, spikes' samples left out
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
-        (steps * global_batch, eval_batches, 0), cfg.data.tokenizer, cfg.data.cache_dir, mock=cfg.data.mock,
-        mock_vocab_size=layout.vocab_size, eod_mask_loss=cfg.data.eod_mask_loss,
-    )  # the same samples and order whatever is excluded: the excluded ones come out of the epochs' slack
-    if len(train_ds) < steps * global_batch + len(order.excluded):
-        raise RuntimeError(f"data.exclude_samples leaves out {len(order.excluded)} samples, but the training split "
-                           f"holds {len(train_ds)} of the {steps * global_batch} train.steps needs: fewer steps")
+    data = RunData.build(cfg, layout.vocab_size)
     state = TrainState(LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled),
                        TrainingGuard(cfg.train, model, rank),  # the guard: non-finite steps, spikes, stop requests
                        BatchSizeRamp(global_batch, cfg.train.micro_batch_size * layout.data_parallel,
@@ -117,20 +111,27 @@ def setup(cfg: RunConfig, layout: ResolvedLayout) -> Run:
     if resume_from is None and cfg.checkpoint.init_from and not import_weights:
         raise RuntimeError(f"every checkpoint of this run was damaged and moved to {checkpointer.root / 'abandoned'}"
                            f": rerun to start again from checkpoint.init_from={cfg.checkpoint.init_from}")
-    if resume_from is not None:
-        state.load_state_dict(checkpointer.load(resume_from, engine))
+    saved = checkpointer.load(resume_from, engine) if resume_from is not None else {}
+    if saved:
+        state.load_state_dict(saved)
         log.info(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)")
+    state.mixture = data.training_mixture(cfg, layout.vocab_size, saved.get(MIXTURE_KEY), state.consumed_samples)
+    train_ds = data.train if state.mixture is None else state.mixture.dataset
+    if len(train_ds) < steps * global_batch + len(data.order.excluded):
+        raise RuntimeError(f"data.exclude_samples leaves out {len(data.order.excluded)} samples, but the training "
+                           f"split holds {len(train_ds)} of the {steps * global_batch} train.steps needs: fewer steps")
     batches = micro_batches(train_ds, state.consumed_samples, cfg.train.micro_batch_size,
-                            parallel_state.get_data_parallel_rank(), layout.data_parallel, order=order)
+                            parallel_state.get_data_parallel_rank(), layout.data_parallel, order=data.order)
     trackers = trackers_for_run(cfg, str(out_dir), state.tracker_run_id, asdict(layout)) if rank == 0 else []
     if trackers:  # rank 0 saves the trainer state: the tracker's run goes on after a resume
         state.tracker_run_id = trackers[0].run_id
     logger = MetricsLogger.for_run(cfg.logging, str(out_dir), enabled=rank == 0, total_steps=steps, trackers=trackers)
     return Run(cfg, layout, model, engine, penalty, batches, state, checkpointer, logger,
-               Evaluator(cfg, layout, model, engine, penalty, valid_ds, logger),
-               AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, valid_ds, train_ds),
+               Evaluator(cfg, layout, model, engine, penalty, data.valid, logger, data.named),
+               AttentionDiagnostics.for_run(cfg, logger, model, engine, penalty, data.valid, data.train),
                StepProfiler(cfg, rank), StallWatchdog(cfg, rank),
-               MemoryCheck(cfg, layout, model, logger, state.step), SpikeForensics(cfg, order, train_ds, rank),
+               MemoryCheck(cfg, layout, model, logger, state.step), SpikeForensics(cfg, data.order, train_ds, rank),
+               SlowRanks.for_run(cfg.train.slow_rank, state.guard, logger, rank),
                flops_per_token(cfg.model, layout.padded_vocab_size, cfg.model.seq_length))
 
 
@@ -163,7 +164,7 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     run = setup(cfg, layout)
     state, guard, checkpointer, steps = run.state, run.state.guard, run.checkpointer, cfg.train.steps
     history: list[dict] = []
-    measures = (run.diagnostics, run.evaluator, run.memory)  # each acts on its own cadence, logs, returns values
+    measures = (run.diagnostics, run.evaluator, run.memory, run.slow_ranks)  # own cadence each; log; return values
     if state.step == 0:  # the starting point of the validation and attention curves
         for component in reversed(measures):
             component.after_step(0)
@@ -186,7 +187,8 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
                                           seq_length=cfg.model.seq_length, engine=run.engine)
             lr = lr_at(state.updates, cfg.optimizer, steps)
             verdict = guard.check(state.step + 1, result.lm_loss, result.penalty, stop_signals.requested,
-                                  checkpointer.time_due())
+                                  checkpointer.time_due(), step_seconds=result.finished_at - started,
+                                  data_wait_seconds=result.data_wait_s)  # the times: for run.slow_ranks
             run.forensics.after_verdict(state.step + 1, verdict, result.lm_loss, state.consumed_samples,
                                         state.global_batch_size())  # a step not kept: its samples to the run dir
             if verdict.update:

@@ -6,7 +6,8 @@ attention kernels a CPU run uses (blockwise with the penalty; eager where it mat
 live tensor bytes (`LiveTensorBytes`, every storage an op creates until torch frees it) plus the parameters
 must be within 15 % of the planner's weights + gradients + activation peak, per rank (PP2: per stage).
 
-The same for TP2 + sequence parallelism and CP2 (each rank's chunks of the sequence).
+The same for TP2 + sequence parallelism and CP2 (each rank's chunks of the sequence), and with document masking
+(`data.document_mask`: documents of 100 tokens, the blockwise kernel one sample at a time, eager's mask).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ RECOMPUTE = ("none", "selective", "full")
 MICROBATCHES = 3  # more than PP2 keeps: with PP2 the first stage holds 2 in flight, not 3
 
 
-def case_config(tp, pp, sp, cp, seq, recompute, impl):
+def case_config(tp, pp, sp, cp, seq, recompute, impl, documents=False):
     return config_from_dict(dict(
         model=dict(num_layers=LAYERS_PER_STAGE * pp, hidden_size=64, num_attention_heads=4, seq_length=seq,
                    recompute=recompute, vocab_size=VOCAB, attention_impl=impl, dtype="fp32"),
         parallel=dict(tensor=tp, pipeline=pp, context=cp, sequence_parallel=sp),
-        train=dict(micro_batch_size=1, global_batch_size=MICROBATCHES), data=dict(mock=True),
+        train=dict(micro_batch_size=1, global_batch_size=MICROBATCHES), data=dict(mock=True, document_mask=documents),
         checkpoint=dict(resume="none")))
 
 
@@ -42,10 +43,13 @@ CASES = ([(1, 1, False, 1, s, r, "auto") for s in SEQS for r in RECOMPUTE]
          + [(2, 1, True, 1, s, r, "auto") for s in SEQS for r in RECOMPUTE]
          + [(1, 2, False, 1, s, r, "auto") for s in SEQS for r in RECOMPUTE]
          + [(1, 1, False, 2, s, "selective", "auto") for s in SEQS]
-         + [(1, 1, False, 1, 1024, r, "eager") for r in RECOMPUTE] + [(2, 1, False, 1, 1024, "none", "eager")])
+         + [(1, 1, False, 1, 1024, r, "eager") for r in RECOMPUTE] + [(2, 1, False, 1, 1024, "none", "eager")]
+         + [(1, 1, False, 1, 2048, "none", "auto", True), (1, 1, False, 2, 2048, "selective", "auto", True),
+            (1, 1, False, 1, 1024, "none", "eager", True)])
+DOCUMENT_LENGTH = 100
 
 
-def _world(case) -> int:
+def _world(case) -> int:  # case: (tp, pp, sp, cp, seq, recompute, impl[, documents])
     tp, pp, _, cp = case[:4]
     return tp * pp * cp
 
@@ -63,6 +67,7 @@ def measure_rank(cases):
     """One forward + backward per case on this rank: (case, pipeline stage, parameter bytes, peak live bytes)."""
     from megatron.core import parallel_state
 
+    from fpa_megatron.attention.documents import document_ids, document_positions
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
     from fpa_megatron.model.live_memory import LiveTensorBytes
@@ -75,11 +80,21 @@ def measure_rank(cases):
         init_model_parallel(tp, pp, seed=0, context=cp)
         penalty = make_penalty(cfg.model, cfg.fpa)
         # as the trainer builds it; forward_backward gives each CP rank its chunks of every micro-batch
-        model = build_gpt_model(cfg.model, VOCAB, penalty, seed=5, sequence_parallel=cfg.parallel.sequence_parallel)
+        documents = cfg.data.document_mask
+        model = build_gpt_model(cfg.model, VOCAB, penalty, seed=5, sequence_parallel=cfg.parallel.sequence_parallel,
+                                document_positions=documents)
         penalty.set_step(0.5, True)
-        tokens = torch.randint(0, VOCAB, (MICROBATCHES, seq + 1), generator=torch.Generator().manual_seed(0))
-        batches = [dict(tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(), loss_mask=torch.ones(1, seq),
-                        position_ids=torch.arange(seq).expand(1, seq)) for t in tokens.split(1)]
+        tokens = torch.randint(0, VOCAB - 1, (MICROBATCHES, seq + 1), generator=torch.Generator().manual_seed(0))
+        if documents:
+            tokens[:, DOCUMENT_LENGTH - 1::DOCUMENT_LENGTH] = VOCAB - 1  # EOD
+        batches = []
+        for t in tokens.split(1):
+            batch = dict(tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(), loss_mask=torch.ones(1, seq),
+                         position_ids=torch.arange(seq).expand(1, seq))
+            if documents:
+                batch["document_ids"] = document_ids(batch["tokens"], VOCAB - 1)
+                batch["position_ids"] = document_positions(batch["document_ids"])
+            batches.append(batch)
         num_microbatches = MICROBATCHES if pp > 1 else 1
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         with LiveTensorBytes() as live:
@@ -102,8 +117,8 @@ def measured(world: int) -> dict:
 
 
 def _case_id(case):
-    tp, pp, sp, cp, seq, recompute, impl = case
-    return f"tp{tp}{'sp' if sp else ''}-pp{pp}-cp{cp}-s{seq}-{recompute}-{impl}"
+    tp, pp, sp, cp, seq, recompute, impl = case[:7]
+    return f"tp{tp}{'sp' if sp else ''}-pp{pp}-cp{cp}-s{seq}-{recompute}-{impl}{'-documents' if case[7:] else ''}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
@@ -111,7 +126,7 @@ def test_planner_memory_matches_a_measured_step(case):
     reason = _rejected(case)
     if reason is not None:
         pytest.fail(f"config_checks rejects this layout: {reason}")
-    tp, pp, sp, cp, seq, recompute, impl = case
+    tp, pp, sp, cp, seq, recompute, impl = case[:7]
     cfg = case_config(*case)
     layout = Layout(tensor=tp, pipeline=pp, context=cp, sequence_parallel=sp, recompute=recompute,
                     micro_batch_size=1, num_microbatches=MICROBATCHES if pp > 1 else 1)

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from fpa_megatron.data.datasets import MicroBatchSampler, SampleOrder
+from fpa_megatron.data.datasets import MicroBatchSampler
+from fpa_megatron.data.mixture import SampleOrder
 from fpa_megatron.testing import run_distributed
 from tests.training.test_trainer import BASE, KEYS
 

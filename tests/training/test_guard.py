@@ -220,10 +220,11 @@ def test_stop_signals_only_record_the_request():
 
 def test_fault_spec_parsing():
     assert faults.parse("") == []
-    assert faults.parse("nan_loss@3, nan_loss@5+:1 ,kill_rank@4:1,sigterm@2:launcher,stall_rank@7") == [
+    assert faults.parse("nan_loss@3, nan_loss@5+:1 ,kill_rank@4:1,sigterm@2:launcher,stall_rank@7,"
+                        "slow_rank@12+:1") == [
         faults.Fault("nan_loss", 3), faults.Fault("nan_loss", 5, onward=True, target=1),
         faults.Fault("kill_rank", 4, target=1), faults.Fault("sigterm", 2, target="launcher"),
-        faults.Fault("stall_rank", 7)]
+        faults.Fault("stall_rank", 7), faults.Fault("slow_rank", 12, onward=True, target=1)]
     for bad, fragment in [("nan@3", "cannot read 'nan@3'"), ("kill_rank@x", "cannot read"),
                           ("kill_rank@0", "steps count from 1"), ("spike@3:launcher", "only sigterm")]:
         with pytest.raises(ValueError, match=fragment):
@@ -286,10 +287,16 @@ def test_failure_line_names_rank_host_step_and_the_timeout_key():
     ("train.spike.deviations=abc", "train.spike.deviations: expected a number, got 'abc'"),
     ("train.spike.min_history=200", "train.spike.min_history=200 is larger than train.spike.window=100"),
     ("train.spike.max_rollbacks=-1", "train.spike.max_rollbacks=-1"),
+    ("train.slow_rank.factor=0.5", "train.slow_rank.factor=0.5 must be a number > 1 (0 or null: off)"),
+    ("train.slow_rank.factor=1", "train.slow_rank.factor=1.0 must be a number > 1"),
+    ("train.slow_rank.steps=-1", "train.slow_rank.steps=-1 must be an integer >= 0"),
+    ("train.slow_rank.steps=1.5", "train.slow_rank.steps"),
 ])
 def test_guard_and_timeout_settings_are_checked(override, fragment):
     values = {"model": {"vocab_size": 128}, "data": {"mock": True}}
     check_config(config_from_dict(values, ["parallel.timeout_minutes=0.1"]), 1)  # a float is fine
+    for off in ("train.slow_rank.factor=0", "train.slow_rank.factor=null", "train.slow_rank.steps=0"):
+        check_config(config_from_dict(values, [off]), 1)  # the slow-rank check turned off
     with pytest.raises(ConfigError) as err:
         check_config(config_from_dict(values, [override]), 1)
     assert fragment in str(err.value)
