@@ -228,6 +228,7 @@ class CheckpointConfig:
     init_from: Optional[str] = None  # weights only (e.g. from fpa-import): step 0, a fresh optimizer
     interval_minutes: float = 0.0  # also save when this much wall-clock time passed since the last save; 0 = off
     save_at_end: bool = True
+    async_save: bool = True  # stage to host memory at the step, write in the background (docs/checkpoints.md)
 
 
 @dataclass

@@ -11,10 +11,17 @@
                                    as long as its step before the first slow one took, at least SLOW_RANK_SECONDS
     FPA_FAULT=sigterm@12:1         rank 1 gets SIGTERM as step 12 starts
     FPA_FAULT=sigterm@12:launcher  torchrun gets SIGTERM (it forwards it to every worker)
+    FPA_FAULT=slow_save@12         the checkpoint writer of the save of step 12 sleeps SLOW_SAVE_S before each file
+    FPA_FAULT=kill_in_save@12      every rank kills itself (SIGKILL) while writing the checkpoint of step 12: after
+                                   its first file, before the others and before any marker
+    FPA_FAULT=fail_save@12:1       rank 1 cannot write its first file of the checkpoint of step 12 (a directory
+                                   is in the way of the file, so the write itself fails)
 
 Several faults: comma-separated. Steps count from 1 (the step the log line calls `step 12/N`). `:R` picks
-the rank; without it, loss faults hit every rank and the others rank 0. Under torchrun the faults fire only
-in the first attempt (TORCHELASTIC_RESTART_COUNT = 0), so a restarted group runs clean. Unset: a no-op.
+the rank; without it, loss and save faults hit every rank and the others rank 0. The save faults act in the
+checkpoint writer (`checkpoint_write`; the background thread under checkpoint.async_save). Under torchrun the
+faults fire only in the first attempt (TORCHELASTIC_RESTART_COUNT = 0), so a restarted group runs clean. Unset:
+a no-op.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from fpa_megatron.run_log import get_logger
 ENV = "FPA_FAULT"
 LOSS_FAULTS = ("nan_loss", "spike")
 PROCESS_FAULTS = ("kill_rank", "kill_node", "stall_rank", "slow_rank", "sigterm")
+SAVE_FAULTS = ("slow_save", "kill_in_save", "fail_save")
 SPIKE_FACTOR = 100.0
 SLOW_RANK_FACTOR, SLOW_RANK_SECONDS = 2.0, 1.0  # the slow rank's step is then >= 3x the others'
+SLOW_SAVE_S = 0.5
 LAUNCHER = "launcher"
 
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?P<onward>\+)?(?::(?P<target>\d+|launcher))?$")
@@ -44,16 +53,16 @@ log = get_logger("faults")
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # one of LOSS_FAULTS + PROCESS_FAULTS
+    kind: str  # one of LOSS_FAULTS + PROCESS_FAULTS + SAVE_FAULTS
     step: int
     onward: bool = False  # also every later step
-    target: Union[int, str, None] = None  # a rank, LAUNCHER, or None (loss faults: every rank; others: rank 0)
+    target: Union[int, str, None] = None  # a rank, LAUNCHER, or None (loss, save faults: every rank; others: rank 0)
 
     def fires(self, step: int, rank: int) -> bool:
         if not (step == self.step or (self.onward and step > self.step)):
             return False
         if self.target is None:
-            return self.kind in LOSS_FAULTS or rank == 0
+            return self.kind in LOSS_FAULTS + SAVE_FAULTS or rank == 0
         return self.target == rank or (self.target == LAUNCHER and rank == 0)
 
 
@@ -62,9 +71,9 @@ def parse(spec: str) -> list[Fault]:
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         match = _SPEC.match(item)
-        if match is None or match["kind"] not in LOSS_FAULTS + PROCESS_FAULTS:
+        if match is None or match["kind"] not in LOSS_FAULTS + PROCESS_FAULTS + SAVE_FAULTS:
             raise ValueError(f"{ENV}={spec!r}: cannot read {item!r}; expected KIND@STEP[+][:RANK] with KIND one of "
-                             f"{', '.join(LOSS_FAULTS + PROCESS_FAULTS)}")
+                             f"{', '.join(LOSS_FAULTS + PROCESS_FAULTS + SAVE_FAULTS)}")
         target = match["target"]
         if target == LAUNCHER and match["kind"] != "sigterm":
             raise ValueError(f"{ENV}={spec!r}: only sigterm can target the launcher")
@@ -102,8 +111,21 @@ class FaultInjector:
         if previous is not None:
             self._last_step_seconds = self._step_started - previous
         for fault in self.faults:
-            if fault.fires(step, self.rank):
+            if fault.kind not in SAVE_FAULTS and fault.fires(step, self.rank):
                 self._fire(fault, step)
+
+    def checkpoint_write(self, step: int, file, index: int) -> None:
+        """The checkpoint writer is about to write `file`, this rank's `index`-th file of the save of `step`."""
+        for fault in self.faults:
+            if fault.kind not in SAVE_FAULTS or not fault.fires(step, self.rank):
+                continue
+            if fault.kind == "slow_save":
+                time.sleep(SLOW_SAVE_S)
+            elif fault.kind == "kill_in_save" and index == 1:
+                log.warning(f"{ENV}: rank {self.rank} kills itself (SIGKILL) while writing checkpoint {file.parent}")
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif fault.kind == "fail_save" and index == 0:
+                file.mkdir(parents=True, exist_ok=True)  # the open for writing now fails, naming the file
 
     def _fire(self, fault: Fault, step: int) -> None:
         if fault.kind == "nan_loss":
@@ -167,3 +189,9 @@ def loss_factor() -> float:
     if _active is None or not torch.is_grad_enabled():
         return 1.0
     return _active.loss_factor
+
+
+def checkpoint_write(step: int, file, index: int) -> None:
+    """Called by the checkpoint writer before each file it writes (the save faults); nothing unless set."""
+    if _active is not None:
+        _active.checkpoint_write(step, file, index)

@@ -21,6 +21,7 @@ import pickle
 import queue
 import socket
 import sys
+import time
 import traceback
 import warnings
 from typing import Any, Callable
@@ -104,7 +105,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 300.0) -> list:
     """Spawn `world_size` gloo ranks running fn(*args); return [result of rank 0, rank 1, ...].
 
-    fn must be importable (module level). Raises RuntimeError with the rank's traceback on failure.
+    fn must be importable (module level). Raises RuntimeError with the rank's traceback on failure, or naming
+    the ranks whose process ended without reporting (e.g. "rank 1 died with exit code -9 (SIGKILL)").
     """
     ctx = _context()
     results = ctx.Queue()
@@ -121,12 +123,20 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     outputs: dict[int, Any] = {}
     errors: list[str] = []
     try:
-        for _ in range(world_size):
+        deadline = time.monotonic() + timeout_s
+        while len(outputs) < world_size:
             try:
-                rank, status, payload, rank_warnings = results.get(timeout=timeout_s)
+                rank, status, payload, rank_warnings = results.get(timeout=1.0)
             except queue.Empty:
-                errors.append(f"timed out after {timeout_s}s waiting for ranks")
-                break
+                dead = [f"rank {r} died with exit code {p.exitcode}" + (" (SIGKILL)" if p.exitcode == -9 else "")
+                        for r, p in enumerate(procs) if r not in outputs and p.exitcode not in (None, 0)]
+                if dead:  # a rank that never reports (killed, or its process ended some other way)
+                    errors.extend(dead)
+                    break
+                if time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout_s}s waiting for ranks")
+                    break
+                continue
             shown.update(dict.fromkeys(rank_warnings))
             if status == "ok":
                 outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)

@@ -2,8 +2,11 @@
 our state, on its own cadence, and finds and loads the checkpoint to resume from.
 
 What makes a checkpoint trustworthy (files: format.py; which one to resume: lineage.py):
-- Durable before it counts. Every rank fsyncs the files it wrote, then a barrier; rank 0 fsyncs the
-  directory (and every file in it) and only then writes `complete`.
+- Durable before it counts. Every rank fsyncs the files it wrote and says so in the checkpoint directory;
+  rank 0, once every rank has, fsyncs the directory (and every file in it) and only then writes `complete`,
+  then moves `latest` (staging.py). Under checkpoint.async_save (the default) the state is staged to host
+  memory at the step and all of this happens in the background while training goes on; one save is in flight
+  at most, and the end of the run (and every stop) waits for it.
 - Verified before it is used. `complete` records every file's size and checksum (computed by the rank that
   wrote it, `integrity.py`). On resume every rank verifies the files it reads and the ranks agree; a damaged
   checkpoint (a file missing, cut, or with changed bytes) is moved to `abandoned/` with the reason, and
@@ -34,13 +37,15 @@ from megatron.core import tensor_parallel
 from fpa_megatron.checkpoint import elastic
 from fpa_megatron.checkpoint.format import (ABANDONED, LATEST, RESHARDED, TAG_PREFIX, TRAINER_STATE, checkpoint_tag,
                                             fsync_path, is_complete, load_safely, load_trusted, mark_complete,
-                                            save_durable, write_atomic, write_layout)
+                                            write_atomic, write_layout)
 from fpa_megatron.checkpoint.integrity import (MARKER, CheckpointIntegrityError, agree_on_problem, checkpoint_problem,
-                                               describe_files, has_checksums)
+                                               has_checksums)
 from fpa_megatron.checkpoint.layout import LAYOUT, CheckpointLayout, check_layout, read_layout
 from fpa_megatron.checkpoint.lineage import (checkpoint_root, complete_checkpoints, read_history, resolve_latest, resolve_resume,
                                              write_history)
+from fpa_megatron.checkpoint.staging import BackgroundWrite, HostStaging, SaveJob, deepspeed_writes, torch_file
 from fpa_megatron.config import RunConfig, save_config
+from fpa_megatron.exit_codes import RunStopped
 from fpa_megatron.run_log import get_logger
 
 log = get_logger("checkpoint")
@@ -61,17 +66,6 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _deepspeed_files(engine, root: Path, tag: str) -> list[Path]:
-    """The files DeepSpeed's save_checkpoint wrote on this rank (its own naming: the model states on one
-    rank per model-parallel rank, a ZeRO optimizer partition on every rank)."""
-    files = []
-    if engine.save_non_zero_checkpoint:
-        files.append(Path(engine._get_ckpt_name(str(root), tag)))
-    if engine.save_zero_checkpoint:
-        files.append(Path(engine._get_zero_ckpt_name(str(root), tag)))
-    return files
 
 
 # ------------------------------------------------------------------------------------------ the checkpointer
@@ -99,6 +93,9 @@ class Checkpointer:
         self._protected: set[Path] = set()  # every checkpoint this run loaded: never pruned
         self._verified: Optional[Path] = None  # the checkpoint find_resume verified on every rank
         self._lineage_started = False
+        self.async_save = ck.async_save
+        self._staging = HostStaging()  # one checkpoint shard per rank, reused by every save
+        self._in_flight: Optional[BackgroundWrite] = None
 
     # -- saving
 
@@ -113,6 +110,8 @@ class Checkpointer:
         """`step` = optimizer steps done. Saves on the interval, when `time_due` (every rank's agreed
         `time_due()`), at the end (checkpoint.save_at_end), and always before an early exit
         (train.exit_interval), so that a rerun resumes where this one stopped."""
+        if self._in_flight is not None and self._in_flight.failed:
+            self.wait()  # a failed background write fails the run at the next step, naming the file
         due = ((self.interval > 0 and step % self.interval == 0) or (final and self.cfg.checkpoint.save_at_end)
                or exiting or time_due)
         return self.save(step, engine, trainer_state) if due else None
@@ -120,6 +119,8 @@ class Checkpointer:
     def save(self, step: int, engine, trainer_state: dict) -> Path:
         """Write the checkpoint of `step` on every rank; it counts (marker, latest) once all is durable.
 
+        Under checkpoint.async_save the state is staged to host memory here and written in the background
+        (see `wait`); otherwise every rank returns once the checkpoint is complete.
         trainer_state must hold only tensors, numbers, strings, lists and dicts (it is read back with
         weights_only=True).
         """
@@ -130,6 +131,7 @@ class Checkpointer:
         tag = checkpoint_tag(step)
         path = self.root / tag
         rank = dist.get_rank()
+        self.wait(next_tag=tag)
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if not self._lineage_started:
@@ -137,26 +139,63 @@ class Checkpointer:
             if path.exists():  # what a killed save left behind, or a complete one in the way
                 self._clear_way(path)
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        mine = _deepspeed_files(engine, self.root, tag)
-        save_durable(rng_state(), path / f"rng_rank_{rank}.pt")
-        mine.append(path / f"rng_rank_{rank}.pt")
+        self._staging.rewind()  # nothing in flight: the buffers of the last save are free
+        stage = self._staging.copy if self.async_save else (lambda state: state)  # sync: written before it changes
+        with deepspeed_writes(engine, stage) as deepspeed_files:
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        files = [(file, torch_file(state, options)) for state, file, options in deepspeed_files]
+        ours = {f"rng_rank_{rank}.pt": rng_state()}
         if rank == 0:
-            save_durable(trainer_state, path / TRAINER_STATE)
+            ours[TRAINER_STATE] = trainer_state
+        files += [(path / name, torch_file(state)) for name, state in stage(ours).items()]
+        if rank == 0:
             layout = CheckpointLayout.of_run(self.cfg, dist.get_world_size())
-            write_layout(path, layout, step)
-            save_config(self.cfg, path / "config.yaml")
-            mine += [path / TRAINER_STATE, path / "config.yaml"]
-        for file in mine:  # each rank makes its own files durable (on a shared file system only it can)
-            fsync_path(file)
-        checksums = describe_files(mine)  # read back by the rank that wrote them, while they are cached
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, checksums)  # doubles as the barrier: every rank's files are durable
-        if rank == 0:
-            self._commit(path, {name: v for per_rank in gathered for name, v in per_rank.items()})
-        dist.barrier()
+            files += [(path / LAYOUT, lambda file: write_layout(file.parent, layout, step)),
+                      (path / "config.yaml", lambda file: save_config(self.cfg, file))]
+        commit = (lambda checksums: self._commit(path, checksums)) if rank == 0 else None
+        job = SaveJob(path, step, rank, dist.get_world_size(), files, commit,
+                      timeout_s=60.0 * self.cfg.parallel.timeout_minutes)
         self.last_save_time = self.clock()
+        if self.async_save:
+            self._in_flight = BackgroundWrite(job)
+        else:
+            job.run()
+            dist.barrier()  # every rank returns once the checkpoint counts
         return path
+
+    def wait(self, next_tag: Optional[str] = None) -> None:
+        """Block until this rank's save in flight is written (rank 0: and committed, `latest` moved); raise its
+        failure (CheckpointWriteError naming the rank and file). One save is in flight at most: the save of
+        `next_tag` waits here, and says so if it had to."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return
+        busy, started = in_flight.busy, time.perf_counter()
+        in_flight.join()
+        if busy and next_tag:
+            log.warning(f"checkpoint {next_tag} waited {time.perf_counter() - started:.1f} s for "
+                        f"{in_flight.job.path.name}, still being written (one save in flight at most; a longer "
+                        f"checkpoint.interval avoids the wait)")
+
+    def _settle(self) -> None:
+        """Before reading the root (a rollback): every rank waits for the save in flight, then all agree."""
+        if self._in_flight is not None:
+            self.wait()
+            dist.barrier()  # rank 0's commit is done: every rank sees the same `latest`
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """The end of training, the exit interval and a stop (RunStopped: every rank agreed, all alive) wait for
+        the save in flight. A failure abandons it: rank 0 stops waiting for ranks that may be dead (the
+        checkpoint never counts; a rerun resumes from the one before), and the failure stays the error."""
+        if exc is not None and not isinstance(exc, RunStopped) and self._in_flight is not None:
+            self._in_flight.job.abandoned.set()
+            log.warning(f"checkpoint {self._in_flight.job.path.name} was still being written: abandoned")
+            self._in_flight = None
+            return
+        self.wait()
 
     def _commit(self, path: Path, checksums: dict) -> None:
         """Rank 0, after every rank's files are durable: directory, marker, history, latest, then prune."""
@@ -302,8 +341,10 @@ class Checkpointer:
     def latest(self) -> Optional[Path]:
         """The newest complete checkpoint of this run's lineage (what `latest` names), or None.
 
-        For a rollback: `checkpointer.load(checkpointer.latest(), engine)`. Needs no process group.
+        For a rollback: `checkpointer.load(checkpointer.latest(), engine)`. Needs no process group unless a
+        save is in flight (then every rank waits for it).
         """
+        self._settle()
         return resolve_latest(self.root)[0]
 
     def load(self, path: Path, engine) -> dict:
@@ -313,6 +354,7 @@ class Checkpointer:
         weight. Afterwards this run's lineage continues from path: newer checkpoints are abandoned (moved
         aside at once, so that `resume: auto` can never go back to them) and path is never pruned.
         """
+        self._settle()
         path = Path(path)
         if path != self._verified:  # e.g. a rollback's target; find_resume's is verified already
             problem = self.verify(path, engine)

@@ -265,6 +265,13 @@ def optimizer_bytes(params: int, layout: Layout, dtype: str) -> dict:
             "fp32_gradient_partition": part * FP32}
 
 
+def checkpoint_staging_bytes(cfg: RunConfig, terms: dict) -> int:
+    """Host memory (not GPU) of one rank under checkpoint.async_save: the copy of what it writes, staged at the
+    save step and reused by every save (one in flight at most): the model weights (on the first data-parallel
+    rank, the one that writes them), its fp32 master partition and Adam's two moments. 0 for synchronous saves."""
+    return terms["weights"] + terms["master_fp32"] + terms["adam_moments"] if cfg.checkpoint.async_save else 0
+
+
 def step_memory(cfg: RunConfig, layout: Layout, padded_vocab: int, device: str = "cuda") -> dict:
     """Every term of the per-GPU memory (bytes) on the stage that needs the most, and the total with margin."""
     e = BYTES[cfg.model.dtype]
@@ -278,7 +285,8 @@ def step_memory(cfg: RunConfig, layout: Layout, padded_vocab: int, device: str =
         tensors = sum(terms.values())
         margin = int(ALLOCATOR_FRACTION * tensors) + FIXED_RESERVE_BYTES
         row = {"stage": stage, "parameters": params, **terms, "tensors": tensors, "margin": margin,
-               "total": tensors + margin, "activation_detail": act}
+               "total": tensors + margin, "activation_detail": act,
+               "host_checkpoint_staging": checkpoint_staging_bytes(cfg, terms)}
         if best is None or row["total"] > best["total"]:
             best = row
     return best

@@ -89,6 +89,10 @@ def format_table(result: dict, top: int) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     for row in [header] + rows:
         lines.append("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    if fitting and fitting[0]["memory"]["host_checkpoint_staging"]:
+        lines.append(f"host memory (not GPU) per rank for checkpoint.async_save staging: "
+                     f"{_gb(fitting[0]['memory']['host_checkpoint_staging'])} GiB under {fitting[0]['name']} "
+                     f"(checkpoint.async_save=false: none)")
     if result["rejected_by_config_checks"]:
         lines.append("not offered (config_checks rejects them): " + "; ".join(
             f"{n} x {reason}" for reason, n in sorted(result["rejected_by_config_checks"].items())))

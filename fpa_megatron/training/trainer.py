@@ -168,8 +168,9 @@ def train(cfg: RunConfig, layout: ResolvedLayout | None = None) -> list[dict]:
     if state.step == 0:  # the starting point of the validation and attention curves
         for component in reversed(measures):
             component.after_step(0)
-    # SIGTERM/SIGUSR1: finish the step, save, exit 75; a stalled step: every rank's stacks in the run dir
-    with StopSignals() as stop_signals, run.logger, run.profiler, run.watchdog:
+    # SIGTERM/SIGUSR1: finish the step, save, exit 75; a stalled step: every rank's stacks in the run dir;
+    # every way out waits for the checkpoint being written in the background
+    with StopSignals() as stop_signals, run.logger, run.profiler, run.watchdog, checkpointer:
         drills = faults.install(dist.get_rank(), lambda: stop_signals.requested)  # FPA_FAULT; nothing unless set
         while state.step < steps:
             where.step = state.step + 1  # named by the failure line if this rank fails now

@@ -237,6 +237,9 @@ def test_which_rank_and_step_a_fault_hits():
     kill = faults.Fault("kill_rank", 4)  # default target: rank 0
     assert kill.fires(4, 0) and not kill.fires(4, 1) and not kill.fires(5, 0)
     assert faults.Fault("sigterm", 2, target="launcher").fires(2, 0)  # rank 0 signals the launcher
+    assert faults.parse("kill_in_save@4,fail_save@2:1") == [faults.Fault("kill_in_save", 4),
+                                                            faults.Fault("fail_save", 2, target=1)]
+    assert faults.Fault("kill_in_save", 4).fires(4, 0) and faults.Fault("kill_in_save", 4).fires(4, 1)  # every rank
 
 
 def test_loss_faults_hit_training_steps_of_the_first_attempt_only(monkeypatch):
