@@ -1,4 +1,5 @@
 """`run_distributed(fn, world_size)`: run fn in real gloo processes (new ones each call), return each rank's result.
+`run_measured(argv)`: a command as a child process, with its peak resident memory and wall time.
 
 Used by the tests and benchmarks. Each rank gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* in its environment,
 OMP_NUM_THREADS=1, a gloo process group with a timeout, and a free port of its own. Warnings follow the

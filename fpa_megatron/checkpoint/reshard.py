@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 
 from fpa_megatron.checkpoint.format import (LATEST, RESHARDED, TRAINER_STATE, load_deepspeed_file, mark_complete,
-                                            save_durable, write_atomic, write_layout)
+                                            save_durable, weights_only, write_atomic, write_layout)
 from fpa_megatron.checkpoint.integrity import CheckpointIntegrityError, one_file_problem
 from fpa_megatron.checkpoint.layout import CheckpointLayout
 from fpa_megatron.checkpoint.reader import (CheckpointError, ModelCheckpoint, model_parallel_coordinates,
@@ -379,10 +379,11 @@ def zero_file(state: GlobalState, dp: int, data: int, groups: list[list[tuple[st
     for g, group in enumerate(groups):
         numel, part_size = sum(sizes[g]), partition_size(sum(sizes[g]), data)
         start = dp * part_size
-        parts = {kind: _partition(state.tensors[kind], group, sizes[g], start, part_size, shard)
-                 for kind in state.optimizer_kinds}
         padding = min(part_size, max(0, (dp + 1) * part_size - numel))  # zeros at the end of the buffer
-        fp32.append(parts["fp32"][: part_size - padding].clone())  # saved without the padding
+        parts = {kind: _partition(state.tensors[kind], group, sizes[g], start,
+                                  part_size - padding if kind == "fp32" else part_size, shard)
+                 for kind in state.optimizer_kinds}  # fp32: saved without the padding, the moments with it
+        fp32.append(parts["fp32"])
         paddings.append(padding)
         mappings.append(_slice_mappings([(local, n) for (local, _), n in zip(group, sizes[g])], start, part_size))
         group_states[g] = {"step": state.step.clone(),
@@ -532,8 +533,7 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     log(f"fpa-reshard: {ckpt} (step {model.step}, {model.consumed_samples} samples consumed): "
         f"{src.describe()} -> {new.describe()}")
 
-    weights_only = bool(_note(ckpt).get("weights_only"))  # fpa-import's: no optimizer state to carry
-    if weights_only and not reset_optimizer:
+    if weights_only(ckpt) and not reset_optimizer:  # fpa-import's: no optimizer state to carry
         log("  the checkpoint holds weights only (fpa-import): writing it with a fresh AdamW state")
         reset_optimizer = True
     state = read_global_state(model, with_optimizer=not reset_optimizer, log=log)
@@ -558,11 +558,6 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     log(f"done: {iter_dir}\nresume on {new.world_size} rank(s) with: fpa-train --config <your config> "
         + " ".join(overrides) + f" checkpoint.resume={out}")
     return iter_dir
-
-
-def _note(ckpt: Path) -> dict:
-    """The checkpoint's resharded.json (written by fpa-reshard and fpa-import), or {}."""
-    return json.loads((ckpt / RESHARDED).read_text()) if (ckpt / RESHARDED).is_file() else {}
 
 
 def reset_optimizer_state(state: GlobalState, cfg: RunConfig) -> None:

@@ -303,6 +303,9 @@ def test_init_from_that_is_not_a_checkpoint_or_of_another_shape_is_a_config_erro
         check_config(config_from_dict(values, ["model.hidden_size=32"]), 1)
     with pytest.raises(ConfigError, match=r"checkpoint.init_from=.*vocabulary has 300 tokens, this run's 512"):
         check_config(config_from_dict(values, ["model.vocab_size=512"]), 1)
+    # the import holds weights only: resuming from it is named, with the two ways on
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=.*holds weights only .*checkpoint.init_from=.*fpa-reshard"):
+        check_config(config_from_dict(values, [f"checkpoint.resume={tmp_path / 'imported'}"]), 1)
 
 
 def test_tokenizer_larger_than_the_checkpoints_vocabulary_is_named(tmp_path, llama_dir):
