@@ -162,15 +162,33 @@ def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
                            state_dict=state)
 
 
+class ReadOnAccess(Mapping):
+    """A {name: tensor} mapping whose tensors are read (or converted) only when asked for; `_index` names the
+    attribute whose keys are its names, in order."""
+
+    _index = ""
+
+    def __iter__(self):
+        return iter(getattr(self, self._index))
+
+    def __len__(self) -> int:
+        return len(getattr(self, self._index))
+
+    def __contains__(self, name) -> bool:
+        return name in getattr(self, self._index)
+
+
 def model_file(mp: int) -> str:
     return f"mp_rank_{mp:02d}_model_states.pt"
 
 
-class ShardedState(Mapping):
+class ShardedState(ReadOnAccess):
     """{global name: tensor} of a checkpoint, read on access: each access maps the model files holding the
     tensor's tensor-parallel pieces (torch.load mmap=True), copies the pieces out, joins them and unmaps the files
     again, so memory holds the tensors being used, never the model. The last stage's copy of tied embeddings is
     checked against the first stage's once, then left out."""
+
+    _index = "where"  # the names, in order
 
     def __init__(self, path: Path, cfg: RunConfig, coordinates: dict[int, tuple[int, int]]):
         self.path, self.gated, self.tensor = path, cfg.model.activation == "swiglu", cfg.parallel.tensor
@@ -217,15 +235,6 @@ class ShardedState(Mapping):
             raise KeyError(name)
         files, local = self.where[name]
         return _join_tensor_parallel(name, self._pieces(files, local), self.gated)
-
-    def __iter__(self):
-        return iter(self.where)
-
-    def __len__(self) -> int:
-        return len(self.where)
-
-    def __contains__(self, name) -> bool:
-        return name in self.where
 
     def _check_tied(self, files: list[int], local: str) -> None:
         """Warn when the last stage's copy of the tied embeddings differs from the first stage's (piece by piece)."""
@@ -309,8 +318,10 @@ def initial_weights(path: str | Path, padded_vocab_size: int) -> Mapping[str, to
     return VocabularyRows(read_model_checkpoint(path).state_dict, padded_vocab_size)
 
 
-class VocabularyRows(Mapping):
+class VocabularyRows(ReadOnAccess):
     """A global state whose word embeddings and output layer have `rows` rows (cut, or zero rows appended)."""
+
+    _index = "state"  # the names, in order
 
     def __init__(self, state: Mapping[str, torch.Tensor], rows: int):
         self.state, self.rows = state, rows
@@ -323,12 +334,3 @@ class VocabularyRows(Mapping):
         n = min(self.rows, tensor.shape[0])
         out[:n] = tensor[:n]
         return out
-
-    def __iter__(self):
-        return iter(self.state)
-
-    def __len__(self) -> int:
-        return len(self.state)
-
-    def __contains__(self, name) -> bool:
-        return name in self.state

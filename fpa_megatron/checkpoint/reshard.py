@@ -44,8 +44,8 @@ from fpa_megatron.checkpoint.format import (LATEST, RESHARDED, TRAINER_STATE, lo
                                             save_durable, weights_only, write_atomic, write_layout)
 from fpa_megatron.checkpoint.integrity import CheckpointIntegrityError, one_file_problem
 from fpa_megatron.checkpoint.layout import CheckpointLayout
-from fpa_megatron.checkpoint.reader import (CheckpointError, ModelCheckpoint, model_parallel_coordinates,
-                                            read_model_checkpoint)
+from fpa_megatron.checkpoint.reader import (CheckpointError, ModelCheckpoint, ReadOnAccess,
+                                            model_parallel_coordinates, read_model_checkpoint)
 from fpa_megatron.config import ConfigError, RunConfig, save_config
 from fpa_megatron.model.memory import reduce_bucket_elements
 from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, layer_placement,
@@ -192,10 +192,12 @@ def read_rank(ckpt: Path, mp: int, data: int, zero_prefix: Optional[str]) -> Ran
     return rank
 
 
-class OptimizerTensors(Mapping):
+class OptimizerTensors(ReadOnAccess):
     """One kind of optimizer state ("fp32" master weights, AdamW's "exp_avg", "exp_avg_sq") in global names, read
     on access: each access maps the ZeRO files of the tensor's model-parallel ranks, gathers its fragments (the
     same split rule as the weights joins the TP pieces) and unmaps them again."""
+
+    _index = "where"  # the names, in order
 
     def __init__(self, ckpt: Path, kind: str, prefix: str, partitions: int, tensor: int, gated: bool,
                  where: dict[str, list[tuple[int, int, str, torch.Size]]]):
@@ -215,15 +217,6 @@ class OptimizerTensors(Mapping):
             per_tp[tp] = _gather(states, g, {local: shape}, flat_of, self.kind)[local]
             del states
         return _join(name, per_tp, self.tensor, self.gated)
-
-    def __iter__(self):
-        return iter(self.where)
-
-    def __len__(self) -> int:
-        return len(self.where)
-
-    def __contains__(self, name) -> bool:
-        return name in self.where
 
 
 def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,

@@ -24,7 +24,7 @@ import torch
 
 from data_prep.common import PrepError
 from data_prep.tokenizer import load_tokenizer
-from fpa_megatron.checkpoint.reader import ModelCheckpoint, read_model_checkpoint
+from fpa_megatron.checkpoint.reader import ModelCheckpoint, ReadOnAccess, read_model_checkpoint
 from fpa_megatron.config import ModelConfig
 
 # (model.position_embedding, model.normalization, model.activation) -> the transformers architecture that
@@ -344,11 +344,13 @@ def mapping_rules(arch: str, m: ModelConfig) -> list[Rule]:
     return rules
 
 
-class HFState(Mapping):
+class HFState(ReadOnAccess):
     """A checkpoint's global state in the names and shapes of the transformers model (vocabulary unpadded), each
     tensor converted when asked for (the tensors one Megatron tensor becomes are kept until the next is asked
     for: a file written in this order reads every Megatron tensor once). Every conversion is tried on the
     meta device first, so an unmapped or misshapen tensor is an ExportError before anything is read or written."""
+
+    _index = "sources"  # the names, in order
 
     def __init__(self, state: Mapping[str, torch.Tensor], arch: str, m: ModelConfig, vocab_size: int):
         self.state, self.m, self.vocab = state, m, vocab_size
@@ -379,15 +381,6 @@ class HFState(Mapping):
             self._last = (None, [])  # let the previous tensors go first
             self._last = (megatron, self._convert(rule, self.state[megatron]))
         return self._last[1][i]
-
-    def __iter__(self):
-        return iter(self.sources)
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __contains__(self, name) -> bool:
-        return name in self.sources
 
 
 def hf_state_dict(ckpt: ModelCheckpoint, arch: str, vocab_size: int) -> Mapping[str, torch.Tensor]:
@@ -435,9 +428,9 @@ def to_hf(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None, with_toke
     tied = {HEAD} if ckpt.config.model.tie_embeddings else set()
     wrong = [name for name in shapes if name in expected and shapes[name] != expected[name]]
     if set(shapes) - set(expected) or set(expected) - set(shapes) - tied or wrong:
-        raise ExportError(f"transformers' {type(meta).__name__} does not take this state: missing "
-                          f"{sorted(set(expected) - set(shapes) - tied)}, unexpected {sorted(set(shapes) - set(expected))}"
-                          f", of another shape {wrong}")
+        missing, unexpected = sorted(set(expected) - set(shapes) - tied), sorted(set(shapes) - set(expected))
+        raise ExportError(f"transformers' {type(meta).__name__} does not take this state: missing {missing}, "
+                          f"unexpected {unexpected}, of another shape {wrong}")
     if in_memory:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.load_state_dict(dict(state), strict=False)

@@ -44,7 +44,7 @@ import torch
 from data_prep.common import PrepError
 from data_prep.tokenizer import HF_TOKENIZER_CONFIG, resolve_tokenizer_path
 from fpa_megatron.checkpoint.layout import CheckpointLayout
-from fpa_megatron.checkpoint.reader import read_model_checkpoint
+from fpa_megatron.checkpoint.reader import ReadOnAccess, read_model_checkpoint
 from fpa_megatron.checkpoint.reshard import GlobalState, ReshardError, check_new_layout, write_checkpoint
 from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, parse_overrides, save_config
 from fpa_megatron.export.hf import (_LAYOUT, EMBEDDING, HEAD, OUTPUT, Rule, _Source, mapping_rules,
@@ -190,13 +190,15 @@ SAFETENSORS, PYTORCH = ("model.safetensors", "pytorch_model.bin")  # transformer
 BUFFERS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # recomputed by Megatron, not weights
 
 
-class HFWeights(Mapping):
+class HFWeights(ReadOnAccess):
     """A transformers checkpoint's tensors (safetensors or .bin, one file or sharded with an index), read one at a
     time on access and cast to `dtype` as transformers would load them: safetensors through `safe_open`, .bin
     through torch.load(mmap=True); each file is opened for the access and let go after it, so memory holds the
     tensors in use, never the model. Stored names are renamed as transformers renames them when it loads (`rename`,
     e.g. GPT-NeoX's `embed_out` -> `lm_head`), and names without the model's prefix (`transformer.`, `model.`:
     how some checkpoints store the base model) are found under the full name."""
+
+    _index = "files"  # the names, in order
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, prefix: str = "",
                  rename: Callable[[str], str] = lambda name: name):
@@ -248,15 +250,6 @@ class HFWeights(Mapping):
         else:
             tensor = _load_bin(file)[stored].clone()  # out of the mapped file
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
-
-    def __iter__(self):
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __contains__(self, name) -> bool:
-        return name in self.files
 
 
 def _load_bin(file: Path) -> dict:
@@ -313,10 +306,12 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-class MegatronWeights(Mapping):
+class MegatronWeights(ReadOnAccess):
     """The global (TP 1 x PP 1) Megatron state of a transformers checkpoint, in GPTModel's parameter order, each
     tensor converted (`mapping_rules`, inverted) when it is asked for. Built on the meta device first: every HF
     tensor is used once and every conversion works on the files' shapes before anything is read or written."""
+
+    _index = "sources"  # the names, in order
 
     def __init__(self, hf_state: Mapping, c, cfg: RunConfig, padded_vocab: int):
         arch, self.m, self.padded = SUPPORTED_MODEL_TYPES[c.model_type], cfg.model, padded_vocab
@@ -352,15 +347,6 @@ class MegatronWeights(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         rule, hf_names = self.sources[name]
         return self._convert(name, rule, [self.hf_state[n] for n in hf_names])
-
-    def __iter__(self):
-        return iter(self.sources)
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __contains__(self, name) -> bool:
-        return name in self.sources
 
 
 def megatron_state(hf_state: Mapping, c, cfg: RunConfig, padded_vocab: int) -> Mapping[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """The model tools stream (issue 27): `fpa-import`, `fpa-export`, `fpa-reshard` and `fpa-ckpt verify`, run one after
 the other in a fresh process on a LLaMA with 200 MB of bf16 weights stored in small files, each raise the memory
 that process allocates by at most the largest file the step writes plus the largest file it reads, plus a fixed
-margin: far less than the model, which a tool that loaded it, or built all its output before writing, would add. benchmarks/tooling_memory.py
-measures each tool in its own process at 1.1B parameters."""
+margin: far less than the model, which a tool that loaded it, or built all its output before writing, would add.
+benchmarks/tooling_memory.py measures each tool in its own process at 1.1B parameters."""
 
 from __future__ import annotations
 
@@ -107,6 +107,7 @@ def test_import_export_reshard_and_verify_hold_their_largest_files_not_the_model
     for file in hf.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as f:
             for key in (k for k in f.keys() if k.endswith("mlp.down_proj.weight")):
-                assert torch.equal(state[f"decoder.layers.{key.split('.')[2]}.mlp.linear_fc2.weight"], f.get_tensor(key))
+                layer = key.split(".")[2]
+                assert torch.equal(state[f"decoder.layers.{layer}.mlp.linear_fc2.weight"], f.get_tensor(key))
                 compared += 1
     assert compared == 8
