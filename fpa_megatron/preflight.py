@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from fpa_megatron.checkpoint.format import TRAINER_STATE, load_trusted
+from fpa_megatron.checkpoint.format import TRAINER_STATE, load_trusted, weights_only
 from fpa_megatron.checkpoint.layout import CheckpointLayout, check_layout
 from fpa_megatron.checkpoint.lineage import checkpoint_root, resolve_resume
 from fpa_megatron.checkpoint.reader import check_init_from
@@ -42,6 +42,10 @@ def _check_resume(cfg: RunConfig, world_size: int) -> None:
     that parallel.elastic rewrites (read from its layout.json, before any weight is read); a changed data
     mixture can be honoured from its data position."""
     path, _ = resolve_resume(checkpoint_root(cfg), str(cfg.checkpoint.resume))
+    if path is not None and weights_only(path):
+        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: {path} holds weights only (an fpa-import, "
+                          f"no optimizer state): start from it with checkpoint.init_from={path.parent}, or make it a "
+                          f"complete checkpoint with `fpa-reshard --checkpoint {path} ... --out NEW_DIR`")
     if path is not None:
         check_layout(path, CheckpointLayout.of_run(cfg, world_size), elastic=cfg.parallel.elastic)
         _check_mixture_change(cfg, path)

@@ -1,4 +1,5 @@
 """`run_distributed(fn, world_size)`: run fn in real gloo processes (new ones each call), return each rank's result.
+`run_measured(argv)`: a command as a child process, with its peak resident memory and wall time.
 
 Used by the tests and benchmarks. Each rank gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* in its environment,
 OMP_NUM_THREADS=1, a gloo process group with a timeout, and a free port of its own. Warnings follow the
@@ -24,6 +25,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -155,3 +157,31 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     if errors:
         raise RuntimeError("\n".join(errors))
     return [outputs[r] for r in range(world_size)]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A command run as a child process: its exit status, wall time, peak resident memory and output."""
+
+    returncode: int
+    seconds: float
+    peak_rss: int  # bytes: the largest resident set of the child (or of a child it waited for), mapped files included
+    output: str
+
+
+def run_measured(argv: list[str], env: dict | None = None, cwd: str | None = None) -> Measured:
+    """Run `argv` and measure it: the kernel's own peak RSS of the child (`wait4`'s ru_maxrss, exact, no polling;
+    pages of files it mapped count as they are touched) and the wall time; stdout and stderr together."""
+    import subprocess
+    import tempfile
+    import time
+
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out:
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    return Measured(child.returncode, seconds, usage.ru_maxrss * 1024, text)  # ru_maxrss: KiB on Linux

@@ -9,9 +9,9 @@ DeepSpeed's own file format. Rank 0 writes it into `<checkpoint root>/elastic/`,
 is removed once all have read it (the original stays where it is, on the lineage). The global batch is the
 config's, so fewer replicas run more micro-batches each (train.global_batch_size / (micro x DP)) and see the
 same samples per step; the per-rank RNG streams start again from train.seed, as after fpa-reshard.
-Cost: rank 0 holds the whole model and optimizer state in host memory while it rewrites (the weights plus
-12 bytes per parameter of fp32 master weights and Adam moments: about 100 GB for 7B parameters) and writes
-one checkpoint's worth of files; the other ranks wait (parallel.timeout_minutes bounds it).
+Cost: rank 0 writes one checkpoint's worth of files, streaming (each file built from the tensors it needs, read
+one at a time, then written: about the largest file written plus the largest read in host memory, whatever the
+model's size); the other ranks wait (parallel.timeout_minutes bounds it).
 Why not DeepSpeed's elastic checkpoints: they are for ZeRO's own universal format, whose per-module names
 do not survive Megatron's per-stage layer numbering (see reshard.py); the rewrite is the same code path
 fpa-reshard's tests prove equal.

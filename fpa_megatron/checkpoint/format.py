@@ -141,6 +141,13 @@ def load_trusted(path: Path) -> Any:
                            f"more than tensors, numbers, strings, lists and dicts); refusing it: {err}") from None
 
 
+def weights_only(path: Path) -> bool:
+    """Whether checkpoint directory `path` holds weights only (fpa-import's: no optimizer state to resume), as its
+    resharded.json says."""
+    note = Path(path) / RESHARDED
+    return note.is_file() and bool(json.loads(note.read_text()).get("weights_only"))
+
+
 def write_layout(path: Path, layout: CheckpointLayout, step: int) -> None:
     """Record the layout next to the shards (layout.json), so a resume can check it before reading weights."""
     write_atomic(path / LAYOUT, json.dumps(dict(asdict(layout), step=step)) + "\n")

@@ -1,7 +1,8 @@
 """Read a training checkpoint offline (no process group, no GPU, no DeepSpeed engine).
 
 `read_model_checkpoint(path)` returns the run's resolved config, the layout it was saved with, the trainer
-state and the full model state {global name: tensor} in the names of a TP=1 x PP=1 Megatron GPTModel (the
+state and the full model state {global name: tensor}, read tensor by tensor on access (`ShardedState`: memory
+holds the tensors in use, never the whole model), in the names of a TP=1 x PP=1 Megatron GPTModel (the
 names `parallel/weights.py` uses): each `mp_rank_XX_model_states.pt` that DeepSpeed wrote is placed at its
 (tensor, pipeline) rank, its layers renamed by the stage's layer offset (with a virtual pipeline, each model
 chunk's "c." prefix dropped and its layers renamed by the chunk's offset), and tensor-parallel pieces joined
@@ -16,6 +17,7 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from fpa_megatron.run_log import get_logger
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 log = get_logger("checkpoint")
 TIED_COPY = "output_layer.weight"  # the last stage's copy of tied word embeddings
+EMBEDDING = "embedding.word_embeddings.weight"
 
 
 class CheckpointError(ValueError):
@@ -46,7 +49,7 @@ class ModelCheckpoint:
     config: RunConfig  # the resolved config of the run that wrote it
     layout: CheckpointLayout
     trainer_state: dict  # step, consumed_samples, lambda_schedule (as the trainer saved them)
-    state_dict: dict[str, torch.Tensor] = field(repr=False)  # global names; tied output weight left out
+    state_dict: Mapping[str, torch.Tensor] = field(repr=False)  # global names; tied output weight left out
 
     @property
     def step(self) -> int:
@@ -62,7 +65,8 @@ class ModelCheckpoint:
 
     @property
     def padded_vocab_size(self) -> int:
-        return int(self.state_dict["embedding.word_embeddings.weight"].shape[0])
+        shapes = getattr(self.state_dict, "shapes", None)  # a ShardedState knows it without reading the tensor
+        return int(shapes[EMBEDDING][0] if shapes is not None else self.state_dict[EMBEDDING].shape[0])
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -126,25 +130,6 @@ def _read_layout(path: Path, cfg: RunConfig, first: dict) -> CheckpointLayout:
                             virtual_pipeline=cfg.parallel.virtual_pipeline, context=cp)
 
 
-def _stage_state(module: dict, pp_rank: int, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """One model file's tensors under global names (`stage_global_name`: Megatron's even split into stages and
-    model chunks)."""
-    out = {}
-    for name, value in module.items():
-        if not isinstance(value, torch.Tensor):  # Megatron's `_extra_state` entries (None for local layers)
-            continue
-        out[stage_global_name(name, cfg.model.num_layers, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline,
-                              pp_rank)] = value
-    return out
-
-
-def _join_tensor_parallel(name: str, pieces: list[torch.Tensor], gated: bool) -> torch.Tensor:
-    dim = tensor_parallel_dim(name)
-    if dim is None:
-        return pieces[0]
-    return join_shards(pieces, dim, is_gated_fc1(name, gated))
-
-
 def verify_checkpoint(path: Path, names: list[str]) -> None:
     """Raise CheckpointError naming the file when one of `names` is missing, cut or changed since the save
     (nothing to check in a checkpoint without checksums)."""
@@ -157,8 +142,9 @@ def verify_checkpoint(path: Path, names: list[str]) -> None:
 
 
 def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
-    """Read a complete checkpoint of any (TP, PP, DP) layout into the full TP1 x PP1 model state (on CPU); the
-    files read are first checked against their recorded sizes and checksums."""
+    """Read a complete checkpoint of any (TP, PP, DP) layout as the full TP1 x PP1 model state (on CPU, read tensor by
+    tensor on access: `ShardedState`); the files read are first checked against their recorded sizes and
+    checksums."""
     path = resolve_checkpoint_dir(path)
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no config.yaml (not written by fpa-train?)")
@@ -168,48 +154,105 @@ def read_model_checkpoint(path: str | Path) -> ModelCheckpoint:
     verify_checkpoint(path, ["config.yaml"])  # read first, to know which model files there are
     cfg = load_config(path / "config.yaml")
     coordinates = model_parallel_coordinates(cfg.parallel.tensor, cfg.parallel.pipeline)
-    verify_checkpoint(path, [f"mp_rank_{mp:02d}_model_states.pt" for mp in coordinates] + [TRAINER_STATE])
-    files = {mp: _load(path / f"mp_rank_{mp:02d}_model_states.pt") for mp in coordinates}
-    layout = _read_layout(path, cfg, files[0])
-    state = _join_stages(path, cfg, _stage_pieces(path, cfg, files, coordinates))
+    verify_checkpoint(path, [model_file(mp) for mp in coordinates] + [TRAINER_STATE])
+    layout = _read_layout(path, cfg, _load(path / model_file(0)))
+    state = ShardedState(path, cfg, coordinates)
     _check_complete(path, cfg, state)
     return ModelCheckpoint(path=path, config=cfg, layout=layout, trainer_state=_trainer_state(path),
                            state_dict=state)
 
 
-def _stage_pieces(path: Path, cfg: RunConfig, files: dict, coordinates: dict) -> list[dict[str, list]]:
-    """[pipeline rank][global name] = [piece of tensor rank 0, 1, ...]."""
-    pieces: list[dict[str, list]] = [{} for _ in range(cfg.parallel.pipeline)]
-    for mp, (_, pp_rank) in sorted(coordinates.items(), key=lambda item: item[1]):  # tensor ranks in order
-        module = files[mp].get("module")
-        if not isinstance(module, dict):
-            raise CheckpointError(f"{path}/mp_rank_{mp:02d}_model_states.pt has no 'module' state")
-        for name, tensor in _stage_state(module, pp_rank, cfg).items():
-            pieces[pp_rank].setdefault(name, []).append(tensor)
-    return pieces
+class ReadOnAccess(Mapping):
+    """A {name: tensor} mapping whose tensors are read (or converted) only when asked for; `_index` names the
+    attribute whose keys are its names, in order."""
+
+    _index = ""
+
+    def __iter__(self):
+        return iter(getattr(self, self._index))
+
+    def __len__(self) -> int:
+        return len(getattr(self, self._index))
+
+    def __contains__(self, name) -> bool:
+        return name in getattr(self, self._index)
 
 
-def _join_stages(path: Path, cfg: RunConfig, stage_pieces: list[dict[str, list]]) -> dict[str, torch.Tensor]:
-    """Join each tensor's TP pieces; the last stage's copy of tied embeddings is checked, then left out."""
-    tp, gated = cfg.parallel.tensor, cfg.model.activation == "swiglu"
-    state: dict[str, torch.Tensor] = {}
-    tied_copy = None
-    for pp_rank, pieces in enumerate(stage_pieces):
-        for name, shards in pieces.items():
-            if len(shards) != tp:
-                raise CheckpointError(f"checkpoint {path}: {name} found on {len(shards)} of {tp} tensor-parallel "
-                                      f"ranks of pipeline stage {pp_rank}")
-            full = _join_tensor_parallel(name, shards, gated)
-            if name == TIED_COPY and cfg.model.tie_embeddings:
-                tied_copy = full
-            else:
-                state[name] = full
-    embedding = state.get("embedding.word_embeddings.weight")
-    if tied_copy is not None and embedding is not None and not torch.equal(tied_copy, embedding):
-        diff = (tied_copy.float() - embedding.float()).abs().max().item()
-        warnings.warn(f"checkpoint {path}: the last stage's copy of the tied embeddings differs from the first "
-                      f"stage's by up to {diff:.3g}; using the first stage's", stacklevel=3)
-    return state
+def model_file(mp: int) -> str:
+    return f"mp_rank_{mp:02d}_model_states.pt"
+
+
+class ShardedState(ReadOnAccess):
+    """{global name: tensor} of a checkpoint, read on access: each access maps the model files holding the
+    tensor's tensor-parallel pieces (torch.load mmap=True), copies the pieces out, joins them and unmaps the files
+    again, so memory holds the tensors being used, never the model. The last stage's copy of tied embeddings is
+    checked against the first stage's once, then left out."""
+
+    _index = "where"  # the names, in order
+
+    def __init__(self, path: Path, cfg: RunConfig, coordinates: dict[int, tuple[int, int]]):
+        self.path, self.gated, self.tensor = path, cfg.model.activation == "swiglu", cfg.parallel.tensor
+        self.where: dict[str, tuple[list[int], str]] = {}  # global name -> (model files by TP rank, local name)
+        self.shapes: dict[str, torch.Size] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        pieces: dict[str, dict[int, tuple[int, str, torch.Size]]] = {}  # global name -> {TP rank: (mp, local, shape)}
+        tied: dict[str, dict[int, tuple[int, str, torch.Size]]] = {}
+        for mp, (tp, pp) in sorted(coordinates.items(), key=lambda item: item[1]):
+            module = _load(path / model_file(mp)).get("module")  # names and shapes only: no tensor data is touched
+            if not isinstance(module, dict):
+                raise CheckpointError(f"{path}/{model_file(mp)} has no 'module' state")
+            for local, value in module.items():
+                if not isinstance(value, torch.Tensor):  # Megatron's `_extra_state` entries (None for local layers)
+                    continue
+                name = stage_global_name(local, cfg.model.num_layers, cfg.parallel.pipeline,
+                                         cfg.parallel.virtual_pipeline, pp)
+                into = tied if name == TIED_COPY and cfg.model.tie_embeddings else pieces
+                into.setdefault(name, {})[tp] = (mp, local, value.shape)
+                self.dtypes[name] = value.dtype
+        for name, per_tp in list(pieces.items()) + [(TIED_COPY, p) for p in tied.values()]:
+            if len(per_tp) != self.tensor:
+                raise CheckpointError(f"checkpoint {path}: {name} found on {len(per_tp)} of {self.tensor} "
+                                      f"tensor-parallel ranks of its pipeline stage")
+        for name, per_tp in pieces.items():
+            self.where[name] = ([per_tp[t][0] for t in range(self.tensor)], per_tp[0][1])
+            dim, shapes = tensor_parallel_dim(name), [per_tp[t][2] for t in range(self.tensor)]
+            self.shapes[name] = shapes[0] if dim is None else torch.Size(
+                [sum(s[d] for s in shapes) if d == dim else size for d, size in enumerate(shapes[0])])
+        if tied and EMBEDDING in self.where:
+            copy = tied[TIED_COPY]
+            self._check_tied([copy[t][0] for t in range(self.tensor)], copy[0][1])
+
+    def _pieces(self, files: list[int], local: str) -> list[torch.Tensor]:
+        pieces = []
+        for mp in files:
+            mapped = _load(self.path / model_file(mp))["module"][local]
+            pieces.append(mapped.clone())  # out of the mapping, which is unmapped as `mapped` goes
+            del mapped
+        return pieces
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise KeyError(name)
+        files, local = self.where[name]
+        return _join_tensor_parallel(name, self._pieces(files, local), self.gated)
+
+    def _check_tied(self, files: list[int], local: str) -> None:
+        """Warn when the last stage's copy of the tied embeddings differs from the first stage's (piece by piece)."""
+        first, last = self.where[EMBEDDING]
+        diff = 0.0
+        for a, b in zip(self._pieces(first, last), self._pieces(files, local)):
+            if not torch.equal(a, b):
+                diff = max(diff, (a.float() - b.float()).abs().max().item())
+        if diff:
+            warnings.warn(f"checkpoint {self.path}: the last stage's copy of the tied embeddings differs from the "
+                          f"first stage's by up to {diff:.3g}; using the first stage's", stacklevel=4)
+
+
+def _join_tensor_parallel(name: str, pieces: list[torch.Tensor], gated: bool) -> torch.Tensor:
+    dim = tensor_parallel_dim(name)
+    if dim is None:
+        return pieces[0]
+    return join_shards(pieces, dim, is_gated_fc1(name, gated))
 
 
 def _trainer_state(path: Path) -> dict:
@@ -269,14 +312,25 @@ def check_init_from(cfg: RunConfig, vocab_size: int) -> None:
         raise ConfigError(f"{key}: its vocabulary has {source.model.vocab_size} tokens, this run's {vocab_size}")
 
 
-def initial_weights(path: str | Path, padded_vocab_size: int) -> dict[str, torch.Tensor]:
-    """checkpoint.init_from: the checkpoint's global weights (any layout), vocabulary rows cut or zero-padded to
-    this run's padded size (padded rows never enter the loss, see GPTModelOverVocabulary)."""
-    state = dict(read_model_checkpoint(path).state_dict)
-    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        if name in state and state[name].shape[0] != padded_vocab_size:
-            rows = torch.zeros(padded_vocab_size, *state[name].shape[1:], dtype=state[name].dtype)
-            n = min(padded_vocab_size, state[name].shape[0])
-            rows[:n] = state[name][:n]
-            state[name] = rows
-    return state
+def initial_weights(path: str | Path, padded_vocab_size: int) -> Mapping[str, torch.Tensor]:
+    """checkpoint.init_from: the checkpoint's global weights (any layout, read on access), vocabulary rows cut or
+    zero-padded to this run's padded size (padded rows never enter the loss, see GPTModelOverVocabulary)."""
+    return VocabularyRows(read_model_checkpoint(path).state_dict, padded_vocab_size)
+
+
+class VocabularyRows(ReadOnAccess):
+    """A global state whose word embeddings and output layer have `rows` rows (cut, or zero rows appended)."""
+
+    _index = "state"  # the names, in order
+
+    def __init__(self, state: Mapping[str, torch.Tensor], rows: int):
+        self.state, self.rows = state, rows
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.state[name]
+        if name not in (EMBEDDING, "output_layer.weight") or tensor.shape[0] == self.rows:
+            return tensor
+        out = torch.zeros(self.rows, *tensor.shape[1:], dtype=tensor.dtype)
+        n = min(self.rows, tensor.shape[0])
+        out[:n] = tensor[:n]
+        return out

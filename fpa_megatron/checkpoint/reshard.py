@@ -3,6 +3,10 @@
     fpa-reshard --checkpoint runs/x/checkpoints --tensor 1 --pipeline 2 [--virtual-pipeline 2] [--context 2] \
         [--data-parallel 2] --out runs/x/pp2
 
+Memory: every file is built from the global tensors it needs, read one at a time from the source's files
+(mapped, copied, unmapped), written, and let go before the next: peak memory is about the largest file written
+plus the largest file read, whatever the model's size (benchmarks/tooling_memory.py measures it).
+
 What moves: the model weights; the fp32 master weights and AdamW's exp_avg, exp_avg_sq and step, gathered
 from every ZeRO partition of every model-parallel rank into whole (TP 1 x PP 1) tensors, split again for the
 new TP size, placed on the new pipeline stages (and model chunks) and partitioned over the new DP x CP size
@@ -29,6 +33,7 @@ import json
 import math
 import shutil
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,11 +41,11 @@ from typing import Callable, Optional
 import torch
 
 from fpa_megatron.checkpoint.format import (LATEST, RESHARDED, TRAINER_STATE, load_deepspeed_file, mark_complete,
-                                            save_durable, write_atomic, write_layout)
+                                            save_durable, weights_only, write_atomic, write_layout)
 from fpa_megatron.checkpoint.integrity import CheckpointIntegrityError, one_file_problem
 from fpa_megatron.checkpoint.layout import CheckpointLayout
-from fpa_megatron.checkpoint.reader import (CheckpointError, ModelCheckpoint, model_parallel_coordinates,
-                                            read_model_checkpoint)
+from fpa_megatron.checkpoint.reader import (CheckpointError, ModelCheckpoint, ReadOnAccess,
+                                            model_parallel_coordinates, read_model_checkpoint)
 from fpa_megatron.config import ConfigError, RunConfig, save_config
 from fpa_megatron.model.memory import reduce_bucket_elements
 from fpa_megatron.parallel.weights import (global_name, is_gated_fc1, join_shards, layer_index, layer_placement,
@@ -71,7 +76,8 @@ class GlobalState:
     """A checkpoint in TP 1 x PP 1 names: everything needed to write it again in any layout."""
 
     groups: list[list[str]]  # parameters per optimizer param group (decayed matrices, the rest), module order
-    tensors: dict[str, dict[str, torch.Tensor]]  # "weight" (model dtype), "fp32" (master), AdamW's moments
+    # "weight" (model dtype), "fp32" (master), AdamW's moments (None: zeros); mappings that may read on access
+    tensors: dict[str, Optional[Mapping[str, torch.Tensor]]]
     extra_state: OrderedDict[str, object]  # module state entries that are not parameters (`_extra_state`)
     step: Optional[torch.Tensor]  # AdamW's step count (one value for every partition)
     group_hparams: list[dict]  # each param group's hyperparameters (lr, betas, eps, weight_decay, ...)
@@ -111,11 +117,12 @@ def zero_file_prefix(ckpt: Path) -> str:
 
 @dataclass
 class RankFiles:
-    """What one model-parallel rank saved besides its weights, in its local names."""
+    """What one model-parallel rank saved besides its weights, in its local names (metadata: no tensor is read)."""
 
     groups: list[list[str]]  # parameter names per param group, as DeepSpeed flattened them
+    shapes: dict[str, tuple[int, torch.Size]]  # local name -> (param group, shape)
     extra_state: dict  # module entries that are not parameters
-    tensors: dict[str, dict[str, torch.Tensor]]  # optimizer kind (fp32, exp_avg, ...) -> local name -> tensor
+    kinds: list[str]  # the optimizer state kinds of its ZeRO files (fp32, exp_avg, ...)
     steps: list[torch.Tensor]
     group_hparams: list[dict]
     zero_meta: dict
@@ -129,7 +136,7 @@ def _gather(zero_states: list[dict], group: int, shapes: dict, flat_of: Callable
     for name, shape in shapes.items():
         pieces = [flat_of(sd).narrow(0, address.start, address.numel) for sd in zero_states
                   if (address := sd["param_slice_mappings"][group].get(name)) is not None]
-        flat = torch.cat(pieces) if pieces else torch.empty(0)
+        flat = torch.cat(pieces) if pieces else torch.empty(0)  # a copy: nothing of the mapped files is kept
         if flat.numel() != math.prod(shape):
             raise ReshardError(f"{what} of {name}: the ZeRO partitions hold {flat.numel()} of {math.prod(shape)} "
                                f"elements; {OPTIMIZER_HINT}")
@@ -137,9 +144,12 @@ def _gather(zero_states: list[dict], group: int, shapes: dict, flat_of: Callable
     return out
 
 
+ZERO_META = ("loss_scaler", "dynamic_loss_scale", "clip_grad", "zero_stage", "ds_version")
+
+
 def read_rank(ckpt: Path, mp: int, data: int, zero_prefix: Optional[str]) -> RankFiles:
-    """One model-parallel rank's parameter groups and extra state, and (unless zero_prefix is None) its optimizer
-    state gathered from its `data` ZeRO partitions."""
+    """One model-parallel rank's parameter groups and extra state, and (unless zero_prefix is None) what its
+    `data` ZeRO partitions say about the optimizer (checked against their checksums; the tensors stay on disk)."""
     model_file = ckpt / MODEL_FILE.format(mp=mp)
     model_states = _load(model_file)
     shapes = model_states["param_shapes"]
@@ -148,8 +158,10 @@ def read_rank(ckpt: Path, mp: int, data: int, zero_prefix: Optional[str]) -> Ran
     if any(torch.is_tensor(v) for v in extra.values()):
         raise ReshardError(f"{model_file}: module entries {[k for k, v in extra.items() if torch.is_tensor(v)]} are "
                            f"tensors but not parameters; this tool does not know how to place them")
-    rank = RankFiles(groups=[list(group) for group in shapes], extra_state=extra, tensors={}, steps=[],
-                     group_hparams=[], zero_meta={}, model_meta=model_states)
+    rank = RankFiles(groups=[list(group) for group in shapes], extra_state=extra, kinds=[], steps=[], group_hparams=[],
+                     shapes={name: (g, shape) for g, group in enumerate(shapes) for name, shape in group.items()},
+                     zero_meta={}, model_meta={k: v for k, v in model_states.items() if k != "module"})
+    del model_states
     if zero_prefix is None:
         return rank
     files = [ckpt / ZERO_FILE.format(prefix=zero_prefix, dp=d, mp=mp) for d in range(data)]
@@ -160,17 +172,19 @@ def read_rank(ckpt: Path, mp: int, data: int, zero_prefix: Optional[str]) -> Ran
                            f"read; {OPTIMIZER_HINT}")
     if any(any(group) for group in states[0].get("param_alignment_paddings", [])):
         raise ReshardError(f"{files[0]}: ZeRO parameter alignment padding is not supported; {OPTIMIZER_HINT}")
-    rank.zero_meta = dict(states[0], prefix=zero_prefix)
+    rank.zero_meta = dict({k: states[0][k] for k in ZERO_META if k in states[0]}, prefix=zero_prefix)
+    rank.kinds = ["fp32"]
     for g, group_shapes in enumerate(shapes):
-        fp32 = _gather(states, g, group_shapes, lambda sd: sd["single_partition_of_fp32_groups"][g], "fp32 weights")
-        rank.tensors.setdefault("fp32", {}).update(fp32)
+        for name, shape in group_shapes.items():  # every element in some partition (the tensors are read later)
+            held = sum(address.numel for sd in states if (address := sd["param_slice_mappings"][g].get(name)))
+            if held != math.prod(shape):
+                raise ReshardError(f"fp32 weights of {name}: the ZeRO partitions hold {held} of {math.prod(shape)} "
+                                   f"elements; {OPTIMIZER_HINT}")
         for key, value in base["state"][g].items():
             if key == "step":
-                rank.steps += [sd["base_optimizer_state"]["state"][g]["step"] for sd in states]
+                rank.steps += [sd["base_optimizer_state"]["state"][g]["step"].clone() for sd in states]
             elif torch.is_tensor(value) and value.dim() == 1:
-                moment = _gather(states, g, group_shapes, lambda sd, k=key: sd["base_optimizer_state"]["state"][g][k],
-                                 key)
-                rank.tensors.setdefault(key, {}).update(moment)
+                rank.kinds += [key] if key not in rank.kinds else []
             else:
                 raise ReshardError(f"{files[0]}: optimizer state {key!r} of param group {g} is not AdamW's; "
                                    f"{OPTIMIZER_HINT}")
@@ -178,15 +192,42 @@ def read_rank(ckpt: Path, mp: int, data: int, zero_prefix: Optional[str]) -> Ran
     return rank
 
 
+class OptimizerTensors(ReadOnAccess):
+    """One kind of optimizer state ("fp32" master weights, AdamW's "exp_avg", "exp_avg_sq") in global names, read
+    on access: each access maps the ZeRO files of the tensor's model-parallel ranks, gathers its fragments (the
+    same split rule as the weights joins the TP pieces) and unmaps them again."""
+
+    _index = "where"  # the names, in order
+
+    def __init__(self, ckpt: Path, kind: str, prefix: str, partitions: int, tensor: int, gated: bool,
+                 where: dict[str, list[tuple[int, int, str, torch.Size]]]):
+        self.ckpt, self.kind, self.prefix, self.partitions, self.tensor, self.gated = (
+            ckpt, kind, prefix, partitions, tensor, gated)
+        self.where = where  # global name -> [(model-parallel rank, param group, local name, shape) by TP rank]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        per_tp = {}
+        for tp, (mp, g, local, shape) in enumerate(self.where[name]):
+            files = [self.ckpt / ZERO_FILE.format(prefix=self.prefix, dp=d, mp=mp) for d in range(self.partitions)]
+            states = [_load(f)["optimizer_state_dict"] for f in files]
+            if self.kind == "fp32":
+                flat_of = lambda sd: sd["single_partition_of_fp32_groups"][g]  # noqa: E731
+            else:
+                flat_of = lambda sd: sd["base_optimizer_state"]["state"][g][self.kind]  # noqa: E731
+            per_tp[tp] = _gather(states, g, {local: shape}, flat_of, self.kind)[local]
+            del states
+        return _join(name, per_tp, self.tensor, self.gated)
+
+
 def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
                       log: Callable[[str], None] = print) -> GlobalState:
     """A checkpoint's weights (read by `read_model_checkpoint`) and its optimizer state in global (TP 1 x PP 1)
-    names: stages renumbered, TP shards joined; with tied embeddings and PP > 1 the last stage's copy of the
-    embeddings is left out (it equals them)."""
+    names, read tensor by tensor when the writer asks for them: stages renumbered, TP shards joined; with tied
+    embeddings and PP > 1 the last stage's copy of the embeddings is left out (it equals them)."""
     ckpt, cfg, layout = model.path, model.config, model.layout
     zero_prefix = zero_file_prefix(ckpt) if with_optimizer else None
     groups: list[list[str]] = []
-    shards: dict[str, dict[str, dict[int, torch.Tensor]]] = {}  # kind -> global name -> {TP rank: shard}
+    where: dict[str, dict[int, tuple]] = {}  # global name -> {TP rank: (mp, group, local, shape)}
     extra: OrderedDict = OrderedDict()
     steps: list[torch.Tensor] = []
     first: Optional[RankFiles] = None
@@ -204,9 +245,9 @@ def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
             for g, group in enumerate(rank.groups):
                 groups.extend([] for _ in range(g + 1 - len(groups)))
                 groups[g] += [rename[local] for local in group if local in keep]
-        for kind, tensors in rank.tensors.items():
-            for local in keep:
-                shards.setdefault(kind, {}).setdefault(rename[local], {})[tp] = tensors[local]
+        for local in keep:
+            group, shape = rank.shapes[local]
+            where.setdefault(rename[local], {})[tp] = (mp, group, local, shape)
         extra.update((to_global(k), v) for k, v in rank.extra_state.items())
         steps += rank.steps
     groups = [sorted(group, key=global_order) for group in groups]  # stages hold interleaved chunks of layers
@@ -214,11 +255,12 @@ def read_global_state(model: ModelCheckpoint, with_optimizer: bool = True,
         raise ReshardError(f"checkpoint {str(ckpt)!r}: the parameter groups in the model files do not list the "
                            f"model's parameters")
     gated = cfg.model.activation == "swiglu"
-    tensors = {"weight": model.state_dict, **{
-        kind: {name: _join(name, per_tp, layout.tensor, gated) for name, per_tp in by_name.items()}
-        for kind, by_name in shards.items()}}
+    by_tp = {name: [per_tp[t] for t in range(layout.tensor)] for name, per_tp in where.items()}
+    tensors: dict[str, Mapping] = {"weight": model.state_dict}
     step = None
     if with_optimizer:
+        tensors.update((kind, OptimizerTensors(ckpt, kind, zero_prefix, layout.zero_partitions, layout.tensor,
+                                               gated, by_tp)) for kind in first.kinds)
         if not steps or any(float(s) != float(steps[0]) for s in steps):
             raise ReshardError(f"{ckpt}: the ZeRO partitions disagree on AdamW's step count "
                                f"({sorted({float(s) for s in steps})}); {OPTIMIZER_HINT}")
@@ -288,13 +330,25 @@ def _shard(full: torch.Tensor, source: str, tensor: int, tp: int, gated: bool) -
     return split_shard(full, dim, tensor, tp, is_gated_fc1(source, gated)).clone()
 
 
-def zero_partitions(flat: torch.Tensor, data: int) -> list[torch.Tensor]:
-    """DeepSpeed ZeRO-1/2's split of one param group's flat buffer: zero-padded to a multiple of 2 x DP (its
+def _partition(values: Optional[Mapping], group: list[tuple[str, str]], sizes: list[int], start: int, size: int,
+               shard: Callable[[Mapping, str], torch.Tensor]) -> torch.Tensor:
+    """Elements [start, start + size) of one param group's flat fp32 buffer (its parameters' shards one after the
+    other, zeros past the end): one DP rank's ZeRO partition, built from the shards that overlap it. `values`
+    None: all zeros (fresh AdamW moments)."""
+    part = torch.zeros(size, dtype=torch.float32)
+    offset = 0
+    for (_, source), numel in zip(group, sizes):
+        lo, hi = max(offset, start), min(offset + numel, start + size)
+        if values is not None and lo < hi:
+            part[lo - start:hi - start] = shard(values, source).reshape(-1)[lo - offset:hi - offset]
+        offset += numel
+    return part
+
+
+def partition_size(numel: int, data: int) -> int:
+    """DeepSpeed ZeRO-1/2's partition of a param group's flat buffer: zero-padded to a multiple of 2 x DP (its
     `nccl_start_alignment_factor` x DP), then DP equal parts."""
-    alignment = 2 * data
-    buffer = torch.zeros(math.ceil(flat.numel() / alignment) * alignment, dtype=flat.dtype)
-    buffer[: flat.numel()] = flat
-    return [part.clone() for part in buffer.chunk(data)]
+    return math.ceil(numel / (2 * data)) * 2
 
 
 def _slice_mappings(sizes: list[tuple[str, int]], part_start: int, part_size: int) -> OrderedDict:
@@ -310,74 +364,72 @@ def _slice_mappings(sizes: list[tuple[str, int]], part_start: int, part_size: in
     return mapping
 
 
-def zero_files(state: GlobalState, data: int, groups: list[list[tuple[str, str]]],
-               shard: Callable[[str, str], torch.Tensor], ds_config: dict) -> list[dict]:
-    """The ZeRO file of every DP rank for one model-parallel rank: flat fp32 partitions, moments, step."""
+def zero_file(state: GlobalState, dp: int, data: int, groups: list[list[tuple[str, str]]],
+              sizes: list[list[int]], shard: Callable[[Mapping, str], torch.Tensor], ds_config: dict) -> dict:
+    """The ZeRO file of DP rank `dp` of one model-parallel rank: its flat fp32 partitions, moments, step."""
     meta = state.zero_meta
-    sizes = [[(local, shard("weight", source).numel()) for local, source in group] for group in groups]
-    parts = {kind: [zero_partitions(torch.cat([shard(kind, source).reshape(-1).float() for _, source in group]),
-                                    data) for group in groups]
-             for kind in state.optimizer_kinds}
-    files = []
-    for dp in range(data):
-        fp32, paddings, mappings, group_states = [], [], [], {}
-        for g, group_sizes in enumerate(sizes):
-            numel = sum(n for _, n in group_sizes)
-            part_size = parts["fp32"][g][0].numel()
-            padding = min(part_size, max(0, (dp + 1) * part_size - numel))  # zeros at the end of the buffer
-            fp32.append(parts["fp32"][g][dp][: part_size - padding].clone())  # saved without the padding
-            paddings.append(padding)
-            mappings.append(_slice_mappings(group_sizes, dp * part_size, part_size))
-            group_states[g] = {"step": state.step.clone(),
-                               **{kind: parts[kind][g][dp] for kind in state.optimizer_kinds if kind != "fp32"}}
-        optimizer_state = {
-            "loss_scaler": meta["loss_scaler"], "dynamic_loss_scale": meta["dynamic_loss_scale"],
-            "overflow": False, "clip_grad": meta["clip_grad"],
-            "base_optimizer_state": {
-                "state": group_states,
-                "param_groups": [dict(state.group_hparams[g], params=[g]) for g in range(len(groups))]},
-            "single_partition_of_fp32_groups": fp32, "zero_stage": meta["zero_stage"], "group_paddings": paddings,
-            "param_alignment_paddings": [[0] * len(group) for group in groups],
-            "partition_count": [data] * len(groups), "ds_version": meta["ds_version"],
-            "param_slice_mappings": mappings,
-        }
-        files.append({"optimizer_state_dict": optimizer_state, "ds_config": ds_config,
-                      "ds_version": meta["ds_version"]})
-    return files
+    fp32, paddings, mappings, group_states = [], [], [], {}
+    for g, group in enumerate(groups):
+        numel, part_size = sum(sizes[g]), partition_size(sum(sizes[g]), data)
+        start = dp * part_size
+        padding = min(part_size, max(0, (dp + 1) * part_size - numel))  # zeros at the end of the buffer
+        parts = {kind: _partition(state.tensors[kind], group, sizes[g], start,
+                                  part_size - padding if kind == "fp32" else part_size, shard)
+                 for kind in state.optimizer_kinds}  # fp32: saved without the padding, the moments with it
+        fp32.append(parts["fp32"])
+        paddings.append(padding)
+        mappings.append(_slice_mappings([(local, n) for (local, _), n in zip(group, sizes[g])], start, part_size))
+        group_states[g] = {"step": state.step.clone(),
+                           **{kind: parts[kind] for kind in state.optimizer_kinds if kind != "fp32"}}
+    optimizer_state = {
+        "loss_scaler": meta["loss_scaler"], "dynamic_loss_scale": meta["dynamic_loss_scale"],
+        "overflow": False, "clip_grad": meta["clip_grad"],
+        "base_optimizer_state": {
+            "state": group_states,
+            "param_groups": [dict(state.group_hparams[g], params=[g]) for g in range(len(groups))]},
+        "single_partition_of_fp32_groups": fp32, "zero_stage": meta["zero_stage"], "group_paddings": paddings,
+        "param_alignment_paddings": [[0] * len(group) for group in groups],
+        "partition_count": [data] * len(groups), "ds_version": meta["ds_version"],
+        "param_slice_mappings": mappings,
+    }
+    return {"optimizer_state_dict": optimizer_state, "ds_config": ds_config, "ds_version": meta["ds_version"]}
 
 
 def write_rank(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, mp: int, tp: int, pp: int,
                out: Path) -> None:
-    """DeepSpeed's model-states file of one new model-parallel rank and the ZeRO file of each of its DP ranks."""
+    """DeepSpeed's model-states file of one new model-parallel rank, then (unless the state holds weights only)
+    the ZeRO file of each of its DP ranks; each file is built from the global tensors it needs, written, and let
+    go before the next."""
     gated = cfg.model.activation == "swiglu"
     tensor, pipeline, data = layout.tensor, layout.pipeline, layout.data
     partitions = layout.zero_partitions  # DeepSpeed's data-parallel group is DP x CP
     groups = stage_groups(state, cfg, layout, pp)
-    cache: dict = {}
 
-    def shard(kind: str, source: str) -> torch.Tensor:
-        if (kind, source) not in cache:
-            cache[kind, source] = _shard(state.tensors[kind][source], source, tensor, tp, gated)
-        return cache[kind, source]
+    def shard(values: Mapping, source: str) -> torch.Tensor:
+        return _shard(values[source], source, tensor, tp, gated)
 
     virtual = layout.virtual_pipeline
-    module = OrderedDict((local, shard("weight", source)) for group in groups for local, source in group)
+    module = OrderedDict((local, shard(state.tensors["weight"], source)) for group in groups for local, source in group)
     module.update((local_name(k, cfg.model.num_layers, pipeline, virtual), v) for k, v in state.extra_state.items()
                   if placement(k, cfg.model.num_layers, pipeline, virtual)[0] == pp)
+    sizes = [[module[local].numel() for local, _ in group] for group in groups]
     ds_config = copy.deepcopy(state.model_meta.get("ds_config") or {})
     if ds_config:
         ds_config["train_micro_batch_size_per_gpu"] = cfg.train.global_batch_size // data
         if "reduce_bucket_size" in ds_config.get("zero_optimization", {}):  # sized to this rank's parameters
-            parameters = sum(module[local].numel() for group in groups for local, _ in group)
-            ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(parameters)
+            ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(sum(map(sum, sizes)))
     model_states = {k: v for k, v in state.model_meta.items() if k not in ("module", "trainer")}
     model_states.update(
         module=module, param_shapes=[OrderedDict((local, module[local].shape) for local, _ in g) for g in groups],
         dp_world_size=partitions, mp_world_size=tensor * pipeline, ds_config=ds_config,
         checkpoint_parallel_dimensions={"pp_degree": pipeline, "tp_degree": tensor})
     torch.save(model_states, out / MODEL_FILE.format(mp=mp))
-    for dp, zero in enumerate(zero_files(state, partitions, groups, shard, ds_config)):
-        torch.save(zero, out / ZERO_FILE.format(prefix=state.zero_meta["prefix"], dp=dp, mp=mp))
+    del module, model_states
+    if not state.optimizer_kinds:
+        return
+    for dp in range(partitions):
+        torch.save(zero_file(state, dp, partitions, groups, sizes, shard, ds_config),
+                   out / ZERO_FILE.format(prefix=state.zero_meta["prefix"], dp=dp, mp=mp))
 
 
 def write_checkpoint(state: GlobalState, cfg: RunConfig, layout: CheckpointLayout, out: Path, tag: str,
@@ -474,6 +526,9 @@ def reshard(checkpoint: str | Path, out: str | Path, tensor: int, pipeline: int,
     log(f"fpa-reshard: {ckpt} (step {model.step}, {model.consumed_samples} samples consumed): "
         f"{src.describe()} -> {new.describe()}")
 
+    if weights_only(ckpt) and not reset_optimizer:  # fpa-import's: no optimizer state to carry
+        log("  the checkpoint holds weights only (fpa-import): writing it with a fresh AdamW state")
+        reset_optimizer = True
     state = read_global_state(model, with_optimizer=not reset_optimizer, log=log)
     if reset_optimizer:
         log("  --reset-optimizer: AdamW restarts from these weights (moments 0, step 0)")
@@ -506,9 +561,9 @@ def reset_optimizer_state(state: GlobalState, cfg: RunConfig) -> None:
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     o = cfg.optimizer
-    master = {n: w.float() for n, w in state.tensors["weight"].items()}
-    zeros = {n: torch.zeros_like(w) for n, w in master.items()}
-    state.tensors = {"weight": state.tensors["weight"], "fp32": master, "exp_avg": zeros, "exp_avg_sq": zeros}
+    # fp32 master weights = the weights (each partition is built in float32 from them), moments 0 (None: zeros)
+    state.tensors = {"weight": state.tensors["weight"], "fp32": state.tensors["weight"], "exp_avg": None,
+                     "exp_avg_sq": None}
     state.step = torch.tensor(0.0)
     state.group_hparams = [
         {k: v for k, v in torch.optim.AdamW([torch.zeros(1)], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,

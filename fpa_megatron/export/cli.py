@@ -8,6 +8,10 @@ Before it reports success the export checks itself (export/verify.py): the files
 directory beside OUT, loaded back with transformers and their logits compared with the checkpoint's own model on
 a fixed sample; only a model within the tolerance is moved to OUT. Otherwise nothing is left behind and the
 command exits 2 naming the difference. `--no-verify` skips the check.
+
+Memory: the weights are converted tensor by tensor from the checkpoint's files and written as safetensors files
+of at most --shard-mb (2 GiB), each built, written and let go before the next (about the largest file written plus the
+largest file read); the check then holds one float32 copy of the model at a time (4 bytes per parameter).
 """
 
 from __future__ import annotations
@@ -23,21 +27,22 @@ from data_prep.quiet import quiet_optional_dependency_warnings
 
 
 def export_hf(checkpoint: str, out: str, tokenizer: Optional[str] = None, overwrite: bool = False,
-              verify: bool = True, tolerance: Optional[float] = None) -> int:
+              verify: bool = True, tolerance: Optional[float] = None, shard_mb: Optional[int] = None) -> int:
     from fpa_megatron.checkpoint.reader import read_model_checkpoint
-    from fpa_megatron.export.hf import ExportError, describe, save_hf, to_hf
+    from fpa_megatron.export.hf import SHARD_BYTES, ExportError, describe, save_hf, to_hf
     from fpa_megatron.export.verify import DEFAULT_TOLERANCE, verify_export
 
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to write into it)")
     ckpt = read_model_checkpoint(checkpoint)
-    export = to_hf(ckpt, tokenizer)  # every check happens here, before anything is written
+    export = to_hf(ckpt, tokenizer, in_memory=False)  # every check happens here, before anything is written
     print(describe(ckpt, export))
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        written = [out_dir / path.relative_to(staging) for path in save_hf(export, staging)]
+        shard_bytes = SHARD_BYTES if shard_mb is None else shard_mb << 20
+        written = [out_dir / path.relative_to(staging) for path in save_hf(export, staging, shard_bytes)]
         if verify:
             check = verify_export(ckpt, staging, DEFAULT_TOLERANCE if tolerance is None else tolerance)
             if not check.ok:
@@ -86,6 +91,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="skip the check of the written model's logits against the checkpoint's own model")
     hf.add_argument("--tolerance", type=float, default=None,
                     help="largest accepted |logit difference| of that check (default 1e-3, float32 on both sides)")
+    hf.add_argument("--shard-mb", type=int, default=None,
+                    help="largest safetensors file to write, MiB (default 2048; bigger models get numbered files "
+                    "and model.safetensors.index.json, as transformers writes them)")
     args = parser.parse_args(argv)
 
     from fpa_megatron.config import ConfigError
@@ -94,7 +102,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     quiet_transformers()
     try:
-        return export_hf(args.checkpoint, args.out, args.tokenizer, args.overwrite, not args.no_verify, args.tolerance)
+        return export_hf(args.checkpoint, args.out, args.tokenizer, args.overwrite, not args.no_verify, args.tolerance,
+                         args.shard_mb)
     except (CheckpointError, ConfigError, ExportError, FileExistsError) as err:
         print(f"fpa-export: {err}", file=sys.stderr)
         return 2

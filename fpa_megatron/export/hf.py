@@ -13,6 +13,9 @@ the tokenizer's (or `model.vocab_size`). `transformers` is an optional extra, im
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,7 +24,7 @@ import torch
 
 from data_prep.common import PrepError
 from data_prep.tokenizer import load_tokenizer
-from fpa_megatron.checkpoint.reader import ModelCheckpoint, read_model_checkpoint
+from fpa_megatron.checkpoint.reader import ModelCheckpoint, ReadOnAccess, read_model_checkpoint
 from fpa_megatron.config import ModelConfig
 
 # (model.position_embedding, model.normalization, model.activation) -> the transformers architecture that
@@ -341,36 +344,73 @@ def mapping_rules(arch: str, m: ModelConfig) -> list[Rule]:
     return rules
 
 
-def hf_state_dict(ckpt: ModelCheckpoint, arch: str, vocab_size: int) -> dict[str, torch.Tensor]:
-    """The checkpoint's global state in the names and shapes of the transformers model (vocabulary unpadded)."""
-    m = ckpt.config.model
+class HFState(ReadOnAccess):
+    """A checkpoint's global state in the names and shapes of the transformers model (vocabulary unpadded), each
+    tensor converted when asked for (the tensors one Megatron tensor becomes are kept until the next is asked
+    for: a file written in this order reads every Megatron tensor once). Every conversion is tried on the
+    meta device first, so an unmapped or misshapen tensor is an ExportError before anything is read or written."""
+
+    _index = "sources"  # the names, in order
+
+    def __init__(self, state: Mapping[str, torch.Tensor], arch: str, m: ModelConfig, vocab_size: int):
+        self.state, self.m, self.vocab = state, m, vocab_size
+        shapes = getattr(state, "shapes", None) or {name: t.shape for name, t in state.items()}
+        dtypes = getattr(state, "dtypes", None) or {name: t.dtype for name, t in state.items()}
+        self.dtype = dtypes[EMBEDDING]  # as saved: the model's dtype (bf16 runs keep bf16 weights)
+        src = _Source({name: torch.empty(shape, dtype=dtypes[name], device="meta") for name, shape in shapes.items()})
+        self.sources: OrderedDict[str, tuple[str, Optional[Rule], int]] = OrderedDict()  # hf name -> megatron, rule, i
+        self.shapes: dict[str, torch.Size] = {}
+        pairs = [(None, EMBEDDING, (_LAYOUT[arch][0],))] + [(rule, rule.megatron, rule.hf)
+                                                             for rule in mapping_rules(arch, m)]
+        if not m.tie_embeddings:  # a tied head is the embedding: transformers ties it, the files leave it out
+            pairs.append((None, OUTPUT, (HEAD,)))
+        for rule, megatron, hf_names in pairs:
+            for i, (name, tensor) in enumerate(zip(hf_names, self._convert(rule, src.take(megatron)))):
+                self.sources[name], self.shapes[name] = (megatron, rule, i), tensor.shape
+        src.check_all_taken()
+        self._last: tuple[Optional[str], list[torch.Tensor]] = (None, [])
+
+    def _convert(self, rule: Optional[Rule], tensor: torch.Tensor) -> list[torch.Tensor]:
+        if rule is None:  # the word embeddings or the output layer: the padded vocabulary cut back
+            return [tensor[: self.vocab].clone()]
+        return [t.contiguous() for t in to_hf_tensors(rule, tensor, self.m)]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        megatron, rule, i = self.sources[name]
+        if self._last[0] != megatron:
+            self._last = (None, [])  # let the previous tensors go first
+            self._last = (megatron, self._convert(rule, self.state[megatron]))
+        return self._last[1][i]
+
+
+def hf_state_dict(ckpt: ModelCheckpoint, arch: str, vocab_size: int) -> Mapping[str, torch.Tensor]:
+    """The checkpoint's global state in the names and shapes of the transformers model (vocabulary unpadded; a tied
+    head left out), converted on access (`HFState`)."""
     if vocab_size > ckpt.padded_vocab_size:
         raise ExportError(f"vocabulary of {vocab_size} is larger than the checkpoint's embedding "
                           f"({ckpt.padded_vocab_size} rows): wrong tokenizer?")
-    src = _Source(ckpt.state_dict)
-    embed = _LAYOUT[arch][0]
-    out = {embed: src.take(EMBEDDING)[:vocab_size]}
-    for rule in mapping_rules(arch, m):
-        out.update(zip(rule.hf, to_hf_tensors(rule, src.take(rule.megatron), m)))
-    out[HEAD] = src.take(OUTPUT)[:vocab_size] if not m.tie_embeddings else out[embed]
-    src.check_all_taken()
-    return {name: tensor.contiguous() for name, tensor in out.items()}
+    return HFState(ckpt.state_dict, arch, ckpt.config.model, vocab_size)
 
 
 @dataclass
 class HFExport:
-    """An exported model in memory: the transformers model (eval mode), its tokenizer (None without one)."""
+    """An exported model: the transformers model (eval mode; on the meta device when `state` holds its weights,
+    to be written by `save_hf` tensor by tensor), its tokenizer (None without one)."""
 
     architecture: str
     model: object
     tokenizer: object
     tokenizer_spec: TokenizerSpec
+    state: Optional[Mapping[str, torch.Tensor]] = None
 
 
-def to_hf(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None, with_tokenizer: bool = True) -> HFExport:
-    """Convert a checkpoint (see `read_model_checkpoint`) into a transformers model in memory.
+def to_hf(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None, with_tokenizer: bool = True,
+          in_memory: bool = True) -> HFExport:
+    """Convert a checkpoint (see `read_model_checkpoint`) into a transformers model: in memory, or (`in_memory`
+    False) a model on the meta device with the converted state read on access, for `save_hf` to stream.
 
-    Every check (architecture, tokenizer, vocabulary, unmapped tensors) happens here, before anything is written.
+    Every check (architecture, tokenizer, vocabulary, unmapped tensors, names and shapes against the transformers
+    model) happens here, before anything is written.
     """
     arch = hf_architecture(ckpt.config.model)
     transformers = require_transformers()
@@ -379,27 +419,83 @@ def to_hf(ckpt: ModelCheckpoint, tokenizer_path: Optional[str] = None, with_toke
     if tok.vocab_size > vocab:
         raise ExportError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={vocab}")
     state = hf_state_dict(ckpt, arch, vocab)
-    dtype = state[_LAYOUT[arch][0]].dtype  # as saved: the model's dtype (bf16 runs keep bf16 weights)
+    dtype = getattr(state, "dtype", None) or state[_LAYOUT[arch][0]].dtype
     config = hf_config(ckpt, arch, tok, vocab, dtype)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    name_loss_type(model)
-    result = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    expected = {name: tensor.shape for name, tensor in meta.state_dict().items()}
+    shapes = getattr(state, "shapes", None) or {name: t.shape for name, t in state.items()}
     tied = {HEAD} if ckpt.config.model.tie_embeddings else set()
-    if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise ExportError(f"transformers' {type(model).__name__} does not take this state: missing "
-                          f"{result.missing_keys}, unexpected {result.unexpected_keys}")
-    model.eval()
+    wrong = [name for name in shapes if name in expected and shapes[name] != expected[name]]
+    if set(shapes) - set(expected) or set(expected) - set(shapes) - tied or wrong:
+        missing, unexpected = sorted(set(expected) - set(shapes) - tied), sorted(set(shapes) - set(expected))
+        raise ExportError(f"transformers' {type(meta).__name__} does not take this state: missing {missing}, "
+                          f"unexpected {unexpected}, of another shape {wrong}")
+    if in_memory:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(dict(state), strict=False)
+        model.eval()
+        state = None
+    else:
+        model = meta
+    name_loss_type(model)
     tokenizer = None
     if with_tokenizer and tok.path is not None:
         tokenizer = hf_tokenizer(tok, config.max_position_embeddings if arch != "gpt2" else config.n_positions)
-    return HFExport(arch, model, tokenizer, tok)
+    return HFExport(arch, model, tokenizer, tok, state)
 
 
-def save_hf(export: HFExport, out_dir: str | Path) -> list[Path]:
-    """Write the model (safetensors), its config, generation config and the tokenizer; return the files."""
+SHARD_BYTES = 2 << 30  # the largest safetensors file an export writes (transformers' own default is 50 GB)
+WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def write_safetensors(state: Mapping[str, torch.Tensor], shapes: dict[str, torch.Size], dtype: torch.dtype,
+                      out_dir: Path, shard_bytes: int = SHARD_BYTES) -> list[Path]:
+    """`state` as transformers' safetensors files: `model.safetensors`, or numbered files of at most `shard_bytes`
+    with `model.safetensors.index.json`; each file is built from the tensors it holds, written, and let go before
+    the next (safetensors writes a file from a dict of tensors in memory)."""
+    from safetensors.torch import save_file
+
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name in state:
+        size = shapes[name].numel() * itemsize
+        if shards[-1] and filled + size > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += size
+    files = [out_dir / (WEIGHTS if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+             for i in range(len(shards))]
+    for file, names in zip(files, shards):
+        tensors = {name: state[name] for name in names}
+        save_file(tensors, str(file), metadata={"format": "pt"})
+        del tensors
+    if len(files) > 1:
+        total = sum(shapes[name].numel() for name in state) * itemsize
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: file.name for file, names in zip(files, shards) for name in names}}
+        (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        files.append(out_dir / WEIGHTS_INDEX)
+    return files
+
+
+def save_hf(export: HFExport, out_dir: str | Path, shard_bytes: int = SHARD_BYTES) -> list[Path]:
+    """Write the model (safetensors), its config, generation config and the tokenizer; return the files. A model
+    on the meta device (`to_hf(..., in_memory=False)`) is written from its state tensor by tensor."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    export.model.save_pretrained(out_dir, safe_serialization=True)
+    if export.state is None:
+        export.model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        model = export.model
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(out_dir)
+        if model.can_generate():
+            model.generation_config.save_pretrained(out_dir)
+        shapes = getattr(export.state, "shapes", None) or {name: t.shape for name, t in export.state.items()}
+        write_safetensors(export.state, shapes, model.dtype, out_dir, shard_bytes)
     if export.tokenizer is not None:
         export.tokenizer.save_pretrained(out_dir)
     return sorted(p for p in out_dir.rglob("*") if p.is_file())

@@ -9,8 +9,10 @@ weight mapping (a transposed projection, swapped query/key heads, a missing bias
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,21 +50,27 @@ def sample_tokens(vocab_size: int, seq_length: int) -> torch.Tensor:
 
 def verify_export(ckpt: ModelCheckpoint, exported_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> Verification:
     """Compare the logits of `exported_dir` (as transformers reads it) with the checkpoint's model."""
-    return compare_logits(load_hf(exported_dir).model, ckpt, tolerance)
+    vocab = json.loads((Path(exported_dir) / "config.json").read_text())["vocab_size"]
+    return compare_logits(lambda: load_hf(exported_dir).model, vocab, ckpt, tolerance)
 
 
-def compare_logits(hf_model, ckpt: ModelCheckpoint, tolerance: float = DEFAULT_TOLERANCE) -> Verification:
-    """A transformers model against a checkpoint's own model, float32 both, over the vocabulary both have (an
-    import checks itself the other way round with this too)."""
-    hf = hf_model.float().eval()
-    vocab = min(hf.config.vocab_size, ckpt.config.model.vocab_size or ckpt.padded_vocab_size)
-    tokens = sample_tokens(vocab, ckpt.config.model.seq_length)
+def compare_logits(load_hf_model: Callable[[], object], hf_vocab_size: int, ckpt: ModelCheckpoint,
+                   tolerance: float = DEFAULT_TOLERANCE) -> Verification:
+    """A transformers model (built by `load_hf_model`) against a checkpoint's own model, float32 both, over the
+    vocabulary both have (an import checks itself the other way round with this too). One model at a time: the
+    checkpoint's is built, run and freed before the transformers model is loaded, so the check holds one float32
+    copy of the model (4 bytes per parameter) plus the sample's activations."""
     fp32 = replace(ckpt, config=copy.deepcopy(ckpt.config))
     fp32.config.model.dtype = "fp32"  # the checkpoint's weights (bf16-rounded if so) in a float32 model
+    vocab = min(hf_vocab_size, ckpt.config.model.vocab_size or ckpt.padded_vocab_size)
+    tokens = sample_tokens(vocab, ckpt.config.model.seq_length)
     with megatron_lm(fp32) as lm:
         reference = lm.logits(tokens)[..., :vocab]
+    del lm
+    hf = load_hf_model().float().eval()
     with torch.no_grad():
         exported = hf(tokens).logits.float()[..., :vocab]
+    del hf
     difference = (exported - reference).abs().max().item()
     return Verification(difference if torch.isfinite(exported).all() else float("nan"), tolerance,
                         tuple(tokens.shape))

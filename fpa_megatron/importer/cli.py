@@ -1,6 +1,7 @@
 """`fpa-import hf --model DIR --out DIR [--tensor T --pipeline P --data-parallel D] [--write-config FILE] [key=value]`:
 a Hugging Face transformers checkpoint (GPT-2, GPT-NeoX, LLaMA / Mistral) as a complete fpa-megatron checkpoint
-at step 0, with a fresh optimizer; train from it with `checkpoint.init_from=DIR`.
+at step 0, weights only (no optimizer state); train from it with `checkpoint.init_from=DIR` (a fresh AdamW), or
+make it a complete checkpoint with `fpa-reshard`.
 
 The model section comes from the model's config.json; `key.sub=value` overrides set the rest of the run config
 (e.g. model.seq_length=1024 data.tokenizer=tok.model optimizer.lr=1e-4). Anything Megatron's GPT cannot compute

@@ -5,7 +5,15 @@ The model section of the run config is read from `config.json`; whatever Megatro
 (parallel residual, rope scaling, partial rotary, sliding windows, biases where Megatron has none, another
 activation) is an `HFImportError` naming the key, raised before anything is written. The tensors go through the
 same rules as the export (`fpa_megatron.export.hf.mapping_rules`, inverted), and the files are written by
-fpa-reshard's writer with a fresh AdamW state at step 0.
+fpa-reshard's writer.
+
+Weights only: the checkpoint holds the model files (one per TP x PP rank), no optimizer state. `fpa-train` starts
+from it with `checkpoint.init_from` (a fresh AdamW, as for any init_from); `fpa-reshard` turns it into a complete
+checkpoint with a fresh AdamW state when one is wanted. Streaming: the transformers files are read tensor by
+tensor (safetensors' `safe_open`, .bin through torch.load(mmap=True)) and each model file is built, written and
+let go before the next, so the write holds about one output file plus the tensors in use, whatever the model's
+size. The self-check that follows holds one float32 copy of the model at a time (4 bytes per parameter, see
+export/verify.compare_logits); `--no-verify` skips it.
 
 Vocabulary padding: the word embeddings (and an untied output layer) get zero rows up to the padded size
 (a multiple of make_vocab_size_divisible_by x TP). A zero output row gives the logit 0, which could win a softmax
@@ -24,8 +32,10 @@ the model's tokenizer passes the run's data check, and data encoded with another
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,12 +44,11 @@ import torch
 from data_prep.common import PrepError
 from data_prep.tokenizer import HF_TOKENIZER_CONFIG, resolve_tokenizer_path
 from fpa_megatron.checkpoint.layout import CheckpointLayout
-from fpa_megatron.checkpoint.reader import read_model_checkpoint
-from fpa_megatron.checkpoint.reshard import (GlobalState, ReshardError, check_new_layout, reset_optimizer_state,
-                                             write_checkpoint)
+from fpa_megatron.checkpoint.reader import ReadOnAccess, read_model_checkpoint
+from fpa_megatron.checkpoint.reshard import GlobalState, ReshardError, check_new_layout, write_checkpoint
 from fpa_megatron.config import ConfigError, RunConfig, config_from_dict, parse_overrides, save_config
-from fpa_megatron.export.hf import (_LAYOUT, EMBEDDING, HEAD, OUTPUT, _Source, mapping_rules, require_transformers,
-                                    to_megatron_tensor)
+from fpa_megatron.export.hf import (_LAYOUT, EMBEDDING, HEAD, OUTPUT, Rule, _Source, mapping_rules,
+                                    require_transformers, to_megatron_tensor)
 from fpa_megatron.export.verify import DEFAULT_TOLERANCE, compare_logits
 from fpa_megatron.rules import padded_vocab_size
 from fpa_megatron.run_tokenizer import load_run_tokenizer, tokenizer_vocab_size
@@ -74,8 +83,6 @@ def read_hf_config(model_dir: str | Path):
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
     _require(path.is_file(), f"--model {model_dir}: no config.json (not a transformers model directory)")
-    import json
-
     model_type = json.loads(path.read_text()).get("model_type")
     _require(model_type in SUPPORTED_MODEL_TYPES,
              f"{path}: model_type={model_type!r} is not a supported architecture (supported: "
@@ -179,46 +186,177 @@ def run_config(c, tensor: int, pipeline: int, overrides: Optional[list[str]] = N
     return cfg
 
 
-def load_hf_state(model_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint (safetensors or .bin, sharded or not), as transformers loads it; weights
-    transformers would have to initialize itself (missing from the files) are an error naming them."""
+SAFETENSORS, PYTORCH = ("model.safetensors", "pytorch_model.bin")  # transformers' weight files (or their index)
+BUFFERS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # recomputed by Megatron, not weights
+
+
+class HFWeights(ReadOnAccess):
+    """A transformers checkpoint's tensors (safetensors or .bin, one file or sharded with an index), read one at a
+    time on access and cast to `dtype` as transformers would load them: safetensors through `safe_open`, .bin
+    through torch.load(mmap=True); each file is opened for the access and let go after it, so memory holds the
+    tensors in use, never the model. Stored names are renamed as transformers renames them when it loads (`rename`,
+    e.g. GPT-NeoX's `embed_out` -> `lm_head`), and names without the model's prefix (`transformer.`, `model.`:
+    how some checkpoints store the base model) are found under the full name."""
+
+    _index = "files"  # the names, in order
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, prefix: str = "",
+                 rename: Callable[[str], str] = lambda name: name):
+        self.model_dir, self.dtype = model_dir, dtype
+        self.files: dict[str, tuple[Path, str]] = {}  # full name -> (file, name in the file)
+        for kind in (SAFETENSORS, PYTORCH):
+            index = model_dir / f"{kind}.index.json"
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                names = {name: model_dir / file for name, file in weight_map.items()}
+            elif (model_dir / kind).is_file():
+                names = {name: model_dir / kind for name in self._names(model_dir / kind)}
+            else:
+                continue
+            for stored, file in names.items():
+                full = rename(stored)
+                if prefix and not full.startswith(prefix + ".") and full != HEAD:
+                    full = f"{prefix}.{full}"
+                self.files[full] = (file, stored)
+            break
+        _require(bool(self.files), f"--model {model_dir}: no weights ({SAFETENSORS} or {PYTORCH}, or their "
+                                   f".index.json)")
+
+    @staticmethod
+    def _names(file: Path) -> list[str]:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        return list(_load_bin(file))
+
+    def shape(self, name: str) -> torch.Size:
+        file, stored = self.files[name]
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                return torch.Size(f.get_slice(stored).get_shape())
+        return _load_bin(file)[stored].shape
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file, stored = self.files[name]
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                tensor = f.get_tensor(stored)
+        else:
+            tensor = _load_bin(file)[stored].clone()  # out of the mapped file
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+
+def _load_bin(file: Path) -> dict:
+    """A PyTorch weight file, tensors mapped from disk (not read) where its format allows."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) format cannot be mapped: read whole
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_hf_state(model_dir: str | Path, c, dtype: torch.dtype) -> HFWeights:
+    """Every tensor of the checkpoint, read on access (`HFWeights`); weights transformers would have to initialize
+    itself (missing from the files) or of another shape than the config gives are an error naming them. The
+    expected names and shapes come from the transformers model built on the meta device (no memory)."""
     transformers = require_transformers()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
-                                                                   output_loading_info=True)
-    missing = sorted(set(info.get("missing_keys", ())) - {HEAD})
-    _require(not missing and not info.get("mismatched_keys"),
-             f"--model {model_dir}: the weight files lack {missing or info.get('mismatched_keys')} "
-             f"(transformers would initialize them randomly)")
-    return dict(model.state_dict())
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(c)
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    state = HFWeights(Path(model_dir), dtype, model.base_model_prefix, _renaming(model))
+    missing = sorted(set(expected) - set(state) - {HEAD})
+    mismatched = sorted(n for n in set(expected) & set(state) if not n.endswith(BUFFERS)
+                        and state.shape(n) != expected[n])
+    _require(not missing, f"--model {model_dir}: the weight files lack {missing} (transformers would initialize "
+                          f"them randomly)")
+    shapes = [f"{n} has shape {list(state.shape(n))}, config.json gives {list(expected[n])}" for n in mismatched]
+    _require(not mismatched, f"--model {model_dir}: {'; '.join(shapes)}")
+    return state
+
+
+def _renaming(model) -> Callable[[str], str]:
+    """The stored name -> model name renaming transformers applies when it loads `model`'s files (its
+    conversion mapping); a transform that does more than rename is an error naming it."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    other = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    if other:
+        raise HFImportError(f"{type(model).__name__}: transformers converts its weights on loading "
+                            f"({', '.join(map(str, other[0].source_patterns))}), which the import does not do")
+
+    def rename(name: str) -> str:
+        for transform in transforms:
+            name, _ = transform.rename_source_key(name)
+        return name
+
+    return rename
 
 
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """`tensor` with zero rows appended up to `rows` (the vocabulary padded for tensor parallelism)."""
-    out = torch.zeros(rows, *tensor.shape[1:], dtype=tensor.dtype)
+    out = torch.zeros(rows, *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
     out[: tensor.shape[0]] = tensor
     return out
 
 
-def megatron_state(hf_state: dict[str, torch.Tensor], c, cfg: RunConfig,
-                   padded_vocab: int) -> OrderedDict[str, torch.Tensor]:
-    """The global (TP 1 x PP 1) Megatron state, in GPTModel's parameter order; every HF tensor is used once."""
-    arch, m = SUPPORTED_MODEL_TYPES[c.model_type], cfg.model
-    src = _Source(hf_state, error=HFImportError)
-    embedding = src.take(_LAYOUT[arch][0])
-    state = OrderedDict([(EMBEDDING, pad_rows(embedding, padded_vocab))])
-    for rule in mapping_rules(arch, m):
-        state[rule.megatron] = to_megatron_tensor(rule, [src.take(name) for name in rule.hf], m).contiguous()
-    if m.tie_embeddings:
-        if HEAD in hf_state:  # transformers lists the tied head under its own name too
-            _require(torch.equal(src.take(HEAD), embedding), f"tie_word_embeddings=true but {HEAD} differs from "
-                                                             f"{_LAYOUT[arch][0]}")
-    else:
-        state[OUTPUT] = pad_rows(src.take(HEAD), padded_vocab)
-    buffers = {name for name in hf_state if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))}
-    src.taken |= buffers  # causal masks and rotary frequencies: recomputed by Megatron, not weights
-    src.check_all_taken()
-    return OrderedDict((name, tensor.to(torch.bfloat16 if m.dtype == "bf16" else torch.float32))
-                       for name, tensor in state.items())
+class MegatronWeights(ReadOnAccess):
+    """The global (TP 1 x PP 1) Megatron state of a transformers checkpoint, in GPTModel's parameter order, each
+    tensor converted (`mapping_rules`, inverted) when it is asked for. Built on the meta device first: every HF
+    tensor is used once and every conversion works on the files' shapes before anything is read or written."""
+
+    _index = "sources"  # the names, in order
+
+    def __init__(self, hf_state: Mapping, c, cfg: RunConfig, padded_vocab: int):
+        arch, self.m, self.padded = SUPPORTED_MODEL_TYPES[c.model_type], cfg.model, padded_vocab
+        self.hf_state = hf_state
+        self.dtype = torch.bfloat16 if self.m.dtype == "bf16" else torch.float32
+        embedding = _LAYOUT[arch][0]
+        shape = getattr(hf_state, "shape", lambda name: hf_state[name].shape)
+        names = set(hf_state)
+        src = _Source({name: torch.empty(shape(name), device="meta") for name in names}, error=HFImportError)
+        self.sources: OrderedDict[str, tuple[Optional[Rule], list[str]]] = OrderedDict()
+        self.shapes: dict[str, torch.Size] = {}
+        src.take(embedding)
+        self.sources[EMBEDDING] = (None, [embedding])
+        for rule in mapping_rules(arch, self.m):
+            self.sources[rule.megatron] = (rule, list(rule.hf))
+        if self.m.tie_embeddings:
+            if HEAD in names:  # transformers lists the tied head under its own name too
+                _require(torch.equal(hf_state[HEAD], hf_state[embedding]),
+                         f"tie_word_embeddings=true but {HEAD} differs from {embedding}")
+                src.take(HEAD)
+        else:
+            self.sources[OUTPUT] = (None, [HEAD])
+        for name, (rule, hf_names) in self.sources.items():
+            self.shapes[name] = self._convert(name, rule, [src.take(n) for n in hf_names]).shape
+        src.taken |= {name for name in names if name.endswith(BUFFERS)}  # causal masks, rotary frequencies
+        src.check_all_taken()
+
+    def _convert(self, name: str, rule: Optional[Rule], tensors: list[torch.Tensor]) -> torch.Tensor:
+        if rule is None:  # the word embeddings or the output layer: the vocabulary padded
+            return pad_rows(tensors[0], self.padded).to(self.dtype)
+        return to_megatron_tensor(rule, tensors, self.m).contiguous().to(self.dtype)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        rule, hf_names = self.sources[name]
+        return self._convert(name, rule, [self.hf_state[n] for n in hf_names])
+
+
+def megatron_state(hf_state: Mapping, c, cfg: RunConfig, padded_vocab: int) -> Mapping[str, torch.Tensor]:
+    """The global (TP 1 x PP 1) Megatron state, in GPTModel's parameter order, converted on access
+    (`MegatronWeights`); every HF tensor is used once."""
+    return MegatronWeights(hf_state, c, cfg, padded_vocab)
+
+
+def _shapes(weights: Mapping) -> dict[str, torch.Size]:
+    return getattr(weights, "shapes", None) or {name: w.shape for name, w in weights.items()}
 
 
 def _extra_state(cfg: RunConfig) -> OrderedDict:
@@ -228,20 +366,20 @@ def _extra_state(cfg: RunConfig) -> OrderedDict:
     return OrderedDict((name, None) for name in names + ["output_layer._extra_state"])
 
 
-def global_state(weights: OrderedDict, cfg: RunConfig, layout):
-    """fpa-reshard's GlobalState for `weights` with a fresh AdamW state (moments 0, step 0)."""
+def global_state(weights: Mapping, cfg: RunConfig) -> GlobalState:
+    """fpa-reshard's GlobalState for `weights`, weights only (no optimizer state: `checkpoint.init_from` builds a
+    fresh AdamW, and fpa-reshard writes one when asked for a complete checkpoint)."""
     import deepspeed
 
-    decay = [name for name, w in weights.items() if w.dim() >= 2]  # as optimizer.param_groups
-    rest = [name for name, w in weights.items() if w.dim() < 2]
+    shapes = _shapes(weights)
+    decay = [name for name in weights if len(shapes[name]) >= 2]  # as optimizer.param_groups
+    rest = [name for name in weights if len(shapes[name]) < 2]
     meta = {"buffer_names": [], "optimizer": None, "frozen_param_shapes": None, "shared_params": {},
             "frozen_param_fragments": None, "lr_scheduler": None, "data_sampler": None, "random_ltd": None,
             "skipped_steps": 0, "global_steps": 0, "global_samples": 0, "ds_version": deepspeed.__version__,
             "ds_config": deepspeed_config(cfg.optimizer, cfg.model.dtype, cfg.train.micro_batch_size, 1)}
-    state = GlobalState(groups=[decay] + ([rest] if rest else []), tensors={"weight": dict(weights)},
-                        extra_state=_extra_state(cfg), step=None, group_hparams=[], zero_meta={}, model_meta=meta)
-    reset_optimizer_state(state, cfg)
-    return state
+    return GlobalState(groups=[decay] + ([rest] if rest else []), tensors={"weight": weights},
+                       extra_state=_extra_state(cfg), step=None, group_hparams=[], zero_meta={}, model_meta=meta)
 
 
 def model_dir_tokenizer(model_dir: Path, overrides: Optional[list[str]]) -> Optional[str]:
@@ -278,8 +416,10 @@ def check_import(model_dir: Path, iter_dir: Path, out: Path, tolerance: float, l
     """The written checkpoint, read back, against the transformers model it came from; on a mismatch `out` is
     removed (it was new or empty) and the import fails naming the difference."""
     transformers = require_transformers()
-    check = compare_logits(transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)),
-                           read_model_checkpoint(iter_dir), tolerance)
+    vocab = read_hf_config(model_dir).vocab_size
+    check = compare_logits(lambda: transformers.AutoModelForCausalLM.from_pretrained(str(model_dir),
+                                                                                    dtype=torch.float32),
+                           vocab, read_model_checkpoint(iter_dir), tolerance)
     if not check.ok:
         shutil.rmtree(out, ignore_errors=True)
         raise HFImportError(f"the import does not reproduce {model_dir}: {check.describe()}; {out} was removed "
@@ -323,15 +463,17 @@ def import_hf(model_dir: str | Path, out: str | Path, tensor: int = 1, pipeline:
     m = cfg.model
     padded = padded_vocab_size(m.vocab_size, tensor, m.make_vocab_size_divisible_by)
     hf_dtype = torch.bfloat16 if m.dtype == "bf16" else torch.float32
-    weights = megatron_state(load_hf_state(model_dir, hf_dtype), c, cfg, padded)
+    weights = megatron_state(load_hf_state(model_dir, c, hf_dtype), c, cfg, padded)
     log(f"fpa-import: {model_dir} ({c.model_type}: {m.num_layers} layers, hidden {m.hidden_size}, "
         f"{m.num_attention_heads} heads{f', {m.num_query_groups} key/value groups' if m.num_query_groups else ''}, "
         f"vocabulary {m.vocab_size} padded to {padded}, {'tied' if m.tie_embeddings else 'untied'} embeddings, "
-        f"{sum(w.numel() for w in weights.values()):,} parameters) -> {layout.describe()}")
-    state = global_state(weights, cfg, layout)
+        f"{sum(s.numel() for s in _shapes(weights).values()):,} parameters) -> {layout.describe()}, weights "
+        f"only")
+    state = global_state(weights, cfg)
     lambdas = LambdaSchedule(cfg.fpa.lambda0, cfg.fpa.gamma, cfg.fpa.min_lambda, cfg.fpa.enabled)
     trainer_state = {"step": 0, "consumed_samples": 0, "updates": 0, "lambda_schedule": lambdas.state_dict()}
-    note = {"source": str(model_dir.resolve()), "imported_from": "transformers", "model_type": c.model_type}
+    note = {"source": str(model_dir.resolve()), "imported_from": "transformers", "model_type": c.model_type,
+            "weights_only": True}
     if tokenizer is not None:  # as fpa-prep's manifest records it, with the copy's path
         info = tokenizer.info()
         note["tokenizer"] = dict(info.describe(), path=cfg.data.tokenizer, source=str(files[0]))

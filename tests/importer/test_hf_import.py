@@ -46,14 +46,15 @@ def run_values(written_config: str, run_dir: Path, tensor: int, pipeline: int) -
 
 
 def probe_and_train(import_dir: str, probe: torch.Tensor, layouts: dict) -> dict:
-    """On 4 ranks: load the import through DeepSpeed at TP2 x PP2 (what a resume does) and read its logits and the
-    trainer's loss through the pipeline; then train 3 steps from checkpoint.init_from in every layout."""
+    """On 4 ranks: load the import's weights at TP2 x PP2 as checkpoint.init_from does (the import holds weights only)
+    and read its logits and the trainer's loss through the pipeline; then train 3 steps from checkpoint.init_from in
+    every layout."""
     from fpa_megatron.config import config_from_dict
     from fpa_megatron.preflight import check_config
     from fpa_megatron.model.gpt import build_gpt_model, make_penalty
     from fpa_megatron.parallel.state import init_model_parallel
-    from fpa_megatron.checkpoint.checkpointer import Checkpointer
-    from fpa_megatron.checkpoint.lineage import resolve_resume
+    from fpa_megatron.parallel.weights import load_global_state
+    from fpa_megatron.checkpoint.reader import initial_weights, read_model_checkpoint
     from fpa_megatron.training.forward_backward import forward_backward
     from fpa_megatron.training.optimizer import build_engine
     from fpa_megatron.training.trainer import train
@@ -65,9 +66,9 @@ def probe_and_train(import_dir: str, probe: torch.Tensor, layouts: dict) -> dict
     penalty = make_penalty(cfg.model, cfg.fpa)
     model = build_gpt_model(cfg.model, layout.padded_vocab_size, penalty, layout.ffn_hidden_size,
                             vocab_size=layout.vocab_size)
+    load_global_state(model, initial_weights(import_dir, layout.padded_vocab_size))
     engine = build_engine(model, cfg.optimizer, cfg.model.dtype, MICRO, 1)
-    path, _ = resolve_resume(Path(import_dir), import_dir)
-    state = Checkpointer(cfg, root=import_dir).load(path, engine)
+    state = read_model_checkpoint(import_dir).trainer_state
     logits = _pipeline_logits(model, probe[:, :SEQ])
     penalty.set_step(0.0, False)
     batch = {"tokens": probe[:, :SEQ], "labels": probe[:, 1:], "loss_mask": torch.ones(MICRO, SEQ),
@@ -302,6 +303,9 @@ def test_init_from_that_is_not_a_checkpoint_or_of_another_shape_is_a_config_erro
         check_config(config_from_dict(values, ["model.hidden_size=32"]), 1)
     with pytest.raises(ConfigError, match=r"checkpoint.init_from=.*vocabulary has 300 tokens, this run's 512"):
         check_config(config_from_dict(values, ["model.vocab_size=512"]), 1)
+    # the import holds weights only: resuming from it is named, with the two ways on
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=.*holds weights only .*checkpoint.init_from=.*fpa-reshard"):
+        check_config(config_from_dict(values, [f"checkpoint.resume={tmp_path / 'imported'}"]), 1)
 
 
 def test_tokenizer_larger_than_the_checkpoints_vocabulary_is_named(tmp_path, llama_dir):
@@ -336,7 +340,7 @@ def test_an_import_with_corrupted_weights_is_refused_and_leaves_nothing(tmp_path
     def corrupted(*args, **kwargs):
         weights = mapped(*args, **kwargs)
         name = next(n for n in weights if "layers.0." in n and "linear_qkv.weight" in n)
-        return type(weights)({**weights, name: weights[name] * 1.5})
+        return {**weights, name: weights[name] * 1.5}
 
     monkeypatch.setattr(hf, "megatron_state", corrupted)
     out = tmp_path / "bad"
