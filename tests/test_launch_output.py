@@ -135,7 +135,10 @@ def test_killed_worker_is_one_line_naming_the_signal(tmp_path):
     # rank 0 may report its own failure (the collective it waited in broke) before torchrun stops it, or not
     survivor = [line for line in lines if line.startswith("[rank 0] ERROR: rank 0 (host ")]
     assert len(survivor) <= 1 and all(" failed at step 3: " in line for line in survivor)
-    assert [line for line in lines[:-1] if line not in survivor] == [
+    # the step-2 checkpoint is written in the background: if rank 1 died before it was durable, rank 0 says so
+    abandoned = [line for line in lines if line.endswith("was still being written: abandoned")]
+    assert abandoned in ([], ["[rank 0] WARNING: checkpoint iter_0000002 was still being written: abandoned"])
+    assert [line for line in lines[:-1] if line not in survivor + abandoned] == [
         "[rank 0] WARNING: FPA_FAULT=kill_rank@3:1: fault injection is on (tests and drills only)",
         "[rank 1] WARNING: FPA_FAULT: rank 1 kills itself (SIGKILL) at step 3"]
     assert re.match(r"torchrun\.sh: the workers failed: rank 1, the first, exited with code -9 \(killed by "

@@ -7,7 +7,8 @@ live tensor bytes (`LiveTensorBytes`, every storage an op creates until torch fr
 must be within 15 % of the planner's weights + gradients + activation peak, per rank (PP2: per stage).
 
 The same for TP2 + sequence parallelism and CP2 (each rank's chunks of the sequence), and with document masking
-(`data.document_mask`: documents of 100 tokens, the blockwise kernel one sample at a time, eager's mask).
+(`data.document_mask`: 3 documents per sample, each longer than a CP chunk, as the planner assumes; the
+blockwise kernel one sample at a time, eager's mask).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ CASES = ([(1, 1, False, 1, s, r, "auto") for s in SEQS for r in RECOMPUTE]
          + [(1, 1, False, 1, 1024, r, "eager") for r in RECOMPUTE] + [(2, 1, False, 1, 1024, "none", "eager")]
          + [(1, 1, False, 1, 2048, "none", "auto", True), (1, 1, False, 2, 2048, "selective", "auto", True),
             (1, 1, False, 1, 1024, "none", "eager", True)])
-DOCUMENT_LENGTH = 100
+DOCUMENTS_PER_SAMPLE = 3  # documents longer than a CP chunk: the planner plans for documents that span chunks
 
 
 def _world(case) -> int:  # case: (tp, pp, sp, cp, seq, recompute, impl[, documents])
@@ -86,7 +87,8 @@ def measure_rank(cases):
         penalty.set_step(0.5, True)
         tokens = torch.randint(0, VOCAB - 1, (MICROBATCHES, seq + 1), generator=torch.Generator().manual_seed(0))
         if documents:
-            tokens[:, DOCUMENT_LENGTH - 1::DOCUMENT_LENGTH] = VOCAB - 1  # EOD
+            length = seq // DOCUMENTS_PER_SAMPLE
+            tokens[:, length - 1::length] = VOCAB - 1  # EOD
         batches = []
         for t in tokens.split(1):
             batch = dict(tokens=t[:, :-1].contiguous(), labels=t[:, 1:].contiguous(), loss_mask=torch.ones(1, seq),
