@@ -104,14 +104,14 @@ def _values_and_grads(fn, q, k, v, grad_out, grad_penalty):
     return [out, penalty, *torch.autograd.grad(loss, leaves)]
 
 
-def _assert_close(got, ref, what):
+def _assert_close(got, ref, what, tolerance=1e-10):
     for name, a, b in zip(("out", "penalty", "dq", "dk", "dv"), got, ref):
         if b is None:
             assert a is None, name
             continue
         assert torch.isfinite(a).all(), f"{what}: {name} is not finite"
         err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-        assert err < 1e-10, f"{what}: {name} differs by {err:.2e} (relative)"
+        assert err < tolerance, f"{what}: {name} differs by {err:.2e} (relative)"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -215,11 +215,10 @@ CP_LAYOUTS = [(2, 28, [[5, 9, 1, 6], [20]]), (4, 40, [[3, 11, 2, 14], [1, 1, 33]
 
 
 def _reference(q, k, v, grad_out, grad_penalty, docs, target, compute_penalty):
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, penalty = eager_attention(*leaves, SCALE, target=target, compute_penalty=compute_penalty,
-                                   attention_mask=document_mask(docs, docs))
-    loss = (out * grad_out).sum() + (0 if penalty is None else (penalty * grad_penalty).sum())
-    return [out.detach(), None if penalty is None else penalty.detach(), *torch.autograd.grad(loss, leaves)]
+    return _values_and_grads(lambda q, k, v: eager_attention(q, k, v, SCALE, target=target,
+                                                             compute_penalty=compute_penalty,
+                                                             attention_mask=document_mask(docs, docs)),
+                             q, k, v, grad_out, grad_penalty)
 
 
 def _local(x, seq, cp, rank):
@@ -271,11 +270,5 @@ def test_context_parallel_with_documents_equals_the_whole_sequence(cp_results, c
                          for t in ref]
             local_ref[1] = None if ref[1] is None else local_ref[1][..., 0]
             # dk, dv: each rank gets the gradients of its own keys (summed over every rank's queries)
-            tolerance = 1e-10 if kernel != "triton" else 1e-5
-            for name, a, b in zip(("out", "penalty", "dq", "dk", "dv"), got, local_ref):
-                if b is None:
-                    assert a is None, name
-                    continue
-                assert torch.isfinite(a).all(), f"{kernel} {target} CP{cp} rank {rank}: {name} not finite"
-                err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-                assert err < tolerance, f"{kernel} {target} CP{cp} rank {rank}: {name} differs by {err:.2e}"
+            _assert_close(got, local_ref, f"{kernel} {target} CP{cp} rank {rank}",
+                          tolerance=1e-10 if kernel != "triton" else 1e-5)
